@@ -1,0 +1,60 @@
+// Shared by every op: host/device qualifiers and small helpers. Kept free of
+// torch/extension.h so that .cu files stay cheap to compile.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define OSF_HOST_DEVICE __host__ __device__
+#define OSF_INLINE __host__ __device__ __forceinline__
+#define OSF_UNROLL _Pragma("unroll")
+#else
+#define OSF_UNROLL
+#define OSF_HOST_DEVICE
+#define OSF_INLINE inline
+#endif
+
+namespace opensora_fast {
+
+template <typename T>
+OSF_INLINE constexpr T ceil_div(T a, T b) {
+  return (a + b - 1) / b;
+}
+
+// Rounded multiply and fused multiply-add, spelled out so that neither nvcc
+// (--fmad) nor gcc (-ffp-contract) can re-associate them: the EMA's bit-exact
+// contract depends on exactly these roundings.
+OSF_INLINE float mul_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+
+OSF_INLINE float fma_rn(float a, float b, float c) {
+#if defined(__CUDA_ARCH__)
+  return __fmaf_rn(a, b, c);
+#else
+  return std::fma(a, b, c);
+#endif
+}
+
+// Counter-based uniform in [0, 1) from (seed, index): the same value on CPU
+// and GPU whatever the launch geometry (splitmix64 finaliser).
+OSF_INLINE float uniform01(uint64_t seed, uint64_t index) {
+  uint64_t z = seed + (index + 1) * 0x9E3779B97F4A7C15ULL;
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+  z ^= z >> 31;
+  return static_cast<float>(z >> 40) * (1.0f / 16777216.0f);  // 24 bits
+}
+
+// Vector of N elements for 16-byte (or narrower) loads and stores.
+template <typename T, int N>
+struct alignas(sizeof(T) * N) VecN {
+  T v[N];
+};
+
+}  // namespace opensora_fast

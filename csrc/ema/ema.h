@@ -1,0 +1,225 @@
+// Fused multi-tensor EMA: ema[i] = ema[i] * decay + src[i] * (1 - decay).
+//
+// This header is the single source of the arithmetic and of the GPU launch
+// geometry. The CPU kernel and the CUDA kernel both call ema_compat /
+// ema_stochastic, and the CUDA kernel's per-thread body (ema_block_body) is a
+// plain host/device function of (block, thread) so a CPU test can walk the
+// whole grid (op _ema_update_grid_walk_) and compare with the reference.
+#pragma once
+
+#include <c10/core/ScalarType.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Exception.h>
+#include <c10/util/Half.h>
+
+#include <cstdint>
+#include <type_traits>
+#include <vector>
+
+#include "../common.h"
+
+namespace opensora_fast {
+namespace ema {
+
+template <typename T>
+struct is_reduced : std::integral_constant<bool, std::is_same<T, c10::BFloat16>::value ||
+                                                     std::is_same<T, c10::Half>::value> {};
+
+// alpha = 1 - decay as torch's `ema.add_(src, alpha=1 - decay)` sees it: the
+// Python double rounded to fp32, and, when ema and src share a reduced dtype
+// (bf16/bf16, fp16/fp16), rounded once more to that dtype, because torch's CPU
+// add then works in that dtype's "scalar_t" for alpha (measured, DESIGN.md §4).
+template <typename E, typename S>
+inline float compat_alpha(double decay) {
+  float a = static_cast<float>(1.0 - decay);
+  if (std::is_same<E, S>::value && is_reduced<E>::value) a = static_cast<float>(E(a));
+  return a;
+}
+
+// Upstream's two-op update, rounding for rounding:
+//   mul_:  e1 = E(e * d)              (fp32 product, rounded to E)
+//   add_:  r  = E(fma(s, alpha, e1))  (fp32 fused multiply-add, rounded to E)
+// For a bf16 EMA that is bf16(bf16(e*d) + (1-d)*s). The CUDA kernel runs this
+// same function, so it equals torch's CPU result bit for bit; torch's own CUDA
+// add does not round alpha for bf16/bf16 and fp16/fp16, so there the two can
+// differ by 1 ulp of E (identical for every mixed or fp32 pair).
+template <typename E, typename S>
+OSF_INLINE E ema_compat(E e, S s, float decay, float alpha) {
+  const E e1 = static_cast<E>(mul_rn(static_cast<float>(e), decay));
+  return static_cast<E>(fma_rn(static_cast<float>(s), alpha, static_cast<float>(e1)));
+}
+
+// Stochastic rounding of an fp32 value to E: rounds to one of the two
+// neighbours of r in E with probability proportional to proximity, so the
+// expected value is r. That keeps a bf16 EMA moving at decay 0.9999, where
+// the increment is far below half an ulp and round-to-nearest discards it.
+template <typename E>
+OSF_INLINE E round_stochastic(float r, float u) {
+  if constexpr (!is_reduced<E>::value) {
+    return static_cast<E>(r);
+  } else {
+    const E n = static_cast<E>(r);
+    const float fn = static_cast<float>(n);
+    if (fn == r || !(fabsf(r) <= 3.0e38f)) return n;  // exact, inf or nan
+    // t: the neighbour towards zero; h: the next one away from zero. Both
+    // formats are sign-magnitude, so +-1 on the bits steps the magnitude.
+    E t = n;
+    if (fabsf(fn) > fabsf(r)) t = E(static_cast<uint16_t>(n.x - 1), E::from_bits());
+    const E h = E(static_cast<uint16_t>(t.x + 1), E::from_bits());
+    const float lo = fabsf(static_cast<float>(t));
+    const float hi = fabsf(static_cast<float>(h));  // may be inf: p = 0
+    const float p = (fabsf(r) - lo) / (hi - lo);
+    return u < p ? h : t;
+  }
+}
+
+// EMA in fp32 with one stochastic rounding at the end; `index` is the element's
+// position in the whole call (pairs laid end to end), so results depend only
+// on (seed, data), never on threads or launch geometry.
+template <typename E, typename S>
+OSF_INLINE E ema_stochastic(E e, S s, float decay, float alpha, uint64_t seed, uint64_t index) {
+  const float r = fma_rn(static_cast<float>(s), alpha,
+                         mul_rn(static_cast<float>(e), decay));
+  return round_stochastic<E>(r, uniform01(seed, index));
+}
+
+struct Params {
+  float decay;
+  float alpha;
+  uint64_t seed;
+  bool stochastic;
+};
+
+template <typename E, typename S>
+inline Params make_params(double decay, bool stochastic, int64_t seed) {
+  // Stochastic mode rounds once, from fp32, so it takes the plain fp32 alpha.
+  const float alpha = stochastic ? static_cast<float>(1.0 - decay) : compat_alpha<E, S>(decay);
+  return Params{static_cast<float>(decay), alpha, static_cast<uint64_t>(seed), stochastic};
+}
+
+template <typename T>
+struct Tag {
+  using type = T;
+};
+
+// Calls f(Tag<E>{}, Tag<S>{}) for the (ema, src) dtype pair; the op accepts
+// fp32, bf16 and fp16 on either side (check_ema_inputs rejected the rest).
+template <typename F>
+inline void dispatch_pair(c10::ScalarType e, c10::ScalarType s, F&& f) {
+  auto on_src = [&](auto etag) {
+    switch (s) {
+      case c10::ScalarType::Float: return f(etag, Tag<float>{});
+      case c10::ScalarType::BFloat16: return f(etag, Tag<c10::BFloat16>{});
+      case c10::ScalarType::Half: return f(etag, Tag<c10::Half>{});
+      default: TORCH_CHECK(false, "ema_update_: unsupported src dtype ", s);
+    }
+  };
+  switch (e) {
+    case c10::ScalarType::Float: return on_src(Tag<float>{});
+    case c10::ScalarType::BFloat16: return on_src(Tag<c10::BFloat16>{});
+    case c10::ScalarType::Half: return on_src(Tag<c10::Half>{});
+    default: TORCH_CHECK(false, "ema_update_: unsupported ema dtype ", e);
+  }
+}
+
+template <typename E, typename S>
+OSF_INLINE E ema_one(E e, S s, const Params& p, uint64_t index) {
+  return p.stochastic ? ema_stochastic(e, s, p.decay, p.alpha, p.seed, index)
+                      : ema_compat(e, s, p.decay, p.alpha);
+}
+
+// ---------------------------------------------------------------------------
+// GPU launch geometry: multi-tensor launches whose tensor table travels as a
+// kernel argument (under the classic 4 KiB limit). Each block owns one chunk
+// of kChunk elements of one tensor.
+constexpr int kMaxTensors = 48;
+constexpr int kMaxBlocks = 320;
+constexpr int64_t kChunk = 32768;  // a multiple of every vector width
+constexpr int kThreads = 512;
+
+struct LaunchTable {
+  void* ema[kMaxTensors];
+  const void* src[kMaxTensors];
+  int64_t numel[kMaxTensors];
+  int64_t index_base[kMaxTensors];  // global element index of element 0
+  int16_t block_tensor[kMaxBlocks];
+  int32_t block_chunk[kMaxBlocks];
+  int32_t n_blocks;
+};
+static_assert(sizeof(LaunchTable) + sizeof(Params) <= 4000, "kernel arguments over 4 KiB");
+
+// Splits a list of same-dtype-pair tensors into launch tables. Zero-size
+// tensors get no block. `index_base` of each tensor is carried in.
+inline std::vector<LaunchTable> plan_launches(const std::vector<void*>& ema,
+                                              const std::vector<const void*>& src,
+                                              const std::vector<int64_t>& numel,
+                                              const std::vector<int64_t>& index_base) {
+  std::vector<LaunchTable> out;
+  LaunchTable cur{};
+  int nt = 0;
+  auto flush = [&]() {
+    if (cur.n_blocks > 0) out.push_back(cur);
+    cur = LaunchTable{};
+    nt = 0;
+  };
+  for (size_t i = 0; i < ema.size(); ++i) {
+    if (numel[i] == 0) continue;
+    const int64_t chunks = ceil_div<int64_t>(numel[i], kChunk);
+    for (int64_t c = 0; c < chunks; ++c) {
+      // A tensor enters the table on its first chunk of this launch.
+      if (c == 0 || cur.n_blocks == 0) {
+        if (nt == kMaxTensors) flush();
+        cur.ema[nt] = ema[i];
+        cur.src[nt] = src[i];
+        cur.numel[nt] = numel[i];
+        cur.index_base[nt] = index_base[i];
+        ++nt;
+      }
+      cur.block_tensor[cur.n_blocks] = static_cast<int16_t>(nt - 1);
+      cur.block_chunk[cur.n_blocks] = static_cast<int32_t>(c);
+      ++cur.n_blocks;
+      if (cur.n_blocks == kMaxBlocks) flush();
+    }
+  }
+  flush();
+  return out;
+}
+
+// Vector width: 16-byte accesses for the wider of the two element types.
+template <typename E, typename S>
+constexpr int vec_width() {
+  return 16 / (sizeof(E) > sizeof(S) ? sizeof(E) : sizeof(S));
+}
+
+// What thread `thread` of block `block` does (nthreads = blockDim.x).
+template <typename E, typename S>
+OSF_HOST_DEVICE inline void ema_block_body(const LaunchTable& tab, const Params& p, int block,
+                                           int thread, int nthreads) {
+  constexpr int V = vec_width<E, S>();
+  const int t = tab.block_tensor[block];
+  const int64_t lo = static_cast<int64_t>(tab.block_chunk[block]) * kChunk;
+  const int64_t n = (tab.numel[t] - lo < kChunk) ? tab.numel[t] - lo : kChunk;
+  E* e = static_cast<E*>(tab.ema[t]) + lo;
+  const S* s = static_cast<const S*>(tab.src[t]) + lo;
+  const uint64_t base = static_cast<uint64_t>(tab.index_base[t] + lo);
+
+  // lo is a multiple of V, so the chunk is aligned exactly when the tensor is.
+  const bool aligned = reinterpret_cast<uintptr_t>(e) % (sizeof(E) * V) == 0 &&
+                       reinterpret_cast<uintptr_t>(s) % (sizeof(S) * V) == 0;
+  int64_t done = 0;
+  if (aligned) {
+    const int64_t nvec = n / V;
+    for (int64_t v = thread; v < nvec; v += nthreads) {
+      VecN<E, V> ev = reinterpret_cast<const VecN<E, V>*>(e)[v];
+      const VecN<S, V> sv = reinterpret_cast<const VecN<S, V>*>(s)[v];
+      OSF_UNROLL
+      for (int k = 0; k < V; ++k) ev.v[k] = ema_one(ev.v[k], sv.v[k], p, base + v * V + k);
+      reinterpret_cast<VecN<E, V>*>(e)[v] = ev;
+    }
+    done = nvec * V;
+  }
+  for (int64_t i = done + thread; i < n; i += nthreads) e[i] = ema_one(e[i], s[i], p, base + i);
+}
+
+}  // namespace ema
+}  // namespace opensora_fast

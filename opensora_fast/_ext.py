@@ -1,0 +1,102 @@
+"""Loads the native extension once and decides, per op and device, whether the
+native kernel or the pure-PyTorch reference runs.
+
+``OPENSORA_FAST_BACKEND=auto|native|reference`` (default ``auto``):
+
+* ``auto``: the native kernel when the extension has one for the tensors'
+  device, else the reference, with one log message per (op, device, reason).
+* ``native``: the native kernel or a ``RuntimeError`` saying why it cannot run.
+* ``reference``: always the reference.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import torch
+
+logger = logging.getLogger("opensora_fast")
+
+_BACKENDS = ("auto", "native", "reference")
+
+try:
+    from . import _C  # noqa: F401  (registers torch.ops.opensora_fast.*)
+
+    HAS_NATIVE = True
+    _IMPORT_ERROR: str | None = None
+except ImportError as e:  # pure-Python install, or a build for another torch
+    _C = None
+    HAS_NATIVE = False
+    _IMPORT_ERROR = str(e)
+
+# Ops with kernels, by device type; filled from the dispatcher at first use.
+OPS = ("ema_update_",)
+
+
+def build_info() -> dict[str, Any]:
+    """What was built: version, torch, native, cuda_kernels, cuda_archs, ops, ..."""
+    from . import __version__
+
+    info: dict[str, Any] = {
+        "version": __version__,
+        "torch_runtime": torch.__version__,
+        "native": HAS_NATIVE,
+        "cuda_kernels": False,
+        "cuda_archs": "",
+        "cuda": None,
+        "torch": None,
+        "ops": [],
+        "backend": backend_setting(),
+    }
+    if HAS_NATIVE:
+        info.update(_C.build_info())
+        info["ops"] = [f"opensora_fast::{name}" for name in OPS]
+    else:
+        info["import_error"] = _IMPORT_ERROR
+    info["cuda_available"] = torch.cuda.is_available()
+    return info
+
+
+def backend_setting() -> str:
+    value = os.environ.get("OPENSORA_FAST_BACKEND", "auto").strip().lower() or "auto"
+    if value not in _BACKENDS:
+        raise ValueError(
+            f"OPENSORA_FAST_BACKEND must be one of {', '.join(_BACKENDS)}; got {value!r}"
+        )
+    return value
+
+
+_told: set[tuple[str, str, str]] = set()
+
+
+def _say_once(op: str, device: str, reason: str) -> None:
+    key = (op, device, reason)
+    if key not in _told:
+        _told.add(key)
+        logger.warning("opensora_fast.%s on %s: using the PyTorch reference (%s)", op, device, reason)
+
+
+def _has_kernel(op: str, device_type: str) -> bool:
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
+    if key is None:
+        return False
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"opensora_fast::{op}", key)
+
+
+def use_native(op: str, device: torch.device) -> bool:
+    """True when ``op`` should run its native kernel for tensors on ``device``."""
+    setting = backend_setting()
+    if setting == "reference":
+        _say_once(op, device.type, "OPENSORA_FAST_BACKEND=reference")
+        return False
+    if not HAS_NATIVE:
+        why = f"the native extension is not built or failed to load: {_IMPORT_ERROR}"
+    elif not _has_kernel(op, device.type):
+        why = f"the extension has no {device.type} kernel for it"
+    else:
+        return True
+    if setting == "native":
+        raise RuntimeError(f"OPENSORA_FAST_BACKEND=native but opensora_fast.{op} cannot run natively on {device.type}: {why}")
+    _say_once(op, device.type, why)
+    return False

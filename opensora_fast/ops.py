@@ -1,0 +1,75 @@
+"""Public ops: thin wrappers over ``torch.ops.opensora_fast.*`` that fall back to
+the references in :mod:`opensora_fast.reference` (see :mod:`opensora_fast._ext`)."""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from . import reference
+from ._ext import HAS_NATIVE, use_native
+
+__all__ = ["ema_update_", "draw_seed"]
+
+
+def draw_seed(generator: Optional[torch.Generator] = None) -> int:
+    """A 63-bit seed from a CPU generator (torch's default one when None).
+    Never touches a GPU, so it costs no device sync."""
+    return int(torch.randint(0, 2**63 - 1, (), generator=generator, dtype=torch.int64))
+
+
+def ema_update_(
+    ema: Sequence[torch.Tensor],
+    src: Sequence[torch.Tensor],
+    decay: float,
+    *,
+    stochastic: bool = False,
+    seed: Optional[int] = None,
+    generator: Optional[torch.Generator] = None,
+) -> None:
+    """In place, for every pair: ``ema[i] = ema[i] * decay + src[i] * (1 - decay)``.
+
+    One fused call for all pairs. Each pair may mix float32, bfloat16 and
+    float16 on either side; the math is fp32.
+
+    * ``stochastic=False`` (compat): bit-identical on CPU to upstream's
+      ``ema.mul_(decay).add_(src, alpha=1 - decay)`` for every dtype pair; on
+      CUDA identical for mixed and fp32 pairs, within 1 ulp for bf16/bf16 and
+      fp16/fp16 (torch's CUDA add does not round alpha to the dtype, its CPU add
+      does; we follow the CPU).
+    * ``stochastic=True``: the fp32 result is rounded stochastically to the EMA's
+      dtype (unbiased), so a bf16 EMA keeps moving at decay 0.9999 where
+      round-to-nearest discards every increment. ``seed`` makes it
+      reproducible (same result on CPU and GPU); when None a seed is drawn from
+      ``generator`` (a CPU generator; torch's default when None).
+
+    Raises ValueError/TypeError naming the argument and pair index on bad input;
+    nothing is written unless every pair is valid.
+    """
+    ema = list(ema)
+    src = list(src)
+    decay = float(decay)
+    if stochastic and seed is None:
+        seed = draw_seed(generator)
+    seed = int(seed or 0)
+    if not ema and not src:
+        return
+    if torch.compiler.is_compiling():
+        # Decided at trace time: dynamo cannot trace the dispatcher queries.
+        impl = torch.ops.opensora_fast.ema_update_ if HAS_NATIVE else reference.ema_update_
+        impl(ema, src, decay, stochastic, seed)
+        return
+    dev = ema[0].device if ema else src[0].device
+    if use_native("ema_update_", dev):
+        torch.ops.opensora_fast.ema_update_(ema, src, decay, stochastic, seed)
+    else:
+        reference.ema_update_(ema, src, decay, stochastic, seed)
+
+
+if HAS_NATIVE:
+
+    @torch.library.register_fake("opensora_fast::ema_update_")
+    def _ema_update_fake(ema, src, decay, stochastic=False, seed=0):
+        # Same checks as the kernels, so tracing (and meta tensors) fail alike.
+        reference.check_ema_inputs(ema, src, decay)
+        return None

@@ -1,0 +1,131 @@
+"""Reference of ``opensora_fast::ema_update_``.
+
+compat mode is literally upstream's ``ema.mul_(decay).add_(src, alpha=1 - decay)``
+per pair. Stochastic mode reproduces the native kernels bit for bit: the same
+fp32 value ``fma(src, 1-decay, fp32(ema*decay))`` and the same counter-based
+random numbers, so the fallback and the kernels agree exactly.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def check_ema_inputs(ema: Sequence[torch.Tensor], src: Sequence[torch.Tensor], decay: float) -> None:
+    """The native op's checks, for the reference path (same messages)."""
+    if len(ema) != len(src):
+        raise ValueError(
+            f"ema_update_: ema and src must have the same length, got len(ema)={len(ema)} and len(src)={len(src)}"
+        )
+    if not (0.0 <= decay <= 1.0):
+        raise ValueError(f"ema_update_: decay must be in [0, 1], got {decay}")
+    for i, (e, s) in enumerate(zip(ema, src)):
+        if not isinstance(e, torch.Tensor) or not isinstance(s, torch.Tensor):
+            raise TypeError(f"ema_update_: ema[{i}] and src[{i}] must be tensors")
+        if e.dtype not in _FLOATS:
+            raise TypeError(f"ema_update_: ema[{i}] has dtype {e.dtype}; expected float32, bfloat16 or float16")
+        if s.dtype not in _FLOATS:
+            raise TypeError(f"ema_update_: src[{i}] has dtype {s.dtype}; expected float32, bfloat16 or float16")
+        if e.shape != s.shape:
+            raise ValueError(f"ema_update_: ema[{i}] has shape {list(e.shape)} but src[{i}] has shape {list(s.shape)}")
+        if e.layout != torch.strided or s.layout != torch.strided:
+            raise ValueError(f"ema_update_: ema[{i}] and src[{i}] must be dense (strided) tensors")
+        if e.device != s.device:
+            raise ValueError(f"ema_update_: ema[{i}] is on {e.device} but src[{i}] is on {s.device}")
+        if e.device != ema[0].device:
+            raise ValueError(
+                f"ema_update_: all pairs must be on one device; ema[0] is on {ema[0].device} but ema[{i}] is on {e.device}"
+            )
+        if not e.is_contiguous():
+            raise ValueError(f"ema_update_: ema[{i}] is not contiguous")
+        if not s.is_contiguous():
+            raise ValueError(f"ema_update_: src[{i}] is not contiguous")
+
+
+@torch.no_grad()
+def ema_update_(
+    ema: Sequence[torch.Tensor],
+    src: Sequence[torch.Tensor],
+    decay: float,
+    stochastic: bool = False,
+    seed: int = 0,
+) -> None:
+    check_ema_inputs(ema, src, decay)
+    if not stochastic:
+        for e, s in zip(ema, src):
+            e.mul_(decay).add_(s, alpha=1 - decay)
+        return
+    alpha = torch.tensor(1.0 - decay, dtype=torch.float32).item()  # fp32(1 - decay)
+    d32 = torch.tensor(decay, dtype=torch.float32).item()
+    base = 0
+    for e, s in zip(ema, src):
+        n = e.numel()
+        if n:
+            prod = (e.float() * d32).double()  # fp32 product, rounded once
+            r = _fma_to_float(s.double().reshape(-1), alpha, prod.reshape(-1))
+            u = _uniform01(seed, torch.arange(base, base + n, device=e.device, dtype=torch.int64))
+            e.copy_(_round_stochastic(r, u, e.dtype).view(e.shape))
+        base += n
+
+
+def _fma_to_float(x: torch.Tensor, a: float, c: torch.Tensor) -> torch.Tensor:
+    """fp32(x*a + c) rounded once, for fp32-representable x, a, c. x*a is exact
+    in float64; the add is rounded to odd in float64 (a TwoSum gives its exact
+    error), which makes the final rounding to float32 correct."""
+    p = x * a
+    s = p + c
+    bb = s - p
+    err = (p - (s - bb)) + (c - bb)
+    even = (s.view(torch.int64) & 1) == 0
+    toward = torch.where(err > 0, torch.full_like(s, float("inf")), torch.full_like(s, float("-inf")))
+    s = torch.where((err != 0) & even & torch.isfinite(s), torch.nextafter(s, toward), s)
+    return s.float()
+
+
+_M64 = (1 << 64) - 1
+
+
+def _i64(v: int) -> int:
+    v &= _M64
+    return v - (1 << 64) if v >= 1 << 63 else v
+
+
+def _shr(z: torch.Tensor, k: int) -> torch.Tensor:
+    """Logical right shift of int64 holding uint64 bits."""
+    return (z >> k) & ((1 << (64 - k)) - 1)
+
+
+def _uniform01(seed: int, index: torch.Tensor) -> torch.Tensor:
+    # splitmix64 finaliser of seed + (index + 1) * golden, top 24 bits -> [0, 1)
+    # (int64 products wrap like uint64 ones).
+    z = (index + 1) * _i64(0x9E3779B97F4A7C15) + _i64(seed)
+    z = (z ^ _shr(z, 30)) * _i64(0xBF58476D1CE4E5B9)
+    z = (z ^ _shr(z, 27)) * _i64(0x94D049BB133111EB)
+    z = z ^ _shr(z, 31)
+    return _shr(z, 40).float() * (1.0 / 16777216.0)
+
+
+def _round_stochastic(r: torch.Tensor, u: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    if dtype == torch.float32:
+        return r
+    n = r.to(dtype)
+    fn = n.float()
+    keep = (fn == r) | ~(r.abs() <= 3.0e38)
+    bits = n.view(torch.int16).to(torch.int32) & 0xFFFF
+    t_bits = torch.where(fn.abs() > r.abs(), bits - 1, bits)
+    h_bits = t_bits + 1
+    t = _from_bits(t_bits, dtype)
+    h = _from_bits(h_bits, dtype)
+    lo = t.float().abs()
+    hi = h.float().abs()
+    p = (r.abs() - lo) / (hi - lo)
+    out = torch.where(u < p, h, t)
+    return torch.where(keep, n, out)
+
+
+def _from_bits(bits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    b = bits & 0xFFFF
+    return torch.where(b >= 0x8000, b - 0x10000, b).to(torch.int16).view(dtype)

@@ -1,0 +1,1 @@
+"""Drop-ins for ``opensora.utils.<module>``: same names, signatures, results."""

@@ -1,0 +1,117 @@
+"""Build of opensora_fast._C: CPU kernels always, CUDA kernels when torch is a
+CUDA build and nvcc is found. Environment:
+
+  OPENSORA_FAST_NO_EXT=1       pure-Python install (every op runs its reference)
+  OPENSORA_FAST_NO_CUDA=1      CPU kernels only
+  TORCH_CUDA_ARCH_LIST         default "8.0;9.0"; clusters: "8.0;8.6;9.0;10.0;12.0+PTX"
+  CUDA_HOME                    default: the toolkit that holds nvcc
+"""
+import glob
+import os
+import re
+import shutil
+import sys
+
+from setuptools import find_packages, setup
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
+
+
+def _find_cuda_home():
+    """The toolkit that really holds nvcc. torch guesses dirname(dirname(which nvcc)),
+    which is wrong when nvcc on PATH is a wrapper script (/usr/local/bin/nvcc here)."""
+    nvcc = shutil.which("nvcc")
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
+    if nvcc:
+        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+        try:  # a wrapper that execs the real nvcc: read its target
+            with open(nvcc, "rb") as f:
+                head = f.read(4096).decode("utf-8", "ignore")
+            m = re.search(r"(/\S+)/bin/nvcc", head)
+            if m:
+                candidates.append(m.group(1))
+        except OSError:
+            pass
+    candidates.append("/usr/local/cuda")
+    for c in candidates:
+        if c and os.path.exists(os.path.join(c, "bin", "nvcc")) and os.path.exists(
+            os.path.join(c, "include", "cuda_runtime.h")
+        ):
+            return c
+    return None
+
+
+def _sanitize(s: str) -> str:
+    # Passed through -D and a shell: keep to characters a pp-number/identifier holds.
+    return re.sub(r"[^A-Za-z0-9._+]", "_", s)
+
+
+def _extensions():
+    if _flag("OPENSORA_FAST_NO_EXT"):
+        print("opensora_fast: OPENSORA_FAST_NO_EXT=1, building no extension", file=sys.stderr)
+        return [], {}
+    cuda_home = None
+    import torch
+
+    if torch.version.cuda and not _flag("OPENSORA_FAST_NO_CUDA"):
+        cuda_home = _find_cuda_home()
+        if cuda_home:
+            os.environ["CUDA_HOME"] = cuda_home  # before cpp_extension reads it
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    os.environ.setdefault("MAX_JOBS", str(min(os.cpu_count() or 2, 8)))
+    here = os.path.dirname(os.path.abspath(__file__))
+    sources = ["csrc/registration.cpp"] + sorted(glob.glob("csrc/*/*_cpu.cpp"))
+    macros = [("OSF_TORCH_VERSION", _sanitize(torch.__version__))]
+    cxx = ["-O3", "-fopenmp", "-ffp-contract=off"]
+    include_dirs = [os.path.join(here, "csrc")]
+    kwargs = dict(extra_link_args=["-fopenmp"])
+    if cuda_home:
+        sources += sorted(glob.glob("csrc/*/*_cuda.cu"))
+        archs = os.environ["TORCH_CUDA_ARCH_LIST"]
+        macros += [
+            ("OSF_WITH_CUDA", None),
+            ("OSF_TORCH_CUDA", _sanitize(torch.version.cuda)),
+            ("OSF_CUDA_ARCHS", _sanitize(archs.replace(";", "_").replace(" ", "_"))),
+        ]
+        # The pip CUDA wheels keep cublas/cusparse headers that ATen's CUDA
+        # headers include; a minimal toolkit lacks them.
+        for base in sys.path:
+            inc = os.path.join(base, "nvidia", "cu13", "include")
+            if os.path.isdir(inc):
+                include_dirs.append(inc)
+                break
+        ext = CUDAExtension(
+            "opensora_fast._C",
+            sources,
+            include_dirs=include_dirs,
+            define_macros=macros,
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]},
+            **kwargs,
+        )
+        print(f"opensora_fast: building CPU+CUDA kernels (CUDA_HOME={cuda_home}, archs={archs})",
+              file=sys.stderr)
+    else:
+        ext = CppExtension(
+            "opensora_fast._C",
+            sources,
+            include_dirs=include_dirs,
+            define_macros=macros,
+            extra_compile_args={"cxx": cxx},
+            **kwargs,
+        )
+        why = "torch has no CUDA" if not torch.version.cuda else "no nvcc/CUDA toolkit found"
+        print(f"opensora_fast: building CPU kernels only ({why})", file=sys.stderr)
+    return [ext], {"build_ext": BuildExtension}
+
+
+ext_modules, cmdclass = _extensions()
+
+setup(
+    packages=find_packages(include=["opensora_fast", "opensora_fast.*"]),
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)

@@ -1,0 +1,29 @@
+"""Shared test utilities."""
+import math
+
+import torch
+
+from opensora_fast._layouts import flux_mmdit_11b_shapes, shard_numel
+
+FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+PAIRS = [(e, s) for e in FLOATS for s in FLOATS]
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """Integer view, so equality is bitwise (NaN-safe, -0 != +0)."""
+    return t.view({4: torch.int32, 2: torch.int16}[t.element_size()])
+
+
+def assert_bitwise_equal(a: torch.Tensor, b: torch.Tensor, msg: str = "") -> None:
+    assert a.dtype == b.dtype and a.shape == b.shape, msg
+    diff = (bits(a.contiguous().cpu()) != bits(b.contiguous().cpu())).sum().item()
+    assert diff == 0, f"{msg}: {diff} of {a.numel()} elements differ"
+
+
+def rand(n, dtype, gen, device="cpu", scale=1.0):
+    return (torch.randn(n, generator=gen) * scale).to(dtype).to(device)
+
+
+def shard_sizes(world_size: int) -> list[int]:
+    """Per-rank shard sizes of the 11B model's 1082 tensors."""
+    return [shard_numel(math.prod(s), world_size) for s in flux_mmdit_11b_shapes()]
