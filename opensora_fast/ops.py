@@ -33,10 +33,12 @@ def ema_update_(
     float16 on either side; the math is fp32.
 
     * ``stochastic=False`` (compat): bit-identical on CPU to upstream's
-      ``ema.mul_(decay).add_(src, alpha=1 - decay)`` for every dtype pair; on
-      CUDA identical for mixed and fp32 pairs, within 1 ulp for bf16/bf16 and
-      fp16/fp16 (torch's CUDA add does not round alpha to the dtype, its CPU add
-      does; we follow the CPU).
+      ``ema.mul_(decay).add_(src, alpha=1 - decay)`` for every mixed or fp32
+      pair (the Open-Sora case: bf16 EMA, fp32 master). For bf16/bf16 and
+      fp16/fp16 we apply torch's vectorised rule to every element; torch itself
+      computes the scalar remainder of each of its thread chunks differently,
+      so there (< 64 elements per torch thread) results may differ by 1 ulp.
+      CUDA runs the same arithmetic as the CPU kernel.
     * ``stochastic=True``: the fp32 result is rounded stochastically to the EMA's
       dtype (unbiased), so a bf16 EMA keeps moving at decay 0.9999 where
       round-to-nearest discards every increment. ``seed`` makes it

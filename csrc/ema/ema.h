@@ -39,10 +39,13 @@ inline float compat_alpha(double decay) {
 // Upstream's two-op update, rounding for rounding:
 //   mul_:  e1 = E(e * d)              (fp32 product, rounded to E)
 //   add_:  r  = E(fma(s, alpha, e1))  (fp32 fused multiply-add, rounded to E)
-// For a bf16 EMA that is bf16(bf16(e*d) + (1-d)*s). The CUDA kernel runs this
-// same function, so it equals torch's CPU result bit for bit; torch's own CUDA
-// add does not round alpha for bf16/bf16 and fp16/fp16, so there the two can
-// differ by 1 ulp of E (identical for every mixed or fp32 pair).
+// For a bf16 EMA that is bf16(bf16(e*d) + (1-d)*s). This is torch's CPU rule
+// for every pair; for bf16/bf16 and fp16/fp16 only on its vectorised body:
+// the scalar remainder of each torch thread chunk (< 2 vectors) computes
+// E(e1 + E(alpha*s)) and may differ by 1 ulp (tests/test_ema.py documents it).
+// The CUDA kernel runs this same function, so CPU and GPU agree bit for bit;
+// torch's own CUDA add does not round alpha for bf16/bf16 and fp16/fp16, so
+// there it and we can differ by 1 ulp of E (identical for mixed or fp32 pairs).
 template <typename E, typename S>
 OSF_INLINE E ema_compat(E e, S s, float decay, float alpha) {
   const E e1 = static_cast<E>(mul_rn(static_cast<float>(e), decay));

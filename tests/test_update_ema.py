@@ -1,0 +1,165 @@
+"""Drop-in update_ema vs the reference port of upstream's, on a small ZeRO-like setup."""
+import copy
+import sys
+import types
+
+import pytest
+import torch
+from torch import nn
+
+import opensora_fast
+from opensora_fast import reference
+from opensora_fast.utils.train import update_ema
+
+from helpers import assert_bitwise_equal
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.pos_embed = nn.Parameter(torch.randn(5, 7))
+        self.a = nn.Linear(7, 13)
+        self.b = nn.Linear(13, 3)
+        self.frozen = nn.Parameter(torch.randn(4), requires_grad=False)
+        self.scale = nn.Parameter(torch.randn(1))  # 1 element: pure padding on most ranks
+
+
+def shard(t: torch.Tensor, world: int, rank: int) -> torch.Tensor:
+    """Open-Sora's model_sharding layout: flatten, zero-pad to a multiple of world, take chunk[rank]."""
+    flat = t.reshape(-1)
+    flat = torch.cat([flat, flat.new_zeros((-flat.numel()) % world)])
+    return flat.chunk(world)[rank].clone()
+
+
+class FakeZero:
+    """Stands in for a ZeRO optimizer: fp32 master shards of the bf16 working params."""
+
+    def __init__(self, model, world, rank):
+        self._map = {id(p): shard(p.detach().float(), world, rank) for p in model.parameters()}
+
+    def get_working_to_master_map(self):
+        return self._map
+
+    def step(self, gen):
+        for m in self._map.values():
+            m.add_(torch.randn(m.shape, generator=gen) * 0.1)
+
+
+def zero_setup(world=3, rank=1, seed=0):
+    torch.manual_seed(seed)
+    model = Net().to(torch.bfloat16)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    for p in ema.parameters():
+        p.data = shard(p.data, world, rank)
+    return model, ema, FakeZero(model, world, rank)
+
+
+def assert_models_equal(a, b):
+    for (na, pa), (nb, pb) in zip(a.named_parameters(), b.named_parameters()):
+        assert na == nb
+        assert_bitwise_equal(pa.data, pb.data, na)
+
+
+def test_sharded_matches_reference_over_steps():
+    model, ema, opt = zero_setup()
+    ema_ref = copy.deepcopy(ema)
+    g = torch.Generator().manual_seed(1)
+    before = copy.deepcopy(ema)
+    for decay in (0.9, 0.99, 0.9999):
+        opt.step(g)
+        update_ema(ema, model, opt, decay=decay)
+        reference.update_ema(ema_ref, model, opt, decay=decay)
+        assert_models_equal(ema, ema_ref)
+    # skipped: pos_embed and params without requires_grad; the rest moved
+    assert torch.equal(ema.pos_embed, before.pos_embed)
+    assert torch.equal(ema.frozen, before.frozen)
+    assert not torch.equal(ema.a.weight, before.a.weight)
+
+
+def test_unsharded_mixed_dtypes_matches_reference():
+    torch.manual_seed(0)
+    model = Net()
+    model.a.to(torch.bfloat16)  # bf16 and fp32 params side by side
+    ema = copy.deepcopy(model).requires_grad_(False)
+    ema.b.to(torch.bfloat16)
+    ema.a.float()  # (bf16/bf16 pairs are covered with their torch quirk in test_ema.py)
+    ema_ref = copy.deepcopy(ema)
+    for step in range(3):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        update_ema(ema, model, decay=0.99, sharded=False)
+        reference.update_ema(ema_ref, model, decay=0.99, sharded=False)
+        assert_models_equal(ema, ema_ref)
+
+
+def test_pairing_follows_changed_parameters():
+    model, ema, opt = zero_setup()
+    ema_ref = copy.deepcopy(ema)
+    update_ema(ema, model, opt, decay=0.9)
+    reference.update_ema(ema_ref, model, opt, decay=0.9)
+    # 1) `.data` reassigned in place of the same Parameter objects
+    for e in (ema, ema_ref):
+        e.b.bias.data = e.b.bias.data + 1
+    # 2) requires_grad toggled: now skipped
+    model.b.weight.requires_grad_(False)
+    # 3) a Parameter object replaced, with a new master shard for it
+    model.a.bias = nn.Parameter(torch.randn(13).bfloat16())
+    opt._map[id(model.a.bias)] = shard(model.a.bias.detach().float(), 3, 1)
+    for _ in range(2):
+        update_ema(ema, model, opt, decay=0.9)
+        reference.update_ema(ema_ref, model, opt, decay=0.9)
+        assert_models_equal(ema, ema_ref)
+    # 4) a new optimizer (new master map object)
+    opt2 = FakeZero(model, 3, 1)
+    update_ema(ema, model, opt2, decay=0.9)
+    reference.update_ema(ema_ref, model, opt2, decay=0.9)
+    assert_models_equal(ema, ema_ref)
+
+
+def test_stochastic_rounding_option_moves_a_bf16_ema():
+    model, ema, opt = zero_setup()
+    for m in opt._map.values():
+        m.fill_(2.0)
+    for p in ema.parameters():
+        p.data.fill_(1.0)  # bf16 ulp at 1.0 is 2**-7: increments of 1e-4 round away
+    compat, sr = copy.deepcopy(ema), copy.deepcopy(ema)
+    start = copy.deepcopy(ema)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        update_ema(compat, model, opt, decay=0.9999)
+        update_ema(sr, model, opt, decay=0.9999, rounding="stochastic", generator=g)
+    assert torch.equal(compat.a.weight, start.a.weight)  # rounds every increment away
+    assert not torch.equal(sr.a.weight, start.a.weight)
+
+
+def test_errors_are_clear():
+    model, ema, opt = zero_setup()
+    with pytest.raises(ValueError, match="get_working_to_master_map"):
+        update_ema(ema, model, None)
+    with pytest.raises(ValueError, match="rounding must be one of"):
+        update_ema(ema, model, opt, rounding="nearest")
+    del ema.b
+    with pytest.raises(KeyError, match="'b.weight'"):
+        update_ema(ema, model, opt)
+
+
+def test_patch_opensora_replaces_upstream_function(monkeypatch):
+    fake_train = types.ModuleType("opensora.utils.train")
+    fake_train.update_ema = lambda *a, **k: None
+    for name, mod in {
+        "opensora": types.ModuleType("opensora"),
+        "opensora.utils": types.ModuleType("opensora.utils"),
+        "opensora.utils.train": fake_train,
+    }.items():
+        monkeypatch.setitem(sys.modules, name, mod)
+    patched = opensora_fast.patch_opensora()
+    assert "opensora.utils.train.update_ema" in patched
+    assert fake_train.update_ema is update_ema
+
+
+def test_patch_opensora_without_opensora(monkeypatch):
+    monkeypatch.setitem(sys.modules, "opensora", None)  # import fails
+    assert opensora_fast.patch_opensora() == []
+    with pytest.raises(ImportError):
+        opensora_fast.patch_opensora(strict=True)
