@@ -25,7 +25,7 @@ test: $(EXT_STAMP)
 	$(PY) -m pytest -q tests
 
 bench: $(EXT_STAMP)
-	$(PY) -m pytest -q benchmarks -p no:cacheprovider
+	$(PY) -m pytest -q benchmarks -o python_files='bench_*.py' -p no:cacheprovider --benchmark-disable-gc --benchmark-columns=median,iqr,rounds
 
 info: $(EXT_STAMP)
 	$(PY) -m opensora_fast info

@@ -42,13 +42,17 @@ OSF_INLINE float fma_rn(float a, float b, float c) {
 }
 
 // Counter-based uniform in [0, 1) from (seed, index): the same value on CPU
-// and GPU whatever the launch geometry (splitmix64 finaliser).
+// and GPU whatever the launch geometry. 32-bit arithmetic (murmur3's fmix32
+// over a bijection of the index) so that the CPU loop vectorises.
 OSF_INLINE float uniform01(uint64_t seed, uint64_t index) {
-  uint64_t z = seed + (index + 1) * 0x9E3779B97F4A7C15ULL;
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
-  z ^= z >> 31;
-  return static_cast<float>(z >> 40) * (1.0f / 16777216.0f);  // 24 bits
+  uint32_t x = static_cast<uint32_t>(index) * 0x9E3779B1u + static_cast<uint32_t>(seed);
+  x ^= static_cast<uint32_t>(index >> 32) * 0x85EBCA77u + static_cast<uint32_t>(seed >> 32);
+  x ^= x >> 16;
+  x *= 0x85EBCA6Bu;
+  x ^= x >> 13;
+  x *= 0xC2B2AE35u;
+  x ^= x >> 16;
+  return static_cast<float>(x >> 8) * (1.0f / 16777216.0f);  // 24 bits
 }
 
 // Vector of N elements for 16-byte (or narrower) loads and stores.

@@ -61,18 +61,17 @@ OSF_INLINE E round_stochastic(float r, float u) {
   if constexpr (!is_reduced<E>::value) {
     return static_cast<E>(r);
   } else {
+    // t: the neighbour of r towards zero; h: the next one away from zero. Both
+    // formats are sign-magnitude, so +-1 on the bits steps the magnitude. Written
+    // without early exits so the CPU loop vectorises: exact r gives p = 0 (t = r),
+    // overflow gives h = inf and p = 0, NaN gives p = NaN and keeps t (NaN).
     const E n = static_cast<E>(r);
-    const float fn = static_cast<float>(n);
-    if (fn == r || !(fabsf(r) <= 3.0e38f)) return n;  // exact, inf or nan
-    // t: the neighbour towards zero; h: the next one away from zero. Both
-    // formats are sign-magnitude, so +-1 on the bits steps the magnitude.
-    E t = n;
-    if (fabsf(fn) > fabsf(r)) t = E(static_cast<uint16_t>(n.x - 1), E::from_bits());
-    const E h = E(static_cast<uint16_t>(t.x + 1), E::from_bits());
-    const float lo = fabsf(static_cast<float>(t));
-    const float hi = fabsf(static_cast<float>(h));  // may be inf: p = 0
+    const uint16_t tb = fabsf(static_cast<float>(n)) > fabsf(r) ? static_cast<uint16_t>(n.x - 1) : n.x;
+    const uint16_t hb = static_cast<uint16_t>(tb + 1);
+    const float lo = fabsf(static_cast<float>(E(tb, E::from_bits())));
+    const float hi = fabsf(static_cast<float>(E(hb, E::from_bits())));
     const float p = (fabsf(r) - lo) / (hi - lo);
-    return u < p ? h : t;
+    return E(u < p ? hb : tb, E::from_bits());
   }
 }
 

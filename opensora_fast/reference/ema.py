@@ -85,45 +85,35 @@ def _fma_to_float(x: torch.Tensor, a: float, c: torch.Tensor) -> torch.Tensor:
     return s.float()
 
 
-_M64 = (1 << 64) - 1
-
-
-def _i64(v: int) -> int:
-    v &= _M64
-    return v - (1 << 64) if v >= 1 << 63 else v
-
-
-def _shr(z: torch.Tensor, k: int) -> torch.Tensor:
-    """Logical right shift of int64 holding uint64 bits."""
-    return (z >> k) & ((1 << (64 - k)) - 1)
+_M32 = 0xFFFFFFFF
 
 
 def _uniform01(seed: int, index: torch.Tensor) -> torch.Tensor:
-    # splitmix64 finaliser of seed + (index + 1) * golden, top 24 bits -> [0, 1)
-    # (int64 products wrap like uint64 ones).
-    z = (index + 1) * _i64(0x9E3779B97F4A7C15) + _i64(seed)
-    z = (z ^ _shr(z, 30)) * _i64(0xBF58476D1CE4E5B9)
-    z = (z ^ _shr(z, 27)) * _i64(0x94D049BB133111EB)
-    z = z ^ _shr(z, 31)
-    return _shr(z, 40).float() * (1.0 / 16777216.0)
+    """csrc/common.h uniform01: fmix32 over a bijection of the index, top 24 bits.
+    uint32 arithmetic in int64, masked after every product."""
+    seed_lo, seed_hi = seed & _M32, (seed >> 32) & _M32
+    x = ((index & _M32) * 0x9E3779B1 + seed_lo) & _M32
+    x = x ^ ((((index >> 32) & _M32) * 0x85EBCA77 + seed_hi) & _M32)
+    x = x ^ (x >> 16)
+    x = (x * 0x85EBCA6B) & _M32
+    x = x ^ (x >> 13)
+    x = (x * 0xC2B2AE35) & _M32
+    x = x ^ (x >> 16)
+    return (x >> 8).float() * (1.0 / 16777216.0)
 
 
 def _round_stochastic(r: torch.Tensor, u: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """csrc/ema/ema.h round_stochastic, elementwise."""
     if dtype == torch.float32:
         return r
     n = r.to(dtype)
-    fn = n.float()
-    keep = (fn == r) | ~(r.abs() <= 3.0e38)
     bits = n.view(torch.int16).to(torch.int32) & 0xFFFF
-    t_bits = torch.where(fn.abs() > r.abs(), bits - 1, bits)
-    h_bits = t_bits + 1
-    t = _from_bits(t_bits, dtype)
-    h = _from_bits(h_bits, dtype)
-    lo = t.float().abs()
-    hi = h.float().abs()
+    t_bits = torch.where(n.float().abs() > r.abs(), bits - 1, bits)
+    h_bits = (t_bits + 1) & 0xFFFF
+    lo = _from_bits(t_bits, dtype).float().abs()
+    hi = _from_bits(h_bits, dtype).float().abs()
     p = (r.abs() - lo) / (hi - lo)
-    out = torch.where(u < p, h, t)
-    return torch.where(keep, n, out)
+    return _from_bits(torch.where(u < p, h_bits, t_bits), dtype)
 
 
 def _from_bits(bits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -1,0 +1,63 @@
+"""EMA over a shard of the 11B model (1082 tensors): upstream's per-tensor
+mul_/add_ loop vs torch._foreach_lerp_ vs the fused op, with a copy_ of the
+same bytes as the roofline. OSF_BENCH_WORLD sets the world size (default 96)."""
+import os
+
+import pytest
+import torch
+
+from benchmarks.common import bench_device, copy_roofline, run
+from opensora_fast import ops, reference
+from opensora_fast._layouts import flux_mmdit_11b_shapes, shard_numel
+
+WORLD = int(os.environ.get("OSF_BENCH_WORLD", "96"))
+DECAY = 0.9999
+CASES = {"bf16<-fp32": (torch.bfloat16, torch.float32), "fp32<-fp32": (torch.float32, torch.float32)}
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def shard(request):
+    import math
+
+    edt, sdt = CASES[request.param]
+    dev = bench_device()
+    g = torch.Generator(device=dev).manual_seed(0)
+    sizes = [shard_numel(math.prod(s), WORLD) for s in flux_mmdit_11b_shapes()]
+    ema = [torch.randn(n, generator=g, device=dev).to(edt) for n in sizes]
+    src = [torch.randn(n, generator=g, device=dev).to(sdt) for n in sizes]
+    nbytes = sum(n * (2 * e.element_size() + s.element_size()) for n, e, s in zip(sizes, ema, src))
+    group = f"ema {request.param}, 1082 tensors, {sum(sizes) / 1e6:.1f}M params (world {WORLD}), {dev.type}"
+    return group, ema, src, nbytes, dev
+
+
+def test_copy(benchmark, shard):
+    group, ema, src, nbytes, dev = shard
+    copy_roofline(benchmark, group, nbytes, dev)
+
+
+def test_upstream_loop(benchmark, shard):
+    group, ema, src, nbytes, dev = shard
+    run(benchmark, lambda: reference.ema_update_(ema, src, DECAY), group=group,
+        impl="upstream loop (mul_/add_)", role="baseline", nbytes=nbytes)
+
+
+def test_foreach_lerp(benchmark, shard):
+    group, ema, src, nbytes, dev = shard
+
+    def step():
+        s = src if ema[0].dtype == src[0].dtype else [x.to(ema[0].dtype) for x in src]
+        torch._foreach_lerp_(ema, s, 1 - DECAY)
+
+    run(benchmark, step, group=group, impl="torch._foreach_lerp_ (+cast)", role="alternative", nbytes=nbytes)
+
+
+def test_fused(benchmark, shard):
+    group, ema, src, nbytes, dev = shard
+    run(benchmark, lambda: ops.ema_update_(ema, src, DECAY), group=group,
+        impl="opensora_fast (compat)", role="ours", nbytes=nbytes)
+
+
+def test_fused_stochastic(benchmark, shard):
+    group, ema, src, nbytes, dev = shard
+    run(benchmark, lambda: ops.ema_update_(ema, src, DECAY, stochastic=True, seed=1), group=group,
+        impl="opensora_fast (stochastic)", role="ours+", nbytes=nbytes)

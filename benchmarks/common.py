@@ -1,0 +1,55 @@
+"""The one timing path for all benchmarks: pytest-benchmark's ``pedantic`` over a
+callable that synchronises the device at its end (so wall-clock covers the GPU
+work), plus the side-by-side table printed at the end of the run (conftest.py)."""
+from __future__ import annotations
+
+import os
+import platform
+
+import torch
+
+ROUNDS = int(os.environ.get("OSF_BENCH_ROUNDS", "7"))
+
+
+def bench_device() -> torch.device:
+    name = os.environ.get("OSF_BENCH_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def run(benchmark, fn, *, group: str, impl: str, role: str, nbytes: int, rounds: int = ROUNDS, **info):
+    """Times ``fn`` (median of ``rounds`` after 2 warm-ups) and records what the
+    table needs. role: roofline | baseline | alternative | ours."""
+    dev_sync = torch.cuda.synchronize if torch.cuda.is_initialized() else None
+
+    def call():
+        fn()
+        if dev_sync is not None:
+            dev_sync()
+
+    benchmark.group = group
+    benchmark.extra_info.update(impl=impl, role=role, bytes=int(nbytes), **info)
+    benchmark.pedantic(call, rounds=rounds, warmup_rounds=2, iterations=1)
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    desc = f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    if bench_device().type == "cuda":
+        desc += f", GPU {torch.cuda.get_device_name()}"
+    return desc
+
+
+def copy_roofline(benchmark, group: str, nbytes: int, device: torch.device):
+    """A plain copy_ moving the same bytes (half read, half written)."""
+    n = max(nbytes // 2, 1)
+    a = torch.ones(n, dtype=torch.uint8, device=device)
+    b = torch.empty_like(a)
+    run(benchmark, lambda: b.copy_(a), group=group, impl="copy_ (same bytes)", role="roofline", nbytes=nbytes)

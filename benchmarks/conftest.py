@@ -1,0 +1,47 @@
+"""Prints the side-by-side table after a benchmark run."""
+import os
+
+from benchmarks.common import machine
+
+
+def _rows(config):
+    session = getattr(config, "_benchmarksession", None)
+    if session is None:
+        return {}
+    groups = {}
+    for b in session.benchmarks:
+        if b.has_error or not b.stats:
+            continue
+        groups.setdefault(b.group, []).append(b)
+    return groups
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    groups = _rows(config)
+    if not groups:
+        return
+    w = terminalreporter.write_line
+    w("")
+    w(f"opensora_fast benchmarks on {machine()}")
+    for group, benches in groups.items():
+        med = {b.extra_info["impl"]: b.stats.median for b in benches}
+        role = {b.extra_info["role"]: b.extra_info["impl"] for b in benches}
+        roof = med.get(role.get("roofline"))
+        base = med.get(role.get("baseline"))
+        alt = med.get(role.get("alternative"))
+        w("")
+        w(f"[{group}]")
+        w(f"  {'impl':<34} {'ms':>9} {'GB/s':>8} {'% copy':>7} {'x base':>7} {'x alt':>7}")
+        for b in benches:
+            t = b.stats.median
+            gbs = b.extra_info["bytes"] / t / 1e9
+            pct = f"{100 * roof / t:6.0f}%" if roof else "      -"
+            xb = f"{base / t:7.2f}" if base else "      -"
+            xa = f"{alt / t:7.2f}" if alt else "      -"
+            w(f"  {b.extra_info['impl']:<34} {t * 1e3:9.3f} {gbs:8.1f} {pct} {xb} {xa}")
+        extra = {k: v for k, v in benches[0].extra_info.items() if k not in ("impl", "role", "bytes")}
+        if extra:
+            w("  " + ", ".join(f"{k}={v}" for k, v in extra.items()))
+    w("")
+    w("ms: median; GB/s: bytes that must move / time; % copy: a copy_ of the same bytes / time;")
+    w("x base: speed-up over the upstream-faithful reference; x alt: over the best plain-PyTorch alternative.")
