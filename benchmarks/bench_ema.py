@@ -61,3 +61,41 @@ def test_fused_stochastic(benchmark, shard):
     group, ema, src, nbytes, dev = shard
     run(benchmark, lambda: ops.ema_update_(ema, src, DECAY, stochastic=True, seed=1), group=group,
         impl="opensora_fast (stochastic)", role="ours+", nbytes=nbytes)
+
+
+class _Zero:
+    def __init__(self, model):
+        self.map = {id(p): p.detach().float().reshape(-1).clone() for p in model.parameters()}
+
+    def get_working_to_master_map(self):
+        return self.map
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    """1082 parameters of 64 elements: what is left is per-step Python and launch cost."""
+    from torch import nn
+
+    dev = bench_device()
+    model, ema = nn.Module(), nn.Module()
+    for i in range(1082):
+        model.register_parameter(f"p{i}", nn.Parameter(torch.randn(64, device=dev).bfloat16()))
+        ema.register_parameter(f"p{i}", nn.Parameter(torch.randn(64, device=dev).bfloat16(), requires_grad=False))
+    return model, ema, _Zero(model)
+
+
+OVERHEAD = "update_ema per-step overhead, 1082 params x 64 elements"
+
+
+def test_update_ema_overhead_upstream(benchmark, tiny_model):
+    model, ema, opt = tiny_model
+    run(benchmark, lambda: reference.update_ema(ema, model, opt), group=OVERHEAD,
+        impl="upstream update_ema", role="baseline", nbytes=1082 * 64 * 8)
+
+
+def test_update_ema_overhead_ours(benchmark, tiny_model):
+    from opensora_fast.utils.train import update_ema
+
+    model, ema, opt = tiny_model
+    run(benchmark, lambda: update_ema(ema, model, opt), group=OVERHEAD,
+        impl="opensora_fast update_ema", role="ours", nbytes=1082 * 64 * 8)
