@@ -3,7 +3,11 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include <limits>
+
 #include "ema/ema_ops.h"
+#include "masked_mse/masked_mse.h"
+#include "masked_mse/masked_mse_ops.h"
 
 #define OSF_STR2(x) #x
 #define OSF_STR(x) OSF_STR2(x)
@@ -32,6 +36,40 @@ void ema_update_cuda_entry(at::TensorList ema, at::TensorList src, double decay,
 }
 #endif
 
+// Masked MSE: allocation and checks here, arithmetic in the per-device kernels.
+using MseForward = void (*)(const at::Tensor&, const at::Tensor&, const at::Tensor&, at::Tensor&,
+                            at::Tensor&);
+using MseBackward = void (*)(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                             const at::Tensor&, at::Tensor&);
+
+at::ScalarType mse_acc_dtype(const at::Tensor& pred) {
+  return pred.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+template <MseForward kernel>
+at::Tensor masked_mse_entry(const at::Tensor& pred, const at::Tensor& target, const at::Tensor& ranges) {
+  masked_mse::check_inputs(pred, target, ranges);
+  const auto opts = pred.options().dtype(mse_acc_dtype(pred));
+  at::Tensor loss = at::empty({}, opts);
+  if (pred.size(0) == 0) return loss.fill_(std::numeric_limits<double>::quiet_NaN());
+  at::Tensor partial = at::empty({pred.size(0), masked_mse::max_chunks(pred.size(1), pred.size(2))}, opts);
+  kernel(pred, target, ranges, partial, loss);
+  return loss;
+}
+
+template <MseBackward kernel>
+at::Tensor masked_mse_backward_entry(const at::Tensor& grad, const at::Tensor& pred,
+                                     const at::Tensor& target, const at::Tensor& ranges) {
+  masked_mse::check_inputs(pred, target, ranges);
+  TORCH_CHECK_VALUE(grad.dim() == 0, "masked_mse_backward: grad must be a scalar, got shape ", grad.sizes());
+  TORCH_CHECK_VALUE(grad.device() == pred.device(), "masked_mse_backward: grad is on ", grad.device(),
+                    " but pred is on ", pred.device());
+  const at::Tensor g = grad.to(mse_acc_dtype(pred)).contiguous();
+  at::Tensor grad_pred = at::empty_like(pred, at::MemoryFormat::Contiguous);
+  if (grad_pred.numel() > 0) kernel(g, pred, target, ranges, grad_pred);
+  return grad_pred;
+}
+
 std::string replace_all(std::string s, char from, char to) {
   std::replace(s.begin(), s.end(), from, to);
   return s;
@@ -47,16 +85,24 @@ TORCH_LIBRARY(opensora_fast, m) {
   m.def(
       "_ema_update_grid_walk_(Tensor(a!)[] ema, Tensor[] src, float decay, "
       "bool stochastic=False, int seed=0) -> ()");
+  m.def("masked_mse(Tensor pred, Tensor target, Tensor ranges) -> Tensor");
+  m.def("masked_mse_backward(Tensor grad, Tensor pred, Tensor target, Tensor ranges) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(opensora_fast, CPU, m) {
   m.impl("ema_update_", &opensora_fast::ema_update_cpu_entry);
   m.impl("_ema_update_grid_walk_", &opensora_fast::ema_grid_walk_entry);
+  m.impl("masked_mse", &opensora_fast::masked_mse_entry<opensora_fast::masked_mse::forward_cpu>);
+  m.impl("masked_mse_backward",
+         &opensora_fast::masked_mse_backward_entry<opensora_fast::masked_mse::backward_cpu>);
 }
 
 #ifdef OSF_WITH_CUDA
 TORCH_LIBRARY_IMPL(opensora_fast, CUDA, m) {
   m.impl("ema_update_", &opensora_fast::ema_update_cuda_entry);
+  m.impl("masked_mse", &opensora_fast::masked_mse_entry<opensora_fast::masked_mse::forward_cuda>);
+  m.impl("masked_mse_backward",
+         &opensora_fast::masked_mse_backward_entry<opensora_fast::masked_mse::backward_cuda>);
 }
 #endif
 

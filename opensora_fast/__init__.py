@@ -15,7 +15,7 @@ from ._ext import HAS_NATIVE, build_info  # noqa: E402
 
 # (upstream module, name) -> our module; extended as more of opensora/utils lands.
 _DROP_INS = {
-    "opensora.utils.train": ("opensora_fast.utils.train", ["update_ema"]),
+    "opensora.utils.train": ("opensora_fast.utils.train", ["update_ema", "get_batch_loss"]),
 }
 
 

@@ -31,7 +31,7 @@ except ImportError as e:  # pure-Python install, or a build for another torch
     _IMPORT_ERROR = str(e)
 
 # Ops with kernels, by device type; filled from the dispatcher at first use.
-OPS = ("ema_update_",)
+OPS = ("ema_update_", "masked_mse", "masked_mse_backward")
 
 
 def build_info() -> dict[str, Any]:

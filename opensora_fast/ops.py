@@ -9,7 +9,7 @@ import torch
 from . import reference
 from ._ext import HAS_NATIVE, use_native
 
-__all__ = ["ema_update_", "draw_seed"]
+__all__ = ["ema_update_", "draw_seed", "masked_mse"]
 
 
 def draw_seed(generator: Optional[torch.Generator] = None) -> int:
@@ -68,7 +68,51 @@ def ema_update_(
         reference.ema_update_(ema, src, decay, stochastic, seed)
 
 
+def masked_mse(pred: torch.Tensor, target: torch.Tensor, ranges: torch.Tensor) -> torch.Tensor:
+    """Per-sample MSE over token ranges of packed ``[B, L, D]`` tensors.
+
+    ``mean_b( mean over tokens [ranges[b, 0], ranges[b, 1]) and all D of (pred - target)^2 )``
+    as a 0-dim fp32 tensor (fp64 for fp64 inputs), accumulated in fp32 without
+    fp32 copies of the inputs. ``pred``/``target``: same shape and dtype (fp32,
+    bf16, fp16, fp64); ``ranges``: int64 ``[B, 2]`` on their device. Ranges are
+    clamped to ``[0, L]`` (end >= start); an empty range gives NaN, as upstream's
+    mean over an empty slice does. Differentiable in ``pred`` and ``target``:
+    ``grad_pred = 2 (pred - target) g / (count_b B)`` inside the range, 0 outside.
+    The result is deterministic (fixed summation order) and costs no host sync.
+    """
+    if torch.compiler.is_compiling():
+        return (torch.ops.opensora_fast.masked_mse if HAS_NATIVE else reference.masked_mse)(pred, target, ranges)
+    if use_native("masked_mse", pred.device):
+        return torch.ops.opensora_fast.masked_mse(pred, target, ranges)
+    return reference.masked_mse(pred, target, ranges)
+
+
 if HAS_NATIVE:
+
+    @torch.library.register_fake("opensora_fast::masked_mse")
+    def _masked_mse_fake(pred, target, ranges):
+        reference.check_mse_inputs(pred, target, ranges)
+        return pred.new_empty((), dtype=reference.masked_mse_acc_dtype(pred.dtype))
+
+    @torch.library.register_fake("opensora_fast::masked_mse_backward")
+    def _masked_mse_backward_fake(grad, pred, target, ranges):
+        reference.check_mse_inputs(pred, target, ranges)
+        return torch.empty_like(pred, memory_format=torch.contiguous_format)
+
+    def _masked_mse_setup(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)  # the inputs themselves: no copies
+
+    def _masked_mse_backward(ctx, grad):
+        pred, target, ranges = ctx.saved_tensors
+        want_pred, want_target = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if not (want_pred or want_target):
+            return None, None, None
+        g = torch.ops.opensora_fast.masked_mse_backward(grad, pred, target, ranges)
+        return (g if want_pred else None), (-g if want_target else None), None
+
+    torch.library.register_autograd(
+        "opensora_fast::masked_mse", _masked_mse_backward, setup_context=_masked_mse_setup
+    )
 
     @torch.library.register_fake("opensora_fast::ema_update_")
     def _ema_update_fake(ema, src, decay, stochastic=False, seed=0):

@@ -7,9 +7,9 @@ from typing import Optional
 
 import torch
 
-from ..ops import ema_update_
+from ..ops import ema_update_, masked_mse
 
-__all__ = ["update_ema"]
+__all__ = ["update_ema", "get_batch_loss", "loss_token_ranges"]
 
 # Bumped whenever any module registers a parameter (including `m.w = Parameter(..)`),
 # so cached EMA pairings notice replaced parameters without walking the model.
@@ -127,3 +127,110 @@ def update_ema(
         plan.key, plan.epoch = key, _param_epoch
         _plans[ema_model] = plan
     ema_update_(plan.ema, plan.src, decay, stochastic=rounding == "stochastic", generator=generator)
+
+
+_EXCLUDE = ("upstream", "conditioned")
+
+
+def _frame_mask(masks: torch.Tensor, name: str = "masks") -> torch.Tensor:
+    """[B, T, H, W] or [B, 1, T, H, W] -> [B, T] (upstream reads masks[:, :, 0, 0])."""
+    if masks.dim() == 5:
+        if masks.shape[1] != 1:
+            raise ValueError(f"get_batch_loss: 5-D {name} must be [B, 1, T, H, W], got {list(masks.shape)}")
+        return masks[:, 0, :, 0, 0]
+    if masks.dim() == 4:
+        return masks[:, :, 0, 0]
+    raise ValueError(f"get_batch_loss: {name} must be [B, T, H, W] or [B, 1, T, H, W], got {list(masks.shape)}")
+
+
+def loss_token_ranges(
+    masks: torch.Tensor, seq_len: Optional[int] = None, *, patch_size: int = 2, exclude: str = "upstream"
+) -> torch.Tensor:
+    """Token range ``[start, end)`` per sample that ``get_batch_loss`` averages over.
+
+    Built on the masks' device with tensor ops only (no host sync). Frames are
+    t-major in the packed ``b (t h w) (c ph pw)`` layout, so frame f holds tokens
+    ``[f*hw, (f+1)*hw)`` with ``hw = (H/patch) * (W/patch)``.
+
+    exclude:
+        ``"upstream"``: drop frame 0 when it is conditioned (== 1) and no interior
+        frame is, the last frame likewise (upstream's rule: a multi-frame v2v
+        condition keeps every frame in the loss).
+        ``"conditioned"``: drop the whole leading and trailing runs of
+        conditioned frames (i2v head/tail/loop, v2v head/tail alike). Interior
+        conditioned frames that touch neither end stay in.
+    A sample left with no frame gets an empty range (its loss is NaN, as upstream).
+    """
+    if exclude not in _EXCLUDE:
+        raise ValueError(f"get_batch_loss: exclude must be one of {_EXCLUDE}, got {exclude!r}")
+    if isinstance(patch_size, bool) or not isinstance(patch_size, int) or patch_size < 1:
+        raise ValueError(f"get_batch_loss: patch_size must be a positive int, got {patch_size!r}")
+    m = _frame_mask(masks) == 1
+    T, H, W = masks.shape[-3:]
+    if H % patch_size or W % patch_size:
+        raise ValueError(
+            f"get_batch_loss: patch_size={patch_size} does not divide the masks' H={H} and W={W}"
+        )
+    hw = (H // patch_size) * (W // patch_size)
+    if seq_len is not None and T * hw != seq_len:
+        raise ValueError(
+            f"get_batch_loss: masks give T*(H/p)*(W/p) = {T}*{H // patch_size}*{W // patch_size} = {T * hw} "
+            f"tokens but model_pred has L={seq_len} (patch_size={patch_size})"
+        )
+    if exclude == "upstream":
+        lone = ~m[:, 1:-1].any(dim=1)
+        start = (m[:, 0] & lone).long()
+        end = T - (m[:, -1] & lone).long()
+    else:
+        start = m.long().cumprod(dim=1).sum(dim=1)
+        end = T - m.flip(1).long().cumprod(dim=1).sum(dim=1)
+    return torch.stack([start, torch.maximum(end, start)], dim=1) * hw
+
+
+def get_batch_loss(
+    model_pred: torch.Tensor,
+    v_t: torch.Tensor,
+    masks: Optional[torch.Tensor] = None,
+    *,
+    patch_size: int = 2,
+    exclude: str = "upstream",
+) -> torch.Tensor:
+    """Upstream's flow-matching loss in one fused pass (forward and backward).
+
+    Same results as ``opensora.utils.train.get_batch_loss``: without masks the
+    mean of ``(pred - v_t)^2`` over everything (= ``F.mse_loss(pred.float(),
+    v_t.float())``); with masks ``[B, T, H, W]`` (or ``[B, 1, T, H, W]``, which
+    upstream rejects) the mean over samples of each sample's mean over its kept
+    frames (see :func:`loss_token_ranges`), for packed ``[B, L, D]`` inputs.
+    Accumulates in fp32 without fp32 copies of the inputs, no host sync.
+
+    Beyond upstream (keyword-only): ``patch_size`` (upstream hard-codes 2; the
+    DC-AE configs use 1) and ``exclude="conditioned"``.
+
+    A sample with no frame left (e.g. T=1 with its frame conditioned) makes the
+    loss NaN, exactly as upstream's mean over an empty slice; its gradient stays
+    finite (zero for that sample).
+    """
+    if model_pred.shape != v_t.shape:
+        raise ValueError(f"get_batch_loss: model_pred has shape {list(model_pred.shape)} but v_t has shape {list(v_t.shape)}")
+    if model_pred.dtype != v_t.dtype:
+        raise TypeError(f"get_batch_loss: model_pred has dtype {model_pred.dtype} but v_t has dtype {v_t.dtype}")
+    if model_pred.device != v_t.device:
+        raise ValueError(f"get_batch_loss: model_pred is on {model_pred.device} but v_t is on {v_t.device}")
+    if masks is None:
+        if model_pred.dim() == 0:
+            model_pred, v_t = model_pred.reshape(1, 1, 1), v_t.reshape(1, 1, 1)
+        B = model_pred.shape[0]
+        # every sample has the same count, so the mean of means is the global mean
+        pred3 = model_pred.reshape(B, -1, model_pred.shape[-1] if model_pred.dim() == 3 else 1)
+        ranges = torch.zeros((B, 2), dtype=torch.int64, device=pred3.device)
+        ranges[:, 1] = pred3.shape[1]  # a fill on the device: no host-to-device copy
+        return masked_mse(pred3.contiguous(), v_t.reshape(pred3.shape).contiguous(), ranges)
+    if model_pred.dim() != 3:
+        raise ValueError(f"get_batch_loss: with masks, model_pred must be packed [B, L, D], got {list(model_pred.shape)}")
+    if masks.device != model_pred.device:
+        raise ValueError(f"get_batch_loss: masks is on {masks.device} but model_pred is on {model_pred.device}")
+    if masks.shape[0] != model_pred.shape[0]:
+        raise ValueError(f"get_batch_loss: masks has batch {masks.shape[0]} but model_pred has {model_pred.shape[0]}")
+    ranges = loss_token_ranges(masks, model_pred.shape[1], patch_size=patch_size, exclude=exclude)
+    return masked_mse(model_pred.contiguous(), v_t.contiguous(), ranges)

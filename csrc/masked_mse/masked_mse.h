@@ -1,0 +1,91 @@
+// Masked per-sample MSE over packed [B, L, D] tensors:
+//   loss = mean_b( sum_{l in [s_b, e_b), d} (pred - target)^2 / ((e_b - s_b) * D) )
+// and its gradient. This header holds the arithmetic and the work split both
+// kernels use: each sample's range of s_b*D .. e_b*D elements (contiguous in
+// the packed layout) is cut into chunks of kChunk elements; chunk c of sample b
+// yields one partial sum; partials are added in chunk order, samples in order,
+// so the result does not depend on thread counts or the device's scheduling.
+#pragma once
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#include "../common.h"
+
+namespace opensora_fast {
+namespace masked_mse {
+
+constexpr int64_t kChunk = 16384;  // elements per partial sum
+constexpr int kThreads = 256;
+
+// fp32 accumulation for fp32/bf16/fp16 inputs; fp64 inputs keep fp64 (gradcheck).
+template <typename T>
+using acc_t = typename std::conditional<std::is_same<T, double>::value, double, float>::type;
+
+template <typename T>
+OSF_INLINE acc_t<T> sq_diff(T p, T t) {
+  const acc_t<T> d = static_cast<acc_t<T>>(p) - static_cast<acc_t<T>>(t);
+  return d * d;
+}
+
+// d loss / d pred for one element: 2 * (pred - target) * scale, where
+// scale = grad_output / (count_b * B), rounded once to pred's dtype.
+template <typename T>
+OSF_INLINE T grad_elem(T p, T t, acc_t<T> scale) {
+  const acc_t<T> d = static_cast<acc_t<T>>(p) - static_cast<acc_t<T>>(t);
+  return static_cast<T>(d * (2 * scale));
+}
+
+// Token range of sample b, clamped to [0, L] with start <= end, so bad ranges
+// passed straight to the op can never index outside the tensors.
+struct Range {
+  int64_t start, end;  // tokens
+};
+
+OSF_INLINE Range clamp_range(int64_t s, int64_t e, int64_t L) {
+  s = s < 0 ? 0 : (s > L ? L : s);
+  e = e < s ? s : (e > L ? L : e);
+  return Range{s, e};
+}
+
+// Elements [lo, hi) of chunk c within sample b's range, as offsets from the
+// sample's first element; empty (lo == hi) when c is past the range.
+OSF_INLINE void chunk_bounds(Range r, int64_t D, int64_t c, int64_t* lo, int64_t* hi) {
+  const int64_t first = r.start * D, last = r.end * D;
+  int64_t a = first + c * kChunk;
+  int64_t b = a + kChunk;
+  a = a < last ? a : last;
+  b = b < last ? b : last;
+  *lo = a;
+  *hi = b;
+}
+
+// Number of chunks a sample of L tokens can need (the grid's chunk dimension).
+OSF_INLINE int64_t max_chunks(int64_t L, int64_t D) {
+  return ceil_div<int64_t>(L * D, kChunk) > 0 ? ceil_div<int64_t>(L * D, kChunk) : 1;
+}
+
+// Final step, shared: partials [B, C] -> per-sample means -> their mean over B,
+// always in this order. A sample with an empty range gives 0/0 = NaN, as
+// upstream's mean over an empty slice does.
+template <typename A>
+OSF_HOST_DEVICE inline A sample_mean(const A* partial, const int64_t* ranges, int64_t b, int64_t C,
+                                     int64_t L, int64_t D) {
+  A s = 0;
+  for (int64_t c = 0; c < C; ++c) s += partial[b * C + c];
+  const Range r = clamp_range(ranges[2 * b], ranges[2 * b + 1], L);
+  return s / static_cast<A>((r.end - r.start) * D);
+}
+
+template <typename A>
+OSF_HOST_DEVICE inline A batch_mean(const A* sample_means, int64_t B) {
+  A total = 0;
+  for (int64_t b = 0; b < B; ++b) total += sample_means[b];
+  return total / static_cast<A>(B);
+}
+
+}  // namespace masked_mse
+}  // namespace opensora_fast

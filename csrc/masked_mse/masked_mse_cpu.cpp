@@ -1,0 +1,166 @@
+// Masked MSE on the CPU, plus the input checks shared with the CUDA path.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "masked_mse.h"
+#include "masked_mse_ops.h"
+
+namespace opensora_fast {
+namespace masked_mse {
+
+namespace {
+
+// Sum of squared differences over n elements: 16 independent accumulators
+// (vectorisable without reassociation flags), combined pairwise.
+template <typename T>
+__attribute__((always_inline)) inline acc_t<T> sum_sq_body(const T* p, const T* t, int64_t n) {
+  using A = acc_t<T>;
+  constexpr int K = 16;
+  A acc[K] = {};
+  int64_t i = 0;
+  for (; i + K <= n; i += K)
+    for (int k = 0; k < K; ++k) acc[k] += sq_diff(p[i + k], t[i + k]);
+  for (int k = 0; i < n; ++i, ++k) acc[k] += sq_diff(p[i], t[i]);
+  for (int w = K / 2; w > 0; w /= 2)
+    for (int k = 0; k < w; ++k) acc[k] += acc[k + w];
+  return acc[0];
+}
+
+template <typename T>
+__attribute__((always_inline)) inline void grad_body(const T* p, const T* t, T* g, int64_t n,
+                                                     acc_t<T> scale) {
+  for (int64_t i = 0; i < n; ++i) g[i] = grad_elem(p[i], t[i], scale);
+}
+
+template <typename T>
+acc_t<T> sum_sq_baseline(const T* p, const T* t, int64_t n) {
+  return sum_sq_body(p, t, n);
+}
+template <typename T>
+void grad_baseline(const T* p, const T* t, T* g, int64_t n, acc_t<T> scale) {
+  grad_body(p, t, g, n, scale);
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define OSF_MSE_AVX2 1
+template <typename T>
+__attribute__((target("avx2,fma,f16c"))) acc_t<T> sum_sq_avx2(const T* p, const T* t, int64_t n) {
+  return sum_sq_body(p, t, n);
+}
+template <typename T>
+__attribute__((target("avx2,fma,f16c"))) void grad_avx2(const T* p, const T* t, T* g, int64_t n,
+                                                       acc_t<T> scale) {
+  grad_body(p, t, g, n, scale);
+}
+bool has_avx2() {
+  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                          __builtin_cpu_supports("f16c");
+  return yes;
+}
+#endif
+
+template <typename T>
+acc_t<T> sum_sq(const T* p, const T* t, int64_t n) {
+#ifdef OSF_MSE_AVX2
+  if (has_avx2()) return sum_sq_avx2(p, t, n);
+#endif
+  return sum_sq_baseline(p, t, n);
+}
+
+template <typename T>
+void grad_span(const T* p, const T* t, T* g, int64_t n, acc_t<T> scale) {
+#ifdef OSF_MSE_AVX2
+  if (has_avx2()) return grad_avx2(p, t, g, n, scale);
+#endif
+  grad_baseline(p, t, g, n, scale);
+}
+
+bool supported(c10::ScalarType s) {
+  return s == at::kFloat || s == at::kBFloat16 || s == at::kHalf || s == at::kDouble;
+}
+
+}  // namespace
+
+void check_inputs(const at::Tensor& pred, const at::Tensor& target, const at::Tensor& ranges) {
+  TORCH_CHECK_VALUE(pred.dim() == 3, "masked_mse: pred must be [B, L, D], got shape ", pred.sizes());
+  TORCH_CHECK_VALUE(target.sizes() == pred.sizes(), "masked_mse: target has shape ", target.sizes(),
+                    " but pred has shape ", pred.sizes());
+  TORCH_CHECK_TYPE(supported(pred.scalar_type()), "masked_mse: pred has dtype ", pred.scalar_type(),
+                   "; expected float32, bfloat16, float16 or float64");
+  TORCH_CHECK_TYPE(target.scalar_type() == pred.scalar_type(), "masked_mse: target has dtype ",
+                   target.scalar_type(), " but pred has dtype ", pred.scalar_type());
+  TORCH_CHECK_VALUE(target.device() == pred.device(), "masked_mse: target is on ", target.device(),
+                    " but pred is on ", pred.device());
+  TORCH_CHECK_VALUE(ranges.device() == pred.device(), "masked_mse: ranges is on ", ranges.device(),
+                    " but pred is on ", pred.device());
+  TORCH_CHECK_TYPE(ranges.scalar_type() == at::kLong, "masked_mse: ranges must be int64, got ",
+                   ranges.scalar_type());
+  TORCH_CHECK_VALUE(ranges.dim() == 2 && ranges.size(0) == pred.size(0) && ranges.size(1) == 2,
+                    "masked_mse: ranges must be [B, 2] = [", pred.size(0), ", 2], got ", ranges.sizes());
+  TORCH_CHECK_VALUE(pred.is_contiguous() && target.is_contiguous() && ranges.is_contiguous(),
+                    "masked_mse: pred, target and ranges must be contiguous");
+}
+
+void forward_cpu(const at::Tensor& pred, const at::Tensor& target, const at::Tensor& ranges,
+                 at::Tensor& partial, at::Tensor& loss) {
+  const int64_t B = pred.size(0), L = pred.size(1), D = pred.size(2);
+  const int64_t C = partial.size(1);
+  const int64_t* rg = ranges.data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, pred.scalar_type(), "masked_mse_cpu", [&] {
+    using A = acc_t<scalar_t>;
+    const scalar_t* p = pred.data_ptr<scalar_t>();
+    const scalar_t* t = target.data_ptr<scalar_t>();
+    A* part = partial.data_ptr<A>();
+    at::parallel_for(0, B * C, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t k = begin; k < end; ++k) {
+        const int64_t b = k / C, c = k % C;
+        int64_t lo, hi;
+        chunk_bounds(clamp_range(rg[2 * b], rg[2 * b + 1], L), D, c, &lo, &hi);
+        const int64_t off = b * L * D;
+        part[k] = hi > lo ? sum_sq(p + off + lo, t + off + lo, hi - lo) : A(0);
+      }
+    });
+    std::vector<A> means(B);
+    for (int64_t b = 0; b < B; ++b) means[b] = sample_mean(part, rg, b, C, L, D);
+    *loss.data_ptr<A>() = batch_mean(means.data(), B);
+  });
+}
+
+void backward_cpu(const at::Tensor& grad, const at::Tensor& pred, const at::Tensor& target,
+                  const at::Tensor& ranges, at::Tensor& grad_pred) {
+  const int64_t B = pred.size(0), L = pred.size(1), D = pred.size(2);
+  const int64_t C = max_chunks(L, D);
+  const int64_t* rg = ranges.data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, pred.scalar_type(), "masked_mse_bwd_cpu", [&] {
+    using A = acc_t<scalar_t>;
+    const A g = grad.item<A>();  // a CPU scalar: no device sync involved
+    const scalar_t* p = pred.data_ptr<scalar_t>();
+    const scalar_t* t = target.data_ptr<scalar_t>();
+    scalar_t* gp = grad_pred.data_ptr<scalar_t>();
+    // Chunk c of sample b covers elements [c*kChunk, (c+1)*kChunk) of the
+    // sample, in range or not; out-of-range elements get zeros.
+    at::parallel_for(0, B * C, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t k = begin; k < end; ++k) {
+        const int64_t b = k / C, c = k % C;
+        const Range r = clamp_range(rg[2 * b], rg[2 * b + 1], L);
+        const int64_t off = b * L * D;
+        const int64_t a0 = c * kChunk, a1 = std::min(a0 + kChunk, L * D);
+        const int64_t lo = std::min(std::max(a0, r.start * D), a1);
+        const int64_t hi = std::max(std::min(a1, r.end * D), lo);
+        std::fill(gp + off + a0, gp + off + lo, scalar_t(0));
+        std::fill(gp + off + hi, gp + off + a1, scalar_t(0));
+        if (hi > lo) {
+          const A scale = g / (static_cast<A>((r.end - r.start) * D) * static_cast<A>(B));
+          grad_span(p + off + lo, t + off + lo, gp + off + lo, hi - lo, scale);
+        }
+      }
+    });
+  });
+}
+
+}  // namespace masked_mse
+}  // namespace opensora_fast

@@ -1,0 +1,279 @@
+"""Masked per-sample MSE (get_batch_loss): native op vs the upstream port / the reference."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from opensora_fast import ops, reference
+from opensora_fast._ext import HAS_NATIVE
+from opensora_fast.utils.train import get_batch_loss, loss_token_ranges
+
+pytestmark = pytest.mark.skipif(not HAS_NATIVE, reason="native extension not built")
+
+TOL = {  # loss (fp32 accumulation, different order) and grads (rounded to the input dtype)
+    torch.float32: dict(rtol=1e-5, atol=1e-6),
+    torch.float64: dict(rtol=1e-6, atol=1e-7),  # upstream computes in fp32 even here
+    torch.bfloat16: dict(rtol=1e-2, atol=1e-4),
+    torch.float16: dict(rtol=2e-3, atol=1e-5),
+}
+DTYPES = list(TOL)
+
+
+def make_masks(kind, B, T, H, W, gen):
+    m = torch.zeros(B, T, H, W)
+    for b in range(B):
+        k = kind if kind != "mixed" else ["head", "tail", "loop", "v2v", "none"][b % 5]
+        if k == "head":
+            m[b, 0] = 1
+        elif k == "tail":
+            m[b, -1] = 1
+        elif k == "loop":
+            m[b, 0] = m[b, -1] = 1
+        elif k == "v2v":
+            m[b, : min(3, T)] = 1
+        elif k == "random":
+            m[b] = (torch.rand(T, generator=gen) < 0.4).float()[:, None, None]
+    return m
+
+
+def inputs(B, T, H, W, D, dtype, gen, patch=2):
+    L = T * (H // patch) * (W // patch)
+    p = torch.randn(B, L, D, generator=gen).to(dtype).requires_grad_()
+    t = torch.randn(B, L, D, generator=gen).to(dtype).requires_grad_()
+    return p, t
+
+
+def loss_and_grads(fn, p, t, g=2.5):
+    loss = fn(p, t)
+    gp, gt = torch.autograd.grad(loss * g, [p, t])
+    return loss.detach(), gp, gt
+
+
+SHAPES = [  # B, T, H, W, D
+    (4, 5, 6, 8, 64),
+    (1, 2, 4, 4, 16),
+    (3, 1, 2, 6, 12),  # T = 1
+    (2, 7, 10, 6, 68),  # odd latent sizes, unusual D
+    (5, 3, 2, 2, 4),  # one token per frame
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("kind", ["head", "tail", "loop", "v2v", "none", "mixed", "random", None])
+def test_parity_with_upstream(dtype, shape, kind):
+    B, T, H, W, D = shape
+    gen = torch.Generator().manual_seed(hash((shape, str(kind))) % 2**31)
+    p, t = inputs(B, T, H, W, D, dtype, gen)
+    masks = make_masks(kind, B, T, H, W, gen) if kind else None
+    want = loss_and_grads(lambda a, b: reference.get_batch_loss(a, b, masks), p, t)
+    got = loss_and_grads(lambda a, b: get_batch_loss(a, b, masks), p, t)
+    assert got[0].dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    if torch.isnan(want[0]):  # a sample with no frame left: NaN, as upstream
+        assert torch.isnan(got[0])
+    else:
+        torch.testing.assert_close(got[0], want[0].to(got[0].dtype), **TOL[dtype])
+    for a, b in zip(got[1:], want[1:]):
+        assert a.dtype == dtype
+        torch.testing.assert_close(a, b, **TOL[dtype])
+
+
+def test_unmasked_equals_mse_loss_any_shape():
+    gen = torch.Generator().manual_seed(0)
+    for shape in [(4, 100, 64), (2, 3, 5, 7), (6,)]:
+        p, t = torch.randn(shape, generator=gen).bfloat16(), torch.randn(shape, generator=gen).bfloat16()
+        torch.testing.assert_close(get_batch_loss(p, t), F.mse_loss(p.float(), t.float()), rtol=1e-5, atol=0)
+
+
+def test_gradcheck_float64():
+    gen = torch.Generator().manual_seed(1)
+    p = torch.randn(3, 7, 5, dtype=torch.float64, generator=gen, requires_grad=True)
+    t = torch.randn(3, 7, 5, dtype=torch.float64, generator=gen, requires_grad=True)
+    ranges = torch.tensor([[0, 7], [2, 5], [6, 7]])
+    assert torch.autograd.gradcheck(lambda a, b: ops.masked_mse(a, b, ranges), (p, t))
+
+
+def test_native_equals_reference_op_including_clamped_ranges():
+    gen = torch.Generator().manual_seed(2)
+    B, L, D = 6, 9000, 7  # several chunks per sample
+    p = torch.randn(B, L, D, generator=gen, requires_grad=True)
+    t = torch.randn(B, L, D, generator=gen, requires_grad=True)
+    ranges = torch.tensor([[0, L], [-5, 3], [4000, 20000], [10, 5], [L, L + 3], [1, 8999]])
+    got = loss_and_grads(lambda a, b: ops.masked_mse(a, b, ranges), p, t)
+    want = loss_and_grads(lambda a, b: reference.masked_mse(a, b, ranges), p, t)
+    assert torch.isnan(got[0]) and torch.isnan(want[0])  # samples 3 and 4 are empty
+    for a, b in zip(got[1:], want[1:]):
+        torch.testing.assert_close(a, b)
+    ok = torch.tensor([[0, L], [-5, 3], [4000, 20000], [1, 8999]])
+    a = ops.masked_mse(p[[0, 1, 2, 5]].detach(), t[[0, 1, 2, 5]].detach(), ok)
+    b = reference.masked_mse(p[[0, 1, 2, 5]].detach(), t[[0, 1, 2, 5]].detach(), ok)
+    torch.testing.assert_close(a, b, rtol=1e-6, atol=0)
+
+
+def test_deterministic():
+    gen = torch.Generator().manual_seed(3)
+    p, t = torch.randn(4, 20000, 64, generator=gen), torch.randn(4, 20000, 64, generator=gen)
+    r = torch.tensor([[0, 20000], [100, 19000], [5, 6], [0, 1]])
+    assert torch.equal(ops.masked_mse(p, t, r), ops.masked_mse(p, t, r))
+
+
+def test_empty_sample_gives_nan_loss_and_zero_grads_there():
+    gen = torch.Generator().manual_seed(4)
+    p, t = inputs(2, 1, 4, 4, 8, torch.float32, gen)
+    masks = torch.zeros(2, 1, 4, 4)
+    masks[0] = 1  # T=1 and its only frame is conditioned: nothing left
+    loss = get_batch_loss(p, t, masks)
+    assert torch.isnan(loss)
+    assert torch.isnan(reference.get_batch_loss(p, t, masks))
+    gp, = torch.autograd.grad(loss, [p])
+    assert torch.all(gp[0] == 0) and torch.isfinite(gp).all()
+    # the other sample's gradient is what it would be with the empty sample counted in B
+    torch.testing.assert_close(gp[1], 2 * (p[1] - t[1]).detach() / (p[1].numel() * 2))
+
+
+def test_five_dim_masks_and_patch_size_one():
+    gen = torch.Generator().manual_seed(5)
+    B, T, H, W, D = 3, 4, 4, 6, 10
+    p, t = inputs(B, T, H, W, D, torch.float32, gen)
+    m = make_masks("mixed", B, T, H, W, gen)
+    torch.testing.assert_close(get_batch_loss(p, t, m[:, None]), get_batch_loss(p, t, m))
+    # patch 1 (DC-AE): H*W tokens per frame
+    p1, t1 = inputs(B, T, H, W, D, torch.float32, gen, patch=1)
+    got = get_batch_loss(p1, t1, m, patch_size=1)
+    hw = H * W
+    want = []
+    for b, (s, e) in enumerate([(1, T), (0, T - 1), (1, T - 1), (0, T), (0, T)][:B]):
+        want.append(F.mse_loss(p1[b, s * hw : e * hw], t1[b, s * hw : e * hw]))
+    torch.testing.assert_close(got, torch.stack(want).mean())
+
+
+def test_exclude_conditioned_drops_v2v_prefix():
+    gen = torch.Generator().manual_seed(6)
+    B, T, H, W, D = 2, 6, 4, 4, 8
+    p, t = inputs(B, T, H, W, D, torch.float32, gen)
+    m = torch.zeros(B, T, H, W)
+    m[0, :3] = 1  # v2v head: 3 frames
+    m[1, 0] = m[1, -2:] = 1  # head frame and a 2-frame tail
+    hw = 4
+    up = get_batch_loss(p, t, m)  # upstream keeps all frames of both samples
+    full = F.mse_loss(p, t)
+    torch.testing.assert_close(up, full)
+    got = get_batch_loss(p, t, m, exclude="conditioned")
+    want = (F.mse_loss(p[0, 3 * hw :], t[0, 3 * hw :]) + F.mse_loss(p[1, hw : 4 * hw], t[1, hw : 4 * hw])) / 2
+    torch.testing.assert_close(got, want)
+    r = loss_token_ranges(m, exclude="conditioned")
+    assert r.tolist() == [[3 * hw, 6 * hw], [hw, 4 * hw]]
+
+
+def test_opcheck():
+    gen = torch.Generator().manual_seed(7)
+    p = torch.randn(3, 50, 6, generator=gen, requires_grad=True)
+    t = torch.randn(3, 50, 6, generator=gen, requires_grad=True)
+    r = torch.tensor([[0, 50], [3, 40], [10, 11]])
+    torch.library.opcheck(torch.ops.opensora_fast.masked_mse.default, (p, t, r))
+    g = torch.tensor(1.5)
+    torch.library.opcheck(torch.ops.opensora_fast.masked_mse_backward.default, (g, p.detach(), t.detach(), r))
+
+
+def test_torch_compile_fullgraph():
+    gen = torch.Generator().manual_seed(8)
+    B, T, H, W, D = 2, 3, 4, 4, 8
+    p, t = inputs(B, T, H, W, D, torch.float32, gen)
+    m = make_masks("mixed", B, T, H, W, gen)
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def step(a, b, masks):
+        return get_batch_loss(a, b, masks) * 2
+
+    got = loss_and_grads(lambda a, b: step(a, b, m), p, t)
+    want = loss_and_grads(lambda a, b: get_batch_loss(a, b, m) * 2, p, t)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+
+
+def test_reference_backend_matches_native(monkeypatch):
+    gen = torch.Generator().manual_seed(9)
+    p, t = inputs(3, 4, 4, 4, 8, torch.bfloat16, gen)
+    m = make_masks("mixed", 3, 4, 4, 4, gen)
+    got = loss_and_grads(lambda a, b: get_batch_loss(a, b, m), p, t)
+    monkeypatch.setenv("OPENSORA_FAST_BACKEND", "reference")
+    want = loss_and_grads(lambda a, b: get_batch_loss(a, b, m), p, t)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, **TOL[torch.bfloat16])
+
+
+@pytest.mark.parametrize("backend", ["native", "reference"])
+def test_bad_inputs(backend, monkeypatch):
+    monkeypatch.setenv("OPENSORA_FAST_BACKEND", backend)
+    p = torch.zeros(2, 12, 4)
+    m = torch.zeros(2, 3, 4, 4)  # 3 * 2 * 2 = 12 tokens with patch 2
+    cases = [
+        (lambda: get_batch_loss(p, torch.zeros(2, 12, 5)), ValueError, "v_t has shape"),
+        (lambda: get_batch_loss(p, p.bfloat16()), TypeError, "v_t has dtype"),
+        (lambda: get_batch_loss(p, torch.zeros(2, 12, 4, device="meta")), ValueError, "v_t is on meta"),
+        (lambda: get_batch_loss(p, p, torch.zeros(2, 4, 4, 4)), ValueError, "model_pred has L=12"),
+        (lambda: get_batch_loss(p, p, torch.zeros(2, 3, 5, 4)), ValueError, "does not divide"),
+        (lambda: get_batch_loss(p, p, torch.zeros(2, 3, 4)), ValueError, "masks must be [B, T, H, W]"),
+        (lambda: get_batch_loss(p, p, torch.zeros(2, 2, 3, 4, 4)), ValueError, "[B, 1, T, H, W]"),
+        (lambda: get_batch_loss(p, p, torch.zeros(3, 3, 4, 4)), ValueError, "masks has batch 3"),
+        (lambda: get_batch_loss(p, p, m, exclude="all"), ValueError, "exclude must be one of"),
+        (lambda: get_batch_loss(p, p, m, patch_size=0), ValueError, "patch_size must be a positive int"),
+        (lambda: get_batch_loss(p[0], p[0], m), ValueError, "must be packed [B, L, D]"),
+        (lambda: ops.masked_mse(p, p, torch.zeros(2, 2)), TypeError, "ranges must be int64"),
+        (lambda: ops.masked_mse(p, p, torch.zeros(3, 2, dtype=torch.long)), ValueError, "ranges must be [B, 2]"),
+        (lambda: ops.masked_mse(p.int(), p.int(), torch.zeros(2, 2, dtype=torch.long)), TypeError, "pred has dtype"),
+    ]
+    for fn, exc, text in cases:
+        with pytest.raises(exc) as info:
+            fn()
+        assert text in str(info.value), (text, str(info.value))
+
+
+# ----------------------------------------------------------------------------- CUDA
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_parity(dtype):
+    gen = torch.Generator().manual_seed(10)
+    B, T, H, W, D = 4, 9, 12, 14, 64
+    p, t = inputs(B, T, H, W, D, dtype, gen)
+    m = make_masks("mixed", B, T, H, W, gen)
+    want = loss_and_grads(lambda a, b: reference.get_batch_loss(a, b, m), p, t)
+    pc = p.detach().cuda().requires_grad_()
+    tc = t.detach().cuda().requires_grad_()
+    got = loss_and_grads(lambda a, b: get_batch_loss(a, b, m.cuda()), pc, tc)
+    torch.testing.assert_close(got[0].cpu(), want[0].to(got[0].dtype), **TOL[dtype])
+    for a, b in zip(got[1:], want[1:]):
+        torch.testing.assert_close(a.cpu(), b, **TOL[dtype])
+    cpu = ops.masked_mse(p.detach(), t.detach(), loss_token_ranges(m))
+    torch.testing.assert_close(ops.masked_mse(pc.detach(), tc.detach(), loss_token_ranges(m.cuda())).cpu(), cpu)
+
+
+@pytest.mark.cuda
+def test_cuda_no_host_sync_and_graph_capture():
+    B, T, H, W, D = 4, 33, 24, 42, 64
+    L = T * H * W // 4
+    p = torch.randn(B, L, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    t = torch.randn(B, L, D, device="cuda", dtype=torch.bfloat16)
+    m = torch.zeros(B, T, H, W, device="cuda")
+    m[0, 0] = 1
+    get_batch_loss(p, t, m).backward()  # warm up
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        get_batch_loss(p, t, m).backward()
+        get_batch_loss(p, t).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    x = p.detach().clone()
+    graph = torch.cuda.CUDAGraph()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        ops.masked_mse(x, t, loss_token_ranges(m))
+    torch.cuda.current_stream().wait_stream(s)
+    with torch.cuda.graph(graph):
+        out = ops.masked_mse(x, t, loss_token_ranges(m))
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(out, ops.masked_mse(x, t, loss_token_ranges(m)))
