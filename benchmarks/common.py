@@ -53,3 +53,51 @@ def copy_roofline(benchmark, group: str, nbytes: int, device: torch.device):
     a = torch.ones(n, dtype=torch.uint8, device=device)
     b = torch.empty_like(a)
     run(benchmark, lambda: b.copy_(a), group=group, impl="copy_ (same bytes)", role="roofline", nbytes=nbytes)
+
+
+def peak_extra_bytes(fn, device: torch.device) -> int:
+    """Peak bytes allocated by ``fn`` beyond what was live before it. On CUDA from
+    the caching allocator's statistics; on the CPU by tracking the storages of
+    every op's outputs while they live (kernel-internal scratch not included)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    import weakref
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    class Track(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.live, self.peak, self.seen = 0, 0, set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            inputs = {
+                a.untyped_storage().data_ptr()
+                for a in tree_leaves((args, kwargs))
+                if isinstance(a, torch.Tensor) and a.device.type == "cpu"
+            }
+            for t in tree_leaves(out):
+                if isinstance(t, torch.Tensor) and t.device.type == "cpu":
+                    st = t.untyped_storage()
+                    key = st.data_ptr()
+                    if key and key not in self.seen and key not in inputs:  # views are not new
+                        self.seen.add(key)
+                        self.live += st.nbytes()
+                        self.peak = max(self.peak, self.live)
+                        weakref.finalize(t, self._free, key, st.nbytes())  # approx.: a view may outlive it
+            return out
+
+        def _free(self, key, n):
+            self.seen.discard(key)
+            self.live -= n
+
+    with Track() as tr:
+        fn()
+    return tr.peak

@@ -31,17 +31,22 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         alt = med.get(role.get("alternative"))
         w("")
         w(f"[{group}]")
-        w(f"  {'impl':<34} {'ms':>9} {'GB/s':>8} {'% copy':>7} {'x base':>7} {'x alt':>7}")
+        mem = any("peak_extra_mb" in b.extra_info for b in benches)
+        w(f"  {'impl':<34} {'ms':>9} {'GB/s':>8} {'% copy':>7} {'x base':>7} {'x alt':>7}"
+          + (f" {'peak MB':>8}" if mem else ""))
         for b in benches:
             t = b.stats.median
             gbs = b.extra_info["bytes"] / t / 1e9
             pct = f"{100 * roof / t:6.0f}%" if roof else "      -"
             xb = f"{base / t:7.2f}" if base else "      -"
             xa = f"{alt / t:7.2f}" if alt else "      -"
-            w(f"  {b.extra_info['impl']:<34} {t * 1e3:9.3f} {gbs:8.1f} {pct} {xb} {xa}")
-        extra = {k: v for k, v in benches[0].extra_info.items() if k not in ("impl", "role", "bytes")}
+            pk = f" {b.extra_info['peak_extra_mb']:8.1f}" if mem else ""
+            w(f"  {b.extra_info['impl']:<34} {t * 1e3:9.3f} {gbs:8.1f} {pct} {xb} {xa}{pk}")
+        skip = ("impl", "role", "bytes", "peak_extra_mb")
+        extra = {k: v for k, v in benches[0].extra_info.items() if k not in skip}
         if extra:
             w("  " + ", ".join(f"{k}={v}" for k, v in extra.items()))
     w("")
     w("ms: median; GB/s: bytes that must move / time; % copy: a copy_ of the same bytes / time;")
-    w("x base: speed-up over the upstream-faithful reference; x alt: over the best plain-PyTorch alternative.")
+    w("x base: speed-up over the upstream-faithful reference; x alt: over the best plain-PyTorch alternative;")
+    w("peak MB: extra memory at the peak of one call (CPU: op outputs only; CUDA: allocator peak).")

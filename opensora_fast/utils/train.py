@@ -224,7 +224,7 @@ def get_batch_loss(
         # every sample has the same count, so the mean of means is the global mean
         pred3 = model_pred.reshape(B, -1, model_pred.shape[-1] if model_pred.dim() == 3 else 1)
         ranges = torch.zeros((B, 2), dtype=torch.int64, device=pred3.device)
-        ranges[:, 1] = pred3.shape[1]  # a fill on the device: no host-to-device copy
+        ranges[:, 1].fill_(pred3.shape[1])  # a fill on the device: no host-to-device copy
         return masked_mse(pred3.contiguous(), v_t.reshape(pred3.shape).contiguous(), ranges)
     if model_pred.dim() != 3:
         raise ValueError(f"get_batch_loss: with masks, model_pred must be packed [B, L, D], got {list(model_pred.shape)}")
