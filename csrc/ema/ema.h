@@ -57,21 +57,43 @@ OSF_INLINE E ema_compat(E e, S s, float decay, float alpha) {
 // expected value is r. That keeps a bf16 EMA moving at decay 0.9999, where
 // the increment is far below half an ulp and round-to-nearest discards it.
 template <typename E>
+OSF_INLINE uint16_t nearest_bits(float r) {
+  if constexpr (std::is_same<E, c10::BFloat16>::value) {
+    // bf16 round-to-nearest-even on the bits (NaN handled by the caller), so
+    // the whole of round_stochastic is selects and the CPU loop vectorises.
+    const uint32_t b = f32_bits(r);
+    return static_cast<uint16_t>((b + 0x7FFFu + ((b >> 16) & 1u)) >> 16);
+  } else {
+    return static_cast<E>(r).x;
+  }
+}
+
+template <typename E>
+OSF_INLINE float widen_bits(uint16_t bits) {
+  if constexpr (std::is_same<E, c10::BFloat16>::value) {
+    return f32_from_bits(static_cast<uint32_t>(bits) << 16);
+  } else {
+    return static_cast<float>(E(bits, E::from_bits()));
+  }
+}
+
+template <typename E>
 OSF_INLINE E round_stochastic(float r, float u) {
   if constexpr (!is_reduced<E>::value) {
     return static_cast<E>(r);
   } else {
     // t: the neighbour of r towards zero; h: the next one away from zero. Both
-    // formats are sign-magnitude, so +-1 on the bits steps the magnitude. Written
-    // without early exits so the CPU loop vectorises: exact r gives p = 0 (t = r),
-    // overflow gives h = inf and p = 0, NaN gives p = NaN and keeps t (NaN).
-    const E n = static_cast<E>(r);
-    const uint16_t tb = fabsf(static_cast<float>(n)) > fabsf(r) ? static_cast<uint16_t>(n.x - 1) : n.x;
+    // formats are sign-magnitude, so +-1 on the bits steps the magnitude. No
+    // early exits: exact r gives p = 0 (t = r); overflow gives h = inf, p = 0;
+    // inf gives h = NaN, p = NaN, so t = inf; NaN is selected at the end.
+    const uint16_t nb = nearest_bits<E>(r);
+    const uint16_t tb = fabsf(widen_bits<E>(nb)) > fabsf(r) ? static_cast<uint16_t>(nb - 1) : nb;
     const uint16_t hb = static_cast<uint16_t>(tb + 1);
-    const float lo = fabsf(static_cast<float>(E(tb, E::from_bits())));
-    const float hi = fabsf(static_cast<float>(E(hb, E::from_bits())));
+    const float lo = fabsf(widen_bits<E>(tb));
+    const float hi = fabsf(widen_bits<E>(hb));
     const float p = (fabsf(r) - lo) / (hi - lo);
-    return E(u < p ? hb : tb, E::from_bits());
+    const uint16_t out = u < p ? hb : tb;
+    return E(r != r ? static_cast<E>(r).x : out, E::from_bits());
   }
 }
 
