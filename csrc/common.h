@@ -62,6 +62,14 @@ OSF_INLINE float f32_from_bits(uint32_t u) {
 #endif
 }
 
+OSF_INLINE double fma_rn(double a, double b, double c) {
+#if defined(__CUDA_ARCH__)
+  return __fma_rn(a, b, c);
+#else
+  return std::fma(a, b, c);
+#endif
+}
+
 // Counter-based uniform in [0, 1) from (seed, index): the same value on CPU
 // and GPU whatever the launch geometry. 32-bit arithmetic (murmur3's fmix32
 // over a bijection of the index) so that the CPU loop vectorises.

@@ -70,6 +70,15 @@ at::Tensor masked_mse_backward_entry(const at::Tensor& grad, const at::Tensor& p
   return grad_pred;
 }
 
+std::tuple<at::Tensor, at::Tensor> masked_mse_walk_entry(const at::Tensor& grad, const at::Tensor& pred,
+                                                         const at::Tensor& target, const at::Tensor& ranges) {
+  masked_mse::check_inputs(pred, target, ranges);
+  at::Tensor loss = at::empty({}, pred.options().dtype(mse_acc_dtype(pred)));
+  at::Tensor grad_pred = at::empty_like(pred, at::MemoryFormat::Contiguous);
+  masked_mse::grid_walk(grad.to(mse_acc_dtype(pred)).contiguous(), pred, target, ranges, loss, grad_pred);
+  return {loss, grad_pred};
+}
+
 std::string replace_all(std::string s, char from, char to) {
   std::replace(s.begin(), s.end(), from, to);
   return s;
@@ -87,6 +96,9 @@ TORCH_LIBRARY(opensora_fast, m) {
       "bool stochastic=False, int seed=0) -> ()");
   m.def("masked_mse(Tensor pred, Tensor target, Tensor ranges) -> Tensor");
   m.def("masked_mse_backward(Tensor grad, Tensor pred, Tensor target, Tensor ranges) -> Tensor");
+  m.def(
+      "_masked_mse_grid_walk(Tensor grad, Tensor pred, Tensor target, Tensor ranges) -> "
+      "(Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(opensora_fast, CPU, m) {
@@ -95,6 +107,7 @@ TORCH_LIBRARY_IMPL(opensora_fast, CPU, m) {
   m.impl("masked_mse", &opensora_fast::masked_mse_entry<opensora_fast::masked_mse::forward_cpu>);
   m.impl("masked_mse_backward",
          &opensora_fast::masked_mse_backward_entry<opensora_fast::masked_mse::backward_cpu>);
+  m.impl("_masked_mse_grid_walk", &opensora_fast::masked_mse_walk_entry);
 }
 
 #ifdef OSF_WITH_CUDA

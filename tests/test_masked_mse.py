@@ -245,8 +245,14 @@ def test_cuda_parity(dtype):
     torch.testing.assert_close(got[0].cpu(), want[0].to(got[0].dtype), **TOL[dtype])
     for a, b in zip(got[1:], want[1:]):
         torch.testing.assert_close(a.cpu(), b, **TOL[dtype])
-    cpu = ops.masked_mse(p.detach(), t.detach(), loss_token_ranges(m))
-    torch.testing.assert_close(ops.masked_mse(pc.detach(), tc.detach(), loss_token_ranges(m.cuda())).cpu(), cpu)
+    # the GPU's loss and gradient equal the CPU walk of its grid bit for bit
+    r = loss_token_ranges(m)
+    g = torch.tensor(1.25)
+    walk_loss, walk_grad = torch.ops.opensora_fast._masked_mse_grid_walk(g, p.detach(), t.detach(), r)
+    gpu_loss = ops.masked_mse(pc.detach(), tc.detach(), r.cuda())
+    gpu_grad = torch.ops.opensora_fast.masked_mse_backward(g.cuda(), pc.detach(), tc.detach(), r.cuda())
+    assert torch.equal(gpu_loss.cpu(), walk_loss)
+    assert torch.equal(gpu_grad.cpu(), walk_grad)
 
 
 @pytest.mark.cuda
@@ -277,3 +283,33 @@ def test_cuda_no_host_sync_and_graph_capture():
     graph.replay()
     torch.cuda.synchronize()
     torch.testing.assert_close(out, ops.masked_mse(x, t, loss_token_ranges(m)))
+
+
+WALK_CASES = [  # B, L, D, ranges
+    (3, 3000, 7, [[0, 3000], [5, 2999], [1, 1]]),  # odd D: chunks start misaligned; an empty sample
+    (2, 700, 64, [[0, 700], [100, 650]]),  # aligned 16-byte path, several chunks
+    (1, 5, 3, [[-4, 99]]),  # clamped
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", WALK_CASES, ids=lambda c: f"{c[0]}x{c[1]}x{c[2]}")
+def test_grid_walk_matches_cpu_kernel_and_reference(dtype, case):
+    # The CUDA kernels' per-thread bodies over their whole grids on the CPU, with
+    # the block reduction in the GPU's order.
+    B, L, D, r = case
+    gen = torch.Generator().manual_seed(B * L + D)
+    p = torch.randn(B, L, D, generator=gen).to(dtype)
+    t = torch.randn(B, L, D, generator=gen).to(dtype)
+    ranges = torch.tensor(r)
+    g = torch.tensor(0.75)
+    loss, grad = torch.ops.opensora_fast._masked_mse_grid_walk(g, p, t, ranges)
+    cpu_loss = torch.ops.opensora_fast.masked_mse(p, t, ranges)
+    cpu_grad = torch.ops.opensora_fast.masked_mse_backward(g, p, t, ranges)
+    assert torch.equal(grad, cpu_grad)  # elementwise: same formula, bit for bit
+    ref = reference.masked_mse(p, t, ranges)
+    for x in (loss, cpu_loss):
+        if torch.isnan(ref):
+            assert torch.isnan(x)
+        else:
+            torch.testing.assert_close(x, ref, rtol=1e-6 if dtype != torch.float64 else 1e-12, atol=0)

@@ -25,10 +25,12 @@ constexpr int kThreads = 256;
 template <typename T>
 using acc_t = typename std::conditional<std::is_same<T, double>::value, double, float>::type;
 
+// acc + (p - t)^2 with one rounding for the square-and-add (an explicit fma,
+// which nvcc would otherwise choose on its own and the CPU would not).
 template <typename T>
-OSF_INLINE acc_t<T> sq_diff(T p, T t) {
+OSF_INLINE acc_t<T> add_sq(acc_t<T> acc, T p, T t) {
   const acc_t<T> d = static_cast<acc_t<T>>(p) - static_cast<acc_t<T>>(t);
-  return d * d;
+  return fma_rn(d, d, acc);
 }
 
 // d loss / d pred for one element: 2 * (pred - target) * scale, where
@@ -66,6 +68,53 @@ OSF_INLINE void chunk_bounds(Range r, int64_t D, int64_t c, int64_t* lo, int64_t
 // Number of chunks a sample of L tokens can need (the grid's chunk dimension).
 OSF_INLINE int64_t max_chunks(int64_t L, int64_t D) {
   return ceil_div<int64_t>(L * D, kChunk) > 0 ? ceil_div<int64_t>(L * D, kChunk) : 1;
+}
+
+// GPU partial-sum kernel, per thread: thread `thread` of the block for
+// (chunk c, sample b) sums its strided share of the chunk, 16-byte loads when
+// aligned. The block then adds the kThreads values with a fixed tree
+// (masked_mse_cuda.cu: block_sum; masked_mse_cpu.cpp emulates it).
+template <typename T>
+OSF_HOST_DEVICE inline acc_t<T> partial_thread_sum(const T* p, const T* t, const int64_t* ranges,
+                                                   int64_t L, int64_t D, int64_t b, int64_t c,
+                                                   int thread) {
+  using A = acc_t<T>;
+  int64_t lo, hi;
+  chunk_bounds(clamp_range(ranges[2 * b], ranges[2 * b + 1], L), D, c, &lo, &hi);
+  const T* pb = p + b * L * D + lo;
+  const T* tb = t + b * L * D + lo;
+  const int64_t n = hi - lo;
+  constexpr int V = 16 / sizeof(T);
+  A acc = 0;
+  int64_t done = 0;
+  if (reinterpret_cast<uintptr_t>(pb) % 16 == 0 && reinterpret_cast<uintptr_t>(tb) % 16 == 0) {
+    for (int64_t v = thread; v < n / V; v += kThreads) {
+      const VecN<T, V> pv = reinterpret_cast<const VecN<T, V>*>(pb)[v];
+      const VecN<T, V> tv = reinterpret_cast<const VecN<T, V>*>(tb)[v];
+      OSF_UNROLL
+      for (int k = 0; k < V; ++k) acc = add_sq(acc, pv.v[k], tv.v[k]);
+    }
+    done = n / V * V;
+  }
+  for (int64_t i = done + thread; i < n; i += kThreads) acc = add_sq(acc, pb[i], tb[i]);
+  return acc;
+}
+
+// GPU gradient kernel, per thread: the block for (chunk c, sample b) covers
+// elements [c*kChunk, (c+1)*kChunk) of the sample, zeros outside the range.
+// grad is the 0-dim incoming gradient, read on the device (no host sync).
+template <typename T>
+OSF_HOST_DEVICE inline void grad_thread(const acc_t<T>* grad, const T* p, const T* t,
+                                        const int64_t* ranges, T* gp, int64_t B, int64_t L,
+                                        int64_t D, int64_t b, int64_t c, int thread) {
+  using A = acc_t<T>;
+  const Range r = clamp_range(ranges[2 * b], ranges[2 * b + 1], L);
+  const int64_t a0 = c * kChunk, a1 = (a0 + kChunk < L * D) ? a0 + kChunk : L * D;
+  const int64_t lo = r.start * D, hi = r.end * D;
+  const A scale = hi > lo ? *grad / (static_cast<A>(hi - lo) * static_cast<A>(B)) : A(0);
+  const int64_t off = b * L * D;
+  for (int64_t i = a0 + thread; i < a1; i += kThreads)
+    gp[off + i] = (i >= lo && i < hi) ? grad_elem(p[off + i], t[off + i], scale) : T(0);
 }
 
 // Final step, shared: partials [B, C] -> per-sample means -> their mean over B,

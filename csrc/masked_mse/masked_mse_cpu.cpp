@@ -23,8 +23,8 @@ __attribute__((always_inline)) inline acc_t<T> sum_sq_body(const T* p, const T* 
   A acc[K] = {};
   int64_t i = 0;
   for (; i + K <= n; i += K)
-    for (int k = 0; k < K; ++k) acc[k] += sq_diff(p[i + k], t[i + k]);
-  for (int k = 0; i < n; ++i, ++k) acc[k] += sq_diff(p[i], t[i]);
+    for (int k = 0; k < K; ++k) acc[k] = add_sq(acc[k], p[i + k], t[i + k]);
+  for (int k = 0; i < n; ++i, ++k) acc[k] = add_sq(acc[k], p[i], t[i]);
   for (int w = K / 2; w > 0; w /= 2)
     for (int k = 0; k < w; ++k) acc[k] += acc[k + w];
   return acc[0];
@@ -159,6 +159,49 @@ void backward_cpu(const at::Tensor& grad, const at::Tensor& pred, const at::Tens
         }
       }
     });
+  });
+}
+
+namespace {
+// __shfl_down_sync tree of masked_mse_cuda.cu's block_sum, on an array of the
+// block's kThreads per-thread values (lanes past the warp keep their own value).
+template <typename A>
+A emulate_block_sum(std::vector<A> v) {
+  auto warp_tree = [](A* w) {
+    for (int o = 16; o > 0; o /= 2) {
+      A next[32];
+      for (int lane = 0; lane < 32; ++lane) next[lane] = w[lane] + (lane + o < 32 ? w[lane + o] : w[lane]);
+      std::copy(next, next + 32, w);
+    }
+    return w[0];
+  };
+  A warp_sums[32] = {};
+  for (int w = 0; w < kThreads / 32; ++w) warp_sums[w] = warp_tree(v.data() + 32 * w);
+  for (int lane = kThreads / 32; lane < 32; ++lane) warp_sums[lane] = A(0);
+  return warp_tree(warp_sums);
+}
+}  // namespace
+
+void grid_walk(const at::Tensor& grad, const at::Tensor& pred, const at::Tensor& target,
+               const at::Tensor& ranges, at::Tensor& loss, at::Tensor& grad_pred) {
+  const int64_t B = pred.size(0), L = pred.size(1), D = pred.size(2), C = max_chunks(L, D);
+  const int64_t* rg = ranges.data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, pred.scalar_type(), "masked_mse_walk", [&] {
+    using A = acc_t<scalar_t>;
+    const scalar_t* p = pred.data_ptr<scalar_t>();
+    const scalar_t* t = target.data_ptr<scalar_t>();
+    std::vector<A> partial(B * C), means(B), lanes(kThreads);
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t c = 0; c < C; ++c) {
+        for (int th = 0; th < kThreads; ++th) lanes[th] = partial_thread_sum(p, t, rg, L, D, b, c, th);
+        partial[b * C + c] = emulate_block_sum(lanes);
+      }
+    for (int64_t b = 0; b < B; ++b) means[b] = sample_mean(partial.data(), rg, b, C, L, D);
+    *loss.data_ptr<A>() = batch_mean(means.data(), B);
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t c = 0; c < C; ++c)
+        for (int th = 0; th < kThreads; ++th)
+          grad_thread(grad.data_ptr<A>(), p, t, rg, grad_pred.data_ptr<scalar_t>(), B, L, D, b, c, th);
   });
 }
 

@@ -15,6 +15,7 @@ namespace masked_mse {
 
 namespace {
 
+// Tree sum of the block's kThreads values; _grid_walk_masked_mse (CPU) mirrors it.
 template <typename A>
 __device__ A block_sum(A v) {
   __shared__ A warp_sums[kThreads / 32];
@@ -33,28 +34,8 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads)
     partial_kernel(const T* __restrict__ p, const T* __restrict__ t, const int64_t* __restrict__ ranges,
                    acc_t<T>* __restrict__ partial, int64_t L, int64_t D) {
-  using A = acc_t<T>;
-  const int64_t b = blockIdx.y, c = blockIdx.x, C = gridDim.x;
-  int64_t lo, hi;
-  chunk_bounds(clamp_range(ranges[2 * b], ranges[2 * b + 1], L), D, c, &lo, &hi);
-  const T* pb = p + b * L * D + lo;
-  const T* tb = t + b * L * D + lo;
-  const int64_t n = hi - lo;
-  constexpr int V = 16 / sizeof(T);
-  A acc = 0;
-  int64_t done = 0;
-  if (reinterpret_cast<uintptr_t>(pb) % 16 == 0 && reinterpret_cast<uintptr_t>(tb) % 16 == 0) {
-    for (int64_t v = threadIdx.x; v < n / V; v += kThreads) {
-      const VecN<T, V> pv = reinterpret_cast<const VecN<T, V>*>(pb)[v];
-      const VecN<T, V> tv = reinterpret_cast<const VecN<T, V>*>(tb)[v];
-      OSF_UNROLL
-      for (int k = 0; k < V; ++k) acc += sq_diff(pv.v[k], tv.v[k]);
-    }
-    done = n / V * V;
-  }
-  for (int64_t i = done + threadIdx.x; i < n; i += kThreads) acc += sq_diff(pb[i], tb[i]);
-  acc = block_sum(acc);
-  if (threadIdx.x == 0) partial[b * C + c] = acc;
+  const acc_t<T> v = block_sum(partial_thread_sum(p, t, ranges, L, D, blockIdx.y, blockIdx.x, threadIdx.x));
+  if (threadIdx.x == 0) partial[blockIdx.y * gridDim.x + blockIdx.x] = v;
 }
 
 template <typename A>
@@ -71,15 +52,7 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads)
     grad_kernel(const acc_t<T>* __restrict__ grad, const T* __restrict__ p, const T* __restrict__ t,
                 const int64_t* __restrict__ ranges, T* __restrict__ gp, int64_t L, int64_t D, int64_t B) {
-  using A = acc_t<T>;
-  const int64_t b = blockIdx.y, c = blockIdx.x;
-  const Range r = clamp_range(ranges[2 * b], ranges[2 * b + 1], L);
-  const int64_t a0 = c * kChunk, a1 = (a0 + kChunk < L * D) ? a0 + kChunk : L * D;
-  const int64_t lo = r.start * D, hi = r.end * D;
-  const A scale = hi > lo ? *grad / (static_cast<A>(hi - lo) * static_cast<A>(B)) : A(0);
-  const int64_t off = b * L * D;
-  for (int64_t i = a0 + threadIdx.x; i < a1; i += kThreads)
-    gp[off + i] = (i >= lo && i < hi) ? grad_elem(p[off + i], t[off + i], scale) : T(0);
+  grad_thread(grad, p, t, ranges, gp, B, L, D, blockIdx.y, blockIdx.x, threadIdx.x);
 }
 
 }  // namespace

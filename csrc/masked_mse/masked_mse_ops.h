@@ -16,6 +16,11 @@ void forward_cpu(const at::Tensor& pred, const at::Tensor& target, const at::Ten
 void backward_cpu(const at::Tensor& grad, const at::Tensor& pred, const at::Tensor& target,
                   const at::Tensor& ranges, at::Tensor& grad_pred);
 
+// The CUDA kernels' per-thread bodies over their whole grids on the CPU, with
+// the block reduction emulated in the GPU's order: a test of GPU geometry.
+void grid_walk(const at::Tensor& grad, const at::Tensor& pred, const at::Tensor& target,
+               const at::Tensor& ranges, at::Tensor& loss, at::Tensor& grad_pred);
+
 #ifdef OSF_WITH_CUDA
 void forward_cuda(const at::Tensor& pred, const at::Tensor& target, const at::Tensor& ranges,
                   at::Tensor& partial, at::Tensor& loss);
