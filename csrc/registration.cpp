@@ -5,6 +5,7 @@
 
 #include <limits>
 
+#include "cpu_isa.h"
 #include "ema/ema_ops.h"
 #include "masked_mse/masked_mse.h"
 #include "masked_mse/masked_mse_ops.h"
@@ -133,11 +134,11 @@ PYBIND11_MODULE(_C, m) {
     info["cuda"] = pybind11::none();
     info["cuda_archs"] = "";
 #endif
-    info["cpu_avx2_path"] =
-#if defined(__x86_64__) && defined(__GNUC__)
-        true;
+    // whether the CPU kernels run their AVX2+FMA+F16C build on this machine
+#ifdef OSF_AVX2_PATH
+    info["cpu_avx2_path"] = opensora_fast::cpu_has_avx2();
 #else
-        false;
+    info["cpu_avx2_path"] = false;
 #endif
     return info;
   });

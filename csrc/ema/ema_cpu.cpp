@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "../cpu_isa.h"
 #include "ema.h"
 #include "ema_ops.h"
 
@@ -19,11 +20,10 @@ bool supported_dtype(c10::ScalarType t) {
          t == c10::ScalarType::Half;
 }
 
-// The elementwise loop over one contiguous span. Written once and compiled
-// twice: for the baseline ISA and, where the CPU has them, for AVX2+FMA+F16C,
-// where gcc vectorises it and inlines std::fma as one instruction.
+// The elementwise loop over one contiguous span (cpu_isa.h: built twice; the
+// AVX2 build vectorises and inlines std::fma as one instruction).
 template <typename E, typename S>
-__attribute__((always_inline)) inline void span_body(E* e, const S* s, int64_t n, const Params& p,
+OSF_ALWAYS_INLINE void span_body(E* e, const S* s, int64_t n, const Params& p,
                                                      uint64_t base) {
   if (p.stochastic) {
     for (int64_t i = 0; i < n; ++i)
@@ -39,18 +39,10 @@ void span_baseline(E* e, const S* s, int64_t n, const Params& p, uint64_t base) 
   span_body(e, s, n, p, base);
 }
 
-#if defined(__x86_64__) && defined(__GNUC__)
-#define OSF_HAVE_AVX2_PATH 1
+#ifdef OSF_AVX2_PATH
 template <typename E, typename S>
-__attribute__((target("avx2,fma,f16c"))) void span_avx2(E* e, const S* s, int64_t n,
-                                                        const Params& p, uint64_t base) {
+OSF_TARGET_AVX2 void span_avx2(E* e, const S* s, int64_t n, const Params& p, uint64_t base) {
   span_body(e, s, n, p, base);
-}
-
-bool cpu_has_avx2() {
-  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                          __builtin_cpu_supports("f16c");
-  return yes;
 }
 #endif
 
@@ -61,7 +53,7 @@ template <typename E, typename S>
 void span(void* e, const void* s, int64_t offset, int64_t n, const Params& p, uint64_t base) {
   E* ep = static_cast<E*>(e) + offset;
   const S* sp = static_cast<const S*>(s) + offset;
-#ifdef OSF_HAVE_AVX2_PATH
+#ifdef OSF_AVX2_PATH
   if (cpu_has_avx2()) return span_avx2(ep, sp, n, p, base + offset);
 #endif
   span_baseline(ep, sp, n, p, base + offset);

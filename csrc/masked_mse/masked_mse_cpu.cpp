@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "../cpu_isa.h"
 #include "masked_mse.h"
 #include "masked_mse_ops.h"
 
@@ -17,7 +18,7 @@ namespace {
 // Sum of squared differences over n elements: 16 independent accumulators
 // (vectorisable without reassociation flags), combined pairwise.
 template <typename T>
-__attribute__((always_inline)) inline acc_t<T> sum_sq_body(const T* p, const T* t, int64_t n) {
+OSF_ALWAYS_INLINE acc_t<T> sum_sq_body(const T* p, const T* t, int64_t n) {
   using A = acc_t<T>;
   constexpr int K = 16;
   A acc[K] = {};
@@ -31,8 +32,7 @@ __attribute__((always_inline)) inline acc_t<T> sum_sq_body(const T* p, const T* 
 }
 
 template <typename T>
-__attribute__((always_inline)) inline void grad_body(const T* p, const T* t, T* g, int64_t n,
-                                                     acc_t<T> scale) {
+OSF_ALWAYS_INLINE void grad_body(const T* p, const T* t, T* g, int64_t n, acc_t<T> scale) {
   for (int64_t i = 0; i < n; ++i) g[i] = grad_elem(p[i], t[i], scale);
 }
 
@@ -45,36 +45,29 @@ void grad_baseline(const T* p, const T* t, T* g, int64_t n, acc_t<T> scale) {
   grad_body(p, t, g, n, scale);
 }
 
-#if defined(__x86_64__) && defined(__GNUC__)
-#define OSF_MSE_AVX2 1
+#ifdef OSF_AVX2_PATH
 template <typename T>
-__attribute__((target("avx2,fma,f16c"))) acc_t<T> sum_sq_avx2(const T* p, const T* t, int64_t n) {
+OSF_TARGET_AVX2 acc_t<T> sum_sq_avx2(const T* p, const T* t, int64_t n) {
   return sum_sq_body(p, t, n);
 }
 template <typename T>
-__attribute__((target("avx2,fma,f16c"))) void grad_avx2(const T* p, const T* t, T* g, int64_t n,
-                                                       acc_t<T> scale) {
+OSF_TARGET_AVX2 void grad_avx2(const T* p, const T* t, T* g, int64_t n, acc_t<T> scale) {
   grad_body(p, t, g, n, scale);
-}
-bool has_avx2() {
-  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                          __builtin_cpu_supports("f16c");
-  return yes;
 }
 #endif
 
 template <typename T>
 acc_t<T> sum_sq(const T* p, const T* t, int64_t n) {
-#ifdef OSF_MSE_AVX2
-  if (has_avx2()) return sum_sq_avx2(p, t, n);
+#ifdef OSF_AVX2_PATH
+  if (cpu_has_avx2()) return sum_sq_avx2(p, t, n);
 #endif
   return sum_sq_baseline(p, t, n);
 }
 
 template <typename T>
 void grad_span(const T* p, const T* t, T* g, int64_t n, acc_t<T> scale) {
-#ifdef OSF_MSE_AVX2
-  if (has_avx2()) return grad_avx2(p, t, g, n, scale);
+#ifdef OSF_AVX2_PATH
+  if (cpu_has_avx2()) return grad_avx2(p, t, g, n, scale);
 #endif
   grad_baseline(p, t, g, n, scale);
 }
