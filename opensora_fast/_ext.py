@@ -100,3 +100,12 @@ def use_native(op: str, device: torch.device) -> bool:
         raise RuntimeError(f"OPENSORA_FAST_BACKEND=native but opensora_fast.{op} cannot run natively on {device.type}: {why}")
     _say_once(op, device.type, why)
     return False
+
+
+def pick(op: str, device: torch.device, reference_impl):
+    """The callable to run for ``op`` on ``device``: ``torch.ops.opensora_fast.<op>``
+    or ``reference_impl``. Under torch.compile the choice is made at trace time
+    from HAS_NATIVE alone (dynamo cannot trace the dispatcher queries)."""
+    if torch.compiler.is_compiling():
+        return getattr(torch.ops.opensora_fast, op) if HAS_NATIVE else reference_impl
+    return getattr(torch.ops.opensora_fast, op) if use_native(op, device) else reference_impl

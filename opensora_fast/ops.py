@@ -7,7 +7,7 @@ from typing import Optional, Sequence
 import torch
 
 from . import reference
-from ._ext import HAS_NATIVE, use_native
+from ._ext import HAS_NATIVE, pick
 
 __all__ = ["ema_update_", "draw_seed", "masked_mse"]
 
@@ -56,16 +56,8 @@ def ema_update_(
     seed = int(seed or 0)
     if not ema and not src:
         return
-    if torch.compiler.is_compiling():
-        # Decided at trace time: dynamo cannot trace the dispatcher queries.
-        impl = torch.ops.opensora_fast.ema_update_ if HAS_NATIVE else reference.ema_update_
-        impl(ema, src, decay, stochastic, seed)
-        return
     dev = ema[0].device if ema else src[0].device
-    if use_native("ema_update_", dev):
-        torch.ops.opensora_fast.ema_update_(ema, src, decay, stochastic, seed)
-    else:
-        reference.ema_update_(ema, src, decay, stochastic, seed)
+    pick("ema_update_", dev, reference.ema_update_)(ema, src, decay, stochastic, seed)
 
 
 def masked_mse(pred: torch.Tensor, target: torch.Tensor, ranges: torch.Tensor) -> torch.Tensor:
@@ -80,11 +72,7 @@ def masked_mse(pred: torch.Tensor, target: torch.Tensor, ranges: torch.Tensor) -
     ``grad_pred = 2 (pred - target) g / (count_b B)`` inside the range, 0 outside.
     The result is deterministic (fixed summation order) and costs no host sync.
     """
-    if torch.compiler.is_compiling():
-        return (torch.ops.opensora_fast.masked_mse if HAS_NATIVE else reference.masked_mse)(pred, target, ranges)
-    if use_native("masked_mse", pred.device):
-        return torch.ops.opensora_fast.masked_mse(pred, target, ranges)
-    return reference.masked_mse(pred, target, ranges)
+    return pick("masked_mse", pred.device, reference.masked_mse)(pred, target, ranges)
 
 
 if HAS_NATIVE:
