@@ -133,10 +133,24 @@ def test_stochastic_rounding_option_moves_a_bf16_ema():
     assert not torch.equal(sr.a.weight, start.a.weight)
 
 
+def test_fp32_model_sharded_with_a_plain_optimizer():
+    # upstream never asks an fp32 model's optimizer for masters, so any optimizer works
+    torch.manual_seed(0)
+    model = Net()
+    ema = copy.deepcopy(model).requires_grad_(False)
+    ema_ref = copy.deepcopy(ema)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    update_ema(ema, model, opt, decay=0.9)
+    reference.update_ema(ema_ref, model, opt, decay=0.9)
+    assert_models_equal(ema, ema_ref)
+
+
 def test_errors_are_clear():
     model, ema, opt = zero_setup()
     with pytest.raises(ValueError, match="get_working_to_master_map"):
         update_ema(ema, model, None)
+    with pytest.raises(ValueError, match="got SGD"):
+        update_ema(ema, model, torch.optim.SGD(model.parameters(), lr=0.1))
     with pytest.raises(ValueError, match="rounding must be one of"):
         update_ema(ema, model, opt, rounding="nearest")
     del ema.b

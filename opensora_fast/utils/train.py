@@ -113,7 +113,9 @@ def update_ema(
     """
     if rounding not in _ROUNDING:
         raise ValueError(f"update_ema: rounding must be one of {_ROUNDING}, got {rounding!r}")
-    masters = _master_map(optimizer) if (sharded and optimizer is not None) else None
+    # fetched only where it exists: an fp32 model needs no master map (upstream never asks)
+    has_map = sharded and hasattr(optimizer, "get_working_to_master_map")
+    masters = optimizer.get_working_to_master_map() if has_map else None
     key = (id(model), id(optimizer), bool(sharded), id(masters), len(masters) if masters is not None else -1)
     plan = _plans.get(ema_model)
     if (
