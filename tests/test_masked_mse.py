@@ -1,4 +1,6 @@
 """Masked per-sample MSE (get_batch_loss): native op vs the upstream port / the reference."""
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -7,7 +9,10 @@ from opensora_fast import ops, reference
 from opensora_fast._ext import HAS_NATIVE
 from opensora_fast.utils.train import get_batch_loss, loss_token_ranges
 
-pytestmark = pytest.mark.skipif(not HAS_NATIVE, reason="native extension not built")
+# Only a declared pure-Python install skips; a build that silently failed must fail here.
+pytestmark = pytest.mark.skipif(
+    not HAS_NATIVE and os.environ.get("OPENSORA_FAST_NO_EXT") == "1", reason="OPENSORA_FAST_NO_EXT=1 install"
+)
 
 TOL = {  # loss (fp32 accumulation, different order) and grads (rounded to the input dtype)
     torch.float32: dict(rtol=1e-5, atol=1e-6),
