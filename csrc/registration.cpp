@@ -24,9 +24,9 @@ void ema_update_cpu_entry(at::TensorList ema, at::TensorList src, double decay, 
 }
 
 void ema_grid_walk_entry(at::TensorList ema, at::TensorList src, double decay, bool stochastic,
-                         int64_t seed) {
+                         int64_t seed, int64_t max_tensors, int64_t max_blocks) {
   ema::check_ema_inputs(ema, src, decay);
-  ema::ema_grid_walk_cpu(ema, src, decay, stochastic, seed);
+  ema::ema_grid_walk_cpu(ema, src, decay, stochastic, seed, max_tensors, max_blocks);
 }
 
 #ifdef OSF_WITH_CUDA
@@ -94,7 +94,7 @@ TORCH_LIBRARY(opensora_fast, m) {
       "int seed=0) -> ()");
   m.def(
       "_ema_update_grid_walk_(Tensor(a!)[] ema, Tensor[] src, float decay, "
-      "bool stochastic=False, int seed=0) -> ()");
+      "bool stochastic=False, int seed=0, int max_tensors=0, int max_blocks=0) -> ()");
   m.def("masked_mse(Tensor pred, Tensor target, Tensor ranges) -> Tensor");
   m.def("masked_mse_backward(Tensor grad, Tensor pred, Tensor target, Tensor ranges) -> Tensor");
   m.def(

@@ -58,12 +58,14 @@ def test_compat_bit_exact_vs_upstream(edt, sdt, n):
         assert_matches_upstream(got, want, f"{tag(edt, sdt)} n={n} decay={decay}")
 
 
+@pytest.mark.parametrize("limits", [(0, 0), (5, 7)], ids=["cuda-limits", "tiny-tables"])
 @pytest.mark.parametrize("edt,sdt", PAIRS)
-def test_grid_walk_matches_upstream(edt, sdt):
+def test_grid_walk_matches_upstream(edt, sdt, limits):
     # The CUDA kernel's per-thread body over its whole launch grid, on the CPU:
-    # tails, misaligned views (offset 1), tensors spanning several launches.
+    # tails, misaligned views (offset 1), tables split by tensor count and by
+    # block count, mid-tensor (tiny limits: 5 tensors / 7 blocks per launch).
     g = torch.Generator().manual_seed(7)
-    sizes = [1, 3, 4099, 32768, 32769, 300 * 32768 + 5] + [64] * 60
+    sizes = [1, 3, 4099, 32768, 32769, 20 * 32768 + 5] + [64] * 300
     ema = [rand(n, edt, g) for n in sizes]
     src = [rand(n, sdt, g) for n in sizes]
     big = rand(5000, edt, g)
@@ -71,14 +73,14 @@ def test_grid_walk_matches_upstream(edt, sdt):
     src.append(rand(4999, sdt, g)[0:])
     want = [e.clone() for e in ema]
     upstream(want, src, 0.999)
-    torch.ops.opensora_fast._ema_update_grid_walk_(ema, src, 0.999)
+    torch.ops.opensora_fast._ema_update_grid_walk_(ema, src, 0.999, False, 0, *limits)
     for i, (a, b) in enumerate(zip(ema, want)):
         assert_matches_upstream(a, b, f"{tag(edt, sdt)} pair {i}")
     # stochastic rounding is independent of the launch geometry
     seeded = [e.clone() for e in want]
     walked = [e.clone() for e in want]
     torch.ops.opensora_fast.ema_update_(seeded, src, 0.9999, True, 99)
-    torch.ops.opensora_fast._ema_update_grid_walk_(walked, src, 0.9999, True, 99)
+    torch.ops.opensora_fast._ema_update_grid_walk_(walked, src, 0.9999, True, 99, *limits)
     for i, (a, b) in enumerate(zip(walked, seeded)):
         assert_bitwise_equal(a, b, f"stochastic pair {i}")
 

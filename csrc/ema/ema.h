@@ -154,10 +154,12 @@ OSF_INLINE E ema_one(E e, S s, const Params& p, uint64_t index) {
 
 // ---------------------------------------------------------------------------
 // GPU launch geometry: multi-tensor launches whose tensor table travels as a
-// kernel argument (under the classic 4 KiB limit). Each block owns one chunk
-// of kChunk elements of one tensor.
-constexpr int kMaxTensors = 48;
-constexpr int kMaxBlocks = 320;
+// kernel argument. Each block owns one chunk of kChunk elements of one tensor.
+// The table uses up to 32 KiB of kernel arguments (CUDA >= 12.1 on sm_70+), so
+// a whole 1082-tensor shard list takes two or three launches of up to 2048
+// blocks each, several waves on an H100, rather than a dozen small ones.
+constexpr int kMaxTensors = 256;
+constexpr int kMaxBlocks = 2048;
 constexpr int64_t kChunk = 32768;  // a multiple of every vector width
 constexpr int kThreads = 512;
 
@@ -170,42 +172,48 @@ struct LaunchTable {
   int32_t block_chunk[kMaxBlocks];
   int32_t n_blocks;
 };
-static_assert(sizeof(LaunchTable) + sizeof(Params) <= 4000, "kernel arguments over 4 KiB");
+static_assert(sizeof(LaunchTable) + sizeof(Params) <= 32000, "kernel arguments over 32 KiB");
 
-// Splits a list of same-dtype-pair tensors into launch tables. Zero-size
-// tensors get no block. `index_base` of each tensor is carried in.
+// Splits a list of same-dtype-pair tensors into launch tables of at most
+// max_tensors tensors and max_blocks blocks (the compile-time limits by default;
+// tests pass small ones to exercise both splits). Zero-size tensors get no block.
 inline std::vector<LaunchTable> plan_launches(const std::vector<void*>& ema,
                                               const std::vector<const void*>& src,
                                               const std::vector<int64_t>& numel,
-                                              const std::vector<int64_t>& index_base) {
+                                              const std::vector<int64_t>& index_base,
+                                              int max_tensors = kMaxTensors,
+                                              int max_blocks = kMaxBlocks) {
+  max_tensors = (max_tensors > 0 && max_tensors < kMaxTensors) ? max_tensors : kMaxTensors;
+  max_blocks = (max_blocks > 0 && max_blocks < kMaxBlocks) ? max_blocks : kMaxBlocks;
   std::vector<LaunchTable> out;
-  LaunchTable cur{};
+  // The table is large: build each in place in `out`, never on the stack.
+  LaunchTable* cur = nullptr;
   int nt = 0;
-  auto flush = [&]() {
-    if (cur.n_blocks > 0) out.push_back(cur);
-    cur = LaunchTable{};
+  auto open = [&]() {
+    out.emplace_back();
+    cur = &out.back();
+    cur->n_blocks = 0;
     nt = 0;
   };
   for (size_t i = 0; i < ema.size(); ++i) {
     if (numel[i] == 0) continue;
     const int64_t chunks = ceil_div<int64_t>(numel[i], kChunk);
     for (int64_t c = 0; c < chunks; ++c) {
+      if (cur == nullptr || cur->n_blocks == max_blocks) open();
       // A tensor enters the table on its first chunk of this launch.
-      if (c == 0 || cur.n_blocks == 0) {
-        if (nt == kMaxTensors) flush();
-        cur.ema[nt] = ema[i];
-        cur.src[nt] = src[i];
-        cur.numel[nt] = numel[i];
-        cur.index_base[nt] = index_base[i];
+      if (c == 0 || cur->n_blocks == 0) {
+        if (nt == max_tensors) open();
+        cur->ema[nt] = ema[i];
+        cur->src[nt] = src[i];
+        cur->numel[nt] = numel[i];
+        cur->index_base[nt] = index_base[i];
         ++nt;
       }
-      cur.block_tensor[cur.n_blocks] = static_cast<int16_t>(nt - 1);
-      cur.block_chunk[cur.n_blocks] = static_cast<int32_t>(c);
-      ++cur.n_blocks;
-      if (cur.n_blocks == kMaxBlocks) flush();
+      cur->block_tensor[cur->n_blocks] = static_cast<int16_t>(nt - 1);
+      cur->block_chunk[cur->n_blocks] = static_cast<int32_t>(c);
+      ++cur->n_blocks;
     }
   }
-  flush();
   return out;
 }
 

@@ -125,7 +125,7 @@ void ema_update_cpu(at::TensorList ema, at::TensorList src, double decay, bool s
 }
 
 void ema_grid_walk_cpu(at::TensorList ema, at::TensorList src, double decay, bool stochastic,
-                       int64_t seed) {
+                       int64_t seed, int64_t max_tensors, int64_t max_blocks) {
   // Same grouping and planning as ema_update_cuda, then every (block, thread)
   // of every launch in turn, with the real block size.
   for (const DtypeGroup& g : group_by_dtype(ema, src)) {
@@ -133,7 +133,9 @@ void ema_grid_walk_cpu(at::TensorList ema, at::TensorList src, double decay, boo
       using E = typename decltype(et)::type;
       using S = typename decltype(st)::type;
       const Params p = make_params<E, S>(decay, stochastic, seed);
-      for (const LaunchTable& tab : plan_launches(g.ema, g.src, g.numel, g.index_base))
+      for (const LaunchTable& tab : plan_launches(g.ema, g.src, g.numel, g.index_base,
+                                                  static_cast<int>(max_tensors),
+                                                  static_cast<int>(max_blocks)))
         for (int b = 0; b < tab.n_blocks; ++b)
           for (int t = 0; t < kThreads; ++t) ema_block_body<E, S>(tab, p, b, t, kThreads);
     });

@@ -19,8 +19,9 @@ void ema_update_cpu(at::TensorList ema, at::TensorList src, double decay, bool s
 
 // Runs the CUDA kernel's per-block body over the whole launch grid on the CPU,
 // one block and one thread at a time: a test of the GPU geometry and indexing.
+// max_tensors / max_blocks: launch-table limits (0: the CUDA path's own).
 void ema_grid_walk_cpu(at::TensorList ema, at::TensorList src, double decay, bool stochastic,
-                       int64_t seed);
+                       int64_t seed, int64_t max_tensors, int64_t max_blocks);
 
 // The pairs of one (ema dtype, src dtype) combination, in call order, as the
 // GPU launch planner wants them. index_base: position of each pair's first
