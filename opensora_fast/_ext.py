@@ -26,9 +26,14 @@ try:
     HAS_NATIVE = True
     _IMPORT_ERROR: str | None = None
 except ImportError as e:  # pure-Python install, or a build for another torch
+    import importlib.util
+
     _C = None
     HAS_NATIVE = False
-    _IMPORT_ERROR = str(e)
+    if importlib.util.find_spec(f"{__package__}._C") is None:
+        _IMPORT_ERROR = "opensora_fast._C is not built (OPENSORA_FAST_NO_EXT=1 install, or no compiler)"
+    else:
+        _IMPORT_ERROR = f"opensora_fast._C failed to load (built for another torch?): {e}"
 
 # Ops with kernels, by device type; filled from the dispatcher at first use.
 OPS = ("ema_update_", "masked_mse", "masked_mse_backward")
@@ -91,7 +96,7 @@ def use_native(op: str, device: torch.device) -> bool:
         _say_once(op, device.type, "OPENSORA_FAST_BACKEND=reference")
         return False
     if not HAS_NATIVE:
-        why = f"the native extension is not built or failed to load: {_IMPORT_ERROR}"
+        why = _IMPORT_ERROR
     elif not _has_kernel(op, device.type):
         why = f"the extension has no {device.type} kernel for it"
     else:
