@@ -53,6 +53,13 @@ OSF_INLINE Range clamp_range(int64_t s, int64_t e, int64_t L) {
   return Range{s, e};
 }
 
+// grad_output / (count_b * B) for sample range r; 0 for an empty range. Shared
+// so the CPU backward and the GPU gradient kernel scale identically.
+template <typename A>
+OSF_INLINE A grad_scale(A g, Range r, int64_t D, int64_t B) {
+  return r.end > r.start ? g / (static_cast<A>((r.end - r.start) * D) * static_cast<A>(B)) : A(0);
+}
+
 // Elements [lo, hi) of chunk c within sample b's range, as offsets from the
 // sample's first element; empty (lo == hi) when c is past the range.
 OSF_INLINE void chunk_bounds(Range r, int64_t D, int64_t c, int64_t* lo, int64_t* hi) {
@@ -111,7 +118,7 @@ OSF_HOST_DEVICE inline void grad_thread(const acc_t<T>* grad, const T* p, const 
   const Range r = clamp_range(ranges[2 * b], ranges[2 * b + 1], L);
   const int64_t a0 = c * kChunk, a1 = (a0 + kChunk < L * D) ? a0 + kChunk : L * D;
   const int64_t lo = r.start * D, hi = r.end * D;
-  const A scale = hi > lo ? *grad / (static_cast<A>(hi - lo) * static_cast<A>(B)) : A(0);
+  const A scale = grad_scale(*grad, r, D, B);
   const int64_t off = b * L * D;
   for (int64_t i = a0 + thread; i < a1; i += kThreads)
     gp[off + i] = (i >= lo && i < hi) ? grad_elem(p[off + i], t[off + i], scale) : T(0);

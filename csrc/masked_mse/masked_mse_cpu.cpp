@@ -146,10 +146,7 @@ void backward_cpu(const at::Tensor& grad, const at::Tensor& pred, const at::Tens
         const int64_t hi = std::max(std::min(a1, r.end * D), lo);
         std::fill(gp + off + a0, gp + off + lo, scalar_t(0));
         std::fill(gp + off + hi, gp + off + a1, scalar_t(0));
-        if (hi > lo) {
-          const A scale = g / (static_cast<A>((r.end - r.start) * D) * static_cast<A>(B));
-          grad_span(p + off + lo, t + off + lo, gp + off + lo, hi - lo, scale);
-        }
+        if (hi > lo) grad_span(p + off + lo, t + off + lo, gp + off + lo, hi - lo, grad_scale(g, r, D, B));
       }
     });
   });

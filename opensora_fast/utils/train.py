@@ -134,15 +134,15 @@ def update_ema(
 _EXCLUDE = ("upstream", "conditioned")
 
 
-def _frame_mask(masks: torch.Tensor, name: str = "masks") -> torch.Tensor:
+def _frame_mask(masks: torch.Tensor) -> torch.Tensor:
     """[B, T, H, W] or [B, 1, T, H, W] -> [B, T] (upstream reads masks[:, :, 0, 0])."""
     if masks.dim() == 5:
         if masks.shape[1] != 1:
-            raise ValueError(f"get_batch_loss: 5-D {name} must be [B, 1, T, H, W], got {list(masks.shape)}")
+            raise ValueError(f"get_batch_loss: 5-D masks must be [B, 1, T, H, W], got {list(masks.shape)}")
         return masks[:, 0, :, 0, 0]
     if masks.dim() == 4:
         return masks[:, :, 0, 0]
-    raise ValueError(f"get_batch_loss: {name} must be [B, T, H, W] or [B, 1, T, H, W], got {list(masks.shape)}")
+    raise ValueError(f"get_batch_loss: masks must be [B, T, H, W] or [B, 1, T, H, W], got {list(masks.shape)}")
 
 
 def loss_token_ranges(
