@@ -64,7 +64,7 @@ def _extensions():
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
     os.environ.setdefault("MAX_JOBS", str(min(os.cpu_count() or 2, 8)))
     here = os.path.dirname(os.path.abspath(__file__))
-    sources = ["csrc/registration.cpp"] + sorted(glob.glob("csrc/*/*_cpu.cpp"))
+    sources = ["csrc/registration.cpp"] + sorted(glob.glob("csrc/*/*.cpp"))
     macros = [("OSF_TORCH_VERSION", _sanitize(torch.__version__))]
     cxx = ["-O3", "-fopenmp", "-ffp-contract=off"]
     include_dirs = [os.path.join(here, "csrc")]

@@ -6,10 +6,10 @@ from typing import Optional, Sequence
 
 import torch
 
-from . import reference
-from ._ext import HAS_NATIVE, pick
+from .. import reference
+from .._ext import HAS_NATIVE, pick
 
-__all__ = ["ema_update_", "draw_seed", "masked_mse"]
+__all__ = ["ema_update_", "draw_seed", "masked_mse", "condition", "condition_cat_"]
 
 
 def draw_seed(generator: Optional[torch.Generator] = None) -> int:
@@ -107,3 +107,6 @@ if HAS_NATIVE:
         # Same checks as the kernels, so tracing (and meta tensors) fail alike.
         reference.check_ema_inputs(ema, src, decay)
         return None
+
+
+from .condition import condition, condition_cat_  # noqa: E402

@@ -1,0 +1,188 @@
+// Fused mask/latent conditioning: writes masks [B,1,T,H,W] and masked latents
+// [B,C,T,H,W] (two tensors, or the halves of one cond [B,1+C,T,H,W]) in one pass
+// from a per-sample plan of conditioned frame runs.
+//
+// This header holds the one scalar rule (cast_value), the addressing of a source
+// element (source_offset), the "pieces" that tile every (sample, frame) of the
+// output, and the GPU launch geometry with its per-thread body (block_body), a
+// plain host/device function of (block, channel, thread), so the CPU can walk
+// the whole grid (op _condition_grid_walk_) and compare with the reference.
+#pragma once
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "../common.h"
+
+namespace opensora_fast {
+namespace condition {
+
+// Plan rows: (sample, frame, count, source, source_frame).
+constexpr int kRow = 5;
+
+// The value rule, shared by every kernel: torch's copy_ conversion (c10 casts).
+template <typename D, typename S>
+OSF_INLINE D cast_value(S s) {
+  return static_cast<D>(s);
+}
+
+// A source [C, Ts, H, W] with arbitrary element strides.
+struct Source {
+  const void* ptr;
+  int64_t sc, sf, sh, sw;
+};
+
+OSF_INLINE bool frames_dense(const Source& s, int64_t H, int64_t W) {
+  return (s.sw == 1 || W == 1) && (s.sh == W || H == 1) && s.sf == H * W;
+}
+
+// Offset of element e of a run of frames laid out as [n, H, W] (e < n*H*W).
+OSF_INLINE int64_t source_offset(const Source& s, int64_t e, int64_t HW, int64_t W) {
+  const int64_t t = e / HW, r = e - t * HW, h = r / W, w = r - h * W;
+  return t * s.sf + h * s.sh + w * s.sw;
+}
+
+// A run of frames of one sample: conditioned from `src` (frames f0..) or, with
+// src = -1, unconditioned (mask 0, value 0). Pieces tile [0, T) of every sample.
+struct Piece {
+  int32_t b, t0, n, src, f0;
+};
+
+// Where the outputs live: mask and data planes are [T, H, W]-contiguous; the
+// batch strides differ between the two-tensor form and the cat form.
+struct Geometry {
+  void* mask;
+  void* data;
+  int64_t mask_bstride, data_bstride, C, T, H, W;
+};
+
+// Pieces for B samples of T frames from validated plan rows (rows of one sample
+// do not overlap). Ordered by (sample, frame).
+inline std::vector<Piece> make_pieces(const std::vector<int64_t>& plan, int64_t B, int64_t T) {
+  const size_t rows = plan.size() / kRow;
+  std::vector<size_t> order(rows);
+  for (size_t r = 0; r < rows; ++r) order[r] = r;
+  std::sort(order.begin(), order.end(), [&](size_t a, size_t b) {
+    const int64_t* x = &plan[a * kRow];
+    const int64_t* y = &plan[b * kRow];
+    return x[0] != y[0] ? x[0] < y[0] : x[1] < y[1];
+  });
+  std::vector<Piece> out;
+  size_t k = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    int64_t t = 0;
+    for (; k < rows && plan[order[k] * kRow] == b; ++k) {
+      const int64_t* r = &plan[order[k] * kRow];
+      if (r[1] > t) out.push_back(Piece{(int32_t)b, (int32_t)t, (int32_t)(r[1] - t), -1, 0});
+      out.push_back(Piece{(int32_t)b, (int32_t)r[1], (int32_t)r[2], (int32_t)r[3], (int32_t)r[4]});
+      t = r[1] + r[2];
+    }
+    if (T > t) out.push_back(Piece{(int32_t)b, (int32_t)t, (int32_t)(T - t), -1, 0});
+  }
+  return out;
+}
+
+// ---------------------------------------------------------------------------
+// GPU launch geometry. grid = (n_blocks, 1 + C): blockIdx.y 0 writes the mask
+// plane, y = 1 + c the data plane of channel c; blockIdx.x is one chunk of
+// kChunk elements of one piece. The tables travel as a kernel argument (< 32 KiB,
+// CUDA >= 12.1, sm_70+); longer plans take several launches.
+constexpr int kMaxSources = 128;
+constexpr int kMaxPieces = 512;
+constexpr int kMaxBlocks = 2048;
+constexpr int64_t kChunk = 8192;
+constexpr int kThreads = 256;
+
+struct LaunchTable {
+  Source src[kMaxSources];
+  Piece piece[kMaxPieces];
+  int16_t block_piece[kMaxBlocks];
+  int32_t block_chunk[kMaxBlocks];
+  int32_t n_blocks;
+};
+static_assert(sizeof(LaunchTable) + sizeof(Geometry) <= 32000, "kernel arguments over 32 KiB");
+
+// Splits pieces (all with sources of one dtype, or unconditioned) into tables of
+// at most max_pieces pieces, max_sources sources and max_blocks blocks (the
+// compile-time limits by default; tests pass small ones to exercise every split).
+inline std::vector<LaunchTable> plan_launches(const std::vector<Piece>& pieces,
+                                              const std::vector<Source>& sources, int64_t HW,
+                                              int max_pieces = kMaxPieces, int max_sources = kMaxSources,
+                                              int max_blocks = kMaxBlocks) {
+  max_pieces = (max_pieces > 0 && max_pieces < kMaxPieces) ? max_pieces : kMaxPieces;
+  max_sources = (max_sources > 0 && max_sources < kMaxSources) ? max_sources : kMaxSources;
+  max_blocks = (max_blocks > 0 && max_blocks < kMaxBlocks) ? max_blocks : kMaxBlocks;
+  std::vector<LaunchTable> out;
+  LaunchTable* cur = nullptr;  // built in place in `out`: the table is large
+  int np = 0, ns = 0;
+  std::vector<int> local(sources.size(), -1);
+  auto open = [&]() {
+    out.emplace_back();
+    cur = &out.back();
+    cur->n_blocks = 0;
+    np = ns = 0;
+    std::fill(local.begin(), local.end(), -1);
+  };
+  for (const Piece& p : pieces) {
+    const int64_t chunks = ceil_div<int64_t>(static_cast<int64_t>(p.n) * HW, kChunk);
+    for (int64_t c = 0; c < chunks; ++c) {
+      if (cur == nullptr || cur->n_blocks == max_blocks) open();
+      if (c == 0 || cur->n_blocks == 0) {  // the piece enters this table
+        const bool need_src = p.src >= 0 && local[p.src] < 0;
+        if (np == max_pieces || (need_src && ns == max_sources)) open();
+        Piece q = p;
+        if (p.src >= 0) {
+          if (local[p.src] < 0) {
+            cur->src[ns] = sources[p.src];
+            local[p.src] = ns++;
+          }
+          q.src = local[p.src];
+        }
+        cur->piece[np++] = q;
+      }
+      cur->block_piece[cur->n_blocks] = static_cast<int16_t>(np - 1);
+      cur->block_chunk[cur->n_blocks] = static_cast<int32_t>(c);
+      ++cur->n_blocks;
+    }
+  }
+  return out;
+}
+
+// What thread `thread` (of nthreads) of block (block, channel) does.
+template <typename D, typename S>
+OSF_HOST_DEVICE inline void block_body(const LaunchTable& tab, const Geometry& g, int block, int channel,
+                                       int thread, int nthreads) {
+  const Piece p = tab.piece[tab.block_piece[block]];
+  const int64_t HW = g.H * g.W;
+  const int64_t lo = static_cast<int64_t>(tab.block_chunk[block]) * kChunk;
+  const int64_t span = static_cast<int64_t>(p.n) * HW;
+  const int64_t len = span - lo < kChunk ? span - lo : kChunk;
+  const int64_t at = static_cast<int64_t>(p.t0) * HW + lo;  // offset in the [T, H, W] plane
+  if (channel == 0) {
+    D* m = static_cast<D*>(g.mask) + p.b * g.mask_bstride + at;
+    const D v = p.src >= 0 ? D(1.0f) : D(0.0f);
+    for (int64_t i = thread; i < len; i += nthreads) m[i] = v;
+    return;
+  }
+  const int64_t c = channel - 1;
+  D* out = static_cast<D*>(g.data) + p.b * g.data_bstride + c * g.T * HW + at;
+  if (p.src < 0) {
+    for (int64_t i = thread; i < len; i += nthreads) out[i] = D(0.0f);
+    return;
+  }
+  const Source s = tab.src[p.src];
+  const S* in = static_cast<const S*>(s.ptr) + c * s.sc + static_cast<int64_t>(p.f0) * s.sf;
+  if (frames_dense(s, g.H, g.W)) {
+    for (int64_t i = thread; i < len; i += nthreads) out[i] = cast_value<D, S>(in[lo + i]);
+  } else {
+    for (int64_t i = thread; i < len; i += nthreads)
+      out[i] = cast_value<D, S>(in[source_offset(s, lo + i, HW, g.W)]);
+  }
+}
+
+}  // namespace condition
+}  // namespace opensora_fast

@@ -1,0 +1,183 @@
+// Conditioning on the CPU: the parallel kernel and the walk over the CUDA grid.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <tuple>
+#include <vector>
+
+#include "../cpu_isa.h"
+#include "condition.h"
+#include "condition_ops.h"
+
+namespace opensora_fast {
+namespace condition {
+
+namespace {
+
+// The dense conversion loop (cpu_isa.h: built for the baseline and for AVX2).
+template <typename D, typename S>
+OSF_ALWAYS_INLINE void convert_body(D* out, const S* in, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) out[i] = cast_value<D, S>(in[i]);
+}
+
+template <typename D, typename S>
+void convert_baseline(D* out, const S* in, int64_t n) {
+  convert_body(out, in, n);
+}
+
+#ifdef OSF_AVX2_PATH
+template <typename D, typename S>
+OSF_TARGET_AVX2 void convert_avx2(D* out, const S* in, int64_t n) {
+  convert_body(out, in, n);
+}
+#endif
+
+template <typename D, typename S>
+void convert_span(D* out, const S* in, int64_t n) {
+#ifdef OSF_AVX2_PATH
+  if (cpu_has_avx2()) return convert_avx2(out, in, n);
+#endif
+  convert_baseline(out, in, n);
+}
+
+// One (piece, channel) plane run: elements [0, len) of out.
+struct Task {
+  void* out;
+  const void* in;  // source frame f0 of this channel; null: fill
+  Source src;
+  int64_t len;
+  int fill;   // 0 or 1 when in == null
+  bool dense;
+  void (*run)(const Task&, int64_t lo, int64_t hi, int64_t HW, int64_t W);
+};
+
+template <typename D, typename S>
+void run_task(const Task& t, int64_t lo, int64_t hi, int64_t HW, int64_t W) {
+  D* out = static_cast<D*>(t.out);
+  if (t.in == nullptr) {
+    std::fill(out + lo, out + hi, D(t.fill ? 1.0f : 0.0f));
+  } else if (t.dense) {
+    convert_span<D, S>(out + lo, static_cast<const S*>(t.in) + lo, hi - lo);
+  } else {
+    const S* in = static_cast<const S*>(t.in);
+    for (int64_t e = lo; e < hi; ++e) out[e] = cast_value<D, S>(in[source_offset(t.src, e, HW, W)]);
+  }
+}
+
+constexpr int64_t kGrain = 32768;
+
+std::vector<int64_t> plan_vector(c10::IntArrayRef plan) { return std::vector<int64_t>(plan.begin(), plan.end()); }
+
+void check_planes(const at::Tensor& masks, const at::Tensor& masked) {
+  // only for the private grid-walk op: [T,H,W]-contiguous planes of the right shape
+  const int64_t B = masked.size(0), T = masked.size(2), H = masked.size(3), W = masked.size(4);
+  TORCH_CHECK_VALUE(masks.dim() == 5 && masks.size(0) == B && masks.size(1) == 1 && masks.size(2) == T &&
+                        masks.size(3) == H && masks.size(4) == W,
+                    "_condition_grid_walk_: masks must be [B, 1, T, H, W]");
+  TORCH_CHECK_VALUE(masks.scalar_type() == masked.scalar_type(), "_condition_grid_walk_: dtypes differ");
+  for (const at::Tensor* t : {&masks, &masked})
+    TORCH_CHECK_VALUE((t->size(1) <= 1 || t->stride(1) == T * H * W) && t->stride(2) == H * W &&
+                          t->stride(3) == W && t->stride(4) == 1,
+                      "_condition_grid_walk_: outputs need [C, T, H, W]-contiguous samples");
+}
+
+}  // namespace
+
+void run_cpu(const Geometry& g, at::TensorList sources, const std::vector<Piece>& pieces,
+             c10::ScalarType out_dtype) {
+  const int64_t HW = g.H * g.W, planes = g.T * HW;
+  std::vector<Task> tasks;
+  std::vector<int64_t> start{0};
+  tasks.reserve(pieces.size() * (1 + g.C));
+  dispatch_pair(out_dtype, c10::kFloat, [&](auto dt, auto) {
+    using D = typename decltype(dt)::type;
+    const int64_t esz = sizeof(D);
+    for (const Piece& p : pieces) {
+      const int64_t len = static_cast<int64_t>(p.n) * HW, at = static_cast<int64_t>(p.t0) * HW;
+      if (len == 0) continue;
+      Task m{static_cast<char*>(g.mask) + (p.b * g.mask_bstride + at) * esz, nullptr, Source{}, len,
+             p.src >= 0 ? 1 : 0, true, &run_task<D, float>};
+      tasks.push_back(m);
+      start.push_back(start.back() + len);
+      for (int64_t c = 0; c < g.C; ++c) {
+        Task t{static_cast<char*>(g.data) + (p.b * g.data_bstride + c * planes + at) * esz, nullptr, Source{},
+               len, 0, true, &run_task<D, float>};
+        if (p.src >= 0) {
+          const at::Tensor& s = sources[p.src];
+          t.src = source_of(s);
+          t.dense = frames_dense(t.src, g.H, g.W);
+          t.in = static_cast<const char*>(s.const_data_ptr()) +
+                 (c * t.src.sc + static_cast<int64_t>(p.f0) * t.src.sf) * s.element_size();
+          dispatch_pair(out_dtype, s.scalar_type(), [&](auto, auto st) {
+            using S = typename decltype(st)::type;
+            t.run = &run_task<D, S>;
+          });
+        }
+        tasks.push_back(t);
+        start.push_back(start.back() + len);
+      }
+    }
+  });
+  const int64_t total = start.back();
+  if (total == 0) return;
+  // One parallel pass over all elements of all tasks; a chunk may span tasks.
+  at::parallel_for(0, total, kGrain, [&](int64_t begin, int64_t end) {
+    size_t i = std::upper_bound(start.begin(), start.end(), begin) - start.begin() - 1;
+    for (; i < tasks.size() && start[i] < end; ++i) {
+      const int64_t lo = std::max(begin, start[i]) - start[i];
+      const int64_t hi = std::min(end, start[i + 1]) - start[i];
+      if (hi > lo) tasks[i].run(tasks[i], lo, hi, HW, g.W);
+    }
+  });
+}
+
+namespace {
+
+std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& z, at::TensorList sources, c10::IntArrayRef plan) {
+  check_inputs("condition", z, sources, plan);
+  const int64_t B = z.size(0), C = z.size(1), T = z.size(2), H = z.size(3), W = z.size(4);
+  at::Tensor masks = at::empty({B, 1, T, H, W}, z.options().memory_format(c10::MemoryFormat::Contiguous));
+  at::Tensor masked = at::empty({B, C, T, H, W}, z.options().memory_format(c10::MemoryFormat::Contiguous));
+  run_cpu(geometry(masks, masked), sources, make_pieces(plan_vector(plan), B, T), z.scalar_type());
+  return {masks, masked};
+}
+
+void cat_cpu(at::Tensor& cond, at::TensorList sources, c10::IntArrayRef plan) {
+  check_inputs("condition_cat_", cond, sources, plan);
+  run_cpu(cat_geometry(cond), sources, make_pieces(plan_vector(plan), cond.size(0), cond.size(2)),
+          cond.scalar_type());
+}
+
+// The CUDA path's grouping, planning and per-thread body over every (launch,
+// block, channel, thread) in turn, with the real block size.
+void grid_walk(at::Tensor& masks, at::Tensor& masked, at::TensorList sources, c10::IntArrayRef plan,
+               int64_t max_pieces, int64_t max_sources, int64_t max_blocks) {
+  check_inputs("condition", masked, sources, plan);
+  check_planes(masks, masked);
+  const Geometry g = geometry(masks, masked);
+  const std::vector<Source> srcs = sources_of(sources);
+  for (const Group& grp : group_by_dtype(make_pieces(plan_vector(plan), g.T > 0 ? masked.size(0) : 0, g.T), sources)) {
+    dispatch_pair(masked.scalar_type(), grp.src_dtype, [&](auto dt, auto st) {
+      using D = typename decltype(dt)::type;
+      using S = typename decltype(st)::type;
+      for (const LaunchTable& tab : plan_launches(grp.pieces, srcs, g.H * g.W, static_cast<int>(max_pieces),
+                                                  static_cast<int>(max_sources), static_cast<int>(max_blocks)))
+        for (int b = 0; b < tab.n_blocks; ++b)
+          for (int64_t y = 0; y < 1 + g.C; ++y)
+            for (int t = 0; t < kThreads; ++t) block_body<D, S>(tab, g, b, static_cast<int>(y), t, kThreads);
+    });
+  }
+}
+
+}  // namespace
+}  // namespace condition
+}  // namespace opensora_fast
+
+TORCH_LIBRARY_IMPL(opensora_fast, CPU, m) {
+  m.impl("condition", &opensora_fast::condition::forward_cpu);
+  m.impl("condition_cat_", &opensora_fast::condition::cat_cpu);
+  m.impl("_condition_grid_walk_", &opensora_fast::condition::grid_walk);
+}

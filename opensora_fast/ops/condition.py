@@ -1,0 +1,42 @@
+"""Conditioning op wrappers: ``torch.ops.opensora_fast.condition`` /
+``condition_cat_`` or their references (see :mod:`opensora_fast.reference.condition`
+for the plan format)."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from .. import reference
+from .._ext import HAS_NATIVE, pick
+
+__all__ = ["condition", "condition_cat_"]
+
+
+def condition(z: torch.Tensor, sources: Sequence[torch.Tensor], plan: Sequence[int]):
+    """``(masks [B,1,T,H,W], masked [B,C,T,H,W])`` in z's dtype on z's device,
+    written in one pass from ``plan`` (rows ``(sample, frame, count, source,
+    source_frame)``): named frames get mask 1 and the source's frames (converted
+    through fp32), all others 0. z's values are not read. No host sync."""
+    return pick("condition", z.device, reference.condition)(z, list(sources), [int(v) for v in plan])
+
+
+def condition_cat_(cond: torch.Tensor, sources: Sequence[torch.Tensor], plan: Sequence[int]) -> torch.Tensor:
+    """Writes all of ``cond = cat(masks, masks * latent)`` ``[B, 1 + C, T, H, W]`` in
+    place from ``plan`` (no ``latent`` tensor is made); returns ``cond``."""
+    pick("condition_cat_", cond.device, reference.condition_cat_)(cond, list(sources), [int(v) for v in plan])
+    return cond
+
+
+if HAS_NATIVE and hasattr(torch.ops.opensora_fast, "condition"):
+
+    @torch.library.register_fake("opensora_fast::condition")
+    def _condition_fake(z, sources, plan):
+        reference.check_condition_inputs("condition", z, sources, plan)
+        B, C, T, H, W = z.shape
+        return z.new_empty((B, 1, T, H, W)), z.new_empty((B, C, T, H, W))
+
+    @torch.library.register_fake("opensora_fast::condition_cat_")
+    def _condition_cat_fake(cond, sources, plan):
+        reference.check_condition_inputs("condition_cat_", cond, sources, plan)
+        return None
