@@ -1,0 +1,342 @@
+"""Conditioning op (torch.ops.opensora_fast.condition / condition_cat_): native CPU
+kernel, CUDA grid walked on the CPU, and the CUDA kernel vs the reference, bit for
+bit (the op only copies and converts, so exact); one table of bad inputs checked
+three ways; opcheck; a property-based differential suite."""
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from opensora_fast import ops, reference
+from opensora_fast._ext import HAS_NATIVE
+
+pytestmark = pytest.mark.skipif(
+    not HAS_NATIVE and os.environ.get("OPENSORA_FAST_NO_EXT") == "1", reason="OPENSORA_FAST_NO_EXT=1 install"
+)
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+OPS = torch.ops.opensora_fast if HAS_NATIVE else None
+
+
+def bits(t):
+    return t.contiguous().cpu().view({8: torch.int64, 4: torch.int32, 2: torch.int16}[t.element_size()])
+
+
+def same(a, b, msg=""):
+    assert a.dtype == b.dtype and a.shape == b.shape, msg
+    assert torch.equal(bits(a), bits(b)), f"{msg}: {(bits(a) != bits(b)).sum().item()} elements differ"
+
+
+def strided_source(C, Ts, H, W, dtype, gen, kind=0):
+    """[C, Ts, H, W] with a storage offset and non-trivial strides (kind 1, 2)."""
+    if kind == 0:
+        return torch.randn(C, Ts, H, W, generator=gen).to(dtype)
+    if kind == 1:  # sliced out of a bigger tensor: offset, padded strides
+        return torch.randn(C + 1, Ts + 2, H + 1, W + 3, generator=gen).to(dtype)[1:, 2:, :H, 1 : W + 1]
+    return torch.randn(W, H, Ts, C, generator=gen).to(dtype).permute(3, 2, 1, 0)  # fully transposed
+
+
+def run_both(op, out, sources, plan):
+    """(native result, reference result) for "condition" or "condition_cat_"."""
+    if op == "condition":
+        return OPS.condition(out, sources, plan), reference.condition(out, sources, plan)
+    a, b = out.clone(), out.clone()
+    OPS.condition_cat_(a, sources, plan)
+    reference.condition_cat_(b, sources, plan)
+    return (a,), (b,)
+
+
+def check_parity(op, out, sources, plan, msg=""):
+    got, want = run_both(op, out, sources, plan)
+    for g, w in zip(got, want):
+        same(g, w, msg)
+    return got
+
+
+# ---- results ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("out_dtype", DTYPES)
+@pytest.mark.parametrize("src_dtype", DTYPES)
+def test_every_dtype_pair(out_dtype, src_dtype):
+    gen = torch.Generator().manual_seed(1)
+    B, C, T, H, W = 3, 5, 7, 4, 6
+    z = torch.randn(B, C, T, H, W, generator=gen).to(out_dtype)
+    srcs = [strided_source(C, 9, H, W, src_dtype, gen, k) for k in range(3)]
+    plan = [0, 0, 2, 0, 3, 0, 5, 2, 2, 7, 2, 1, 6, 1, 0, 2, 0, 1, 1, 8]  # sample 1 untouched
+    masks, masked = check_parity("condition", z, srcs, plan, f"{out_dtype}<-{src_dtype}")
+    assert masks.dtype == out_dtype and masks.shape == (B, 1, T, H, W)
+    assert masks[0, 0, :, 0, 0].tolist() == [1, 1, 0, 0, 0, 1, 1] and not masks[1].any()
+    # exact values: the source frames converted as torch converts them
+    same(masked[2, :, 1:7], srcs[1][:, 0:6].to(out_dtype))
+    same(masked[0, :, 5:7], srcs[2][:, 7:9].to(out_dtype))
+    same(masked[2, :, 0], srcs[1][:, 8].to(out_dtype))
+    cond = torch.full((B, 1 + C, T, H, W), 7.0, dtype=out_dtype)
+    (c,) = check_parity("condition_cat_", cond, srcs, plan)
+    same(c[:, :1], masks)
+    same(c[:, 1:], masked)
+
+
+@pytest.mark.parametrize("shape", [(0, 3, 4, 2, 2), (2, 0, 4, 2, 2), (2, 3, 4, 0, 5), (1, 1, 1, 1, 1)], ids=str)
+def test_empty_and_tiny(shape):
+    B, C, T, H, W = shape
+    z = torch.randn(shape)
+    srcs = [torch.randn(C, 2, H, W)]
+    plan = [0, 0, 1, 0, 1] if B else []
+    check_parity("condition", z, srcs, plan, str(shape))
+    check_parity("condition_cat_", torch.randn(B, 1 + C, T, H, W), srcs, plan, str(shape))
+
+
+def test_large_planes_many_chunks_and_threads():
+    gen = torch.Generator().manual_seed(2)
+    B, C, T, H, W = 2, 3, 6, 96, 100  # 9600-element planes: several kChunk chunks per piece
+    z = torch.empty(B, C, T, H, W, dtype=torch.bfloat16)
+    srcs = [torch.randn(C, 6, H, W, generator=gen), strided_source(C, 6, H, W, torch.float16, gen, 2)]
+    plan = [0, 1, 4, 0, 2, 1, 0, 6, 1, 0]
+    check_parity("condition", z, srcs, plan)
+    check_parity("condition_cat_", torch.empty(B, 1 + C, T, H, W), srcs, plan)
+
+
+# ---- the CUDA body, walked on the CPU ----------------------------------------------------
+
+
+def walk(z, srcs, plan, cat=False, **limits):
+    B, C, T, H, W = z.shape
+    if cat:
+        cond = torch.full((B, 1 + C, T, H, W), 5.0, dtype=z.dtype)
+        OPS._condition_grid_walk_(cond[:, :1], cond[:, 1:], srcs, plan, **limits)
+        return cond[:, :1], cond[:, 1:]
+    masks = torch.full((B, 1, T, H, W), 5.0, dtype=z.dtype)
+    masked = torch.full((B, C, T, H, W), 5.0, dtype=z.dtype)
+    OPS._condition_grid_walk_(masks, masked, srcs, plan, **limits)
+    return masks, masked
+
+
+@pytest.mark.parametrize(
+    "limits",
+    [dict(), dict(max_pieces=1), dict(max_sources=1), dict(max_blocks=1), dict(max_pieces=2, max_sources=1, max_blocks=3)],
+    ids=str,
+)
+def test_grid_walk_matches_reference(limits):
+    gen = torch.Generator().manual_seed(3)
+    B, C, T, H, W = 3, 2, 5, 91, 97  # 8827-element planes: a piece of n frames has ~n+1 chunks
+    z = torch.empty(B, C, T, H, W, dtype=torch.float16)
+    srcs = [strided_source(C, 5, H, W, dt, gen, k % 3) for k, dt in enumerate([torch.float32, torch.bfloat16, torch.float64, torch.float32])]
+    plan = [0, 0, 2, 0, 0, 0, 4, 1, 3, 1, 2, 3, 2, 1, 2, 2, 0, 1, 3, 4, 1, 4, 1, 1, 0]
+    want = reference.condition(z, srcs, plan)
+    for cat in (False, True):
+        got = walk(z, srcs, plan, cat, **limits)
+        for g, w in zip(got, want):
+            same(g, w, f"walk cat={cat} {limits}")
+
+
+# ---- the contract: one table of bad inputs, three ways ------------------------------
+
+
+def _bad_cases():
+    z = torch.zeros(2, 3, 4, 5, 6)
+    cond = torch.zeros(2, 4, 4, 5, 6)
+    ok = [torch.zeros(3, 4, 5, 6)]
+    row = [0, 0, 1, 0, 0]
+    V, T_ = ValueError, TypeError
+    return [
+        # (id, op, out, sources, plan, exception, message)
+        ("z-4d", "condition", z[0], ok, row, V, "condition: z must be [B, C, T, H, W], got shape [3, 4, 5, 6]"),
+        ("z-int", "condition", z.long(), ok, row, T_, "condition: z must be float32, bfloat16, float16 or float64"),
+        ("cond-no-mask-channel", "condition_cat_", cond[:, :0], [], [], V,
+         "condition_cat_: cond must be [B, 1 + C, T, H, W], got shape [2, 0, 4, 5, 6]"),
+        ("cond-strided", "condition_cat_", cond[..., ::2], [], [], V, "condition_cat_: cond must be contiguous"),
+        ("cond-int", "condition_cat_", cond.int(), ok, row, T_,
+         "condition_cat_: cond must be float32, bfloat16, float16 or float64"),
+        ("src-3d", "condition", z, [ok[0], ok[0][0]], row, V,
+         "condition: sources[1] must be [C, T, H, W], got shape [4, 5, 6]"),
+        ("src-int", "condition", z, [ok[0].to(torch.int32)], row, T_,
+         "condition: sources[0] must be float32, bfloat16, float16 or float64"),
+        ("src-channels", "condition", z, [torch.zeros(4, 4, 5, 6)], row, V,
+         "condition: sources[0] has shape [4, 4, 5, 6]; expected [C, *, H, W] = [3, *, 5, 6]"),
+        ("src-height", "condition", z, [torch.zeros(3, 4, 6, 6)], row, V,
+         "condition: sources[0] has shape [3, 4, 6, 6]; expected [C, *, H, W] = [3, *, 5, 6]"),
+        ("src-width", "condition_cat_", cond, [torch.zeros(3, 4, 5, 5)], row, V,
+         "condition_cat_: sources[0] has shape [3, 4, 5, 5]; expected [C, *, H, W] = [3, *, 5, 6]"),
+        ("src-aliases-cond", "condition_cat_", cond, [cond[0, 1:]], row, V,
+         "condition_cat_: sources[0] shares memory with cond"),
+        ("plan-len", "condition", z, ok, [0, 0, 1, 0], V,
+         "condition: plan must hold rows of 5 ints (sample, frame, count, source, source_frame), got 4 ints"),
+        ("plan-sample-high", "condition", z, ok, row + [2, 0, 1, 0, 0], V, "condition: plan row 1: sample 2 is outside [0, 2)"),
+        ("plan-sample-neg", "condition", z, ok, [-1, 0, 1, 0, 0], V, "condition: plan row 0: sample -1 is outside [0, 2)"),
+        ("plan-count-0", "condition", z, ok, [0, 0, 0, 0, 0], V, "condition: plan row 0: frame 0, count 0 do not fit in T=4"),
+        ("plan-frames-past-T", "condition", z, ok, [1, 2, 3, 0, 0], V, "condition: plan row 0: frame 2, count 3 do not fit in T=4"),
+        ("plan-frame-neg", "condition", z, ok, [1, -1, 1, 0, 0], V, "condition: plan row 0: frame -1, count 1 do not fit in T=4"),
+        ("plan-source", "condition", z, ok, [0, 0, 1, 1, 0], V, "condition: plan row 0: source 1 is outside [0, 1)"),
+        ("plan-source-frames", "condition_cat_", cond, ok, [0, 1, 3, 0, 2], V,
+         "condition_cat_: plan row 0: source_frame 2, count 3 do not fit in sources[0] with 4 frames"),
+        ("plan-overlap", "condition", z, ok, [1, 2, 2, 0, 0, 0, 0, 1, 0, 0, 1, 0, 3, 0, 0], V,
+         "condition: plan rows 0 and 2 overlap (sample 1)"),
+        ("plan-overlap-same-start", "condition", z, ok, [0, 1, 1, 0, 0, 0, 1, 2, 0, 0], V,
+         "condition: plan rows 0 and 1 overlap (sample 0)"),
+    ]
+
+
+BAD = _bad_cases()
+
+
+def _call(way, op, out, sources, plan):
+    if way == "native":
+        getattr(OPS, op)(out, sources, plan)
+    elif way == "reference":
+        getattr(reference, op)(out, sources, plan)
+    else:
+        with FakeTensorMode() as mode:
+            # from_tensor keeps aliasing between fakes made from views of one storage
+            fo = mode.from_tensor(out)
+            fs = [mode.from_tensor(s) for s in sources]
+            getattr(OPS, op)(fo, fs, plan)
+
+
+@pytest.mark.parametrize("case", BAD, ids=[c[0] for c in BAD])
+def test_bad_input_three_ways(case):
+    _, op, out, sources, plan, exc, message = case
+    out = out.clone() if op == "condition_cat_" and out.is_contiguous() and not sources else out
+    before = out.clone()
+    for way in ("native", "reference", "fake"):
+        with pytest.raises(exc) as info:
+            _call(way, op, out, sources, plan)
+        assert str(info.value).split("\n")[0] == message, way
+        same(out, before, f"{way} wrote on error")
+
+
+def test_good_input_passes_three_ways():
+    z = torch.zeros(2, 3, 4, 5, 6)
+    for way in ("native", "reference", "fake"):
+        _call(way, "condition", z, [torch.ones(3, 4, 5, 6)], [1, 0, 4, 0, 0])
+
+
+def test_opcheck():
+    gen = torch.Generator().manual_seed(4)
+    z = torch.randn(2, 3, 5, 4, 4, generator=gen)
+    srcs = [torch.randn(3, 6, 4, 4, generator=gen), strided_source(3, 5, 4, 4, torch.bfloat16, gen, 1)]
+    plan = [0, 0, 2, 0, 1, 1, 4, 1, 1, 4]
+    torch.library.opcheck(OPS.condition.default, (z, srcs, plan))
+    torch.library.opcheck(OPS.condition_cat_.default, (torch.empty(2, 4, 5, 4, 4), srcs, plan))
+
+
+def test_wrapper_backends_agree(monkeypatch):
+    z = torch.randn(2, 3, 4, 2, 2).half()
+    srcs = [torch.randn(3, 4, 2, 2)]
+    plan = [1, 1, 3, 0, 0]
+    a = ops.condition(z, srcs, plan)
+    monkeypatch.setenv("OPENSORA_FAST_BACKEND", "reference")
+    b = ops.condition(z, srcs, plan)
+    for x, y in zip(a, b):
+        same(x, y)
+
+
+# ---- property-based: native (and the walked CUDA body) vs reference ----------------------
+
+
+@st.composite
+def problems(draw):
+    B = draw(st.integers(0, 3))
+    C = draw(st.integers(0, 4))
+    T = draw(st.integers(1, 9))
+    H = draw(st.integers(1, 6))
+    W = draw(st.integers(1, 7))
+    out_dtype = draw(st.sampled_from(DTYPES))
+    n_src = draw(st.integers(0, 4))
+    seed = draw(st.integers(0, 2**31 - 1))
+    gen = torch.Generator().manual_seed(seed)
+    srcs = [
+        strided_source(C, draw(st.integers(1, 10)), H, W, draw(st.sampled_from(DTYPES)), gen, draw(st.integers(0, 2)))
+        for _ in range(n_src)
+    ]
+    plan = []
+    if n_src:
+        for b in range(B):
+            t = draw(st.integers(0, T - 1))
+            while t < T and draw(st.booleans()):
+                s = draw(st.integers(0, n_src - 1))
+                Ts = srcs[s].shape[1]
+                n = draw(st.integers(1, min(T - t, Ts)))
+                f0 = draw(st.integers(0, Ts - n))
+                plan += [b, t, n, s, f0]
+                t += n + draw(st.integers(0, 2))
+    rows = [plan[k : k + 5] for k in range(0, len(plan), 5)]
+    order = draw(st.permutations(range(len(rows))))
+    plan = [v for i in order for v in rows[i]]
+    return torch.empty(B, C, T, H, W, dtype=out_dtype), srcs, plan
+
+
+@settings(max_examples=120, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(problems(), st.sampled_from([dict(), dict(max_pieces=1, max_sources=1, max_blocks=2)]))
+def test_property_native_and_walk_vs_reference(problem, limits):
+    z, srcs, plan = problem
+    want = reference.condition(z, srcs, plan)
+    got = OPS.condition(z, srcs, plan)
+    for g, w in zip(got, want):
+        same(g, w, "native")
+    B, C, T, H, W = z.shape
+    cond = torch.empty(B, 1 + C, T, H, W, dtype=z.dtype)
+    OPS.condition_cat_(cond, srcs, plan)
+    same(cond, torch.cat(want, dim=1), "cat")
+    for g, w in zip(walk(z, srcs, plan, cat=bool(len(plan) % 2), **limits), want):
+        same(g, w, "walk")
+
+
+# ---- CUDA ------------------------------------------------------------------------------------
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("out_dtype", DTYPES)
+def test_cuda_matches_reference(out_dtype):
+    gen = torch.Generator().manual_seed(5)
+    B, C, T, H, W = 3, 4, 9, 24, 42
+    srcs = [strided_source(C, 10, H, W, dt, gen, k % 3) for k, dt in enumerate(DTYPES)]
+    plan = [0, 0, 9, 0, 1, 1, 0, 1, 1, 0, 1, 8, 1, 2, 9, 2, 2, 3, 3, 4, 2, 6, 2, 1, 0]
+    z = torch.empty(B, C, T, H, W, dtype=out_dtype)
+    want = reference.condition(z, srcs, plan)
+    dsrcs = [s.cuda() for s in srcs]  # .cuda() keeps the strides of non-dense views? make them again
+    dsrcs = [torch.empty_strided(s.shape, s.stride(), dtype=s.dtype, device="cuda").copy_(s) if s.is_contiguous() else s.cuda() for s in srcs]
+    got = OPS.condition(z.cuda(), dsrcs, plan)
+    for g, w in zip(got, want):
+        assert g.device.type == "cuda"
+        same(g, w, "cuda")
+    cond = torch.empty(B, 1 + C, T, H, W, dtype=out_dtype, device="cuda")
+    OPS.condition_cat_(cond, dsrcs, plan)
+    same(cond, torch.cat(want, 1), "cuda cat")
+
+
+@pytest.mark.cuda
+def test_cuda_inference_no_host_sync():
+    from opensora_fast.utils._condition import prepare_inference_condition
+
+    z = torch.randn(4, 16, 33, 24, 42, device="cuda", dtype=torch.bfloat16)
+    refs = [[torch.randn(16, 33, 24, 42, device="cuda", dtype=torch.bfloat16)] for _ in range(4)]
+    refs[2] = None
+    prepare_inference_condition(z, "v2v_head", refs)  # warm-up (logging, first launches)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for mode in ("v2v_head", "i2v_loop", "v2v_tail_easy"):
+            masks, masked = prepare_inference_condition(z, mode, refs)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    want = reference.prepare_inference_condition(z.cpu(), "v2v_tail_easy", [None if r is None else [r[0].cpu()] for r in refs])
+    same(masks, want[0])
+    same(masked, want[1])
+
+
+@pytest.mark.cuda
+def test_cuda_device_mismatch_and_cpu_refs():
+    from opensora_fast.utils._condition import prepare_inference_condition
+
+    z = torch.randn(2, 3, 4, 5, 6, device="cuda")
+    with pytest.raises(ValueError, match=r"condition: sources\[0\] is on cpu but z is on cuda:0"):
+        OPS.condition(z, [torch.zeros(3, 4, 5, 6)], [0, 0, 1, 0, 0])
+    refs = [[torch.randn(3, 4, 5, 6)], [torch.randn(3, 4, 5, 6)]]  # on the CPU: copied once each
+    got = prepare_inference_condition(z, "i2v_loop", refs)
+    want = reference.prepare_inference_condition(z.cpu(), "i2v_loop", refs)
+    for g, w in zip(got, want):
+        assert g.device == z.device
+        same(g, w)
