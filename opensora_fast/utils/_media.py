@@ -82,7 +82,7 @@ def center_crop_image(img, size: int):
 
 def _to_unit(arr: np.ndarray) -> torch.Tensor:
     """uint8 HWC -> float32 CHW in [-1, 1] (ToTensor, then Normalize(0.5, 0.5))."""
-    t = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).float().div_(255.0)
+    t = torch.from_numpy(np.array(arr, copy=True)).permute(2, 0, 1).float().div_(255.0)
     return t.sub_(0.5).div_(0.5)
 
 
