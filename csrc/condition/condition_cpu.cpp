@@ -5,7 +5,9 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstring>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "../cpu_isa.h"
@@ -58,9 +60,17 @@ template <typename D, typename S>
 void run_task(const Task& t, int64_t lo, int64_t hi, int64_t HW, int64_t W) {
   D* out = static_cast<D*>(t.out);
   if (t.in == nullptr) {
-    std::fill(out + lo, out + hi, D(t.fill ? 1.0f : 0.0f));
+    if (t.fill == 0) {
+      std::memset(out + lo, 0, (hi - lo) * sizeof(D));  // all-zero bits are +0 in every float type
+    } else {
+      std::fill(out + lo, out + hi, D(1.0f));
+    }
   } else if (t.dense) {
-    convert_span<D, S>(out + lo, static_cast<const S*>(t.in) + lo, hi - lo);
+    if constexpr (std::is_same<D, S>::value) {
+      std::memcpy(out + lo, static_cast<const S*>(t.in) + lo, (hi - lo) * sizeof(D));  // cast_value<D, D> is the identity
+    } else {
+      convert_span<D, S>(out + lo, static_cast<const S*>(t.in) + lo, hi - lo);
+    }
   } else {
     const S* in = static_cast<const S*>(t.in);
     for (int64_t e = lo; e < hi; ++e) out[e] = cast_value<D, S>(in[source_offset(t.src, e, HW, W)]);

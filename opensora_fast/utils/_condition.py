@@ -143,7 +143,7 @@ def prepare_inference_condition(
         if strict:
             raise ValueError(msg)
         logger.warning(msg)
-    zz = z if out_dtype == z.dtype else z.new_empty((0,) * 5, dtype=out_dtype).expand(B, C, T, H, W)
+    zz = z if out_dtype == z.dtype else z.new_empty((1,) * 5, dtype=out_dtype).expand(B, C, T, H, W)
     masks, masked = ops.condition(zz, srcs.tensors, plan)
     if out_dtype != z.dtype:  # integer/complex z: upstream's fp32 buffers, then .to(z.dtype)
         masks, masked = masks.to(z.dtype), masked.to(z.dtype)
