@@ -222,6 +222,26 @@ def test_opcheck():
     torch.library.opcheck(OPS.condition_cat_.default, (torch.empty(2, 4, 5, 4, 4), srcs, plan))
 
 
+def test_torch_compile_fullgraph():
+    gen = torch.Generator().manual_seed(6)
+    z = torch.randn(2, 3, 5, 4, 4, generator=gen)
+    srcs = [torch.randn(3, 6, 4, 4, generator=gen).half()]
+    plan = [0, 1, 3, 0, 2, 1, 0, 1, 0, 5]
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def f(z, s):
+        masks, masked = ops.condition(z, [s], plan)
+        cond = torch.empty(z.shape[0], 1 + z.shape[1], *z.shape[2:], dtype=z.dtype)
+        ops.condition_cat_(cond, [s], plan)
+        return masks, masked, cond
+
+    masks, masked, cond = f(z, srcs[0])
+    want = reference.condition(z, srcs, plan)
+    same(masks, want[0])
+    same(masked, want[1])
+    same(cond, torch.cat(want, 1))
+
+
 def test_wrapper_backends_agree(monkeypatch):
     z = torch.randn(2, 3, 4, 2, 2).half()
     srcs = [torch.randn(3, 4, 2, 2)]
@@ -268,7 +288,7 @@ def problems(draw):
     return torch.empty(B, C, T, H, W, dtype=out_dtype), srcs, plan
 
 
-@settings(max_examples=120, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@settings(max_examples=1000, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 @given(problems(), st.sampled_from([dict(), dict(max_pieces=1, max_sources=1, max_blocks=2)]))
 def test_property_native_and_walk_vs_reference(problem, limits):
     z, srcs, plan = problem
