@@ -12,6 +12,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from opensora_fast import ops, reference
 from opensora_fast._ext import HAS_NATIVE
+from opensora_fast.reference.condition import canonical_nan
 
 pytestmark = pytest.mark.skipif(
     not HAS_NATIVE and os.environ.get("OPENSORA_FAST_NO_EXT") == "1", reason="OPENSORA_FAST_NO_EXT=1 install"
@@ -205,6 +206,67 @@ def test_bad_input_three_ways(case):
             _call(way, op, out, sources, plan)
         assert str(info.value).split("\n")[0] == message, way
         same(out, before, f"{way} wrote on error")
+
+
+def test_in_place_rules_like_torch():
+    """condition_cat_ bumps cond's version counter, refuses a cond that requires grad
+    in grad mode and an inference tensor outside inference mode: native and
+    reference alike (same type, same message), nothing written."""
+    src, plan = [torch.ones(3, 4, 5, 6)], [0, 0, 1, 0, 0]
+    for fn in (OPS.condition_cat_, reference.condition_cat_):
+        cond = torch.zeros(2, 4, 4, 5, 6)
+        v = cond._version
+        fn(cond, src, plan)
+        assert cond._version > v and cond[0, 0, 0].all()
+        with torch.no_grad():
+            fn(torch.zeros(2, 4, 4, 5, 6, requires_grad=True), src, plan)
+        with torch.inference_mode():
+            inf = torch.zeros(2, 4, 4, 5, 6)
+            fn(inf, src, plan)
+        assert inf[0, 1, 0].all()
+    msgs = {}
+    for name, fn in (("native", OPS.condition_cat_), ("reference", reference.condition_cat_)):
+        g = torch.zeros(2, 4, 4, 5, 6, requires_grad=True)
+        with pytest.raises(RuntimeError) as e1:
+            fn(g, src, plan)
+        with pytest.raises(RuntimeError) as e2:
+            fn(inf, src, plan)
+        assert not g.detach().any() and not inf[:, 1:, 1:].any()
+        msgs[name] = (str(e1.value).split("\n")[0], str(e2.value).split("\n")[0])
+    assert msgs["native"] == msgs["reference"]
+    assert "requires grad and grad mode is on" in msgs["native"][0]
+    assert "inference tensor" in msgs["native"][1]
+
+
+def test_saved_for_backward_then_written_raises():
+    a = torch.randn(1, 2, 2, 2, 2, requires_grad=True)
+    cond = torch.zeros(1, 2, 2, 2, 2)
+    y = (a * cond).sum()  # saves cond
+    with torch.no_grad():
+        OPS.condition_cat_(cond, [torch.ones(1, 2, 2, 2)], [0, 0, 1, 0, 0])
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_nan_is_canonical(dtype):
+    """NaN sources (any sign, payload) come out as the one canonical NaN per dtype,
+    from both backends; everything else exact (-0 kept)."""
+    ints = {torch.float32: (torch.int32, [0x7FC00001, -4194304, 0x7F800001, -1]),
+            torch.float64: (torch.int64, [0x7FF8000000000001, -2251799813685248, 0x7FF0000000000001, -1]),
+            torch.bfloat16: (torch.int16, [0x7FC1, -64, 0x7F81, -1]),
+            torch.float16: (torch.int16, [0x7E01, -512, 0x7C01, -1])}
+    for sdt in DTYPES:
+        it, vals = ints[sdt]
+        raw = torch.tensor(vals * 6, dtype=torch.int64).to(it).view(sdt).reshape(1, 4, 1, 6)
+        raw[0, 0, 0, :3] = torch.tensor([-0.0, 1.5, float("inf")]).to(sdt)
+        z = torch.empty(1, 1, 4, 1, 6, dtype=dtype)
+        (masks, got), want = OPS.condition(z, [raw], [0, 0, 4, 0, 0]), reference.condition(z, [raw], [0, 0, 4, 0, 0])
+        same(got, want[1], f"{dtype}<-{sdt}")
+        nan_bits = bits(canonical_nan(dtype, "cpu").reshape(1))
+        isnan = got.isnan()
+        assert isnan.sum() >= 20 and (bits(got)[isnan] == nan_bits).all()
+        assert bits(got)[0, 0, 0, 0, 0] == bits(torch.tensor([-0.0], dtype=dtype))[0]
 
 
 def test_good_input_passes_three_ways():

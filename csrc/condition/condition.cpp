@@ -1,4 +1,8 @@
 // Conditioning ops: schemas and the input checks shared by every backend.
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/GradMode.h>
+#include <c10/core/InferenceMode.h>
 #include <torch/library.h>
 
 #include <numeric>
@@ -23,6 +27,8 @@ void check_inputs(const char* op, const at::Tensor& out, at::TensorList sources,
                    " must be float32, bfloat16, float16 or float64");
   TORCH_CHECK_VALUE(out.layout() == at::kStrided, op, ": ", arg, " must be a dense (strided) tensor");
   TORCH_CHECK_VALUE(!cat || out.is_contiguous(), op, ": cond must be contiguous");
+  TORCH_CHECK(!cat || !out.is_inference() || c10::InferenceMode::is_enabled(), op,
+              ": cond is an inference tensor; it can only be written in place inside torch.inference_mode()");
   const int64_t B = out.size(0), C = out.size(1) - (cat ? 1 : 0), T = out.size(2), H = out.size(3),
                 W = out.size(4);
   const int64_t S = static_cast<int64_t>(sources.size());
@@ -70,8 +76,47 @@ void check_inputs(const char* op, const at::Tensor& out, at::TensorList sources,
   }
 }
 
+namespace {
+
+using CatFn = void(at::Tensor&, at::TensorList, c10::IntArrayRef);
+
+c10::TypedOperatorHandle<CatFn> cat_handle() {
+  static const auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("opensora_fast::condition_cat_", "").typed<CatFn>();
+  return op;
+}
+
+// Autograd key: not differentiable; like torch's in-place ops, refuse to write
+// into a tensor that requires grad while grad mode is on.
+void cat_autograd(at::Tensor& cond, at::TensorList sources, c10::IntArrayRef plan) {
+  TORCH_CHECK(!(c10::GradMode::is_enabled() && cond.requires_grad()),
+              "condition_cat_: cond requires grad and grad mode is on; condition_cat_ is not differentiable: "
+              "call it under torch.no_grad()");
+  at::AutoDispatchBelowAutograd guard;
+  cat_handle().call(cond, sources, plan);
+}
+
+// ADInplaceOrView key: bump cond's version counter, as torch's in-place ops do.
+void cat_inplace(at::Tensor& cond, at::TensorList sources, c10::IntArrayRef plan) {
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    cat_handle().call(cond, sources, plan);
+  }
+  if (!cond.is_inference()) cond.unsafeGetTensorImpl()->bump_version();
+}
+
+}  // namespace
+
 }  // namespace condition
 }  // namespace opensora_fast
+
+TORCH_LIBRARY_IMPL(opensora_fast, Autograd, m) {
+  m.impl("condition_cat_", &opensora_fast::condition::cat_autograd);
+}
+
+TORCH_LIBRARY_IMPL(opensora_fast, ADInplaceOrView, m) {
+  m.impl("condition_cat_", &opensora_fast::condition::cat_inplace);
+}
 
 TORCH_LIBRARY_FRAGMENT(opensora_fast, m) {
   m.def("condition(Tensor z, Tensor[] sources, int[] plan) -> (Tensor, Tensor)");

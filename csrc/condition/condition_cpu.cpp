@@ -66,11 +66,7 @@ void run_task(const Task& t, int64_t lo, int64_t hi, int64_t HW, int64_t W) {
       std::fill(out + lo, out + hi, D(1.0f));
     }
   } else if (t.dense) {
-    if constexpr (std::is_same<D, S>::value) {
-      std::memcpy(out + lo, static_cast<const S*>(t.in) + lo, (hi - lo) * sizeof(D));  // cast_value<D, D> is the identity
-    } else {
-      convert_span<D, S>(out + lo, static_cast<const S*>(t.in) + lo, hi - lo);
-    }
+    convert_span<D, S>(out + lo, static_cast<const S*>(t.in) + lo, hi - lo);
   } else {
     const S* in = static_cast<const S*>(t.in);
     for (int64_t e = lo; e < hi; ++e) out[e] = cast_value<D, S>(in[source_offset(t.src, e, HW, W)]);
@@ -169,7 +165,7 @@ void grid_walk(at::Tensor& masks, at::Tensor& masked, at::TensorList sources, c1
   check_planes(masks, masked);
   const Geometry g = geometry(masks, masked);
   const std::vector<Source> srcs = sources_of(sources);
-  for (const Group& grp : group_by_dtype(make_pieces(plan_vector(plan), g.T > 0 ? masked.size(0) : 0, g.T), sources)) {
+  for (const Group& grp : group_by_dtype(make_pieces(plan_vector(plan), masked.size(0), g.T), sources)) {
     dispatch_pair(masked.scalar_type(), grp.src_dtype, [&](auto dt, auto st) {
       using D = typename decltype(dt)::type;
       using S = typename decltype(st)::type;

@@ -12,7 +12,9 @@ Row ``r`` says: latent frames ``[frame, frame + count)`` of sample ``sample`` ar
 conditioned (mask 1) and take their values from frames
 ``[source_frame, source_frame + count)`` of ``sources[source]`` (``[C, Ts, H, W]``,
 any strides; float32, bfloat16, float16 or float64), converted to the output
-dtype as torch's ``copy_`` converts (c10's casts). Every frame no row names gets mask 0 and value
+dtype as torch's ``copy_`` converts (c10's casts), every NaN written as one
+canonical quiet NaN (torch's own conversions give different NaN bits in their
+vector and scalar paths). Every frame no row names gets mask 0 and value
 0. Rows of one sample must not overlap.
 """
 from __future__ import annotations
@@ -42,6 +44,10 @@ def check_condition_inputs(op: str, out: torch.Tensor, sources: Sequence[torch.T
         raise ValueError(f"{op}: {arg} must be a dense (strided) tensor")
     if cat and not out.is_contiguous():
         raise ValueError(f"{op}: cond must be contiguous")
+    if cat and out.is_inference() and not torch.is_inference_mode_enabled():
+        raise RuntimeError(
+            f"{op}: cond is an inference tensor; it can only be written in place inside torch.inference_mode()"
+        )
     B, C, T, H, W = out.shape
     if cat:
         C -= 1
@@ -83,11 +89,27 @@ def check_condition_inputs(op: str, out: torch.Tensor, sources: Sequence[torch.T
             raise ValueError(f"{op}: plan rows {min(p, q)} and {max(p, q)} overlap (sample {rows[p][0]})")
 
 
+_NAN_BITS = {
+    torch.float32: (torch.int32, 0x7FC00000),
+    torch.float64: (torch.int64, 0x7FF8000000000000),
+    torch.bfloat16: (torch.int16, 0x7FC0),
+    torch.float16: (torch.int16, 0x7E00),
+}
+
+
+def canonical_nan(dtype: torch.dtype, device) -> torch.Tensor:
+    """The one quiet NaN the op writes for ``dtype`` (0-dim)."""
+    int_dtype, value = _NAN_BITS[dtype]
+    return torch.tensor(value, dtype=int_dtype, device=device).view(dtype)
+
+
 def _fill(masks: torch.Tensor, masked: torch.Tensor, sources, plan) -> None:
     for k in range(0, len(plan), ROW):
         b, t0, n, s, f0 = (int(v) for v in plan[k : k + ROW])
         masks[b, :, t0 : t0 + n] = 1
         masked[b, :, t0 : t0 + n] = sources[s][:, f0 : f0 + n]  # torch's conversion (copy_)
+        part = masked[b, :, t0 : t0 + n]
+        part.copy_(torch.where(part.isnan(), canonical_nan(part.dtype, part.device), part))  # one NaN
 
 
 def condition(z: torch.Tensor, sources: Sequence[torch.Tensor], plan: Sequence[int]):
@@ -104,6 +126,11 @@ def condition(z: torch.Tensor, sources: Sequence[torch.Tensor], plan: Sequence[i
 def condition_cat_(cond: torch.Tensor, sources: Sequence[torch.Tensor], plan: Sequence[int]) -> None:
     """Reference of ``opensora_fast::condition_cat_``: writes all of
     ``cond = cat(masks, masks * latent)`` ``[B, 1 + C, T, H, W]`` in place."""
+    if torch.is_grad_enabled() and cond.requires_grad:
+        raise RuntimeError(
+            "condition_cat_: cond requires grad and grad mode is on; condition_cat_ is not differentiable: "
+            "call it under torch.no_grad()"
+        )
     check_condition_inputs("condition_cat_", cond, sources, plan)
     cond.zero_()
     _fill(cond[:, :1], cond[:, 1:], sources, plan)
