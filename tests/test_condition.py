@@ -30,13 +30,13 @@ def same(a, b, msg=""):
     assert torch.equal(bits(a), bits(b)), f"{msg}: {(bits(a) != bits(b)).sum().item()} elements differ"
 
 
-def strided_source(C, Ts, H, W, dtype, gen, kind=0):
+def strided_source(C, Ts, H, W, dtype, gen, kind=0, device="cpu"):
     """[C, Ts, H, W] with a storage offset and non-trivial strides (kind 1, 2)."""
     if kind == 0:
-        return torch.randn(C, Ts, H, W, generator=gen).to(dtype)
+        return torch.randn(C, Ts, H, W, generator=gen).to(dtype).to(device)
     if kind == 1:  # sliced out of a bigger tensor: offset, padded strides
-        return torch.randn(C + 1, Ts + 2, H + 1, W + 3, generator=gen).to(dtype)[1:, 2:, :H, 1 : W + 1]
-    return torch.randn(W, H, Ts, C, generator=gen).to(dtype).permute(3, 2, 1, 0)  # fully transposed
+        return torch.randn(C + 1, Ts + 2, H + 1, W + 3, generator=gen).to(dtype).to(device)[1:, 2:, :H, 1 : W + 1]
+    return torch.randn(W, H, Ts, C, generator=gen).to(dtype).to(device).permute(3, 2, 1, 0)  # fully transposed
 
 
 def run_both(op, out, sources, plan):
@@ -372,14 +372,17 @@ def test_property_native_and_walk_vs_reference(problem, limits):
 @pytest.mark.cuda
 @pytest.mark.parametrize("out_dtype", DTYPES)
 def test_cuda_matches_reference(out_dtype):
-    gen = torch.Generator().manual_seed(5)
     B, C, T, H, W = 3, 4, 9, 24, 42
-    srcs = [strided_source(C, 10, H, W, dt, gen, k % 3) for k, dt in enumerate(DTYPES)]
+
+    def make(device):  # the same values and the same strides/offsets on each device
+        gen = torch.Generator().manual_seed(5)
+        return [strided_source(C, 10, H, W, dt, gen, k % 3, device) for k, dt in enumerate(DTYPES)]
+
+    srcs, dsrcs = make("cpu"), make("cuda")
+    assert [s.stride() for s in srcs] == [s.stride() for s in dsrcs] and dsrcs[1].storage_offset() > 0
     plan = [0, 0, 9, 0, 1, 1, 0, 1, 1, 0, 1, 8, 1, 2, 9, 2, 2, 3, 3, 4, 2, 6, 2, 1, 0]
     z = torch.empty(B, C, T, H, W, dtype=out_dtype)
     want = reference.condition(z, srcs, plan)
-    dsrcs = [s.cuda() for s in srcs]  # .cuda() keeps the strides of non-dense views? make them again
-    dsrcs = [torch.empty_strided(s.shape, s.stride(), dtype=s.dtype, device="cuda").copy_(s) if s.is_contiguous() else s.cuda() for s in srcs]
     got = OPS.condition(z.cuda(), dsrcs, plan)
     for g, w in zip(got, want):
         assert g.device.type == "cuda"
