@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import importlib
 
-__version__ = "0.1.0"
-
-from ._ext import HAS_NATIVE, build_info  # noqa: E402
+from ._ext import HAS_NATIVE, build_info
+from ._version import __version__
 
 # (upstream module, name) -> our module; extended as more of opensora/utils lands.
 _DROP_INS = {

@@ -1,5 +1,6 @@
 """Masked per-sample MSE (get_batch_loss): native op vs the upstream port / the reference."""
 import os
+import zlib
 
 import pytest
 import torch
@@ -67,12 +68,12 @@ SHAPES = [  # B, T, H, W, D
 @pytest.mark.parametrize("kind", ["head", "tail", "loop", "v2v", "none", "mixed", "random", None])
 def test_parity_with_upstream(dtype, shape, kind):
     B, T, H, W, D = shape
-    gen = torch.Generator().manual_seed(hash((shape, str(kind))) % 2**31)
+    gen = torch.Generator().manual_seed(zlib.crc32(repr((shape, kind)).encode()))
     p, t = inputs(B, T, H, W, D, dtype, gen)
     masks = make_masks(kind, B, T, H, W, gen) if kind else None
     want = loss_and_grads(lambda a, b: reference.get_batch_loss(a, b, masks), p, t)
     got = loss_and_grads(lambda a, b: get_batch_loss(a, b, masks), p, t)
-    assert got[0].dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert got[0].dtype == torch.float32  # as upstream, which casts to float first (fp64 too)
     if torch.isnan(want[0]):  # a sample with no frame left: NaN, as upstream
         assert torch.isnan(got[0])
     else:

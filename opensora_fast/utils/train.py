@@ -6,22 +6,11 @@ import weakref
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 from ..ops import ema_update_, masked_mse
 
 __all__ = ["update_ema", "get_batch_loss", "loss_token_ranges"]
-
-# Bumped whenever any module registers a parameter (including `m.w = Parameter(..)`),
-# so cached EMA pairings notice replaced parameters without walking the model.
-_param_epoch = 0
-
-
-def _on_param_registered(module, name, param):
-    global _param_epoch
-    _param_epoch += 1
-
-
-torch.nn.modules.module.register_module_parameter_registration_hook(_on_param_registered)
 
 _requires_grad = operator.attrgetter("requires_grad")
 _dtype = operator.attrgetter("dtype")
@@ -30,11 +19,31 @@ _ROUNDING = ("compat", "stochastic")
 
 
 class _Plan:
-    """The (ema, src) pairing of one (ema_model, model, optimizer, sharded), and
-    what it was derived from. Parameters are held as objects, so ``p.data = x``
-    is seen without re-deriving."""
+    """The (ema, src) pairing of one (ema_model, model, optimizer, sharded) and
+    what it was derived from, checked every step before it is reused. It holds
+    the parameter objects themselves, so their ids cannot be reused while it
+    lives, and ``p.data = x`` is seen without re-deriving."""
 
-    __slots__ = ("key", "epoch", "candidates", "requires_grad", "dtypes", "ema", "src")
+    __slots__ = ("sharded", "params", "ema_params", "requires_grad", "dtypes", "ema", "src", "mastered")
+
+    def still_valid(self, ema_model, model, masters, sharded) -> bool:
+        if sharded != self.sharded:
+            return False
+        params = list(model.parameters())  # replaced, added or deleted parameters
+        if len(params) != len(self.params) or not all(map(operator.is_, params, self.params)):
+            return False
+        ema_params = list(ema_model.parameters())
+        if len(ema_params) != len(self.ema_params) or not all(map(operator.is_, ema_params, self.ema_params)):
+            return False
+        if list(map(_requires_grad, params)) != self.requires_grad or list(map(_dtype, params)) != self.dtypes:
+            return False
+        if self.mastered:  # each master shard still the one the map holds now
+            if masters is None:
+                return False
+            get = masters.get
+            if not all(get(id(p)) is m for p, m in self.mastered):
+                return False
+        return True
 
 
 _plans: "weakref.WeakKeyDictionary[torch.nn.Module, _Plan]" = weakref.WeakKeyDictionary()
@@ -52,16 +61,18 @@ def _master_map(optimizer):
 
 
 def _derive(ema_model, model, optimizer, sharded, masters) -> _Plan:
-    ema_params = dict(ema_model.named_parameters())
+    ema_named = dict(ema_model.named_parameters())
     plan = _Plan()
-    plan.candidates, plan.ema, plan.src = [], [], []
+    plan.sharded = sharded
+    plan.params = list(model.parameters())
+    plan.ema_params = list(ema_model.parameters())
+    plan.requires_grad = list(map(_requires_grad, plan.params))
+    plan.dtypes = list(map(_dtype, plan.params))
+    plan.ema, plan.src, plan.mastered = [], [], []
     for name, param in model.named_parameters():
-        if name == "pos_embed":
+        if name == "pos_embed" or not param.requires_grad:
             continue
-        plan.candidates.append(param)
-        if not param.requires_grad:
-            continue
-        if name not in ema_params:
+        if name not in ema_named:
             raise KeyError(f"update_ema: ema_model has no parameter {name!r} (model has it)")
         if sharded and param.dtype != torch.float32:
             if masters is None:
@@ -72,12 +83,11 @@ def _derive(ema_model, model, optimizer, sharded, masters) -> _Plan:
                 raise KeyError(
                     f"update_ema: parameter {name!r} has no master shard in optimizer.get_working_to_master_map()"
                 ) from None
+            plan.mastered.append((param, src))
         else:
             src = param
-        plan.ema.append(ema_params[name])
+        plan.ema.append(ema_named[name])
         plan.src.append(src)
-    plan.requires_grad = list(map(_requires_grad, plan.candidates))
-    plan.dtypes = list(map(_dtype, plan.candidates))
     return plan
 
 
@@ -100,9 +110,11 @@ def update_ema(
     the parameter, or, when ``sharded`` and the parameter is not fp32, its fp32
     master shard from ``optimizer.get_working_to_master_map()``.
 
-    The pairing is derived once and reused while the parameters stay the same
-    objects with the same ``requires_grad`` and dtype, and the master map is
-    the same; any change re-derives it.
+    The pairing is derived once and checked every step before reuse: the same
+    parameter objects in both models (none replaced, added or deleted, even
+    behind ``module._parameters``), the same ``requires_grad`` and dtypes, and
+    each master shard still the one in ``get_working_to_master_map()``; any
+    change re-derives it.
 
     Args beyond upstream (keyword-only):
         rounding: ``"compat"`` (default) rounds like upstream, bit for bit on CPU
@@ -116,17 +128,9 @@ def update_ema(
     # fetched only where it exists: an fp32 model needs no master map (upstream never asks)
     has_map = sharded and hasattr(optimizer, "get_working_to_master_map")
     masters = optimizer.get_working_to_master_map() if has_map else None
-    key = (id(model), id(optimizer), bool(sharded), id(masters), len(masters) if masters is not None else -1)
     plan = _plans.get(ema_model)
-    if (
-        plan is None
-        or plan.key != key
-        or plan.epoch != _param_epoch
-        or list(map(_requires_grad, plan.candidates)) != plan.requires_grad
-        or list(map(_dtype, plan.candidates)) != plan.dtypes
-    ):
-        plan = _derive(ema_model, model, optimizer, sharded, masters)
-        plan.key, plan.epoch = key, _param_epoch
+    if plan is None or not plan.still_valid(ema_model, model, masters, bool(sharded)):
+        plan = _derive(ema_model, model, optimizer, bool(sharded), masters)
         _plans[ema_model] = plan
     ema_update_(plan.ema, plan.src, decay, stochastic=rounding == "stochastic", generator=generator)
 
@@ -169,6 +173,8 @@ def loss_token_ranges(
         raise ValueError(f"get_batch_loss: patch_size must be a positive int, got {patch_size!r}")
     m = _frame_mask(masks) == 1
     T, H, W = masks.shape[-3:]
+    if T == 0:
+        raise ValueError(f"get_batch_loss: masks have no frames (T=0), shape {list(masks.shape)}")
     if H % patch_size or W % patch_size:
         raise ValueError(
             f"get_batch_loss: patch_size={patch_size} does not divide the masks' H={H} and W={W}"
@@ -220,14 +226,14 @@ def get_batch_loss(
     if model_pred.device != v_t.device:
         raise ValueError(f"get_batch_loss: model_pred is on {model_pred.device} but v_t is on {v_t.device}")
     if masks is None:
-        if model_pred.dim() == 0:
-            model_pred, v_t = model_pred.reshape(1, 1, 1), v_t.reshape(1, 1, 1)
-        B = model_pred.shape[0]
-        # every sample has the same count, so the mean of means is the global mean
-        pred3 = model_pred.reshape(B, -1, model_pred.shape[-1] if model_pred.dim() == 3 else 1)
-        ranges = torch.zeros((B, 2), dtype=torch.int64, device=pred3.device)
+        if model_pred.numel() == 0:  # upstream's mean over nothing: NaN (fp32), with a graph
+            return F.mse_loss(model_pred.float(), v_t.float(), reduction="mean")
+        # Every element counts once: the global mean, as one sample of N elements
+        # (the same sum and division as upstream's F.mse_loss, and any N launches).
+        pred3, target3 = model_pred.reshape(1, -1, 1), v_t.reshape(1, -1, 1)
+        ranges = torch.zeros((1, 2), dtype=torch.int64, device=pred3.device)
         ranges[:, 1].fill_(pred3.shape[1])  # a fill on the device: no host-to-device copy
-        return masked_mse(pred3.contiguous(), v_t.reshape(pred3.shape).contiguous(), ranges)
+        return masked_mse(pred3.contiguous(), target3.contiguous(), ranges).float()
     if model_pred.dim() != 3:
         raise ValueError(f"get_batch_loss: with masks, model_pred must be packed [B, L, D], got {list(model_pred.shape)}")
     if masks.device != model_pred.device:
@@ -235,4 +241,5 @@ def get_batch_loss(
     if masks.shape[0] != model_pred.shape[0]:
         raise ValueError(f"get_batch_loss: masks has batch {masks.shape[0]} but model_pred has {model_pred.shape[0]}")
     ranges = loss_token_ranges(masks, model_pred.shape[1], patch_size=patch_size, exclude=exclude)
-    return masked_mse(model_pred.contiguous(), v_t.contiguous(), ranges)
+    # fp32 as upstream (which casts to float first), also for fp64 inputs
+    return masked_mse(model_pred.contiguous(), v_t.contiguous(), ranges).float()

@@ -1,0 +1,10 @@
+"""Public ops: thin wrappers over ``torch.ops.opensora_fast.*`` that fall back to
+the references in :mod:`opensora_fast.reference` (see :mod:`opensora_fast._ext`).
+One module per op: its wrapper, its fake (for torch.compile and meta tensors)
+and its autograd registration."""
+from __future__ import annotations
+
+from .ema import draw_seed, ema_update_
+from .masked_mse import masked_mse
+
+__all__ = ["ema_update_", "draw_seed", "masked_mse"]
