@@ -48,8 +48,30 @@ void check_grad(const at::Tensor& grad, const at::Tensor& pred) {
                     " but pred is on ", pred.device());
 }
 
+namespace {
+// Any other backend (sparse, other devices): the same checks, then say which
+// device has no kernel, rather than the dispatcher's generic error.
+at::Tensor fallback(const at::Tensor& pred, const at::Tensor& target, const at::Tensor& ranges) {
+  check_inputs(pred, target, ranges);
+  TORCH_CHECK_NOT_IMPLEMENTED(false, "masked_mse: no kernel for tensors on ", pred.device(),
+                              " (native kernels: cpu, cuda)");
+}
+at::Tensor fallback_backward(const at::Tensor& grad, const at::Tensor& pred, const at::Tensor& target,
+                             const at::Tensor& ranges) {
+  check_inputs(pred, target, ranges);
+  check_grad(grad, pred);
+  TORCH_CHECK_NOT_IMPLEMENTED(false, "masked_mse_backward: no kernel for tensors on ", pred.device(),
+                              " (native kernels: cpu, cuda)");
+}
+}  // namespace
+
 }  // namespace masked_mse
 }  // namespace opensora_fast
+
+TORCH_LIBRARY_IMPL(opensora_fast, CompositeExplicitAutograd, m) {
+  m.impl("masked_mse", &opensora_fast::masked_mse::fallback);
+  m.impl("masked_mse_backward", &opensora_fast::masked_mse::fallback_backward);
+}
 
 TORCH_LIBRARY_FRAGMENT(opensora_fast, m) {
   m.def("masked_mse(Tensor pred, Tensor target, Tensor ranges) -> Tensor");

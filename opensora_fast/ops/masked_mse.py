@@ -42,7 +42,7 @@ def _vjp_of_backward(ctx, v):
         f1 = reference.masked_mse_backward(one, pred, target, ranges)
         d_g = (v.to(f1.dtype) * f1).sum().to(reference.masked_mse_acc_dtype(pred.dtype)).to(grad.dtype)
     if need_p or need_t:  # F is linear in (pred - target): F(g, v, 0)
-        d_p = reference.masked_mse_backward(grad, v.to(pred.dtype), torch.zeros_like(pred), ranges)
+        d_p = reference.masked_mse_backward(grad, v.to(pred.dtype).contiguous(), torch.zeros_like(pred), ranges)
     return d_g, (d_p if need_p else None), (-d_p if need_t else None), None
 
 
