@@ -61,6 +61,11 @@ void fallback_kernel(at::TensorList ema, at::TensorList src, double decay, bool,
                               " (native kernels: cpu, cuda)");
 }
 
+void walk_fallback(at::TensorList ema, at::TensorList src, double decay, bool stochastic, int64_t seed, int64_t,
+                   int64_t, bool) {
+  fallback_kernel(ema, src, decay, stochastic, seed);
+}
+
 }  // namespace
 
 void check_inputs(at::TensorList ema, at::TensorList src, double decay) {
@@ -127,4 +132,5 @@ TORCH_LIBRARY_IMPL(opensora_fast, ADInplaceOrView, m) {
 
 TORCH_LIBRARY_IMPL(opensora_fast, CompositeExplicitAutograd, m) {
   m.impl("ema_update_", &opensora_fast::ema::fallback_kernel);
+  m.impl("_ema_update_grid_walk_", &opensora_fast::ema::walk_fallback);
 }
