@@ -213,7 +213,7 @@ def test_merge_args_bad_input():
 
 def test_parse_args_and_parse_configs(cfg_tree, monkeypatch):
     monkeypatch.setitem(sys.modules, "mmengine", None)
-    monkeypatch.delenv("AE_SPATIAL_COMPRESSION", raising=False)
+    monkeypatch.setenv("AE_SPATIAL_COMPRESSION", "16")  # recorded, so teardown restores the original state
     (cfg_tree / "ae.py").write_text("_base_ = 'base.py'\nae_spatial_compression = 32\n")
     path = str(cfg_tree / "ae.py")
     monkeypatch.setattr(sys, "argv", ["train.py", path, "--seed", "1", "--model.depth", "4"])
@@ -222,8 +222,7 @@ def test_parse_args_and_parse_configs(cfg_tree, monkeypatch):
     assert cfg.seed == 1 and cfg.model.depth == 4 and cfg.config_path == path
     import os
 
-    assert os.environ["AE_SPATIAL_COMPRESSION"] == "32"
-    monkeypatch.delenv("AE_SPATIAL_COMPRESSION")
+    assert os.environ["AE_SPATIAL_COMPRESSION"] == "32"  # monkeypatch's teardown removes it again
 
 
 # ---------------------------------------------------------------- names, workspace, aliases
