@@ -41,6 +41,7 @@ FILES = {
 
 @pytest.fixture
 def fake_opensora(tmp_path, monkeypatch):
+    opensora_fast.unpatch_opensora()  # forget patches other tests left behind
     for rel, src in FILES.items():
         p = tmp_path / rel
         p.parent.mkdir(parents=True, exist_ok=True)
