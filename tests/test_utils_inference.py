@@ -374,3 +374,21 @@ def test_motion_score_through_default_client(monkeypatch):
     c = FakeClient(["3 motion score", "9 motion score"])
     monkeypatch.setattr(P, "default_client", lambda: c)
     assert I.add_motion_score_to_text(["a", "b"], "dynamic") == ["a 3 motion score.", "b 9 motion score."]
+
+
+def test_process_and_save_t2i2v_rescales(tmp_path, monkeypatch):
+    from opensora_fast.datasets import utils as DU
+    from opensora_fast.utils.config import Config
+
+    calls = []
+    monkeypatch.setattr(DU, "rescale_image_by_path", lambda p, w, h: calls.append((p, w, h)), raising=False)
+    cfg = Config(dict(save_dir=str(tmp_path), use_t2i2v=True))
+    (tmp_path / "s").mkdir()
+    opt = _Opt(num_frames=1, resolution="768px", resized_resolution="256px", aspect_ratio="16:9")
+    I.process_and_save(torch.zeros(1, 3, 1, 8, 8), {"text": ["p"], "name": ["n"]}, cfg, "s", opt, 0, 0)
+    # resized to the 256px training-table size of 16:9, (width, height) order as upstream
+    h, w = A.get_image_size("256px", "16:9")
+    assert calls == [(os.path.join(str(tmp_path), "s", "n") + ".png", w, h)]
+    calls.clear()
+    I.process_and_save(torch.zeros(1, 3, 1, 8, 8), {"text": ["p"], "name": ["n"]}, cfg, "s", _Opt(), 0, 0)
+    assert calls == []  # same resolution: nothing to rescale
