@@ -201,6 +201,13 @@ def test_create_optimizer_adamw_and_errors(monkeypatch):
     assert len(params) == 3 and all(p.requires_grad for p in params)
     assert opt.param_groups[0]["eps"] == 1e-15 and opt.param_groups[0]["weight_decay"] == 0.1
     assert not opt.param_groups[0]["fused"]  # CPU parameters: not fused
+    # HybridAdam's defaults, not torch's: weight_decay 0; adamw_mode=False is Adam with L2 decay
+    opt = O.create_optimizer(model, {"cls": "AdamW", "lr": 1e-3})
+    assert type(opt) is torch.optim.AdamW and opt.param_groups[0]["weight_decay"] == 0.0
+    opt = O.create_optimizer(model, {"cls": "AdamW", "adamw_mode": False, "weight_decay": 0.1})
+    assert type(opt) is torch.optim.Adam and opt.param_groups[0]["weight_decay"] == 0.1
+    with pytest.raises(ValueError, match="bias_correction"):
+        O.create_optimizer(model, {"cls": "AdamW", "bias_correction": False})
 
     with pytest.raises(ValueError) as e:
         O.create_optimizer(model, {"cls": "Adam", "lr": 1.0})

@@ -8,7 +8,8 @@ Differences from upstream, each on purpose:
 - ``to_ndarray(tensor)`` also accepts CUDA tensors and tensors that require grad.
 - ``log_cuda_max_memory(None)`` works (upstream concatenates ``None``).
 - ``Timer``, ``log_cuda_max_memory`` only synchronise CUDA when it is initialised,
-  so they run on CPU-only machines; ``Timers.to_str`` uses rank 0 outside a group.
+  so they run on CPU-only machines; ``Timers.to_str`` and ``print_mem`` use rank 0
+  outside a process group (upstream raises).
 - ``ProfilerContext.step`` returns True once profiling has finished instead of
   calling ``exit(0)``; the caller decides whether to stop.
 - ``get_process_mem`` / ``get_total_mem`` use psutil when installed, else

@@ -43,17 +43,19 @@ def _hybrid_adam():
 
 
 def _torch_adamw(params, **kwargs) -> torch.optim.Optimizer:
+    """torch's Adam(W) with HybridAdam's defaults: weight_decay 0 (torch's AdamW: 0.01),
+    ``adamw_mode=True`` -> AdamW (decoupled decay), False -> Adam (L2 decay)."""
     params = list(params)
-    if "fused" not in kwargs and "foreach" not in kwargs:
-        # torch's fused kernel exists for CUDA (and a few other) devices; CPU tensors use foreach.
-        kwargs["fused"] = bool(params) and all(p.is_cuda for p in params)
-        if not kwargs["fused"]:
-            kwargs.pop("fused")
-    # HybridAdam's own options that AdamW does not take
-    kwargs.pop("adamw_mode", None)
+    adamw_mode = kwargs.pop("adamw_mode", True)
+    if not kwargs.pop("bias_correction", True):
+        raise ValueError("create_optimizer(cls='AdamW'): bias_correction=False is not supported by torch's Adam(W)")
     kwargs.pop("nvme_offload_fraction", None)
     kwargs.pop("nvme_offload_dir", None)
-    return torch.optim.AdamW(params, **kwargs)
+    kwargs.setdefault("weight_decay", 0.0)
+    if "fused" not in kwargs and "foreach" not in kwargs and params and all(p.is_cuda for p in params):
+        kwargs["fused"] = True  # one fused kernel per step on CUDA; CPU parameters use foreach
+    cls = torch.optim.AdamW if adamw_mode else torch.optim.Adam
+    return cls(params, **kwargs)
 
 
 def create_optimizer(model: torch.nn.Module, optimizer_config: dict) -> torch.optim.Optimizer:
@@ -61,8 +63,9 @@ def create_optimizer(model: torch.nn.Module, optimizer_config: dict) -> torch.op
 
     ``optimizer_config["cls"]`` (popped, default ``"HybridAdam"``) picks the class:
     ``"HybridAdam"`` (ColossalAI, as upstream) or ``"AdamW"`` (``torch.optim.AdamW``,
-    ``fused=True`` when every parameter is on CUDA). The rest of the dict is passed
-    as keyword arguments (lr, weight_decay, eps, betas, ...).
+    ``fused=True`` when every parameter is on CUDA, with HybridAdam's defaults:
+    weight_decay 0, and ``adamw_mode=False`` gives ``torch.optim.Adam``). The rest
+    of the dict is passed as keyword arguments (lr, weight_decay, eps, betas, ...).
     """
     name = optimizer_config.pop("cls", "HybridAdam")
     if name not in OPTIMIZERS:

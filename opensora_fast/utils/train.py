@@ -412,7 +412,9 @@ def dropout_condition(prob: float, txt: torch.Tensor, null_txt: torch.Tensor) ->
 
 @torch.no_grad()
 def warmup_ae(model_ae: torch.nn.Module, shapes: list, device: torch.device, dtype: torch.dtype) -> None:
-    """Run ``model_ae.encode`` once on random input of each shape (a progress bar on rank 0 when tqdm is installed)."""
+    """Run ``model_ae.encode`` once on random input of each shape (a progress bar on rank 0 when tqdm is installed).
+
+    Unlike upstream, works without an initialised process group and without tqdm."""
     show = not (_dist.is_available() and _dist.is_initialized()) or _dist.get_rank() == 0
     try:
         from tqdm import tqdm
