@@ -42,10 +42,10 @@ inline float compat_alpha(double decay) {
 // For a bf16 EMA that is bf16(bf16(e*d) + (1-d)*s). This is torch's CPU rule
 // for every pair; for bf16/bf16 and fp16/fp16 only on its vectorised body:
 // the scalar remainder of each torch thread chunk (< 2 vectors) computes
-// E(e1 + E(alpha*s)) and may differ by 1 ulp (tests/test_ema.py documents it).
+// E(e1 + E(alpha*s)): one more rounding, of alpha*s (tests/test_properties.py bounds it).
 // The CUDA kernel runs this same function, so CPU and GPU agree bit for bit;
 // torch's own CUDA add does not round alpha for bf16/bf16 and fp16/fp16, so
-// there it and we can differ by 1 ulp of E (identical for mixed or fp32 pairs).
+// there it and we differ by that rounding of alpha*s (identical for mixed or fp32 pairs).
 template <typename E, typename S>
 OSF_INLINE E ema_compat(E e, S s, float decay, float alpha) {
   const E e1 = static_cast<E>(mul_rn(static_cast<float>(e), decay));

@@ -46,7 +46,8 @@ def ema_update_(
       pair (the Open-Sora case: bf16 EMA, fp32 master). For bf16/bf16 and
       fp16/fp16 we apply torch's vectorised rule to every element; torch itself
       computes the scalar remainder of each of its thread chunks differently,
-      so there (< 64 elements per torch thread) results may differ by 1 ulp.
+      so there (< 64 elements per torch thread) results may differ by one
+      rounding of ``(1 - decay) * src`` (usually 1 ulp).
       CUDA runs the same arithmetic as the CPU kernel, bit for bit.
     * ``stochastic=True``: the fp32 result is rounded stochastically to the EMA's
       dtype (unbiased), so a bf16 EMA keeps moving at decay 0.9999 where
@@ -79,11 +80,7 @@ def ema_update_(
     if stochastic and seed is None:
         seed = draw_seed(generator)
     seed = _as_int64(seed) if stochastic else 0
-    for i, (e, s) in enumerate(zip(ema, src)):  # what the schema cannot say in its own words
-        if not isinstance(e, torch.Tensor):
-            raise TypeError(f"ema_update_: ema[{i}] must be a tensor, got {type(e).__name__}")
-        if not isinstance(s, torch.Tensor):
-            raise TypeError(f"ema_update_: src[{i}] must be a tensor, got {type(s).__name__}")
+    reference.ema.check_tensor_lists(ema, src)  # in our words, before the schema parser
     first = ema[0] if ema else (src[0] if src else None)
     if first is None:  # nothing to do, but the call is still validated
         return reference.ema_update_(ema, src, decay, bool(stochastic), seed)

@@ -16,15 +16,19 @@ from ._checks import find_overlap, shape_str, tensor_span
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 
 
+def check_tensor_lists(ema: Sequence, src: Sequence) -> None:
+    """Every item of both lists is a tensor (ema first, then src): TypeError naming the first that is not."""
+    for name, items in (("ema", ema), ("src", src)):
+        if not all(map(torch.is_tensor, items)):
+            i, bad = next((i, x) for i, x in enumerate(items) if not isinstance(x, torch.Tensor))
+            raise TypeError(f"ema_update_: {name}[{i}] must be a tensor, got {type(bad).__name__}")
+
+
 def check_inputs(ema: Sequence[torch.Tensor], src: Sequence[torch.Tensor], decay: float) -> None:
     """The native op's checks, in its order and with its messages (csrc/ema/ema.cpp):
     first the autograd rule, then every pair, then aliasing. Nothing is
     written by a call that fails any of them."""
-    for i, (e, s) in enumerate(zip(ema, src)):
-        if not isinstance(e, torch.Tensor):
-            raise TypeError(f"ema_update_: ema[{i}] must be a tensor, got {type(e).__name__}")
-        if not isinstance(s, torch.Tensor):
-            raise TypeError(f"ema_update_: src[{i}] must be a tensor, got {type(s).__name__}")
+    check_tensor_lists(ema, src)
     if torch.is_grad_enabled():
         for i, e in enumerate(ema):
             if e.requires_grad:

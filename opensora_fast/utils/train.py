@@ -12,10 +12,24 @@ from ..ops import ema_update_, masked_mse
 
 __all__ = ["update_ema", "get_batch_loss", "loss_token_ranges"]
 
-_requires_grad = operator.attrgetter("requires_grad")
-_dtype = operator.attrgetter("dtype")
+_grad_and_dtype = operator.attrgetter("requires_grad", "dtype")
 
 _ROUNDING = ("compat", "stochastic")
+
+
+def _snapshot(module: torch.nn.Module) -> list:
+    """Every parameter slot of every submodule, in order (None slots and shared
+    parameters included): a cheap fingerprint that changes whenever a parameter
+    is replaced, added or deleted, however it was done (``m.w = P``,
+    ``m._parameters["w"] = P``, ``del m.b``, a replaced submodule)."""
+    out = []
+    for m in module.modules():
+        out.extend(m._parameters.values())
+    return out
+
+
+def _same_objects(a: list, b: list) -> bool:
+    return len(a) == len(b) and all(map(operator.is_, a, b))
 
 
 class _Plan:
@@ -24,18 +38,16 @@ class _Plan:
     the parameter objects themselves, so their ids cannot be reused while it
     lives, and ``p.data = x`` is seen without re-deriving."""
 
-    __slots__ = ("sharded", "params", "ema_params", "requires_grad", "dtypes", "ema", "src", "mastered")
+    __slots__ = ("sharded", "model_slots", "ema_slots", "params", "attrs", "ema", "src", "mastered")
 
     def still_valid(self, ema_model, model, masters, sharded) -> bool:
         if sharded != self.sharded:
             return False
-        params = list(model.parameters())  # replaced, added or deleted parameters
-        if len(params) != len(self.params) or not all(map(operator.is_, params, self.params)):
+        if not _same_objects(_snapshot(model), self.model_slots):
             return False
-        ema_params = list(ema_model.parameters())
-        if len(ema_params) != len(self.ema_params) or not all(map(operator.is_, ema_params, self.ema_params)):
+        if not _same_objects(_snapshot(ema_model), self.ema_slots):
             return False
-        if list(map(_requires_grad, params)) != self.requires_grad or list(map(_dtype, params)) != self.dtypes:
+        if list(map(_grad_and_dtype, self.params)) != self.attrs:
             return False
         if self.mastered:  # each master shard still the one the map holds now
             if masters is None:
@@ -64,10 +76,9 @@ def _derive(ema_model, model, optimizer, sharded, masters) -> _Plan:
     ema_named = dict(ema_model.named_parameters())
     plan = _Plan()
     plan.sharded = sharded
+    plan.model_slots, plan.ema_slots = _snapshot(model), _snapshot(ema_model)
     plan.params = list(model.parameters())
-    plan.ema_params = list(ema_model.parameters())
-    plan.requires_grad = list(map(_requires_grad, plan.params))
-    plan.dtypes = list(map(_dtype, plan.params))
+    plan.attrs = list(map(_grad_and_dtype, plan.params))
     plan.ema, plan.src, plan.mastered = [], [], []
     for name, param in model.named_parameters():
         if name == "pos_embed" or not param.requires_grad:
