@@ -64,6 +64,7 @@ def _extensions():
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
     os.environ.setdefault("MAX_JOBS", str(min(os.cpu_count() or 2, 8)))
     here = os.path.dirname(os.path.abspath(__file__))
+    # registration.cpp, then each op's folder: <op>.cpp (schemas, checks), <op>_cpu.cpp
     sources = ["csrc/registration.cpp"] + sorted(glob.glob("csrc/*/*.cpp"))
     macros = [("OSF_TORCH_VERSION", _sanitize(torch.__version__))]
     cxx = ["-O3", "-fopenmp", "-ffp-contract=off"]
@@ -77,19 +78,27 @@ def _extensions():
             ("OSF_TORCH_CUDA", _sanitize(torch.version.cuda)),
             ("OSF_CUDA_ARCHS", _sanitize(archs.replace(";", "_").replace(" ", "_"))),
         ]
-        # The pip CUDA wheels keep cublas/cusparse headers that ATen's CUDA
-        # headers include; a minimal toolkit lacks them.
-        for base in sys.path:
-            inc = os.path.join(base, "nvidia", "cu13", "include")
-            if os.path.isdir(inc):
-                include_dirs.append(inc)
-                break
+        # ATen's CUDA headers include cublas/cusparse headers; a minimal
+        # toolkit lacks them, and the pip CUDA wheels have them. Searched after
+        # the toolkit's own include dir (CUDAExtension adds that one first), and
+        # only when the toolkit lacks them.
+        extra_inc = []
+        if not os.path.exists(os.path.join(cuda_home, "include", "cusparse.h")):
+            major = torch.version.cuda.split(".")[0]
+            for base in sys.path:
+                inc = os.path.join(base, "nvidia", f"cu{major}", "include")
+                if os.path.exists(os.path.join(inc, "cusparse.h")):
+                    extra_inc.append(inc)
+                    break
         ext = CUDAExtension(
             "opensora_fast._C",
             sources,
             include_dirs=include_dirs,
             define_macros=macros,
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]},
+            extra_compile_args={
+                "cxx": cxx + [f"-isystem{d}" for d in extra_inc],
+                "nvcc": ["-O3"] + [f"-isystem={d}" for d in extra_inc],
+            },
             **kwargs,
         )
         print(f"opensora_fast: building CPU+CUDA kernels (CUDA_HOME={cuda_home}, archs={archs})",

@@ -2,6 +2,9 @@
 // torch/extension.h so that .cu files stay cheap to compile.
 #pragma once
 
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -68,6 +71,63 @@ OSF_INLINE double fma_rn(double a, double b, double c) {
 #else
   return std::fma(a, b, c);
 #endif
+}
+
+OSF_INLINE uint64_t f64_bits(double f) {
+#if defined(__CUDA_ARCH__)
+  return static_cast<uint64_t>(__double_as_longlong(f));
+#else
+  uint64_t u;
+  std::memcpy(&u, &f, sizeof(u));
+  return u;
+#endif
+}
+
+OSF_INLINE double f64_from_bits(uint64_t u) {
+#if defined(__CUDA_ARCH__)
+  return __longlong_as_double(static_cast<long long>(u));
+#else
+  double f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+#endif
+}
+
+// Rounds a float/double result to the output type T, writing every NaN as one
+// canonical quiet NaN (positive, no payload: fp32 0x7FC00000, fp64
+// 0x7FF8000000000000, bf16 0x7FC0, fp16 0x7E00). The CPU keeps input payloads
+// and c10 writes 0x7FC0 for bf16 while the GPU's cvt.rn writes 0x7FFF; one
+// pattern keeps "GPU = CPU bit for bit" true for NaN too. A compare and a select:
+// the CPU loops still vectorise.
+template <typename T>
+struct Canonical {
+  static OSF_INLINE T cast(float r) { return static_cast<T>(r); }
+};
+template <>
+struct Canonical<float> {
+  static OSF_INLINE float cast(float r) { return r != r ? f32_from_bits(0x7FC00000u) : r; }
+  static OSF_INLINE float cast(double r) { return cast(static_cast<float>(r)); }
+};
+template <>
+struct Canonical<double> {
+  static OSF_INLINE double cast(double r) { return r != r ? f64_from_bits(0x7FF8000000000000ull) : r; }
+};
+template <>
+struct Canonical<c10::BFloat16> {
+  static OSF_INLINE c10::BFloat16 cast(float r) {
+    return r != r ? c10::BFloat16(0x7FC0, c10::BFloat16::from_bits()) : c10::BFloat16(r);
+  }
+};
+template <>
+struct Canonical<c10::Half> {
+  static OSF_INLINE c10::Half cast(float r) {
+    return r != r ? c10::Half(0x7E00, c10::Half::from_bits()) : c10::Half(r);
+  }
+};
+
+template <typename T, typename A>
+OSF_INLINE T round_to(A r) {
+  return Canonical<T>::cast(r);
 }
 
 // Counter-based uniform in [0, 1) from (seed, index): the same value on CPU

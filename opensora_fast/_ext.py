@@ -35,14 +35,20 @@ except ImportError as e:  # pure-Python install, or a build for another torch
     else:
         _IMPORT_ERROR = f"opensora_fast._C failed to load (built for another torch?): {e}"
 
-# Ops with kernels, by device type; filled from the dispatcher at first use.
-OPS = ("ema_update_", "masked_mse", "masked_mse_backward")
+from ._version import __version__
+
+
+def registered_ops() -> list[str]:
+    """The public ops the extension registered, read from the dispatcher
+    (private ``_*`` test ops left out)."""
+    if not HAS_NATIVE:
+        return []
+    names = (n for n in torch._C._dispatch_get_all_op_names() if n.startswith("opensora_fast::"))
+    return sorted(n for n in names if not n.split("::", 1)[1].startswith("_"))
 
 
 def build_info() -> dict[str, Any]:
     """What was built: version, torch, native, cuda_kernels, cuda_archs, ops, ..."""
-    from . import __version__
-
     info: dict[str, Any] = {
         "version": __version__,
         "torch_runtime": torch.__version__,
@@ -56,7 +62,7 @@ def build_info() -> dict[str, Any]:
     }
     if HAS_NATIVE:
         info.update(_C.build_info())
-        info["ops"] = [f"opensora_fast::{name}" for name in OPS]
+        info["ops"] = registered_ops()
     else:
         info["import_error"] = _IMPORT_ERROR
     info["cuda_available"] = torch.cuda.is_available()

@@ -15,3 +15,16 @@ def pytest_collection_modifyitems(config, items):
 def _default_backend(monkeypatch):
     # Tests choose the backend explicitly; a user's environment must not leak in.
     monkeypatch.delenv("OPENSORA_FAST_BACKEND", raising=False)
+
+
+# Property-based suites (tests/test_properties.py): a fixed, bounded profile in
+# CI; `pytest --hypothesis-profile=long` explores much further.
+try:
+    from hypothesis import HealthCheck, settings
+
+    _common = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    settings.register_profile("ci", max_examples=200, derandomize=True, **_common)
+    settings.register_profile("long", max_examples=2000, **_common)
+    settings.load_profile("ci")
+except ImportError:  # the property tests then fail to import, loudly
+    pass

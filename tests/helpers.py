@@ -11,7 +11,7 @@ PAIRS = [(e, s) for e in FLOATS for s in FLOATS]
 
 def bits(t: torch.Tensor) -> torch.Tensor:
     """Integer view, so equality is bitwise (NaN-safe, -0 != +0)."""
-    return t.view({4: torch.int32, 2: torch.int16}[t.element_size()])
+    return t.view({8: torch.int64, 4: torch.int32, 2: torch.int16}[t.element_size()])
 
 
 def assert_bitwise_equal(a: torch.Tensor, b: torch.Tensor, msg: str = "") -> None:

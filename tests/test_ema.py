@@ -1,6 +1,5 @@
 """EMA op: native kernels vs the upstream formula / the reference."""
 import math
-
 import os
 
 import pytest
@@ -70,7 +69,7 @@ def test_grid_walk_matches_upstream(edt, sdt, limits):
     src = [rand(n, sdt, g) for n in sizes]
     big = rand(5000, edt, g)
     ema.append(big[1:])  # storage offset 1: not 16-byte aligned
-    src.append(rand(4999, sdt, g)[0:])
+    src.append(rand(5000, sdt, g)[1:])  # misaligned on the source side too
     want = [e.clone() for e in ema]
     upstream(want, src, 0.999)
     torch.ops.opensora_fast._ema_update_grid_walk_(ema, src, 0.999, False, 0, *limits)
@@ -234,14 +233,15 @@ def test_backend_reference_forced_matches_native(monkeypatch, caplog):
     a = [e.clone() for e in ema]
     ops.ema_update_(a, src, 0.9)
     monkeypatch.setenv("OPENSORA_FAST_BACKEND", "reference")
+    monkeypatch.setattr(opensora_fast._ext, "_told", set())  # as in a fresh process
     b = [e.clone() for e in ema]
     with caplog.at_level("WARNING", logger="opensora_fast"):
         ops.ema_update_(b, src, 0.9)
         ops.ema_update_([e.clone() for e in ema], src, 0.9)
     for x, y in zip(a, b):
         assert_bitwise_equal(x, y)
-    # said once, not per call (it may have been said by an earlier test already)
-    assert sum("OPENSORA_FAST_BACKEND=reference" in r.message for r in caplog.records) <= 1
+    # said once, not per call
+    assert sum("OPENSORA_FAST_BACKEND=reference" in r.message for r in caplog.records) == 1
 
 
 def test_backend_setting_validated(monkeypatch):
@@ -275,18 +275,19 @@ def test_cuda_parity(edt, sdt):
     ema = [rand(n, edt, g) for n in sizes]
     src = [rand(n, sdt, g) for n in sizes]
     want = [e.clone() for e in ema]
-    upstream(want, src, 0.9999)  # torch CPU
+    torch.ops.opensora_fast.ema_update_(want, src, 0.9999)  # our CPU op: the same arithmetic
     dev_e = [e.cuda() for e in ema]
     dev_s = [s.cuda() for s in src]
     torch_cuda = [e.clone() for e in dev_e]
     upstream(torch_cuda, dev_s, 0.9999)
     ops.ema_update_(dev_e, dev_s, 0.9999)
     for i, (a, b, c) in enumerate(zip(dev_e, want, torch_cuda)):
-        assert_bitwise_equal(a, b, f"vs torch CPU, pair {i}")  # same arithmetic as the CPU
-        # vs torch's own CUDA: identical, or 1 ulp where it skips rounding alpha
+        assert_bitwise_equal(a, b, f"vs our CPU op, pair {i}")  # same arithmetic as the CPU
+        # vs torch's own CUDA: identical, or one rounding of (1-d)*src apart
+        # where it keeps alpha in fp32 (same reduced dtype on both sides)
         d = (a.float() - c.float()).abs()
-        ulp = torch.finfo(edt).eps * c.float().abs().clamp_min(torch.finfo(edt).tiny)
-        assert bool((d <= ulp).all()), f"pair {i}"
+        bound = torch.finfo(edt).eps * (c.float().abs() + (1e-4 * dev_s[i].float()).abs()) + torch.finfo(edt).tiny
+        assert bool((d <= bound).all()), f"pair {i}"
     sr = [e.clone() for e in ema]
     sr_dev = [e.cuda() for e in ema]
     ops.ema_update_(sr, src, 0.9999, stochastic=True, seed=8)

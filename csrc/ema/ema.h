@@ -28,7 +28,7 @@ struct is_reduced : std::integral_constant<bool, std::is_same<T, c10::BFloat16>:
 // alpha = 1 - decay as torch's `ema.add_(src, alpha=1 - decay)` sees it: the
 // Python double rounded to fp32, and, when ema and src share a reduced dtype
 // (bf16/bf16, fp16/fp16), rounded once more to that dtype, because torch's CPU
-// add then works in that dtype's "scalar_t" for alpha (measured, DESIGN.md §4).
+// add then works in that dtype's "scalar_t" for alpha (measured on torch 2.14 CPU).
 template <typename E, typename S>
 inline float compat_alpha(double decay) {
   float a = static_cast<float>(1.0 - decay);
@@ -42,14 +42,14 @@ inline float compat_alpha(double decay) {
 // For a bf16 EMA that is bf16(bf16(e*d) + (1-d)*s). This is torch's CPU rule
 // for every pair; for bf16/bf16 and fp16/fp16 only on its vectorised body:
 // the scalar remainder of each torch thread chunk (< 2 vectors) computes
-// E(e1 + E(alpha*s)) and may differ by 1 ulp (tests/test_ema.py documents it).
+// E(e1 + E(alpha*s)): one more rounding, of alpha*s (tests/test_properties.py bounds it).
 // The CUDA kernel runs this same function, so CPU and GPU agree bit for bit;
 // torch's own CUDA add does not round alpha for bf16/bf16 and fp16/fp16, so
-// there it and we can differ by 1 ulp of E (identical for mixed or fp32 pairs).
+// there it and we differ by that rounding of alpha*s (identical for mixed or fp32 pairs).
 template <typename E, typename S>
 OSF_INLINE E ema_compat(E e, S s, float decay, float alpha) {
   const E e1 = static_cast<E>(mul_rn(static_cast<float>(e), decay));
-  return static_cast<E>(fma_rn(static_cast<float>(s), alpha, static_cast<float>(e1)));
+  return round_to<E>(fma_rn(static_cast<float>(s), alpha, static_cast<float>(e1)));
 }
 
 // Stochastic rounding of an fp32 value to E: rounds to one of the two
@@ -80,7 +80,7 @@ OSF_INLINE float widen_bits(uint16_t bits) {
 template <typename E>
 OSF_INLINE E round_stochastic(float r, float u) {
   if constexpr (!is_reduced<E>::value) {
-    return static_cast<E>(r);
+    return round_to<E>(r);
   } else {
     // t: the neighbour of r towards zero; h: the next one away from zero. Both
     // formats are sign-magnitude, so +-1 on the bits steps the magnitude. No
@@ -93,7 +93,7 @@ OSF_INLINE E round_stochastic(float r, float u) {
     const float hi = fabsf(widen_bits<E>(hb));
     const float p = (fabsf(r) - lo) / (hi - lo);
     const uint16_t out = u < p ? hb : tb;
-    return E(r != r ? static_cast<E>(r).x : out, E::from_bits());
+    return r != r ? round_to<E>(r) : E(out, E::from_bits());
   }
 }
 
@@ -127,7 +127,7 @@ struct Tag {
 };
 
 // Calls f(Tag<E>{}, Tag<S>{}) for the (ema, src) dtype pair; the op accepts
-// fp32, bf16 and fp16 on either side (check_ema_inputs rejected the rest).
+// fp32, bf16 and fp16 on either side (check_inputs rejected the rest).
 template <typename F>
 inline void dispatch_pair(c10::ScalarType e, c10::ScalarType s, F&& f) {
   auto on_src = [&](auto etag) {
@@ -155,39 +155,45 @@ OSF_INLINE E ema_one(E e, S s, const Params& p, uint64_t index) {
 // ---------------------------------------------------------------------------
 // GPU launch geometry: multi-tensor launches whose tensor table travels as a
 // kernel argument. Each block owns one chunk of kChunk elements of one tensor.
-// The table uses up to 32 KiB of kernel arguments (CUDA >= 12.1 on sm_70+), so
-// a whole 1082-tensor shard list takes two or three launches of up to 2048
-// blocks each, several waves on an H100, rather than a dozen small ones.
-constexpr int kMaxTensors = 256;
-constexpr int kMaxBlocks = 2048;
+// Two table sizes: the big one uses up to 32 KiB of kernel arguments (CUDA
+// runtime and driver >= 12.1, sm_70+), so the 1082-tensor shard list of the 11B
+// model takes two or three launches; the small one fits the classic 4 KiB
+// limit and is used with an older toolkit or driver.
 constexpr int64_t kChunk = 32768;  // a multiple of every vector width
 constexpr int kThreads = 512;
+static_assert(kThreads % 32 == 0 && kThreads <= 1024, "kThreads: whole warps, at most 1024");
 
+template <int MaxTensors, int MaxBlocks>
 struct LaunchTable {
-  void* ema[kMaxTensors];
-  const void* src[kMaxTensors];
-  int64_t numel[kMaxTensors];
-  int64_t index_base[kMaxTensors];  // global element index of element 0
-  int16_t block_tensor[kMaxBlocks];
-  int32_t block_chunk[kMaxBlocks];
+  static constexpr int kMaxTensors = MaxTensors;
+  static constexpr int kMaxBlocks = MaxBlocks;
+  void* ema[MaxTensors];
+  const void* src[MaxTensors];
+  int64_t numel[MaxTensors];
+  int64_t index_base[MaxTensors];  // global element index of element 0
+  int16_t block_tensor[MaxBlocks];
+  int32_t block_chunk[MaxBlocks];
   int32_t n_blocks;
 };
-static_assert(sizeof(LaunchTable) + sizeof(Params) <= 32000, "kernel arguments over 32 KiB");
+using BigTable = LaunchTable<256, 2048>;
+using SmallTable = LaunchTable<36, 320>;
+static_assert(sizeof(BigTable) + sizeof(Params) <= 32000, "kernel arguments over 32 KiB");
+static_assert(sizeof(SmallTable) + sizeof(Params) <= 4000, "kernel arguments over 4 KiB");
+static_assert(BigTable::kMaxTensors <= 32767 && BigTable::kMaxBlocks <= 65535, "block_tensor is int16");
 
 // Splits a list of same-dtype-pair tensors into launch tables of at most
-// max_tensors tensors and max_blocks blocks (the compile-time limits by default;
+// max_tensors tensors and max_blocks blocks (the table's own limits by default;
 // tests pass small ones to exercise both splits). Zero-size tensors get no block.
-inline std::vector<LaunchTable> plan_launches(const std::vector<void*>& ema,
-                                              const std::vector<const void*>& src,
-                                              const std::vector<int64_t>& numel,
-                                              const std::vector<int64_t>& index_base,
-                                              int max_tensors = kMaxTensors,
-                                              int max_blocks = kMaxBlocks) {
-  max_tensors = (max_tensors > 0 && max_tensors < kMaxTensors) ? max_tensors : kMaxTensors;
-  max_blocks = (max_blocks > 0 && max_blocks < kMaxBlocks) ? max_blocks : kMaxBlocks;
-  std::vector<LaunchTable> out;
+template <typename Table>
+inline std::vector<Table> plan_launches(const std::vector<void*>& ema, const std::vector<const void*>& src,
+                                        const std::vector<int64_t>& numel,
+                                        const std::vector<int64_t>& index_base, int max_tensors = 0,
+                                        int max_blocks = 0) {
+  max_tensors = (max_tensors > 0 && max_tensors < Table::kMaxTensors) ? max_tensors : Table::kMaxTensors;
+  max_blocks = (max_blocks > 0 && max_blocks < Table::kMaxBlocks) ? max_blocks : Table::kMaxBlocks;
+  std::vector<Table> out;
   // The table is large: build each in place in `out`, never on the stack.
-  LaunchTable* cur = nullptr;
+  Table* cur = nullptr;
   int nt = 0;
   auto open = [&]() {
     out.emplace_back();
@@ -223,10 +229,12 @@ constexpr int vec_width() {
   return 16 / (sizeof(E) > sizeof(S) ? sizeof(E) : sizeof(S));
 }
 
-// What thread `thread` of block `block` does (nthreads = blockDim.x).
-template <typename E, typename S>
-OSF_HOST_DEVICE inline void ema_block_body(const LaunchTable& tab, const Params& p, int block,
-                                           int thread, int nthreads) {
+// What thread `thread` of block `block` does (nthreads = blockDim.x). The math
+// is elementwise, so the access width (16-byte vectors when both pointers are
+// aligned, single elements otherwise) never changes a result.
+template <typename E, typename S, typename Table>
+OSF_HOST_DEVICE inline void ema_block_body(const Table& tab, const Params& p, int block, int thread,
+                                           int nthreads) {
   constexpr int V = vec_width<E, S>();
   const int t = tab.block_tensor[block];
   const int64_t lo = static_cast<int64_t>(tab.block_chunk[block]) * kChunk;

@@ -1,7 +1,8 @@
-// EMA on the CPU: input checks shared with the CUDA path, the parallel CPU
-// kernel, and the CPU walk over the CUDA launch grid.
+// EMA on the CPU: the parallel kernel, and the CPU walk over the CUDA launch
+// grid (a test of the GPU geometry and indexing without a GPU).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <torch/library.h>
 
 #include <algorithm>
 #include <vector>
@@ -15,48 +16,26 @@ namespace ema {
 
 namespace {
 
-bool supported_dtype(c10::ScalarType t) {
-  return t == c10::ScalarType::Float || t == c10::ScalarType::BFloat16 ||
-         t == c10::ScalarType::Half;
-}
-
 // The elementwise loop over one contiguous span (cpu_isa.h: built twice; the
 // AVX2 build vectorises and inlines std::fma as one instruction).
 template <typename E, typename S>
-OSF_ALWAYS_INLINE void span_body(E* e, const S* s, int64_t n, const Params& p,
-                                                     uint64_t base) {
-  if (p.stochastic) {
-    for (int64_t i = 0; i < n; ++i)
-      e[i] = ema_stochastic(e[i], s[i], p.decay, p.alpha, p.seed, base + i);
-  } else {
-    const float d = p.decay, a = p.alpha;
-    for (int64_t i = 0; i < n; ++i) e[i] = ema_compat(e[i], s[i], d, a);
+struct Span {
+  static OSF_ALWAYS_INLINE void run(E* e, const S* s, int64_t n, Params p, uint64_t base) {
+    if (p.stochastic) {
+      for (int64_t i = 0; i < n; ++i) e[i] = ema_stochastic(e[i], s[i], p.decay, p.alpha, p.seed, base + i);
+    } else {
+      const float d = p.decay, a = p.alpha;
+      for (int64_t i = 0; i < n; ++i) e[i] = ema_compat(e[i], s[i], d, a);
+    }
   }
-}
+};
 
-template <typename E, typename S>
-void span_baseline(E* e, const S* s, int64_t n, const Params& p, uint64_t base) {
-  span_body(e, s, n, p, base);
-}
-
-#ifdef OSF_AVX2_PATH
-template <typename E, typename S>
-OSF_TARGET_AVX2 void span_avx2(E* e, const S* s, int64_t n, const Params& p, uint64_t base) {
-  span_body(e, s, n, p, base);
-}
-#endif
-
-using SpanFn = void (*)(void* e, const void* s, int64_t offset, int64_t n, const Params& p,
-                        uint64_t base);
+using SpanFn = void (*)(void* e, const void* s, int64_t offset, int64_t n, const Params& p, uint64_t base);
 
 template <typename E, typename S>
 void span(void* e, const void* s, int64_t offset, int64_t n, const Params& p, uint64_t base) {
-  E* ep = static_cast<E*>(e) + offset;
-  const S* sp = static_cast<const S*>(s) + offset;
-#ifdef OSF_AVX2_PATH
-  if (cpu_has_avx2()) return span_avx2(ep, sp, n, p, base + offset);
-#endif
-  span_baseline(ep, sp, n, p, base + offset);
+  cpu_isa::run<Span<E, S>>(static_cast<E*>(e) + offset, static_cast<const S*>(s) + offset, n, p,
+                           base + offset);
 }
 
 struct Job {
@@ -68,38 +47,8 @@ struct Job {
 
 constexpr int64_t kGrain = 32768;
 
-}  // namespace
-
-void check_ema_inputs(at::TensorList ema, at::TensorList src, double decay) {
-  TORCH_CHECK_VALUE(ema.size() == src.size(),
-                    "ema_update_: ema and src must have the same length, got len(ema)=",
-                    ema.size(), " and len(src)=", src.size());
-  TORCH_CHECK_VALUE(decay >= 0.0 && decay <= 1.0, "ema_update_: decay must be in [0, 1], got ",
-                    decay);
-  for (size_t i = 0; i < ema.size(); ++i) {
-    const at::Tensor& e = ema[i];
-    const at::Tensor& s = src[i];
-    TORCH_CHECK_VALUE(e.defined() && s.defined(), "ema_update_: ema[", i, "] or src[", i,
-                      "] is undefined");
-    TORCH_CHECK_TYPE(supported_dtype(e.scalar_type()), "ema_update_: ema[", i, "] has dtype ",
-                     e.scalar_type(), "; expected float32, bfloat16 or float16");
-    TORCH_CHECK_TYPE(supported_dtype(s.scalar_type()), "ema_update_: src[", i, "] has dtype ",
-                     s.scalar_type(), "; expected float32, bfloat16 or float16");
-    TORCH_CHECK_VALUE(e.sizes() == s.sizes(), "ema_update_: ema[", i, "] has shape ", e.sizes(),
-                      " but src[", i, "] has shape ", s.sizes());
-    TORCH_CHECK_VALUE(e.layout() == at::kStrided && s.layout() == at::kStrided,
-                      "ema_update_: ema[", i, "] and src[", i, "] must be dense (strided) tensors");
-    TORCH_CHECK_VALUE(e.device() == s.device(), "ema_update_: ema[", i, "] is on ", e.device(),
-                      " but src[", i, "] is on ", s.device());
-    TORCH_CHECK_VALUE(e.device() == ema[0].device(), "ema_update_: all pairs must be on one device; ema[0] is on ",
-                      ema[0].device(), " but ema[", i, "] is on ", e.device());
-    TORCH_CHECK_VALUE(e.is_contiguous(), "ema_update_: ema[", i, "] is not contiguous");
-    TORCH_CHECK_VALUE(s.is_contiguous(), "ema_update_: src[", i, "] is not contiguous");
-  }
-}
-
-void ema_update_cpu(at::TensorList ema, at::TensorList src, double decay, bool stochastic,
-                    int64_t seed) {
+void forward_cpu(at::TensorList ema, at::TensorList src, double decay, bool stochastic, int64_t seed) {
+  check_inputs(ema, src, decay);
   const size_t n = ema.size();
   std::vector<int64_t> start(n + 1, 0);  // pairs laid end to end
   std::vector<Job> jobs(n);
@@ -108,8 +57,7 @@ void ema_update_cpu(at::TensorList ema, at::TensorList src, double decay, bool s
     dispatch_pair(ema[i].scalar_type(), src[i].scalar_type(), [&](auto et, auto st) {
       using E = typename decltype(et)::type;
       using S = typename decltype(st)::type;
-      jobs[i] = Job{ema[i].data_ptr(), src[i].data_ptr(), &span<E, S>,
-                    make_params<E, S>(decay, stochastic, seed)};
+      jobs[i] = Job{ema[i].data_ptr(), src[i].data_ptr(), &span<E, S>, make_params<E, S>(decay, stochastic, seed)};
     });
   }
   if (start[n] == 0) return;
@@ -124,23 +72,39 @@ void ema_update_cpu(at::TensorList ema, at::TensorList src, double decay, bool s
   });
 }
 
-void ema_grid_walk_cpu(at::TensorList ema, at::TensorList src, double decay, bool stochastic,
-                       int64_t seed, int64_t max_tensors, int64_t max_blocks) {
-  // Same grouping and planning as ema_update_cuda, then every (block, thread)
-  // of every launch in turn, with the real block size.
+template <typename Table>
+void walk_tables(const DtypeGroup& g, double decay, bool stochastic, int64_t seed, int64_t max_tensors,
+                 int64_t max_blocks) {
+  dispatch_pair(g.ema_dtype, g.src_dtype, [&](auto et, auto st) {
+    using E = typename decltype(et)::type;
+    using S = typename decltype(st)::type;
+    const Params p = make_params<E, S>(decay, stochastic, seed);
+    for (const Table& tab : plan_launches<Table>(g.ema, g.src, g.numel, g.index_base, static_cast<int>(max_tensors),
+                                                 static_cast<int>(max_blocks)))
+      for (int b = 0; b < tab.n_blocks; ++b)
+        for (int t = 0; t < kThreads; ++t) ema_block_body<E, S>(tab, p, b, t, kThreads);
+  });
+}
+
+// Same grouping and planning as forward_cuda, then every (block, thread) of
+// every launch in turn, with the real block size.
+void grid_walk(at::TensorList ema, at::TensorList src, double decay, bool stochastic, int64_t seed,
+               int64_t max_tensors, int64_t max_blocks, bool small_table) {
+  check_inputs(ema, src, decay);
   for (const DtypeGroup& g : group_by_dtype(ema, src)) {
-    dispatch_pair(g.ema_dtype, g.src_dtype, [&](auto et, auto st) {
-      using E = typename decltype(et)::type;
-      using S = typename decltype(st)::type;
-      const Params p = make_params<E, S>(decay, stochastic, seed);
-      for (const LaunchTable& tab : plan_launches(g.ema, g.src, g.numel, g.index_base,
-                                                  static_cast<int>(max_tensors),
-                                                  static_cast<int>(max_blocks)))
-        for (int b = 0; b < tab.n_blocks; ++b)
-          for (int t = 0; t < kThreads; ++t) ema_block_body<E, S>(tab, p, b, t, kThreads);
-    });
+    if (small_table)
+      walk_tables<SmallTable>(g, decay, stochastic, seed, max_tensors, max_blocks);
+    else
+      walk_tables<BigTable>(g, decay, stochastic, seed, max_tensors, max_blocks);
   }
 }
 
+}  // namespace
+
 }  // namespace ema
 }  // namespace opensora_fast
+
+TORCH_LIBRARY_IMPL(opensora_fast, CPU, m) {
+  m.impl("ema_update_", &opensora_fast::ema::forward_cpu);
+  m.impl("_ema_update_grid_walk_", &opensora_fast::ema::grid_walk);
+}

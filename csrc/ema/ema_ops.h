@@ -1,5 +1,6 @@
-// Host entry points of the EMA op. The dispatcher calls ema_update_cpu or
-// ema_update_cuda (see registration.cpp); both assume check_ema_inputs passed.
+// Host side of the EMA op, shared by ema.cpp (schema, checks), ema_cpu.cpp and
+// ema_cuda.cu. Each device file registers its own kernel and calls
+// check_inputs first, so nothing is written unless every pair is valid.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -11,17 +12,9 @@ namespace opensora_fast {
 namespace ema {
 
 // Validates everything before anything is written; errors name the argument
-// and the pair index (ValueError / TypeError in Python).
-void check_ema_inputs(at::TensorList ema, at::TensorList src, double decay);
-
-void ema_update_cpu(at::TensorList ema, at::TensorList src, double decay, bool stochastic,
-                    int64_t seed);
-
-// Runs the CUDA kernel's per-block body over the whole launch grid on the CPU,
-// one block and one thread at a time: a test of the GPU geometry and indexing.
-// max_tensors / max_blocks: launch-table limits (0: the CUDA path's own).
-void ema_grid_walk_cpu(at::TensorList ema, at::TensorList src, double decay, bool stochastic,
-                       int64_t seed, int64_t max_tensors, int64_t max_blocks);
+// and the pair index (ValueError / TypeError / RuntimeError in Python, the same
+// text as opensora_fast/reference/ema.py check_inputs).
+void check_inputs(at::TensorList ema, at::TensorList src, double decay);
 
 // The pairs of one (ema dtype, src dtype) combination, in call order, as the
 // GPU launch planner wants them. index_base: position of each pair's first
@@ -53,11 +46,6 @@ inline std::vector<DtypeGroup> group_by_dtype(at::TensorList ema, at::TensorList
   }
   return groups;
 }
-
-#ifdef OSF_WITH_CUDA
-void ema_update_cuda(at::TensorList ema, at::TensorList src, double decay, bool stochastic,
-                     int64_t seed);
-#endif
 
 }  // namespace ema
 }  // namespace opensora_fast

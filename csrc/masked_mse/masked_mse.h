@@ -20,6 +20,8 @@ namespace masked_mse {
 
 constexpr int64_t kChunk = 16384;  // elements per partial sum
 constexpr int kThreads = 256;
+static_assert(kThreads % 32 == 0 && kThreads <= 1024, "block_sum: whole warps, at most 1024 threads");
+static_assert(kThreads / 32 <= 32, "block_sum: one warp adds the warp sums");
 
 // fp32 accumulation for fp32/bf16/fp16 inputs; fp64 inputs keep fp64 (gradcheck).
 template <typename T>
@@ -38,7 +40,7 @@ OSF_INLINE acc_t<T> add_sq(acc_t<T> acc, T p, T t) {
 template <typename T>
 OSF_INLINE T grad_elem(T p, T t, acc_t<T> scale) {
   const acc_t<T> d = static_cast<acc_t<T>>(p) - static_cast<acc_t<T>>(t);
-  return static_cast<T>(d * (2 * scale));
+  return round_to<T>(d * (2 * scale));
 }
 
 // Token range of sample b, clamped to [0, L] with start <= end, so bad ranges
@@ -77,33 +79,41 @@ OSF_INLINE int64_t max_chunks(int64_t L, int64_t D) {
   return ceil_div<int64_t>(L * D, kChunk) > 0 ? ceil_div<int64_t>(L * D, kChunk) : 1;
 }
 
-// GPU partial-sum kernel, per thread: thread `thread` of the block for
-// (chunk c, sample b) sums its strided share of the chunk, 16-byte loads when
-// aligned. The block then adds the kThreads values with a fixed tree
-// (masked_mse_cuda.cu: block_sum; masked_mse_cpu.cpp emulates it).
+// GPU partial-sum kernel, per thread: the block for (chunk c, sample b) cuts
+// its chunk into groups of V consecutive elements; group g belongs to thread
+// g % kThreads, which adds its groups in order, element by element. The
+// assignment depends only on element indices, never on where the tensors sit
+// in memory: aligned chunks load each group as one 16-byte vector, others
+// element by element, with the same sums. The block then adds the kThreads
+// values with a fixed tree (masked_mse_cuda.cu: block_sum; the CPU grid walk
+// emulates it).
 template <typename T>
 OSF_HOST_DEVICE inline acc_t<T> partial_thread_sum(const T* p, const T* t, const int64_t* ranges,
                                                    int64_t L, int64_t D, int64_t b, int64_t c,
                                                    int thread) {
   using A = acc_t<T>;
+  constexpr int V = 16 / sizeof(T);
   int64_t lo, hi;
   chunk_bounds(clamp_range(ranges[2 * b], ranges[2 * b + 1], L), D, c, &lo, &hi);
   const T* pb = p + b * L * D + lo;
   const T* tb = t + b * L * D + lo;
-  const int64_t n = hi - lo;
-  constexpr int V = 16 / sizeof(T);
+  const int64_t n = hi - lo, full = n / V;
+  const bool aligned = reinterpret_cast<uintptr_t>(pb) % 16 == 0 && reinterpret_cast<uintptr_t>(tb) % 16 == 0;
   A acc = 0;
-  int64_t done = 0;
-  if (reinterpret_cast<uintptr_t>(pb) % 16 == 0 && reinterpret_cast<uintptr_t>(tb) % 16 == 0) {
-    for (int64_t v = thread; v < n / V; v += kThreads) {
-      const VecN<T, V> pv = reinterpret_cast<const VecN<T, V>*>(pb)[v];
-      const VecN<T, V> tv = reinterpret_cast<const VecN<T, V>*>(tb)[v];
+  for (int64_t g = thread; g < full; g += kThreads) {
+    if (aligned) {
+      const VecN<T, V> pv = reinterpret_cast<const VecN<T, V>*>(pb)[g];
+      const VecN<T, V> tv = reinterpret_cast<const VecN<T, V>*>(tb)[g];
       OSF_UNROLL
       for (int k = 0; k < V; ++k) acc = add_sq(acc, pv.v[k], tv.v[k]);
+    } else {
+      OSF_UNROLL
+      for (int k = 0; k < V; ++k) acc = add_sq(acc, pb[g * V + k], tb[g * V + k]);
     }
-    done = n / V * V;
   }
-  for (int64_t i = done + thread; i < n; i += kThreads) acc = add_sq(acc, pb[i], tb[i]);
+  // The last, partial group belongs to thread full % kThreads, after its others.
+  if (full % kThreads == thread)
+    for (int64_t i = full * V; i < n; ++i) acc = add_sq(acc, pb[i], tb[i]);
   return acc;
 }
 
@@ -140,7 +150,7 @@ template <typename A>
 OSF_HOST_DEVICE inline A batch_mean(const A* sample_means, int64_t B) {
   A total = 0;
   for (int64_t b = 0; b < B; ++b) total += sample_means[b];
-  return total / static_cast<A>(B);
+  return round_to<A>(total / static_cast<A>(B));
 }
 
 }  // namespace masked_mse

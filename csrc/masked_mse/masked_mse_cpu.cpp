@@ -1,7 +1,10 @@
-// Masked MSE on the CPU, plus the input checks shared with the CUDA path.
+// Masked MSE on the CPU, and the CPU walk over the CUDA kernels' grids.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <torch/library.h>
 
 #include <algorithm>
 #include <vector>
@@ -18,119 +21,66 @@ namespace {
 // Sum of squared differences over n elements: 16 independent accumulators
 // (vectorisable without reassociation flags), combined pairwise.
 template <typename T>
-OSF_ALWAYS_INLINE acc_t<T> sum_sq_body(const T* p, const T* t, int64_t n) {
-  using A = acc_t<T>;
-  constexpr int K = 16;
-  A acc[K] = {};
-  int64_t i = 0;
-  for (; i + K <= n; i += K)
-    for (int k = 0; k < K; ++k) acc[k] = add_sq(acc[k], p[i + k], t[i + k]);
-  for (int k = 0; i < n; ++i, ++k) acc[k] = add_sq(acc[k], p[i], t[i]);
-  for (int w = K / 2; w > 0; w /= 2)
-    for (int k = 0; k < w; ++k) acc[k] += acc[k + w];
-  return acc[0];
-}
+struct SumSq {
+  static OSF_ALWAYS_INLINE acc_t<T> run(const T* p, const T* t, int64_t n) {
+    using A = acc_t<T>;
+    constexpr int K = 16;
+    A acc[K] = {};
+    int64_t i = 0;
+    for (; i + K <= n; i += K)
+      for (int k = 0; k < K; ++k) acc[k] = add_sq(acc[k], p[i + k], t[i + k]);
+    for (int k = 0; i < n; ++i, ++k) acc[k] = add_sq(acc[k], p[i], t[i]);
+    for (int w = K / 2; w > 0; w /= 2)
+      for (int k = 0; k < w; ++k) acc[k] += acc[k + w];
+    return acc[0];
+  }
+};
 
 template <typename T>
-OSF_ALWAYS_INLINE void grad_body(const T* p, const T* t, T* g, int64_t n, acc_t<T> scale) {
-  for (int64_t i = 0; i < n; ++i) g[i] = grad_elem(p[i], t[i], scale);
-}
+struct Grad {
+  static OSF_ALWAYS_INLINE void run(const T* p, const T* t, T* g, int64_t n, acc_t<T> scale) {
+    for (int64_t i = 0; i < n; ++i) g[i] = grad_elem(p[i], t[i], scale);
+  }
+};
 
-template <typename T>
-acc_t<T> sum_sq_baseline(const T* p, const T* t, int64_t n) {
-  return sum_sq_body(p, t, n);
-}
-template <typename T>
-void grad_baseline(const T* p, const T* t, T* g, int64_t n, acc_t<T> scale) {
-  grad_body(p, t, g, n, scale);
-}
-
-#ifdef OSF_AVX2_PATH
-template <typename T>
-OSF_TARGET_AVX2 acc_t<T> sum_sq_avx2(const T* p, const T* t, int64_t n) {
-  return sum_sq_body(p, t, n);
-}
-template <typename T>
-OSF_TARGET_AVX2 void grad_avx2(const T* p, const T* t, T* g, int64_t n, acc_t<T> scale) {
-  grad_body(p, t, g, n, scale);
-}
-#endif
-
-template <typename T>
-acc_t<T> sum_sq(const T* p, const T* t, int64_t n) {
-#ifdef OSF_AVX2_PATH
-  if (cpu_has_avx2()) return sum_sq_avx2(p, t, n);
-#endif
-  return sum_sq_baseline(p, t, n);
-}
-
-template <typename T>
-void grad_span(const T* p, const T* t, T* g, int64_t n, acc_t<T> scale) {
-#ifdef OSF_AVX2_PATH
-  if (cpu_has_avx2()) return grad_avx2(p, t, g, n, scale);
-#endif
-  grad_baseline(p, t, g, n, scale);
-}
-
-bool supported(c10::ScalarType s) {
-  return s == at::kFloat || s == at::kBFloat16 || s == at::kHalf || s == at::kDouble;
-}
-
-}  // namespace
-
-void check_inputs(const at::Tensor& pred, const at::Tensor& target, const at::Tensor& ranges) {
-  TORCH_CHECK_VALUE(pred.dim() == 3, "masked_mse: pred must be [B, L, D], got shape ", pred.sizes());
-  TORCH_CHECK_VALUE(target.sizes() == pred.sizes(), "masked_mse: target has shape ", target.sizes(),
-                    " but pred has shape ", pred.sizes());
-  TORCH_CHECK_TYPE(supported(pred.scalar_type()), "masked_mse: pred has dtype ", pred.scalar_type(),
-                   "; expected float32, bfloat16, float16 or float64");
-  TORCH_CHECK_TYPE(target.scalar_type() == pred.scalar_type(), "masked_mse: target has dtype ",
-                   target.scalar_type(), " but pred has dtype ", pred.scalar_type());
-  TORCH_CHECK_VALUE(target.device() == pred.device(), "masked_mse: target is on ", target.device(),
-                    " but pred is on ", pred.device());
-  TORCH_CHECK_VALUE(ranges.device() == pred.device(), "masked_mse: ranges is on ", ranges.device(),
-                    " but pred is on ", pred.device());
-  TORCH_CHECK_TYPE(ranges.scalar_type() == at::kLong, "masked_mse: ranges must be int64, got ",
-                   ranges.scalar_type());
-  TORCH_CHECK_VALUE(ranges.dim() == 2 && ranges.size(0) == pred.size(0) && ranges.size(1) == 2,
-                    "masked_mse: ranges must be [B, 2] = [", pred.size(0), ", 2], got ", ranges.sizes());
-  TORCH_CHECK_VALUE(pred.is_contiguous() && target.is_contiguous() && ranges.is_contiguous(),
-                    "masked_mse: pred, target and ranges must be contiguous");
-}
-
-void forward_cpu(const at::Tensor& pred, const at::Tensor& target, const at::Tensor& ranges,
-                 at::Tensor& partial, at::Tensor& loss) {
-  const int64_t B = pred.size(0), L = pred.size(1), D = pred.size(2);
-  const int64_t C = partial.size(1);
+at::Tensor forward_cpu(const at::Tensor& pred, const at::Tensor& target, const at::Tensor& ranges) {
+  check_inputs(pred, target, ranges);
+  const int64_t B = pred.size(0), L = pred.size(1), D = pred.size(2), C = max_chunks(L, D);
+  at::Tensor loss = at::empty({}, pred.options().dtype(acc_dtype(pred)));
   const int64_t* rg = ranges.data_ptr<int64_t>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, pred.scalar_type(), "masked_mse_cpu", [&] {
     using A = acc_t<scalar_t>;
     const scalar_t* p = pred.data_ptr<scalar_t>();
     const scalar_t* t = target.data_ptr<scalar_t>();
-    A* part = partial.data_ptr<A>();
+    std::vector<A> part(B * C), means(B);
     at::parallel_for(0, B * C, 1, [&](int64_t begin, int64_t end) {
       for (int64_t k = begin; k < end; ++k) {
         const int64_t b = k / C, c = k % C;
         int64_t lo, hi;
         chunk_bounds(clamp_range(rg[2 * b], rg[2 * b + 1], L), D, c, &lo, &hi);
         const int64_t off = b * L * D;
-        part[k] = hi > lo ? sum_sq(p + off + lo, t + off + lo, hi - lo) : A(0);
+        part[k] = hi > lo ? cpu_isa::run<SumSq<scalar_t>>(p + off + lo, t + off + lo, hi - lo) : A(0);
       }
     });
-    std::vector<A> means(B);
-    for (int64_t b = 0; b < B; ++b) means[b] = sample_mean(part, rg, b, C, L, D);
+    for (int64_t b = 0; b < B; ++b) means[b] = sample_mean(part.data(), rg, b, C, L, D);
+    // B == 0: 0/0, a NaN, as upstream's mean over nothing
     *loss.data_ptr<A>() = batch_mean(means.data(), B);
   });
+  return loss;
 }
 
-void backward_cpu(const at::Tensor& grad, const at::Tensor& pred, const at::Tensor& target,
-                  const at::Tensor& ranges, at::Tensor& grad_pred) {
+at::Tensor backward_cpu(const at::Tensor& grad, const at::Tensor& pred, const at::Tensor& target,
+                        const at::Tensor& ranges) {
+  check_inputs(pred, target, ranges);
+  check_grad(grad, pred);
+  at::Tensor grad_pred = at::empty_like(pred, at::MemoryFormat::Contiguous);
   const int64_t B = pred.size(0), L = pred.size(1), D = pred.size(2);
   const int64_t C = max_chunks(L, D);
   const int64_t* rg = ranges.data_ptr<int64_t>();
+  if (grad_pred.numel() == 0) return grad_pred;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, pred.scalar_type(), "masked_mse_bwd_cpu", [&] {
     using A = acc_t<scalar_t>;
-    const A g = grad.item<A>();  // a CPU scalar: no device sync involved
+    const A g = grad.item<double>();  // a CPU scalar: no device sync involved
     const scalar_t* p = pred.data_ptr<scalar_t>();
     const scalar_t* t = target.data_ptr<scalar_t>();
     scalar_t* gp = grad_pred.data_ptr<scalar_t>();
@@ -146,11 +96,15 @@ void backward_cpu(const at::Tensor& grad, const at::Tensor& pred, const at::Tens
         const int64_t hi = std::max(std::min(a1, r.end * D), lo);
         std::fill(gp + off + a0, gp + off + lo, scalar_t(0));
         std::fill(gp + off + hi, gp + off + a1, scalar_t(0));
-        if (hi > lo) grad_span(p + off + lo, t + off + lo, gp + off + lo, hi - lo, grad_scale(g, r, D, B));
+        if (hi > lo)
+          cpu_isa::run<Grad<scalar_t>>(p + off + lo, t + off + lo, gp + off + lo, hi - lo, grad_scale(g, r, D, B));
       }
     });
   });
+  return grad_pred;
 }
+
+}  // namespace
 
 namespace {
 // __shfl_down_sync tree of masked_mse_cuda.cu's block_sum, on an array of the
@@ -172,8 +126,13 @@ A emulate_block_sum(std::vector<A> v) {
 }
 }  // namespace
 
-void grid_walk(const at::Tensor& grad, const at::Tensor& pred, const at::Tensor& target,
-               const at::Tensor& ranges, at::Tensor& loss, at::Tensor& grad_pred) {
+std::tuple<at::Tensor, at::Tensor> grid_walk(const at::Tensor& grad, const at::Tensor& pred,
+                                             const at::Tensor& target, const at::Tensor& ranges) {
+  check_inputs(pred, target, ranges);
+  check_grad(grad, pred);
+  const at::Tensor g = grad.to(acc_dtype(pred));
+  at::Tensor loss = at::empty({}, pred.options().dtype(acc_dtype(pred)));
+  at::Tensor grad_pred = at::empty_like(pred, at::MemoryFormat::Contiguous);
   const int64_t B = pred.size(0), L = pred.size(1), D = pred.size(2), C = max_chunks(L, D);
   const int64_t* rg = ranges.data_ptr<int64_t>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, pred.scalar_type(), "masked_mse_walk", [&] {
@@ -191,9 +150,16 @@ void grid_walk(const at::Tensor& grad, const at::Tensor& pred, const at::Tensor&
     for (int64_t b = 0; b < B; ++b)
       for (int64_t c = 0; c < C; ++c)
         for (int th = 0; th < kThreads; ++th)
-          grad_thread(grad.data_ptr<A>(), p, t, rg, grad_pred.data_ptr<scalar_t>(), B, L, D, b, c, th);
+          grad_thread(g.data_ptr<A>(), p, t, rg, grad_pred.data_ptr<scalar_t>(), B, L, D, b, c, th);
   });
+  return {loss, grad_pred};
 }
 
 }  // namespace masked_mse
 }  // namespace opensora_fast
+
+TORCH_LIBRARY_IMPL(opensora_fast, CPU, m) {
+  m.impl("masked_mse", &opensora_fast::masked_mse::forward_cpu);
+  m.impl("masked_mse_backward", &opensora_fast::masked_mse::backward_cpu);
+  m.impl("_masked_mse_grid_walk", &opensora_fast::masked_mse::grid_walk);
+}

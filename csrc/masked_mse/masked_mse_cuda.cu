@@ -1,11 +1,17 @@
-// Masked MSE on the GPU: one block per (chunk, sample) for the partial sums and
-// the gradient, one small block for the final mean. Inputs were checked by
-// check_inputs (registration.cpp). Nothing here reads device memory on the host.
+// Masked MSE on the GPU: one block per (sample, chunk) for the partial sums and
+// for the gradient, then per-sample means and their fixed-order mean. Nothing
+// here reads device memory on the host, so the ops never sync and can be
+// captured in a CUDA graph.
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <limits>
 
 #include "masked_mse.h"
 #include "masked_mse_ops.h"
@@ -15,7 +21,8 @@ namespace masked_mse {
 
 namespace {
 
-// Tree sum of the block's kThreads values; _grid_walk_masked_mse (CPU) mirrors it.
+// Tree sum of the block's kThreads values; the CPU grid walk (emulate_block_sum)
+// mirrors it step for step.
 template <typename A>
 __device__ A block_sum(A v) {
   __shared__ A warp_sums[kThreads / 32];
@@ -30,65 +37,97 @@ __device__ A block_sum(A v) {
   return v;  // valid in thread 0
 }
 
+// Blocks are numbered b * C + c in one grid dimension (2^31 - 1 blocks), so
+// any batch size launches; the index is 64-bit before it is split.
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     partial_kernel(const T* __restrict__ p, const T* __restrict__ t, const int64_t* __restrict__ ranges,
-                   acc_t<T>* __restrict__ partial, int64_t L, int64_t D) {
-  const acc_t<T> v = block_sum(partial_thread_sum(p, t, ranges, L, D, blockIdx.y, blockIdx.x, threadIdx.x));
-  if (threadIdx.x == 0) partial[blockIdx.y * gridDim.x + blockIdx.x] = v;
+                   acc_t<T>* __restrict__ partial, int64_t L, int64_t D, int64_t C) {
+  const int64_t block = blockIdx.x;
+  const acc_t<T> v = block_sum(partial_thread_sum(p, t, ranges, L, D, block / C, block % C, threadIdx.x));
+  if (threadIdx.x == 0) partial[block] = v;
 }
 
 template <typename A>
-__global__ void finish_kernel(const A* __restrict__ partial, const int64_t* __restrict__ ranges,
-                              A* __restrict__ loss, int64_t B, int64_t C, int64_t L, int64_t D) {
-  extern __shared__ unsigned char smem[];
-  A* means = reinterpret_cast<A*>(smem);
-  for (int64_t b = threadIdx.x; b < B; b += blockDim.x) means[b] = sample_mean(partial, ranges, b, C, L, D);
-  __syncthreads();
-  if (threadIdx.x == 0) *loss = batch_mean(means, B);
+__global__ void sample_means_kernel(const A* __restrict__ partial, const int64_t* __restrict__ ranges,
+                                    A* __restrict__ means, int64_t B, int64_t C, int64_t L, int64_t D) {
+  const int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (b < B) means[b] = sample_mean(partial, ranges, b, C, L, D);
+}
+
+// One thread, samples in order: the same order (and bits) as the CPU.
+template <typename A>
+__global__ void batch_mean_kernel(const A* __restrict__ means, A* __restrict__ loss, int64_t B) {
+  *loss = batch_mean(means, B);
 }
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     grad_kernel(const acc_t<T>* __restrict__ grad, const T* __restrict__ p, const T* __restrict__ t,
-                const int64_t* __restrict__ ranges, T* __restrict__ gp, int64_t L, int64_t D, int64_t B) {
-  grad_thread(grad, p, t, ranges, gp, B, L, D, blockIdx.y, blockIdx.x, threadIdx.x);
+                const int64_t* __restrict__ ranges, T* __restrict__ gp, int64_t B, int64_t L, int64_t D,
+                int64_t C) {
+  const int64_t block = blockIdx.x;
+  grad_thread(grad, p, t, ranges, gp, B, L, D, block / C, block % C, threadIdx.x);
+}
+
+void check_grid(int64_t blocks) {
+  TORCH_CHECK_VALUE(blocks <= std::numeric_limits<int32_t>::max(), "masked_mse: ", blocks,
+                    " blocks of work is more than one CUDA grid holds");
+}
+
+at::Tensor forward_cuda(const at::Tensor& pred, const at::Tensor& target, const at::Tensor& ranges) {
+  check_inputs(pred, target, ranges);
+  const c10::cuda::CUDAGuard guard(pred.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const int64_t B = pred.size(0), L = pred.size(1), D = pred.size(2), C = max_chunks(L, D);
+  check_grid(B * C);
+  const auto opts = pred.options().dtype(acc_dtype(pred));
+  at::Tensor loss = at::empty({}, opts);
+  at::Tensor partial = at::empty({B * C}, opts);
+  at::Tensor means = at::empty({B}, opts);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, pred.scalar_type(), "masked_mse_cuda", [&] {
+    using A = acc_t<scalar_t>;
+    if (B > 0) {
+      partial_kernel<scalar_t><<<B * C, kThreads, 0, stream>>>(pred.data_ptr<scalar_t>(), target.data_ptr<scalar_t>(),
+                                                              ranges.data_ptr<int64_t>(), partial.data_ptr<A>(), L, D, C);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      sample_means_kernel<A><<<ceil_div<int64_t>(B, 256), 256, 0, stream>>>(
+          partial.data_ptr<A>(), ranges.data_ptr<int64_t>(), means.data_ptr<A>(), B, C, L, D);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    batch_mean_kernel<A><<<1, 1, 0, stream>>>(means.data_ptr<A>(), loss.data_ptr<A>(), B);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return loss;
+}
+
+at::Tensor backward_cuda(const at::Tensor& grad, const at::Tensor& pred, const at::Tensor& target,
+                         const at::Tensor& ranges) {
+  check_inputs(pred, target, ranges);
+  check_grad(grad, pred);
+  const c10::cuda::CUDAGuard guard(pred.device());
+  at::Tensor grad_pred = at::empty_like(pred, at::MemoryFormat::Contiguous);
+  if (grad_pred.numel() == 0) return grad_pred;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const int64_t B = pred.size(0), L = pred.size(1), D = pred.size(2), C = max_chunks(L, D);
+  check_grid(B * C);
+  const at::Tensor g = grad.to(acc_dtype(pred));  // on the device: no sync
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, pred.scalar_type(), "masked_mse_bwd_cuda", [&] {
+    using A = acc_t<scalar_t>;
+    grad_kernel<scalar_t><<<B * C, kThreads, 0, stream>>>(g.data_ptr<A>(), pred.data_ptr<scalar_t>(),
+                                                         target.data_ptr<scalar_t>(), ranges.data_ptr<int64_t>(),
+                                                         grad_pred.data_ptr<scalar_t>(), B, L, D, C);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return grad_pred;
 }
 
 }  // namespace
 
-void forward_cuda(const at::Tensor& pred, const at::Tensor& target, const at::Tensor& ranges,
-                  at::Tensor& partial, at::Tensor& loss) {
-  const c10::cuda::CUDAGuard guard(pred.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const int64_t B = pred.size(0), L = pred.size(1), D = pred.size(2), C = partial.size(1);
-  if (B == 0) return;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, pred.scalar_type(), "masked_mse_cuda", [&] {
-    using A = acc_t<scalar_t>;
-    partial_kernel<scalar_t><<<dim3(C, B), kThreads, 0, stream>>>(
-        pred.data_ptr<scalar_t>(), target.data_ptr<scalar_t>(), ranges.data_ptr<int64_t>(),
-        partial.data_ptr<A>(), L, D);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    finish_kernel<A><<<1, 256, B * sizeof(A), stream>>>(partial.data_ptr<A>(), ranges.data_ptr<int64_t>(),
-                                                        loss.data_ptr<A>(), B, C, L, D);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-}
-
-void backward_cuda(const at::Tensor& grad, const at::Tensor& pred, const at::Tensor& target,
-                   const at::Tensor& ranges, at::Tensor& grad_pred) {
-  const c10::cuda::CUDAGuard guard(pred.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const int64_t B = pred.size(0), L = pred.size(1), D = pred.size(2);
-  if (B == 0 || L * D == 0) return;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, pred.scalar_type(), "masked_mse_bwd_cuda", [&] {
-    using A = acc_t<scalar_t>;
-    grad_kernel<scalar_t><<<dim3(max_chunks(L, D), B), kThreads, 0, stream>>>(
-        grad.data_ptr<A>(), pred.data_ptr<scalar_t>(), target.data_ptr<scalar_t>(),
-        ranges.data_ptr<int64_t>(), grad_pred.data_ptr<scalar_t>(), L, D, B);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-}
-
 }  // namespace masked_mse
 }  // namespace opensora_fast
+
+TORCH_LIBRARY_IMPL(opensora_fast, CUDA, m) {
+  m.impl("masked_mse", &opensora_fast::masked_mse::forward_cuda);
+  m.impl("masked_mse_backward", &opensora_fast::masked_mse::backward_cuda);
+}

@@ -1,4 +1,5 @@
-// Host entry points of the masked MSE ops (see masked_mse.h for the math).
+// Host side of the masked MSE ops (see masked_mse.h for the math), shared by
+// masked_mse.cpp (schemas, checks), masked_mse_cpu.cpp and masked_mse_cuda.cu.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -6,27 +7,17 @@
 namespace opensora_fast {
 namespace masked_mse {
 
-// pred, target [B, L, D] same dtype (fp32/bf16/fp16/fp64) and device,
-// ranges int64 [B, 2] on that device. Errors name the argument.
+// pred, target [B, L, D] same dtype (fp32/bf16/fp16/fp64), dense, contiguous,
+// same device; ranges int64 [B, 2] on that device. Errors name the argument
+// (the same text as opensora_fast/reference/masked_mse.py check_inputs).
 void check_inputs(const at::Tensor& pred, const at::Tensor& target, const at::Tensor& ranges);
+// grad: the incoming gradient of the loss, a real floating 0-dim tensor on pred's device.
+void check_grad(const at::Tensor& grad, const at::Tensor& pred);
 
-// partial: [B, max_chunks] in the accumulation dtype; loss: 0-dim, same dtype.
-void forward_cpu(const at::Tensor& pred, const at::Tensor& target, const at::Tensor& ranges,
-                 at::Tensor& partial, at::Tensor& loss);
-void backward_cpu(const at::Tensor& grad, const at::Tensor& pred, const at::Tensor& target,
-                  const at::Tensor& ranges, at::Tensor& grad_pred);
-
-// The CUDA kernels' per-thread bodies over their whole grids on the CPU, with
-// the block reduction emulated in the GPU's order: a test of GPU geometry.
-void grid_walk(const at::Tensor& grad, const at::Tensor& pred, const at::Tensor& target,
-               const at::Tensor& ranges, at::Tensor& loss, at::Tensor& grad_pred);
-
-#ifdef OSF_WITH_CUDA
-void forward_cuda(const at::Tensor& pred, const at::Tensor& target, const at::Tensor& ranges,
-                  at::Tensor& partial, at::Tensor& loss);
-void backward_cuda(const at::Tensor& grad, const at::Tensor& pred, const at::Tensor& target,
-                   const at::Tensor& ranges, at::Tensor& grad_pred);
-#endif
+// The loss's dtype: fp32, or fp64 for fp64 inputs.
+inline c10::ScalarType acc_dtype(const at::Tensor& pred) {
+  return pred.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
 
 }  // namespace masked_mse
 }  // namespace opensora_fast

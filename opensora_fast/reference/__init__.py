@@ -1,9 +1,13 @@
 """Pure-PyTorch references: the fallback when no native kernel runs, and the
 oracle every kernel is tested against. Written from upstream's semantics
-(hpcaitech/Open-Sora ``opensora/utils``), not copied from it."""
-from .ema import check_ema_inputs, ema_update_
+(hpcaitech/Open-Sora ``opensora/utils``), not copied from it. Each op's check
+function raises what its native kernels raise (same type, same message)."""
+from .ema import canonical_nan_, ema_update_
+from .ema import check_inputs as ema_check_inputs
 from .masked_mse import acc_dtype as masked_mse_acc_dtype
-from .masked_mse import check_mse_inputs, masked_mse
+from .masked_mse import check_grad as masked_mse_check_grad
+from .masked_mse import check_inputs as masked_mse_check_inputs
+from .masked_mse import masked_mse, masked_mse_backward
 from .train import get_batch_loss, update_ema
 from .condition import (
     add_noise_to_ref,
@@ -16,6 +20,27 @@ from .condition import (
     prepare_visual_condition_uncausal,
 )
 
-__all__ = ["check_ema_inputs", "ema_update_", "check_mse_inputs", "masked_mse", "get_batch_loss", "update_ema",
-           "check_condition_inputs", "condition", "condition_cat_", "add_noise_to_ref", "collect_references_batch",
-           "prepare_inference_condition", "prepare_visual_condition_causal", "prepare_visual_condition_uncausal"]
+# names used before the per-op layout
+check_ema_inputs = ema_check_inputs
+check_mse_inputs = masked_mse_check_inputs
+
+__all__ = [
+    "canonical_nan_",
+    "ema_check_inputs",
+    "ema_update_",
+    "masked_mse_acc_dtype",
+    "masked_mse_check_grad",
+    "masked_mse_check_inputs",
+    "masked_mse",
+    "masked_mse_backward",
+    "get_batch_loss",
+    "update_ema",
+    "check_condition_inputs",
+    "condition",
+    "condition_cat_",
+    "add_noise_to_ref",
+    "collect_references_batch",
+    "prepare_inference_condition",
+    "prepare_visual_condition_causal",
+    "prepare_visual_condition_uncausal",
+]

@@ -11,28 +11,49 @@ from typing import Sequence
 
 import torch
 
+from ._checks import find_overlap, shape_str, tensor_span
+
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def check_ema_inputs(ema: Sequence[torch.Tensor], src: Sequence[torch.Tensor], decay: float) -> None:
-    """The native op's checks, for the reference path (same messages)."""
+def check_tensor_lists(ema: Sequence, src: Sequence) -> None:
+    """Every item of both lists is a tensor (ema first, then src): TypeError naming the first that is not."""
+    for name, items in (("ema", ema), ("src", src)):
+        if not all(map(torch.is_tensor, items)):
+            i, bad = next((i, x) for i, x in enumerate(items) if not isinstance(x, torch.Tensor))
+            raise TypeError(f"ema_update_: {name}[{i}] must be a tensor, got {type(bad).__name__}")
+
+
+def check_inputs(ema: Sequence[torch.Tensor], src: Sequence[torch.Tensor], decay: float) -> None:
+    """The native op's checks, in its order and with its messages (csrc/ema/ema.cpp):
+    first the autograd rule, then every pair, then aliasing. Nothing is
+    written by a call that fails any of them."""
+    check_tensor_lists(ema, src)
+    if torch.is_grad_enabled():
+        for i, e in enumerate(ema):
+            if e.requires_grad:
+                raise RuntimeError(
+                    f"ema_update_: ema[{i}] requires grad and grad mode is on; ema_update_ is not "
+                    "differentiable: call it under torch.no_grad()"
+                )
     if len(ema) != len(src):
         raise ValueError(
             f"ema_update_: ema and src must have the same length, got len(ema)={len(ema)} and len(src)={len(src)}"
         )
     if not (0.0 <= decay <= 1.0):
-        raise ValueError(f"ema_update_: decay must be in [0, 1], got {decay}")
+        raise ValueError(f"ema_update_: decay must be in [0, 1], got {float(decay)!r}")
+    spans, storages = [], {}
     for i, (e, s) in enumerate(zip(ema, src)):
-        if not isinstance(e, torch.Tensor) or not isinstance(s, torch.Tensor):
-            raise TypeError(f"ema_update_: ema[{i}] and src[{i}] must be tensors")
+        if e.layout != torch.strided or s.layout != torch.strided:
+            raise ValueError(f"ema_update_: ema[{i}] and src[{i}] must be dense (strided) tensors")
         if e.dtype not in _FLOATS:
             raise TypeError(f"ema_update_: ema[{i}] has dtype {e.dtype}; expected float32, bfloat16 or float16")
         if s.dtype not in _FLOATS:
             raise TypeError(f"ema_update_: src[{i}] has dtype {s.dtype}; expected float32, bfloat16 or float16")
         if e.shape != s.shape:
-            raise ValueError(f"ema_update_: ema[{i}] has shape {list(e.shape)} but src[{i}] has shape {list(s.shape)}")
-        if e.layout != torch.strided or s.layout != torch.strided:
-            raise ValueError(f"ema_update_: ema[{i}] and src[{i}] must be dense (strided) tensors")
+            raise ValueError(
+                f"ema_update_: ema[{i}] has shape {shape_str(e.shape)} but src[{i}] has shape {shape_str(s.shape)}"
+            )
         if e.device != s.device:
             raise ValueError(f"ema_update_: ema[{i}] is on {e.device} but src[{i}] is on {s.device}")
         if e.device != ema[0].device:
@@ -43,9 +64,25 @@ def check_ema_inputs(ema: Sequence[torch.Tensor], src: Sequence[torch.Tensor], d
             raise ValueError(f"ema_update_: ema[{i}] is not contiguous")
         if not s.is_contiguous():
             raise ValueError(f"ema_update_: src[{i}] is not contiguous")
+        if e.is_inference() and not torch.is_inference_mode_enabled():
+            raise RuntimeError(
+                f"ema_update_: ema[{i}] is an inference tensor; it can only be updated in place inside "
+                "torch.inference_mode()"
+            )
+        spans.append(tensor_span(e, True, "ema", i, storages))
+        spans.append(tensor_span(s, False, "src", i, storages))
+    hit = find_overlap(spans)
+    if hit is not None:
+        a, b = hit
+        raise ValueError(
+            f"ema_update_: {a.arg}[{a.index}] and {b.arg}[{b.index}] overlap in memory; every ema tensor must "
+            "share no memory with any other tensor of the call"
+        )
 
 
-@torch.no_grad()
+check_ema_inputs = check_inputs  # the name used before the per-op layout
+
+
 def ema_update_(
     ema: Sequence[torch.Tensor],
     src: Sequence[torch.Tensor],
@@ -53,10 +90,16 @@ def ema_update_(
     stochastic: bool = False,
     seed: int = 0,
 ) -> None:
-    check_ema_inputs(ema, src, decay)
+    check_inputs(ema, src, decay)
+    with torch.no_grad():
+        _update(ema, src, decay, stochastic, seed)
+
+
+def _update(ema, src, decay, stochastic, seed) -> None:
     if not stochastic:
         for e, s in zip(ema, src):
             e.mul_(decay).add_(s, alpha=1 - decay)
+            canonical_nan_(e)
         return
     alpha = torch.tensor(1.0 - decay, dtype=torch.float32).item()  # fp32(1 - decay)
     d32 = torch.tensor(decay, dtype=torch.float32).item()
@@ -68,7 +111,20 @@ def ema_update_(
             r = _fma_to_float(s.double().reshape(-1), alpha, prod.reshape(-1))
             u = _uniform01(seed, torch.arange(base, base + n, device=e.device, dtype=torch.int64))
             e.copy_(_round_stochastic(r, u, e.dtype).view(e.shape))
+            canonical_nan_(e)
         base += n
+
+
+# The one NaN bit pattern the kernels write (csrc/common.h round_to): positive quiet NaN.
+_CANONICAL_NAN = {torch.float32: 0x7FC00000, torch.bfloat16: 0x7FC0, torch.float16: 0x7E00, torch.float64: 0x7FF8000000000000}
+_INT_VIEW = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def canonical_nan_(t: torch.Tensor) -> torch.Tensor:
+    """Rewrites every NaN of a floating tensor, in place, as the canonical NaN."""
+    if t.numel() and t.dtype in _CANONICAL_NAN:
+        t.view(_INT_VIEW[t.element_size()]).masked_fill_(t.isnan(), _CANONICAL_NAN[t.dtype])
+    return t
 
 
 def _fma_to_float(x: torch.Tensor, a: float, c: torch.Tensor) -> torch.Tensor:
@@ -103,7 +159,7 @@ def _uniform01(seed: int, index: torch.Tensor) -> torch.Tensor:
 
 
 def _round_stochastic(r: torch.Tensor, u: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """csrc/ema/ema.h round_stochastic, elementwise."""
+    """csrc/ema/ema.h round_stochastic, elementwise (NaN made canonical by the caller)."""
     if dtype == torch.float32:
         return r
     n = r.to(dtype)

@@ -1,18 +1,28 @@
 """Reference of ``opensora_fast::masked_mse`` (and, through autograd, of
-``masked_mse_backward``): pure PyTorch, no host sync."""
+``masked_mse_backward``): pure PyTorch, no host sync, differentiable to any
+order."""
 from __future__ import annotations
 
 import torch
 
+from ._checks import shape_str
+
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
-def check_mse_inputs(pred: torch.Tensor, target: torch.Tensor, ranges: torch.Tensor) -> None:
-    """The native op's checks, for the reference path and the fake (same messages)."""
+def check_inputs(pred: torch.Tensor, target: torch.Tensor, ranges: torch.Tensor) -> None:
+    """The native op's checks, in its order and with its messages (csrc/masked_mse/masked_mse.cpp)."""
+    for name, t in (("pred", pred), ("target", target), ("ranges", ranges)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"masked_mse: {name} must be a tensor, got {type(t).__name__}")
+    if pred.layout != torch.strided or target.layout != torch.strided or ranges.layout != torch.strided:
+        raise ValueError("masked_mse: pred, target and ranges must be dense (strided) tensors")
     if pred.dim() != 3:
-        raise ValueError(f"masked_mse: pred must be [B, L, D], got shape {list(pred.shape)}")
+        raise ValueError(f"masked_mse: pred must be [B, L, D], got shape {shape_str(pred.shape)}")
     if target.shape != pred.shape:
-        raise ValueError(f"masked_mse: target has shape {list(target.shape)} but pred has shape {list(pred.shape)}")
+        raise ValueError(
+            f"masked_mse: target has shape {shape_str(target.shape)} but pred has shape {shape_str(pred.shape)}"
+        )
     if pred.dtype not in _DTYPES:
         raise TypeError(f"masked_mse: pred has dtype {pred.dtype}; expected float32, bfloat16, float16 or float64")
     if target.dtype != pred.dtype:
@@ -24,29 +34,73 @@ def check_mse_inputs(pred: torch.Tensor, target: torch.Tensor, ranges: torch.Ten
     if ranges.dtype != torch.int64:
         raise TypeError(f"masked_mse: ranges must be int64, got {ranges.dtype}")
     if ranges.dim() != 2 or ranges.shape[0] != pred.shape[0] or ranges.shape[1] != 2:
-        raise ValueError(f"masked_mse: ranges must be [B, 2] = [{pred.shape[0]}, 2], got {list(ranges.shape)}")
+        raise ValueError(f"masked_mse: ranges must be [B, 2] = [{pred.shape[0]}, 2], got {shape_str(ranges.shape)}")
+    if not (pred.is_contiguous() and target.is_contiguous() and ranges.is_contiguous()):
+        raise ValueError("masked_mse: pred, target and ranges must be contiguous")
+
+
+def check_grad(grad: torch.Tensor, pred: torch.Tensor) -> None:
+    """The native backward's check of the incoming gradient."""
+    if grad.layout != torch.strided:
+        raise ValueError("masked_mse_backward: grad must be a dense (strided) tensor")
+    if grad.dim() != 0:
+        raise ValueError(f"masked_mse_backward: grad must be a scalar (0-dim), got shape {shape_str(grad.shape)}")
+    if grad.dtype not in _DTYPES:
+        raise TypeError(
+            f"masked_mse_backward: grad has dtype {grad.dtype}; expected float32, bfloat16, float16 or float64"
+        )
+    if grad.device != pred.device:
+        raise ValueError(f"masked_mse_backward: grad is on {grad.device} but pred is on {pred.device}")
+
+
+check_mse_inputs = check_inputs  # the name used before the per-op layout
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _token_weights(ranges: torch.Tensor, B: int, L: int, D: int, acc: torch.dtype):
+    """inside [B, L, 1] (bool) and count_b = elements in sample b's range [B] (in acc)."""
+    start = ranges[:, 0].clamp(0, L)
+    end = torch.maximum(ranges[:, 1].clamp(0, L), start)
+    tok = torch.arange(L, device=ranges.device)
+    inside = (tok >= start[:, None]) & (tok < end[:, None])
+    count = ((end - start) * D).to(acc)
+    return inside[:, :, None], count
+
+
 def masked_mse(pred: torch.Tensor, target: torch.Tensor, ranges: torch.Tensor) -> torch.Tensor:
     """mean over b of the mean of (pred - target)^2 over tokens [ranges[b,0], ranges[b,1])
     and all of D. Ranges are clamped to [0, L] with end >= start; an empty range
-    gives NaN (upstream's mean over an empty slice) and no gradient."""
-    check_mse_inputs(pred, target, ranges)
+    gives NaN (upstream's mean over an empty slice) and no gradient. Tokens
+    outside the ranges are never read into the result: NaN/Inf there changes
+    neither the loss nor the gradient (a select, not a multiply by 0)."""
+    check_inputs(pred, target, ranges)
     B, L, D = pred.shape
     acc = acc_dtype(pred.dtype)
     if B == 0:
         return torch.full((), float("nan"), dtype=acc, device=pred.device)
-    start = ranges[:, 0].clamp(0, L)
-    end = torch.maximum(ranges[:, 1].clamp(0, L), start)
-    tok = torch.arange(L, device=pred.device)
-    inside = (tok >= start[:, None]) & (tok < end[:, None])
-    sq = (pred.to(acc) - target.to(acc)).pow(2).sum(-1)
-    count = ((end - start) * D).to(acc)
-    per = (sq * inside).sum(1)
+    inside, count = _token_weights(ranges, B, L, D, acc)
+    diff = torch.where(inside, pred.to(acc) - target.to(acc), torch.zeros((), dtype=acc, device=pred.device))
+    per = diff.pow(2).sum((1, 2))
     # where() on a safe denominator, so an empty sample gets NaN but no NaN gradient
     per = torch.where(count > 0, per / count.clamp_min(1), torch.full_like(per, float("nan")))
     return per.mean()
+
+
+def masked_mse_backward(grad: torch.Tensor, pred: torch.Tensor, target: torch.Tensor, ranges: torch.Tensor) -> torch.Tensor:
+    """d masked_mse / d pred times grad, in pred's dtype: 2 (pred - target) grad / (count_b B)
+    inside the range, 0 outside, with the native kernels' roundings (differences
+    and products in fp32, or fp64 for fp64; one rounding to pred's dtype).
+    Written in differentiable ops, so it is also the double backward."""
+    check_inputs(pred, target, ranges)
+    check_grad(grad, pred)
+    B, L, D = pred.shape
+    acc = acc_dtype(pred.dtype)
+    inside, count = _token_weights(ranges, B, L, D, acc)
+    # g / (count_b * B), 0 for an empty range: csrc grad_scale, rounding for rounding
+    denom = count * B
+    scale = torch.where(count > 0, grad.to(acc) / denom.clamp_min(1), torch.zeros_like(denom))[:, None, None]
+    g = (pred.to(acc) - target.to(acc)) * (2 * scale)
+    return torch.where(inside, g, torch.zeros((), dtype=acc, device=pred.device)).to(pred.dtype)

@@ -6,35 +6,56 @@ import weakref
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 from ..ops import ema_update_, masked_mse
 
 __all__ = ["update_ema", "get_batch_loss", "loss_token_ranges"]
 
-# Bumped whenever any module registers a parameter (including `m.w = Parameter(..)`),
-# so cached EMA pairings notice replaced parameters without walking the model.
-_param_epoch = 0
-
-
-def _on_param_registered(module, name, param):
-    global _param_epoch
-    _param_epoch += 1
-
-
-torch.nn.modules.module.register_module_parameter_registration_hook(_on_param_registered)
-
-_requires_grad = operator.attrgetter("requires_grad")
-_dtype = operator.attrgetter("dtype")
+_grad_and_dtype = operator.attrgetter("requires_grad", "dtype")
 
 _ROUNDING = ("compat", "stochastic")
 
 
-class _Plan:
-    """The (ema, src) pairing of one (ema_model, model, optimizer, sharded), and
-    what it was derived from. Parameters are held as objects, so ``p.data = x``
-    is seen without re-deriving."""
+def _snapshot(module: torch.nn.Module) -> list:
+    """Every parameter slot of every submodule, in order (None slots and shared
+    parameters included): a cheap fingerprint that changes whenever a parameter
+    is replaced, added or deleted, however it was done (``m.w = P``,
+    ``m._parameters["w"] = P``, ``del m.b``, a replaced submodule)."""
+    out = []
+    for m in module.modules():
+        out.extend(m._parameters.values())
+    return out
 
-    __slots__ = ("key", "epoch", "candidates", "requires_grad", "dtypes", "ema", "src")
+
+def _same_objects(a: list, b: list) -> bool:
+    return len(a) == len(b) and all(map(operator.is_, a, b))
+
+
+class _Plan:
+    """The (ema, src) pairing of one (ema_model, model, optimizer, sharded) and
+    what it was derived from, checked every step before it is reused. It holds
+    the parameter objects themselves, so their ids cannot be reused while it
+    lives, and ``p.data = x`` is seen without re-deriving."""
+
+    __slots__ = ("sharded", "model_slots", "ema_slots", "params", "attrs", "ema", "src", "mastered")
+
+    def still_valid(self, ema_model, model, masters, sharded) -> bool:
+        if sharded != self.sharded:
+            return False
+        if not _same_objects(_snapshot(model), self.model_slots):
+            return False
+        if not _same_objects(_snapshot(ema_model), self.ema_slots):
+            return False
+        if list(map(_grad_and_dtype, self.params)) != self.attrs:
+            return False
+        if self.mastered:  # each master shard still the one the map holds now
+            if masters is None:
+                return False
+            get = masters.get
+            if not all(get(id(p)) is m for p, m in self.mastered):
+                return False
+        return True
 
 
 _plans: "weakref.WeakKeyDictionary[torch.nn.Module, _Plan]" = weakref.WeakKeyDictionary()
@@ -52,16 +73,17 @@ def _master_map(optimizer):
 
 
 def _derive(ema_model, model, optimizer, sharded, masters) -> _Plan:
-    ema_params = dict(ema_model.named_parameters())
+    ema_named = dict(ema_model.named_parameters())
     plan = _Plan()
-    plan.candidates, plan.ema, plan.src = [], [], []
+    plan.sharded = sharded
+    plan.model_slots, plan.ema_slots = _snapshot(model), _snapshot(ema_model)
+    plan.params = list(model.parameters())
+    plan.attrs = list(map(_grad_and_dtype, plan.params))
+    plan.ema, plan.src, plan.mastered = [], [], []
     for name, param in model.named_parameters():
-        if name == "pos_embed":
+        if name == "pos_embed" or not param.requires_grad:
             continue
-        plan.candidates.append(param)
-        if not param.requires_grad:
-            continue
-        if name not in ema_params:
+        if name not in ema_named:
             raise KeyError(f"update_ema: ema_model has no parameter {name!r} (model has it)")
         if sharded and param.dtype != torch.float32:
             if masters is None:
@@ -72,12 +94,11 @@ def _derive(ema_model, model, optimizer, sharded, masters) -> _Plan:
                 raise KeyError(
                     f"update_ema: parameter {name!r} has no master shard in optimizer.get_working_to_master_map()"
                 ) from None
+            plan.mastered.append((param, src))
         else:
             src = param
-        plan.ema.append(ema_params[name])
+        plan.ema.append(ema_named[name])
         plan.src.append(src)
-    plan.requires_grad = list(map(_requires_grad, plan.candidates))
-    plan.dtypes = list(map(_dtype, plan.candidates))
     return plan
 
 
@@ -100,9 +121,11 @@ def update_ema(
     the parameter, or, when ``sharded`` and the parameter is not fp32, its fp32
     master shard from ``optimizer.get_working_to_master_map()``.
 
-    The pairing is derived once and reused while the parameters stay the same
-    objects with the same ``requires_grad`` and dtype, and the master map is
-    the same; any change re-derives it.
+    The pairing is derived once and checked every step before reuse: the same
+    parameter objects in both models (none replaced, added or deleted, even
+    behind ``module._parameters``), the same ``requires_grad`` and dtypes, and
+    each master shard still the one in ``get_working_to_master_map()``; any
+    change re-derives it.
 
     Args beyond upstream (keyword-only):
         rounding: ``"compat"`` (default) rounds like upstream, bit for bit on CPU
@@ -116,17 +139,9 @@ def update_ema(
     # fetched only where it exists: an fp32 model needs no master map (upstream never asks)
     has_map = sharded and hasattr(optimizer, "get_working_to_master_map")
     masters = optimizer.get_working_to_master_map() if has_map else None
-    key = (id(model), id(optimizer), bool(sharded), id(masters), len(masters) if masters is not None else -1)
     plan = _plans.get(ema_model)
-    if (
-        plan is None
-        or plan.key != key
-        or plan.epoch != _param_epoch
-        or list(map(_requires_grad, plan.candidates)) != plan.requires_grad
-        or list(map(_dtype, plan.candidates)) != plan.dtypes
-    ):
-        plan = _derive(ema_model, model, optimizer, sharded, masters)
-        plan.key, plan.epoch = key, _param_epoch
+    if plan is None or not plan.still_valid(ema_model, model, masters, bool(sharded)):
+        plan = _derive(ema_model, model, optimizer, bool(sharded), masters)
         _plans[ema_model] = plan
     ema_update_(plan.ema, plan.src, decay, stochastic=rounding == "stochastic", generator=generator)
 
@@ -169,6 +184,8 @@ def loss_token_ranges(
         raise ValueError(f"get_batch_loss: patch_size must be a positive int, got {patch_size!r}")
     m = _frame_mask(masks) == 1
     T, H, W = masks.shape[-3:]
+    if T == 0:
+        raise ValueError(f"get_batch_loss: masks have no frames (T=0), shape {list(masks.shape)}")
     if H % patch_size or W % patch_size:
         raise ValueError(
             f"get_batch_loss: patch_size={patch_size} does not divide the masks' H={H} and W={W}"
@@ -220,14 +237,14 @@ def get_batch_loss(
     if model_pred.device != v_t.device:
         raise ValueError(f"get_batch_loss: model_pred is on {model_pred.device} but v_t is on {v_t.device}")
     if masks is None:
-        if model_pred.dim() == 0:
-            model_pred, v_t = model_pred.reshape(1, 1, 1), v_t.reshape(1, 1, 1)
-        B = model_pred.shape[0]
-        # every sample has the same count, so the mean of means is the global mean
-        pred3 = model_pred.reshape(B, -1, model_pred.shape[-1] if model_pred.dim() == 3 else 1)
-        ranges = torch.zeros((B, 2), dtype=torch.int64, device=pred3.device)
+        if model_pred.numel() == 0:  # upstream's mean over nothing: NaN (fp32), with a graph
+            return F.mse_loss(model_pred.float(), v_t.float(), reduction="mean")
+        # Every element counts once: the global mean, as one sample of N elements
+        # (the same sum and division as upstream's F.mse_loss, and any N launches).
+        pred3, target3 = model_pred.reshape(1, -1, 1), v_t.reshape(1, -1, 1)
+        ranges = torch.zeros((1, 2), dtype=torch.int64, device=pred3.device)
         ranges[:, 1].fill_(pred3.shape[1])  # a fill on the device: no host-to-device copy
-        return masked_mse(pred3.contiguous(), v_t.reshape(pred3.shape).contiguous(), ranges)
+        return masked_mse(pred3.contiguous(), target3.contiguous(), ranges).float()
     if model_pred.dim() != 3:
         raise ValueError(f"get_batch_loss: with masks, model_pred must be packed [B, L, D], got {list(model_pred.shape)}")
     if masks.device != model_pred.device:
@@ -235,4 +252,194 @@ def get_batch_loss(
     if masks.shape[0] != model_pred.shape[0]:
         raise ValueError(f"get_batch_loss: masks has batch {masks.shape[0]} but model_pred has {model_pred.shape[0]}")
     ranges = loss_token_ranges(masks, model_pred.shape[1], patch_size=patch_size, exclude=exclude)
-    return masked_mse(model_pred.contiguous(), v_t.contiguous(), ranges)
+    # fp32 as upstream (which casts to float first), also for fp64 inputs
+    return masked_mse(model_pred.contiguous(), v_t.contiguous(), ranges).float()
+
+
+# ======================================================
+# The rest of upstream's train.py: lr/eps setters, device set-up, plugins, conditioning dropout
+# ======================================================
+# Plain Python ports, importable without colossalai (its plugins are imported lazily).
+
+import warnings as _warnings  # noqa: E402
+from datetime import timedelta as _timedelta  # noqa: E402
+
+import torch.distributed as _dist  # noqa: E402
+
+from .misc import set_data_parallel_group, set_sequence_parallel_group, set_tensor_parallel_group  # noqa: E402
+from .optimizer import LinearWarmupLR  # noqa: E402
+
+__all__ += [
+    "set_lr",
+    "set_warmup_steps",
+    "set_eps",
+    "setup_device",
+    "create_colossalai_plugin",
+    "PLUGINS",
+    "dropout_condition",
+    "warmup_ae",
+]
+
+PLUGINS = ("zero1", "zero2", "hybrid")
+
+
+def _is_linear_warmup(lr_scheduler) -> bool:
+    # Open-Sora's own LinearWarmupLR counts too when a script mixes both packages.
+    return isinstance(lr_scheduler, LinearWarmupLR) or (
+        type(lr_scheduler).__name__ == "LinearWarmupLR" and hasattr(lr_scheduler, "initial_lr")
+    )
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr_scheduler, lr: float, initial_lr: Optional[float] = None) -> None:
+    """Set every param group's lr; a :class:`LinearWarmupLR` also gets ``base_lrs = [lr]*n``
+    (and ``initial_lr`` when given)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    if _is_linear_warmup(lr_scheduler):
+        lr_scheduler.base_lrs = [lr] * len(lr_scheduler.base_lrs)
+        if initial_lr is not None:
+            lr_scheduler.initial_lr = initial_lr
+
+
+def set_warmup_steps(lr_scheduler, warmup_steps: int) -> None:
+    """Set the warmup length of a :class:`LinearWarmupLR` (other schedulers are left alone)."""
+    if _is_linear_warmup(lr_scheduler):
+        lr_scheduler.warmup_steps = warmup_steps
+
+
+def set_eps(optimizer: torch.optim.Optimizer, eps: Optional[float] = None) -> None:
+    """Set every param group's ``eps`` (nothing when ``eps`` is None)."""
+    if eps is not None:
+        for group in optimizer.param_groups:
+            group["eps"] = eps
+
+
+def setup_device(backend: Optional[str] = None, timeout: _timedelta = _timedelta(hours=24)):
+    """Initialise the default process group and pick this rank's device.
+
+    Returns ``(device, coordinator)``: ColossalAI's ``DistCoordinator`` when
+    colossalai is installed, else a small object with the same basics (``rank``,
+    ``world_size``, ``local_rank``, ``is_master()``, ``block_all()``).
+
+    Upstream requires CUDA and NCCL. Ours: ``backend=None`` picks NCCL when CUDA
+    is available, else gloo on the CPU; ``backend="gloo"`` forces gloo (with the
+    CUDA device still selected when present). The 24-hour timeout is upstream's.
+    Reuses an already initialised process group.
+    """
+    cuda = torch.cuda.is_available()
+    if backend is None:
+        backend = "nccl" if cuda else "gloo"
+    if backend not in ("nccl", "gloo"):
+        raise ValueError(f"setup_device: unknown backend {backend!r}; accepted: 'nccl', 'gloo' (or None)")
+    if backend == "nccl" and not cuda:
+        raise RuntimeError("setup_device: backend 'nccl' needs CUDA; pass backend='gloo' for CPU training")
+    if not _dist.is_initialized():
+        _dist.init_process_group(backend=backend, timeout=timeout)
+    if cuda:
+        torch.cuda.set_device(_dist.get_rank() % torch.cuda.device_count())
+        device = torch.device(f"cuda:{torch.cuda.current_device()}")
+    else:
+        device = torch.device("cpu")
+    try:
+        from colossalai.cluster import DistCoordinator
+    except ImportError:
+        coordinator = _Coordinator()
+    else:
+        coordinator = DistCoordinator()
+    return device, coordinator
+
+
+class _Coordinator:
+    """The part of ColossalAI's DistCoordinator that training scripts use."""
+
+    def __init__(self):
+        import os
+
+        self.rank = _dist.get_rank()
+        self.world_size = _dist.get_world_size()
+        self.local_rank = int(os.environ.get("LOCAL_RANK", self.rank))
+
+    def is_master(self) -> bool:
+        return self.rank == 0
+
+    def block_all(self) -> None:
+        _dist.barrier()
+
+    def print_on_master(self, msg: str) -> None:
+        if self.is_master():
+            print(msg)
+
+
+def create_colossalai_plugin(plugin: str, dtype: str, grad_clip: float, **kwargs):
+    """A ColossalAI booster plugin: "zero1"/"zero2" (``LowLevelZeroPlugin``) or "hybrid"
+    (``HybridParallelPlugin``), with upstream's defaults (initial_scale 2**16,
+    overlap_allgather, 20 MB buckets, ...); ``kwargs`` override them. Registers the
+    data/tensor/sequence parallel groups. Needs ``pip install opensora_fast[colossalai]``.
+    """
+    if plugin not in PLUGINS:
+        raise ValueError(f"Unknown plugin {plugin!r}; accepted: {', '.join(PLUGINS)}")
+    try:
+        from colossalai.booster.plugin import HybridParallelPlugin, LowLevelZeroPlugin
+    except ImportError as e:
+        raise ImportError(
+            f"create_colossalai_plugin({plugin!r}) needs ColossalAI: pip install opensora_fast[colossalai]"
+        ) from e
+    plugin_kwargs = dict(
+        precision=dtype,
+        initial_scale=2**16,
+        max_norm=grad_clip,
+        overlap_allgather=True,
+        cast_inputs=False,
+        reduce_bucket_size_in_m=20,
+    )
+    plugin_kwargs.update(kwargs)
+    if plugin in ("zero1", "zero2"):
+        sp_size = plugin_kwargs.get("sp_size", 1)
+        if sp_size != 1:
+            raise ValueError(f"Zero plugin does not support sequence parallelism (sp_size={sp_size})")
+        out = LowLevelZeroPlugin(stage=1 if plugin == "zero1" else 2, **plugin_kwargs)
+        set_data_parallel_group(_dist.group.WORLD)
+        return out
+    plugin_kwargs["find_unused_parameters"] = True
+    bucket = plugin_kwargs.pop("reduce_bucket_size_in_m")
+    plugin_kwargs.setdefault("zero_bucket_size_in_m", bucket)
+    plugin_kwargs.pop("cast_inputs")
+    plugin_kwargs["enable_metadata_cache"] = False
+    custom_policy = plugin_kwargs.pop("custom_policy", None)
+    if custom_policy is not None:
+        custom_policy = custom_policy()
+    out = HybridParallelPlugin(custom_policy=custom_policy, **plugin_kwargs)
+    set_tensor_parallel_group(out.tp_group)
+    set_sequence_parallel_group(out.sp_group)
+    set_data_parallel_group(out.dp_group)
+    return out
+
+
+def dropout_condition(prob: float, txt: torch.Tensor, null_txt: torch.Tensor) -> torch.Tensor:
+    """Replace each sample of ``txt`` (dim 0) by ``null_txt`` with probability ``prob``.
+
+    One ``torch.rand(B)`` draw on ``txt``'s device, as upstream (same RNG stream);
+    warns when ``prob == 0``.
+    """
+    if prob == 0:
+        _warnings.warn("Dropout probability is 0, skipping dropout")
+    drop = torch.rand(txt.shape[0], device=txt.device) < prob
+    drop = drop.view((drop.shape[0],) + (1,) * (txt.ndim - 1))
+    return torch.where(drop, null_txt, txt)
+
+
+@torch.no_grad()
+def warmup_ae(model_ae: torch.nn.Module, shapes: list, device: torch.device, dtype: torch.dtype) -> None:
+    """Run ``model_ae.encode`` once on random input of each shape (a progress bar on rank 0 when tqdm is installed).
+
+    Unlike upstream, works without an initialised process group and without tqdm."""
+    show = not (_dist.is_available() and _dist.is_initialized()) or _dist.get_rank() == 0
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        it = shapes
+    else:
+        it = tqdm(shapes, desc="Warmup AE", disable=not show)
+    for shape in it:
+        x = torch.randn(*shape, device=device, dtype=dtype)
+        model_ae.encode(x)

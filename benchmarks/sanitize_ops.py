@@ -1,0 +1,24 @@
+"""Calls every CUDA op once on small odd shapes, for compute-sanitizer
+(memcheck, racecheck) in benchmarks/gpu_check.sh."""
+import torch
+
+import opensora_fast  # noqa: F401  (loads the ops)
+
+OP = torch.ops.opensora_fast
+dev = "cuda"
+g = torch.Generator().manual_seed(0)
+for edt, sdt in [(torch.bfloat16, torch.float32), (torch.float16, torch.float16), (torch.float32, torch.bfloat16)]:
+    sizes = [1, 3, 4099, 32768 * 3 + 5] + [17] * 300
+    ema = [torch.randn(n + 1, generator=g).to(edt).to(dev)[1:] for n in sizes]  # misaligned
+    src = [torch.randn(n, generator=g).to(sdt).to(dev) for n in sizes]
+    OP.ema_update_(ema, src, 0.999, False, 0)
+    OP.ema_update_(ema, src, 0.999, True, 5)
+for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+    p = torch.randn(3, 3001, 7, generator=g).to(dtype).to(dev)
+    t = torch.randn(3, 3001, 7, generator=g).to(dtype).to(dev)
+    r = torch.tensor([[0, 3001], [5, 2999], [1, 1]], device=dev)
+    OP.masked_mse(p, t, r)
+    OP.masked_mse_backward(torch.tensor(0.5, device=dev), p, t, r)
+    OP.masked_mse(p[:, 1:].contiguous(), t[:, 1:].contiguous(), r.clamp(max=3000))
+torch.cuda.synchronize()
+print("sanitize_ops: all ops ran")

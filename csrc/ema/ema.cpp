@@ -1,0 +1,136 @@
+// EMA op: schemas, the input checks every kernel runs first, and the
+// device-independent kernels (autograd rules, version counter, empty calls).
+// The arithmetic is in ema.h; ema_cpu.cpp / ema_cuda.cu register the devices.
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/GradMode.h>
+#include <c10/core/InferenceMode.h>
+#include <torch/library.h>
+
+#include "../host.h"
+#include "ema_ops.h"
+
+namespace opensora_fast {
+namespace ema {
+
+namespace {
+
+bool supported_dtype(c10::ScalarType t) {
+  return t == c10::ScalarType::Float || t == c10::ScalarType::BFloat16 || t == c10::ScalarType::Half;
+}
+
+using Fn = void(at::TensorList, at::TensorList, double, bool, int64_t);
+
+c10::TypedOperatorHandle<Fn> op_handle() {
+  static const auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("opensora_fast::ema_update_", "").typed<Fn>();
+  return op;
+}
+
+// Autograd key: the op is not differentiable. Like torch's own in-place ops it
+// refuses to write into a tensor that requires grad while grad mode is on
+// (upstream runs under torch.no_grad()), then runs below autograd.
+void autograd_kernel(at::TensorList ema, at::TensorList src, double decay, bool stochastic, int64_t seed) {
+  if (c10::GradMode::is_enabled()) {
+    for (size_t i = 0; i < ema.size(); ++i)
+      TORCH_CHECK(!(ema[i].defined() && ema[i].requires_grad()), "ema_update_: ema[", i,
+                  "] requires grad and grad mode is on; ema_update_ is not differentiable: "
+                  "call it under torch.no_grad()");
+  }
+  at::AutoDispatchBelowAutograd guard;
+  op_handle().call(ema, src, decay, stochastic, seed);
+}
+
+// ADInplaceOrView key: bump the version counter of every written tensor, as
+// torch's in-place ops do, so autograd notices a saved tensor was modified.
+void inplace_kernel(at::TensorList ema, at::TensorList src, double decay, bool stochastic, int64_t seed) {
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    op_handle().call(ema, src, decay, stochastic, seed);
+  }
+  for (const at::Tensor& e : ema)
+    if (e.defined() && !e.is_inference()) e.unsafeGetTensorImpl()->bump_version();
+}
+
+// Every other backend, and a call with no tensors at all (which the dispatcher
+// cannot route to a device): validate, then do nothing (empty) or say which
+// device has no kernel.
+void fallback_kernel(at::TensorList ema, at::TensorList src, double decay, bool, int64_t) {
+  check_inputs(ema, src, decay);
+  TORCH_CHECK_NOT_IMPLEMENTED(ema.empty(), "ema_update_: no kernel for tensors on ", ema[0].device(),
+                              " (native kernels: cpu, cuda)");
+}
+
+void walk_fallback(at::TensorList ema, at::TensorList src, double decay, bool stochastic, int64_t seed, int64_t,
+                   int64_t, bool) {
+  fallback_kernel(ema, src, decay, stochastic, seed);
+}
+
+}  // namespace
+
+void check_inputs(at::TensorList ema, at::TensorList src, double decay) {
+  TORCH_CHECK_VALUE(ema.size() == src.size(),
+                    "ema_update_: ema and src must have the same length, got len(ema)=", ema.size(),
+                    " and len(src)=", src.size());
+  TORCH_CHECK_VALUE(decay >= 0.0 && decay <= 1.0, "ema_update_: decay must be in [0, 1], got ", py_repr(decay));
+  std::vector<Span> spans;
+  spans.reserve(2 * ema.size());
+  for (size_t i = 0; i < ema.size(); ++i) {
+    const at::Tensor& e = ema[i];
+    const at::Tensor& s = src[i];
+    TORCH_CHECK_VALUE(e.defined() && s.defined(), "ema_update_: ema[", i, "] or src[", i, "] is undefined");
+    TORCH_CHECK_VALUE(e.layout() == at::kStrided && s.layout() == at::kStrided, "ema_update_: ema[", i,
+                      "] and src[", i, "] must be dense (strided) tensors");
+    TORCH_CHECK_TYPE(supported_dtype(e.scalar_type()), "ema_update_: ema[", i, "] has dtype ",
+                     dtype_name(e.scalar_type()), "; expected float32, bfloat16 or float16");
+    TORCH_CHECK_TYPE(supported_dtype(s.scalar_type()), "ema_update_: src[", i, "] has dtype ",
+                     dtype_name(s.scalar_type()), "; expected float32, bfloat16 or float16");
+    TORCH_CHECK_VALUE(e.sizes() == s.sizes(), "ema_update_: ema[", i, "] has shape ", e.sizes(), " but src[",
+                      i, "] has shape ", s.sizes());
+    TORCH_CHECK_VALUE(e.device() == s.device(), "ema_update_: ema[", i, "] is on ", e.device(), " but src[",
+                      i, "] is on ", s.device());
+    TORCH_CHECK_VALUE(e.device() == ema[0].device(), "ema_update_: all pairs must be on one device; ema[0] is on ",
+                      ema[0].device(), " but ema[", i, "] is on ", e.device());
+    TORCH_CHECK_VALUE(e.is_contiguous(), "ema_update_: ema[", i, "] is not contiguous");
+    TORCH_CHECK_VALUE(s.is_contiguous(), "ema_update_: src[", i, "] is not contiguous");
+    TORCH_CHECK(!e.is_inference() || c10::InferenceMode::is_enabled(), "ema_update_: ema[", i,
+                "] is an inference tensor; it can only be updated in place inside torch.inference_mode()");
+    if (e.device().type() != c10::DeviceType::Meta) {
+      const auto at = [](const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()); };
+      spans.push_back(Span{at(e), at(e) + e.nbytes(), true, "ema", static_cast<int64_t>(i)});
+      spans.push_back(Span{at(s), at(s) + s.nbytes(), false, "src", static_cast<int64_t>(i)});
+    }
+  }
+  // Written memory must not alias anything else of the call: the kernels run
+  // pairs and elements in no fixed order, so an alias would race.
+  Span a{}, b{};
+  TORCH_CHECK_VALUE(!find_overlap(std::move(spans), &a, &b), "ema_update_: ", a.arg, "[", a.index, "] and ",
+                    b.arg, "[", b.index,
+                    "] overlap in memory; every ema tensor must share no memory with any other tensor of the call");
+}
+
+}  // namespace ema
+}  // namespace opensora_fast
+
+TORCH_LIBRARY_FRAGMENT(opensora_fast, m) {
+  m.def("ema_update_(Tensor(a!)[] ema, Tensor[] src, float decay, bool stochastic=False, int seed=0) -> ()");
+  // The CUDA kernel's per-thread body over its whole launch grid, on the CPU
+  // (tests): max_tensors/max_blocks shrink the tables, small_table picks the
+  // 4 KiB table used with older CUDA.
+  m.def(
+      "_ema_update_grid_walk_(Tensor(a!)[] ema, Tensor[] src, float decay, bool stochastic=False, "
+      "int seed=0, int max_tensors=0, int max_blocks=0, bool small_table=False) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(opensora_fast, Autograd, m) {
+  m.impl("ema_update_", &opensora_fast::ema::autograd_kernel);
+}
+
+TORCH_LIBRARY_IMPL(opensora_fast, ADInplaceOrView, m) {
+  m.impl("ema_update_", &opensora_fast::ema::inplace_kernel);
+}
+
+TORCH_LIBRARY_IMPL(opensora_fast, CompositeExplicitAutograd, m) {
+  m.impl("ema_update_", &opensora_fast::ema::fallback_kernel);
+  m.impl("_ema_update_grid_walk_", &opensora_fast::ema::walk_fallback);
+}

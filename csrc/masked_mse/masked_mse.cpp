@@ -1,0 +1,82 @@
+// Masked MSE ops: schemas and the input checks every kernel runs first. The
+// arithmetic is in masked_mse.h; masked_mse_cpu.cpp / masked_mse_cuda.cu
+// register the devices; autograd is registered in opensora_fast/ops/masked_mse.py.
+#include <torch/library.h>
+
+#include "../host.h"
+#include "masked_mse_ops.h"
+
+namespace opensora_fast {
+namespace masked_mse {
+
+namespace {
+bool supported(c10::ScalarType s) {
+  return s == at::kFloat || s == at::kBFloat16 || s == at::kHalf || s == at::kDouble;
+}
+}  // namespace
+
+void check_inputs(const at::Tensor& pred, const at::Tensor& target, const at::Tensor& ranges) {
+  TORCH_CHECK_VALUE(pred.layout() == at::kStrided && target.layout() == at::kStrided &&
+                        ranges.layout() == at::kStrided,
+                    "masked_mse: pred, target and ranges must be dense (strided) tensors");
+  TORCH_CHECK_VALUE(pred.dim() == 3, "masked_mse: pred must be [B, L, D], got shape ", pred.sizes());
+  TORCH_CHECK_VALUE(target.sizes() == pred.sizes(), "masked_mse: target has shape ", target.sizes(),
+                    " but pred has shape ", pred.sizes());
+  TORCH_CHECK_TYPE(supported(pred.scalar_type()), "masked_mse: pred has dtype ", dtype_name(pred.scalar_type()),
+                   "; expected float32, bfloat16, float16 or float64");
+  TORCH_CHECK_TYPE(target.scalar_type() == pred.scalar_type(), "masked_mse: target has dtype ",
+                   dtype_name(target.scalar_type()), " but pred has dtype ", dtype_name(pred.scalar_type()));
+  TORCH_CHECK_VALUE(target.device() == pred.device(), "masked_mse: target is on ", target.device(),
+                    " but pred is on ", pred.device());
+  TORCH_CHECK_VALUE(ranges.device() == pred.device(), "masked_mse: ranges is on ", ranges.device(),
+                    " but pred is on ", pred.device());
+  TORCH_CHECK_TYPE(ranges.scalar_type() == at::kLong, "masked_mse: ranges must be int64, got ",
+                   dtype_name(ranges.scalar_type()));
+  TORCH_CHECK_VALUE(ranges.dim() == 2 && ranges.size(0) == pred.size(0) && ranges.size(1) == 2,
+                    "masked_mse: ranges must be [B, 2] = [", pred.size(0), ", 2], got ", ranges.sizes());
+  TORCH_CHECK_VALUE(pred.is_contiguous() && target.is_contiguous() && ranges.is_contiguous(),
+                    "masked_mse: pred, target and ranges must be contiguous");
+}
+
+void check_grad(const at::Tensor& grad, const at::Tensor& pred) {
+  TORCH_CHECK_VALUE(grad.layout() == at::kStrided, "masked_mse_backward: grad must be a dense (strided) tensor");
+  TORCH_CHECK_VALUE(grad.dim() == 0, "masked_mse_backward: grad must be a scalar (0-dim), got shape ",
+                    grad.sizes());
+  TORCH_CHECK_TYPE(supported(grad.scalar_type()), "masked_mse_backward: grad has dtype ", dtype_name(grad.scalar_type()),
+                   "; expected float32, bfloat16, float16 or float64");
+  TORCH_CHECK_VALUE(grad.device() == pred.device(), "masked_mse_backward: grad is on ", grad.device(),
+                    " but pred is on ", pred.device());
+}
+
+namespace {
+// Any other backend (sparse, other devices): the same checks, then say which
+// device has no kernel, rather than the dispatcher's generic error.
+at::Tensor fallback(const at::Tensor& pred, const at::Tensor& target, const at::Tensor& ranges) {
+  check_inputs(pred, target, ranges);
+  TORCH_CHECK_NOT_IMPLEMENTED(false, "masked_mse: no kernel for tensors on ", pred.device(),
+                              " (native kernels: cpu, cuda)");
+}
+at::Tensor fallback_backward(const at::Tensor& grad, const at::Tensor& pred, const at::Tensor& target,
+                             const at::Tensor& ranges) {
+  check_inputs(pred, target, ranges);
+  check_grad(grad, pred);
+  TORCH_CHECK_NOT_IMPLEMENTED(false, "masked_mse_backward: no kernel for tensors on ", pred.device(),
+                              " (native kernels: cpu, cuda)");
+}
+}  // namespace
+
+}  // namespace masked_mse
+}  // namespace opensora_fast
+
+TORCH_LIBRARY_IMPL(opensora_fast, CompositeExplicitAutograd, m) {
+  m.impl("masked_mse", &opensora_fast::masked_mse::fallback);
+  m.impl("masked_mse_backward", &opensora_fast::masked_mse::fallback_backward);
+}
+
+TORCH_LIBRARY_FRAGMENT(opensora_fast, m) {
+  m.def("masked_mse(Tensor pred, Tensor target, Tensor ranges) -> Tensor");
+  m.def("masked_mse_backward(Tensor grad, Tensor pred, Tensor target, Tensor ranges) -> Tensor");
+  // The CUDA kernels' per-thread bodies over their whole grids on the CPU,
+  // block reduction emulated in the GPU's order (tests): (loss, grad_pred).
+  m.def("_masked_mse_grid_walk(Tensor grad, Tensor pred, Tensor target, Tensor ranges) -> (Tensor, Tensor)");
+}

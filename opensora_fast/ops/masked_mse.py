@@ -1,0 +1,136 @@
+"""The masked per-sample MSE op (csrc/masked_mse/): wrapper, fakes, autograd."""
+from __future__ import annotations
+
+import torch
+import torch.autograd.forward_ad as fwAD
+
+from .. import reference
+from .._ext import HAS_NATIVE, pick
+
+
+def masked_mse(pred: torch.Tensor, target: torch.Tensor, ranges: torch.Tensor) -> torch.Tensor:
+    """Per-sample MSE over token ranges of packed ``[B, L, D]`` tensors.
+
+    ``mean_b( mean over tokens [ranges[b, 0], ranges[b, 1]) and all D of (pred - target)^2 )``
+    as a 0-dim fp32 tensor (fp64 for fp64 inputs), accumulated in fp32 without
+    fp32 copies of the inputs. ``pred``/``target``: same shape and dtype (fp32,
+    bf16, fp16, fp64), dense and contiguous; ``ranges``: int64 ``[B, 2]`` on
+    their device. Ranges are clamped to ``[0, L]`` (end >= start); an empty
+    range gives NaN, as upstream's mean over an empty slice does. Tokens outside
+    the ranges are never read into the result (NaN/Inf there changes nothing).
+
+    Differentiable in ``pred`` and ``target``: reverse mode to any order
+    (``create_graph=True``, ``gradgradcheck``), forward mode (``torch.func.jvp``,
+    ``torch.autograd.forward_ad``) and ``torch.func.grad``:
+    ``grad_pred = 2 (pred - target) g / (count_b B)`` inside the range, 0 outside.
+    The result is deterministic (fixed summation order) and costs no host sync.
+    """
+    impl = pick("masked_mse", pred.device, reference.masked_mse)
+    if impl is reference.masked_mse or torch.compiler.is_compiling():
+        return impl(pred, target, ranges)  # compiled: the raw op and its autograd
+    return _MaskedMSEFunction.apply(pred, target, ranges)
+
+
+def _vjp_of_backward(ctx, v):
+    """Derivatives of grad_pred = F(g, pred, target) = 2 (pred - target) g / (count_b B)
+    [inside]: towards g, pred and target, in differentiable ops (so any order works)."""
+    grad, pred, target, ranges = ctx.saved_tensors
+    need_g, need_p, need_t = ctx.needs_input_grad[:3]
+    one = torch.ones((), dtype=grad.dtype, device=grad.device)
+    d_g = d_p = None
+    if need_g:  # sum(v * F(1, pred, target)), accumulated in fp32/fp64
+        f1 = reference.masked_mse_backward(one, pred, target, ranges)
+        d_g = (v.to(f1.dtype) * f1).sum().to(reference.masked_mse_acc_dtype(pred.dtype)).to(grad.dtype)
+    if need_p or need_t:  # F is linear in (pred - target): F(g, v, 0)
+        d_p = reference.masked_mse_backward(grad, v.to(pred.dtype).contiguous(), torch.zeros_like(pred), ranges)
+    return d_g, (d_p if need_p else None), (-d_p if need_t else None), None
+
+
+if HAS_NATIVE:
+
+    @torch.library.register_fake("opensora_fast::masked_mse")
+    def _masked_mse_fake(pred, target, ranges):
+        reference.masked_mse_check_inputs(pred, target, ranges)
+        return pred.new_empty((), dtype=reference.masked_mse_acc_dtype(pred.dtype))
+
+    @torch.library.register_fake("opensora_fast::masked_mse_backward")
+    def _masked_mse_backward_fake(grad, pred, target, ranges):
+        reference.masked_mse_check_inputs(pred, target, ranges)
+        reference.masked_mse_check_grad(grad, pred)
+        return torch.empty_like(pred, memory_format=torch.contiguous_format)
+
+    class _MaskedMSEFunction(torch.autograd.Function):
+        """Autograd of the native op: reverse mode through the native backward
+        op (which has its own derivative, so create_graph=True works), forward
+        mode through jvp, torch.func through setup_context."""
+
+        @staticmethod
+        def forward(pred, target, ranges):
+            with torch._C._AutoDispatchBelowAutograd():  # straight to the kernel
+                return torch.ops.opensora_fast.masked_mse(pred, target, ranges)
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            ctx.save_for_backward(*inputs)  # the inputs themselves: no copies
+            ctx.save_for_forward(*inputs)
+
+        @staticmethod
+        def backward(ctx, grad):
+            pred, target, ranges = ctx.saved_tensors
+            want_pred, want_target = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+            if not (want_pred or want_target):
+                return None, None, None
+            g = _BackwardFunction.apply(grad, pred, target, ranges)
+            return (g if want_pred else None), (-g if want_target else None), None
+
+        @staticmethod
+        def jvp(ctx, d_pred, d_target, _d_ranges):
+            pred, target, ranges = ctx.saved_tensors
+            acc = reference.masked_mse_acc_dtype(pred.dtype)
+            # d loss = sum(F(1, pred, target) * (d_pred - d_target)), all in acc
+            f1 = reference.masked_mse_backward(
+                torch.ones((), dtype=acc, device=pred.device), pred.to(acc), target.to(acc), ranges
+            )
+            tangent = torch.zeros_like(f1)
+            if d_pred is not None:
+                tangent = tangent + d_pred.to(acc)
+            if d_target is not None:
+                tangent = tangent - d_target.to(acc)
+            return (f1 * tangent).sum()
+
+    class _RawMaskedMSEFunction(torch.autograd.Function):
+        """Reverse mode of the raw op (torch.ops.opensora_fast.masked_mse)."""
+
+        forward = _MaskedMSEFunction.forward
+        setup_context = _MaskedMSEFunction.setup_context
+        backward = _MaskedMSEFunction.backward
+
+    def _raw_autograd(pred, target, ranges):
+        # torch.library cannot register a forward-mode formula for a custom op;
+        # without this check forward mode would silently give a zero tangent.
+        if any(fwAD.unpack_dual(x).tangent is not None for x in (pred, target)):
+            raise RuntimeError(
+                "opensora_fast::masked_mse: forward-mode AD is not supported on the raw op; "
+                "call opensora_fast.ops.masked_mse, which has a jvp"
+            )
+        return _RawMaskedMSEFunction.apply(pred, target, ranges)
+
+    _lib = torch.library.Library("opensora_fast", "IMPL")  # kept alive: it owns the registration
+    _lib.impl("masked_mse", _raw_autograd, "Autograd")
+
+    class _BackwardFunction(torch.autograd.Function):
+        """The native backward op with its own derivative (_vjp_of_backward),
+        so the loss is differentiable to any order."""
+
+        @staticmethod
+        def forward(grad, pred, target, ranges):
+            with torch._C._AutoDispatchBelowAutograd():
+                return torch.ops.opensora_fast.masked_mse_backward(grad, pred, target, ranges)
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            ctx.save_for_backward(*inputs)
+
+        backward = staticmethod(_vjp_of_backward)
+
+    _lib.impl("masked_mse_backward", _BackwardFunction.apply, "Autograd")

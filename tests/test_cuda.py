@@ -1,0 +1,182 @@
+"""CUDA launch paths, each checked bit for bit against our CPU op or the CPU
+walk of the same grid (issue: CUDA review). Marked `cuda`: skipped without a
+GPU; benchmarks/gpu_check.sh runs them on a lent one."""
+import pytest
+import torch
+
+from opensora_fast import ops, reference
+
+from helpers import FLOATS, PAIRS, assert_bitwise_equal, rand, shard_sizes
+
+pytestmark = pytest.mark.cuda
+OP = torch.ops.opensora_fast
+
+
+def _ema_case(edt_sdt_pairs, sizes, seed, misalign=False):
+    g = torch.Generator().manual_seed(seed)
+    ema, src = [], []
+    for i, n in enumerate(sizes):
+        edt, sdt = edt_sdt_pairs[i % len(edt_sdt_pairs)]
+        e, s = rand(n + 1, edt, g), rand(n + 1, sdt, g, scale=3.0)
+        ema.append(e[1:] if misalign and i % 2 else e[:n].clone())
+        src.append(s[1:] if misalign and i % 3 == 0 else s[:n].clone())
+    return ema, src
+
+
+@pytest.mark.parametrize("stochastic", [False, True])
+def test_ema_many_tensors_and_a_tensor_over_2048_chunks(stochastic):
+    # > 256 tensors (several launches), one of 2048*32768 + 5 elements (split
+    # across tables), misaligned views and every dtype pair in one call.
+    sizes = [1, 3, 4099, 2048 * 32768 + 5] + [64 + i for i in range(300)]
+    ema, src = _ema_case(PAIRS, sizes, 1, misalign=True)
+    want = [e.clone() for e in ema]
+    OP.ema_update_(want, src, 0.9999, stochastic, 77)  # our CPU op
+    dev_e, dev_s = [e.cuda() for e in ema], [s.cuda() for s in src]
+    OP.ema_update_(dev_e, dev_s, 0.9999, stochastic, 77)
+    for i, (a, b) in enumerate(zip(dev_e, want)):
+        assert_bitwise_equal(a, b, f"pair {i}")
+
+
+@pytest.mark.parametrize("edt,sdt", PAIRS)
+def test_ema_vs_upstream_on_cuda_within_documented_tolerance(edt, sdt):
+    g = torch.Generator().manual_seed(2)
+    e, s = rand(70001, edt, g, device="cuda"), rand(70001, sdt, g, device="cuda")
+    mine, theirs = e.clone(), e.clone()
+    ops.ema_update_([mine], [s], 0.999)
+    theirs.mul_(0.999).add_(s, alpha=1 - 0.999)  # torch's own CUDA kernels
+    if edt == sdt and edt != torch.float32:  # torch CUDA keeps alpha in fp32 here
+        bound = torch.finfo(edt).eps * (theirs.float().abs() + (0.001 * s.float()).abs()) + torch.finfo(edt).tiny
+        assert bool(((mine.float() - theirs.float()).abs() <= bound).all())
+    else:
+        assert_bitwise_equal(mine, theirs)
+
+
+def test_ema_side_stream_graph_capture_and_no_sync():
+    sizes = shard_sizes(96)[:300]
+    ema = [torch.randn(n, device="cuda").bfloat16() for n in sizes]
+    src = [torch.randn(n, device="cuda") for n in sizes]
+    want = [e.cpu() for e in ema]
+    OP.ema_update_(want, [s.cpu() for s in src], 0.99)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            ops.ema_update_(ema, src, 0.99)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.current_stream().wait_stream(side)
+    for a, b in zip(ema, want):
+        assert_bitwise_equal(a, b)
+    # captured compat update, replayed twice == two eager steps
+    eager = [e.clone() for e in ema]
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        OP.ema_update_(ema, src, 0.99)
+    graph.replay()
+    graph.replay()
+    OP.ema_update_(eager, src, 0.99)
+    OP.ema_update_(eager, src, 0.99)
+    torch.cuda.synchronize()
+    for a, b in zip(ema, eager):
+        assert_bitwise_equal(a, b)
+
+
+def test_ema_stochastic_refused_under_capture_and_writes_nothing():
+    e = torch.randn(1000, device="cuda").bfloat16()
+    before = e.clone()
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="cannot be captured in a CUDA graph"):
+        with torch.cuda.graph(graph):
+            OP.ema_update_([e], [torch.randn(1000, device="cuda")], 0.99, True, 1)
+    assert_bitwise_equal(e, before)
+
+
+WALK_CASES = [  # B, L, D, ranges (the CPU walk cases of test_masked_mse.py)
+    (3, 3000, 7, [[0, 3000], [5, 2999], [1, 1]]),
+    (2, 700, 64, [[0, 700], [100, 650]]),
+    (1, 5, 3, [[-4, 99]]),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("case", WALK_CASES, ids=lambda c: f"{c[0]}x{c[1]}x{c[2]}")
+@pytest.mark.parametrize("offset", [0, 1])
+def test_loss_equals_its_grid_walk(dtype, case, offset):
+    B, L, D, r = case
+    g = torch.Generator().manual_seed(B * L + D)
+    n = B * L * D
+    pbuf, tbuf = torch.randn(n + 1, generator=g).to(dtype), torch.randn(n + 1, generator=g).to(dtype)
+    p, t = pbuf[offset : offset + n].view(B, L, D), tbuf[1 - offset : 1 - offset + n].view(B, L, D)
+    ranges, grad = torch.tensor(r), torch.tensor(0.75)
+    walk_loss, walk_grad = OP._masked_mse_grid_walk(grad, p, t, ranges)
+    gpu_loss = OP.masked_mse(p.cuda(), t.cuda(), ranges.cuda())
+    gpu_grad = OP.masked_mse_backward(grad.cuda(), p.cuda(), t.cuda(), ranges.cuda())
+    assert_bitwise_equal(gpu_loss.cpu(), walk_loss)
+    assert_bitwise_equal(gpu_grad.cpu(), walk_grad)
+
+
+def test_loss_with_100k_samples():
+    # once B lived in gridDim.y (max 65,535) and in shared memory (~12K rows)
+    g = torch.Generator().manual_seed(3)
+    p, t = torch.randn(100_000, 3, 1, generator=g), torch.randn(100_000, 3, 1, generator=g)
+    ranges = torch.tensor([[0, 3], [1, 2]]).repeat(50_000, 1)
+    walk_loss, walk_grad = OP._masked_mse_grid_walk(torch.tensor(1.0), p, t, ranges)
+    assert_bitwise_equal(OP.masked_mse(p.cuda(), t.cuda(), ranges.cuda()).cpu(), walk_loss)
+    assert_bitwise_equal(OP.masked_mse_backward(torch.tensor(1.0).cuda(), p.cuda(), t.cuda(), ranges.cuda()).cpu(), walk_grad)
+    from opensora_fast.utils.train import get_batch_loss
+
+    x = torch.randn(20_000, device="cuda")
+    torch.testing.assert_close(get_batch_loss(x, x * 0.5), torch.nn.functional.mse_loss(x, x * 0.5))
+
+
+def test_loss_side_stream_and_graph_capture():
+    p = torch.randn(4, 8316, 64, device="cuda", dtype=torch.bfloat16)
+    t = torch.randn_like(p)
+    r = torch.tensor([[0, 8316], [252, 8316], [0, 8064], [252, 8064]], device="cuda")
+    want = OP.masked_mse(p, t, r)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        got = OP.masked_mse(p, t, r)
+        gg = OP.masked_mse_backward(torch.ones((), device="cuda"), p, t, r)
+    torch.cuda.current_stream().wait_stream(side)
+    assert_bitwise_equal(got, want)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = OP.masked_mse(p, t, r)
+        gout = OP.masked_mse_backward(torch.ones((), device="cuda"), p, t, r)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert_bitwise_equal(out, want)
+    assert_bitwise_equal(gout, gg)
+
+
+def _free_bytes():
+    free, _ = torch.cuda.mem_get_info()
+    return free
+
+
+@pytest.mark.slow
+def test_ema_over_2_pow_31_elements():
+    n = 2**31 + 4099
+    if _free_bytes() < n * 6 + (1 << 30):
+        pytest.skip("not enough GPU memory")
+    e = torch.zeros(n, device="cuda", dtype=torch.bfloat16)
+    s = torch.ones(n, device="cuda")
+    OP.ema_update_([e], [s], 0.5)
+    assert float(e[-1]) == 0.5 and float(e[2**31 + 1]) == 0.5 and float(e[0]) == 0.5
+    del e, s
+
+
+@pytest.mark.slow
+def test_loss_over_2_pow_31_elements():
+    n = 2**31 + 64
+    if _free_bytes() < n * 4 + (1 << 30):
+        pytest.skip("not enough GPU memory")
+    p = torch.ones(1, n // 64, 64, device="cuda", dtype=torch.bfloat16)
+    t = torch.zeros_like(p)
+    r = torch.tensor([[0, n // 64]], device="cuda")
+    assert float(OP.masked_mse(p, t, r)) == 1.0
+    g = OP.masked_mse_backward(torch.ones((), device="cuda"), p, t, r)
+    assert float(g[0, -1, -1]) == float(torch.tensor(2.0 / n, dtype=torch.bfloat16))
