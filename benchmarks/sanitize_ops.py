@@ -20,5 +20,14 @@ for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
     OP.masked_mse(p, t, r)
     OP.masked_mse_backward(torch.tensor(0.5, device=dev), p, t, r)
     OP.masked_mse(p[:, 1:].contiguous(), t[:, 1:].contiguous(), r.clamp(max=3000))
+for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+    srcs = [torch.randn(5, 10, 13, 11, generator=g).to(sdt).to(dev)
+            for sdt in (torch.float32, torch.bfloat16, torch.float16, torch.float64)]
+    srcs.append(torch.randn(6, 12, 14, 13, generator=g).to(dev)[1:, 1:11, 1:, :11])  # offset, strided
+    plan = [0, 0, 9, 0, 1, 1, 0, 1, 1, 0, 1, 8, 1, 4, 3, 2, 2, 3, 2, 4, 2, 6, 2, 3, 0]
+    OP.condition(torch.empty(3, 5, 9, 13, 11, dtype=dtype, device=dev), srcs, plan)
+    OP.condition_cat_(torch.empty(3, 6, 9, 13, 11, dtype=dtype, device=dev), srcs, plan)
+    big = [torch.randn(2, 4, 97, 101, generator=g).to(dtype).to(dev)]  # several chunks per piece
+    OP.condition_cat_(torch.empty(2, 3, 5, 97, 101, dtype=dtype, device=dev), big, [0, 1, 4, 0, 0, 1, 0, 2, 0, 2])
 torch.cuda.synchronize()
 print("sanitize_ops: all ops ran")

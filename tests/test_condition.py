@@ -425,3 +425,26 @@ def test_cuda_device_mismatch_and_cpu_refs():
     for g, w in zip(got, want):
         assert g.device == z.device
         same(g, w)
+
+
+@pytest.mark.cuda
+def test_cuda_graph_capture_and_side_stream():
+    B, C, T, H, W = 2, 3, 5, 4, 6
+    src = [torch.randn(C, 5, H, W, device="cuda")]
+    plan = [0, 0, 2, 0, 1, 1, 4, 1, 0, 0]
+    cond = torch.empty(B, 1 + C, T, H, W, device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # runs on the current (side) stream
+        OPS.condition_cat_(cond, src, plan)
+    torch.cuda.current_stream().wait_stream(side)
+    z = torch.empty(B, C, T, H, W)
+    same(cond, torch.cat(reference.condition(z, [src[0].cpu()], plan), 1), "side stream")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        OPS.condition_cat_(cond, src, plan)
+    cond.zero_()
+    src[0].mul_(2)  # the replay reads the source's current values
+    graph.replay()
+    torch.cuda.synchronize()
+    same(cond, torch.cat(reference.condition(z, [src[0].cpu()], plan), 1), "graph replay")
