@@ -18,7 +18,14 @@ from ._version import __version__
 # patch_opensora() replaces by default. Add a row (or a name) as more of
 # opensora/utils gets a kernel.
 _DROP_INS: dict[str, tuple[str, list[str]]] = {
-    "opensora.utils.train": ("opensora_fast.utils.train", ["update_ema", "get_batch_loss"]),
+    "opensora.utils.train": (
+        "opensora_fast.utils.train",
+        ["update_ema", "get_batch_loss", "prepare_visual_condition_causal", "prepare_visual_condition_uncausal"],
+    ),
+    "opensora.utils.inference": (
+        "opensora_fast.utils.inference",
+        ["prepare_inference_condition", "collect_references_batch", "add_noise_to_ref"],
+    ),
 }
 
 # Plain-Python ports with upstream's names (functions only: replacing classes would

@@ -84,3 +84,9 @@ def save_sample(
     if verbose:
         print(f"Saved to {save_path}")
     return save_path
+
+
+# Media reading for conditioning references (Pillow / PyAV, imported lazily).
+from ..utils._media import read_from_path, rescale_image_by_path  # noqa: E402
+
+__all__ += ["read_from_path", "rescale_image_by_path"]

@@ -255,3 +255,10 @@ def add_motion_score_to_text(
             raise ValueError(f"add_motion_score_to_text: the scorer returned {len(scores)} scores for {len(text)} prompts")
         return [f"{t} {scores[i]}." for i, t in enumerate(text)]
     return [f"{t} {motion_score} motion score." for t in text]
+
+
+# The accelerated conditioning (native op `condition`, csrc/condition/), written
+# in _condition.py; upstream keeps these in opensora.utils.inference.
+from ._condition import add_noise_to_ref, collect_references_batch, prepare_inference_condition  # noqa: E402
+
+__all__ += ["prepare_inference_condition", "collect_references_batch", "add_noise_to_ref"]

@@ -443,3 +443,9 @@ def warmup_ae(model_ae: torch.nn.Module, shapes: list, device: torch.device, dty
     for shape in it:
         x = torch.randn(*shape, device=device, dtype=dtype)
         model_ae.encode(x)
+
+
+# Training-time conditioning (native op `condition_cat_`), written in _condition.py.
+from ._condition import prepare_visual_condition_causal, prepare_visual_condition_uncausal  # noqa: E402
+
+__all__ += ["prepare_visual_condition_causal", "prepare_visual_condition_uncausal"]
