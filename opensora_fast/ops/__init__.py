@@ -6,5 +6,6 @@ from __future__ import annotations
 
 from .ema import draw_seed, ema_update_
 from .masked_mse import masked_mse
+from .unpad import unpad_
 
-__all__ = ["ema_update_", "draw_seed", "masked_mse"]
+__all__ = ["ema_update_", "draw_seed", "masked_mse", "unpad_"]

@@ -9,6 +9,8 @@ from .masked_mse import check_grad as masked_mse_check_grad
 from .masked_mse import check_inputs as masked_mse_check_inputs
 from .masked_mse import masked_mse, masked_mse_backward
 from .train import get_batch_loss, update_ema
+from .unpad import check_inputs as unpad_check_inputs
+from .unpad import unpad_
 
 # names used before the per-op layout
 check_ema_inputs = ema_check_inputs
@@ -25,4 +27,6 @@ __all__ = [
     "masked_mse_backward",
     "get_batch_loss",
     "update_ema",
+    "unpad_",
+    "unpad_check_inputs",
 ]
