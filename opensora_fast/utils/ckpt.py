@@ -820,7 +820,8 @@ class CheckpointIO:
         without running_states.json (a save cut short) is refused."""
         if not os.path.isdir(load_dir):
             raise FileNotFoundError(f"CheckpointIO.load: checkpoint directory {load_dir} does not exist")
-        if not os.path.isfile(os.path.join(load_dir, _COMPLETE)):
+        base = os.path.basename(os.path.normpath(load_dir))
+        if not os.path.isfile(os.path.join(load_dir, _COMPLETE)) or (base.startswith(".") and base.endswith(".partial")):
             raise FileNotFoundError(
                 f"CheckpointIO.load: {load_dir} is not a complete checkpoint (no {_COMPLETE}: its save did not "
                 "finish)"
