@@ -13,8 +13,8 @@ What differs from upstream (each on purpose):
   destination. The next bucket's collective runs while the current one is
   unpacked. Extra memory: two buckets per rank. The results are upstream's,
   bit for bit; 0-dim parameters work (upstream's ``remove_padding`` fails on them).
-* **Writing**: tensornvme's ``AsyncFileWriter`` is not on PyPI, so the EMA and
-  master weights are written as safetensors from the pinned buffers by a
+* **Writing**: tensornvme's ``AsyncFileWriter`` is not on PyPI (and is not
+  used even when installed), so the EMA and master weights are written as safetensors from the pinned buffers by a
   background thread; ``save`` returns once the buffers are filled, ``_sync_io``
   waits, and a new save waits for the previous one.
 * **Crash safety**: a checkpoint is written under a hidden temporary name
@@ -535,17 +535,6 @@ def _write_safetensors(path: str, tensors: Dict[str, torch.Tensor], show: bool =
         _phase("flushed")
         os.fsync(f.fileno())
     _phase("fsynced")
-
-
-def _tensornvme_writer():
-    """tensornvme's AsyncFileWriter when the GitHub build is installed (the
-    PyPI 0.1.0 has none), else None."""
-    try:
-        from tensornvme.async_file_io import AsyncFileWriter  # type: ignore
-
-        return AsyncFileWriter
-    except Exception:
-        return None
 
 
 class _Job:
