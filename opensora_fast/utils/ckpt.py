@@ -287,6 +287,7 @@ def _gather_items(
     buckets = _plan_buckets(items, cols)
     width = min(cols, sum(it.shard.numel() for it in items))
     receive = me == dst_rank or mode == "all_gather"
+    wire = torch.uint8 if dtype in (torch.bfloat16, torch.float16) and dist.get_backend(group) == "gloo" else None
     send = [torch.empty(width, dtype=dtype, device=device) for _ in range(min(2, len(buckets)))]
     recv = [torch.empty(world * width, dtype=dtype, device=device) for _ in range(min(2, len(buckets)))] if receive else []
 
@@ -296,11 +297,14 @@ def _gather_items(
         sbuf = send[k % 2][:used]
         torch.cat([e.item.shard.detach()[e.begin : e.begin + e.count] for e in entries], out=sbuf)
         rbuf = recv[k % 2][: world * used] if receive else None
+        # A gather moves bytes: on gloo, bf16/fp16 travel as uint8 (gloo has no
+        # fast path for bf16; same bits either way).
+        cs, cr = (sbuf.view(wire), rbuf.view(wire) if rbuf is not None else None) if wire is not None else (sbuf, rbuf)
         if mode == "all_gather":
-            work = _all_gather_flat(rbuf, sbuf, group=group, async_op=True)
+            work = _all_gather_flat(cr, cs, group=group, async_op=True)
         else:
-            rows = list(rbuf.view(world, used).unbind(0)) if me == dst_rank else None
-            work = dist.gather(sbuf, rows, dst=dst_rank, group=group, async_op=True)
+            rows = list(cr.view(world, -1).unbind(0)) if me == dst_rank else None
+            work = dist.gather(cs, rows, dst=dst_rank, group=group, async_op=True)
         return work, rbuf, used
 
     pending = start(0)
