@@ -20,5 +20,15 @@ for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
     OP.masked_mse(p, t, r)
     OP.masked_mse_backward(torch.tensor(0.5, device=dev), p, t, r)
     OP.masked_mse(p[:, 1:].contiguous(), t[:, 1:].contiguous(), r.clamp(max=3000))
+for dtype, world in ((torch.bfloat16, 3), (torch.float32, 4), (torch.uint8, 5), (torch.complex128, 2)):
+    # unpad_: params smaller than the world, 0-dim, odd sizes; into device and pinned memory
+    shapes = [(), (1,), (2,), (5, 3), (40000,)] + [(17,)] * 300
+    shard = [-(-torch.Size(s).numel() // world) for s in shapes]
+    offset = [sum(shard[:i]) for i in range(len(shard))]
+    gathered = torch.randn(world, sum(shard), generator=g).to(dtype).to(dev)
+    outs = [torch.empty(s, dtype=dtype, device=dev) for s in shapes]
+    OP.unpad_(gathered, outs, offset, shard, [0] * len(shard), shard)
+    pinned = [torch.empty(s, dtype=dtype).pin_memory() for s in shapes]
+    OP.unpad_(gathered, pinned, offset, shard, [0] * len(shard), shard)
 torch.cuda.synchronize()
 print("sanitize_ops: all ops ran")

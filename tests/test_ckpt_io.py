@@ -239,3 +239,28 @@ def test_json_helpers(tmp_path):
     p = str(tmp_path / "a.json")
     ckpt.save_json({"a": [1, 2]}, p)
     assert ckpt.load_json(p) == {"a": [1, 2]} and not os.path.exists(p + ".tmp")
+
+
+def test_progress_is_quiet_unless_a_tty_or_asked(monkeypatch):
+    import io
+    import sys
+
+    monkeypatch.setattr(sys, "stderr", io.StringIO())  # not a TTY
+    assert not ckpt._show_progress(None)
+    assert ckpt._show_progress(True) and not ckpt._show_progress(False)
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.setattr(sys, "stderr", Tty())
+    assert ckpt._show_progress(None)
+    monkeypatch.setenv("OPENSORA_FAST_PROGRESS", "0")
+    assert not ckpt._show_progress(None)
+    # the writer's per-tensor bar does not change the file
+    path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"osf_progress_{os.getpid()}.safetensors")
+    try:
+        ckpt._write_safetensors(path, {"a": torch.arange(4.0)}, show=True)
+        assert torch.equal(load_file(path)["a"], torch.arange(4.0))
+    finally:
+        os.remove(path)

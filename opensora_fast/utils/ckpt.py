@@ -11,7 +11,8 @@ What differs from upstream (each on purpose):
   ``all_gather_into_tensor`` on NCCL); one ``opensora_fast::unpad_`` call per
   bucket writes every parameter's unpadded tensor straight into its pinned
   destination. The next bucket's collective runs while the current one is
-  unpacked. Extra memory: two buckets per rank. The results are upstream's,
+  unpacked. Extra memory: two gathered buckets on the receiving rank(s), plus
+  two send buffers of a bucket's per-rank width on every rank. The results are upstream's,
   bit for bit; 0-dim parameters work (upstream's ``remove_padding`` fails on them).
 * **Writing**: tensornvme's ``AsyncFileWriter`` is not on PyPI (and is not
   used even when installed), so the EMA and master weights are written as safetensors from the pinned buffers by a
@@ -318,7 +319,7 @@ def _gather_items(
                 continue
             entries = buckets[k]
             gathered = rbuf.view(world, used)
-            outs = [e.item.dst.view(-1) if e.item.dst.dim() == 0 else e.item.dst for e in entries]
+            outs = [e.item.dst for e in entries]
             if gathered.device.type == "cuda" and any(not (o.is_cuda or o.is_pinned()) for o in outs):
                 gathered = gathered.cpu()
             unpad_(
@@ -348,12 +349,10 @@ def _check_dst(fn: str, name: str, shape, dtype, pinned_state_dict) -> Optional[
     return None
 
 
-def _run_grouped(fn, items_by_group, pinned_state_dict, extra_checks, *, bucket_bytes, collective, progress):
+def _run_grouped(fn, items_by_group, *, bucket_bytes, collective, progress):
     show = _show_progress(progress)
     for (group, _dtype), items in items_by_group.items():
-        _gather_items(
-            items, group, bucket_bytes=bucket_bytes, collective=collective, desc=fn, show=show, fn=fn
-        )
+        _gather_items(items, group, bucket_bytes=bucket_bytes, collective=collective, desc=fn, show=show, fn=fn)
 
 
 def model_gathering(
@@ -411,7 +410,7 @@ def model_gathering(
             if problem:
                 break
     _agree(problem is None, problem or "", device or torch.device("cpu"), None)
-    _run_grouped(fn, groups, pinned_state_dict, None, bucket_bytes=bucket_bytes, collective=collective, progress=progress)
+    _run_grouped(fn, groups, bucket_bytes=bucket_bytes, collective=collective, progress=progress)
     if rank == 0:
         with torch.no_grad():
             for k, v in buffers.items():
@@ -460,7 +459,7 @@ def master_weights_gathering(
             dst = pinned_state_dict[name] if rank == 0 else None
             groups.setdefault((pg, master.dtype), []).append(_Item(name, master, n, dst))
     _agree(problem is None, problem or "", device or torch.device("cpu"), None)
-    _run_grouped(fn, groups, pinned_state_dict, None, bucket_bytes=bucket_bytes, collective=collective, progress=progress)
+    _run_grouped(fn, groups, bucket_bytes=bucket_bytes, collective=collective, progress=progress)
     dist.barrier()
 
 
