@@ -46,9 +46,11 @@ OSF_INLINE int64_t row_valid(const Entry& e, int64_t r) {
 }
 
 // ---------------------------------------------------------------------------
-// GPU launch geometry. Each block owns kChunk consecutive elements of one
-// entry's (row, column) space of world * count elements, row-major, so reads
-// of a row are coalesced and so are the writes (consecutive destinations).
+// GPU launch geometry. Each block owns up to kChunk consecutive columns of
+// one row of one entry: entry chunk c is row c / per_row, columns from
+// (c % per_row) * kChunk, with per_row = ceil(count / kChunk). One division
+// per block, none per element; reads of a row are coalesced and so are the
+// writes (consecutive destinations); blocks past a row's valid prefix exit.
 // The table travels as a kernel argument (<= 32 KiB with CUDA >= 12.1, a 4 KiB
 // table otherwise), as in the EMA op.
 constexpr int64_t kChunk = 16384;
@@ -94,7 +96,7 @@ inline std::vector<Table> plan_launches(const std::vector<void*>& dst, const std
   for (size_t i = 0; i < entries.size(); ++i) {
     const Entry& e = entries[i];
     if (e.numel == 0 || e.count == 0) continue;
-    const int64_t chunks = ceil_div<int64_t>(world * e.count, kChunk);
+    const int64_t chunks = world * ceil_div<int64_t>(e.count, kChunk);
     for (int64_t c = 0; c < chunks; ++c) {
       if (cur == nullptr || cur->n_blocks == max_blocks) open();
       if (c == 0 || cur->n_blocks == 0) {
@@ -119,19 +121,20 @@ inline std::vector<Table> plan_launches(const std::vector<void*>& dst, const std
 // unsigned integer type of the element's size (the copy moves bits); for
 // 16-byte elements the host passes every geometry value doubled and U = uint64.
 template <typename U, typename Table>
-OSF_HOST_DEVICE inline void unpad_block_body(const Table& tab, const U* gathered, int64_t bucket, int64_t world,
-                                             int block, int thread, int nthreads) {
+OSF_HOST_DEVICE inline void unpad_block_body(const Table& tab, const U* gathered, int64_t bucket, int block,
+                                             int thread, int nthreads) {
   const int e = tab.block_entry[block];
-  const int64_t count = tab.count[e];
-  const int64_t total = world * count;
-  const int64_t lo = static_cast<int64_t>(tab.block_chunk[block]) * kChunk;
-  const int64_t hi = (total - lo < kChunk) ? total : lo + kChunk;
-  U* dst = static_cast<U*>(tab.dst[e]);
-  for (int64_t k = lo + thread; k < hi; k += nthreads) {
-    const int64_t r = k / count, c = k - r * count;
-    const int64_t j = dst_index(tab.numel[e], tab.shard[e], tab.begin[e], r, c);
-    if (j >= 0) dst[j] = gathered[r * bucket + tab.offset[e] + c];
-  }
+  const Entry en{tab.numel[e], tab.shard[e], tab.begin[e], tab.count[e], tab.offset[e]};
+  const int64_t per_row = ceil_div<int64_t>(en.count, kChunk);
+  const int64_t chunk = tab.block_chunk[block];
+  const int64_t r = chunk / per_row;
+  const int64_t lo = (chunk - r * per_row) * kChunk;
+  const int64_t valid = row_valid(en, r);  // destinations of a row are consecutive
+  const int64_t hi = (valid - lo < kChunk) ? valid : lo + kChunk;
+  if (hi <= lo) return;  // padding only: no pointer is formed past the tensors
+  U* dst = static_cast<U*>(tab.dst[e]) + (r * en.shard + en.begin);
+  const U* src = gathered + (r * bucket + en.offset);
+  for (int64_t c = lo + thread; c < hi; c += nthreads) dst[c] = src[c];
 }
 
 }  // namespace unpad

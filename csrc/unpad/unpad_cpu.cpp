@@ -63,7 +63,7 @@ void walk_tables(const Plan& p, const void* gathered, int64_t max_entries, int64
          plan_launches<Table>(p.dst, p.entries, p.world, static_cast<int>(max_entries), static_cast<int>(max_blocks)))
       for (int b = 0; b < tab.n_blocks; ++b)
         for (int t = 0; t < kThreads; ++t)
-          unpad_block_body<U>(tab, static_cast<const U*>(gathered), p.bucket, p.world, b, t, kThreads);
+          unpad_block_body<U>(tab, static_cast<const U*>(gathered), p.bucket, b, t, kThreads);
   });
 }
 

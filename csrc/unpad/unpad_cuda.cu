@@ -24,8 +24,8 @@ namespace {
 
 template <typename U, typename Table>
 __global__ void __launch_bounds__(kThreads)
-    unpad_kernel(const OSF_GRID_CONSTANT Table tab, const U* __restrict__ gathered, int64_t bucket, int64_t world) {
-  unpad_block_body<U>(tab, gathered, bucket, world, blockIdx.x, threadIdx.x, blockDim.x);
+    unpad_kernel(const OSF_GRID_CONSTANT Table tab, const U* __restrict__ gathered, int64_t bucket) {
+  unpad_block_body<U>(tab, gathered, bucket, blockIdx.x, threadIdx.x, blockDim.x);
 }
 
 bool big_tables() {
@@ -45,8 +45,7 @@ void launch(const Plan& p, const void* gathered, cudaStream_t stream) {
   dispatch_unit(p.unit, [&](auto u) {
     using U = decltype(u);
     for (const Table& tab : plan_launches<Table>(p.dst, p.entries, p.world)) {
-      unpad_kernel<U, Table><<<tab.n_blocks, kThreads, 0, stream>>>(tab, static_cast<const U*>(gathered), p.bucket,
-                                                                    p.world);
+      unpad_kernel<U, Table><<<tab.n_blocks, kThreads, 0, stream>>>(tab, static_cast<const U*>(gathered), p.bucket);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });
