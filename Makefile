@@ -38,12 +38,12 @@ wheel: $(ENV_STAMP)
 
 .venv/.stamp-env:
 	python3 -m venv .venv
-	.venv/bin/python -m pip install -q torch==$(TORCH_VERSION) numpy pytest pytest-benchmark ninja expecttest hypothesis einops av Pillow
+	.venv/bin/python -m pip install -q torch==$(TORCH_VERSION) numpy pytest pytest-benchmark ninja expecttest hypothesis einops av Pillow safetensors huggingface_hub tqdm
 	touch $@
 
 build/.stamp-env-%:
 	$(PY) -c "import torch" || { echo "PYTHON=$(PY) has no torch: install one first"; exit 1; }
-	$(PY) -c "import pytest, pytest_benchmark, numpy, hypothesis, einops, av, PIL" 2>/dev/null || $(PY) -m pip install -q pytest pytest-benchmark numpy hypothesis einops av Pillow
+	$(PY) -c "import pytest, pytest_benchmark, numpy, hypothesis, einops, av, PIL, safetensors, huggingface_hub, tqdm" 2>/dev/null || $(PY) -m pip install -q pytest pytest-benchmark numpy hypothesis einops av Pillow safetensors huggingface_hub tqdm
 	mkdir -p build && touch $@
 
 $(EXT_STAMP): $(ENV_STAMP) $(SOURCES)

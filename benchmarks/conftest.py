@@ -17,6 +17,10 @@ def _rows(config):
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    # tables that benchmarks outside pytest-benchmark (bench_ckpt: several
+    # processes) leave here
+    for line in getattr(config, "_osf_extra_lines", []):
+        terminalreporter.write_line(line)
     groups = _rows(config)
     if not groups:
         return

@@ -29,5 +29,15 @@ for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
     OP.condition_cat_(torch.empty(3, 6, 9, 13, 11, dtype=dtype, device=dev), srcs, plan)
     big = [torch.randn(2, 4, 97, 101, generator=g).to(dtype).to(dev)]  # several chunks per piece
     OP.condition_cat_(torch.empty(2, 3, 5, 97, 101, dtype=dtype, device=dev), big, [0, 1, 4, 0, 0, 1, 0, 2, 0, 2])
+for dtype, world in ((torch.bfloat16, 3), (torch.float32, 4), (torch.uint8, 5), (torch.complex128, 2)):
+    # unpad_: params smaller than the world, 0-dim, odd sizes; into device and pinned memory
+    shapes = [(), (1,), (2,), (5, 3), (40000,)] + [(17,)] * 300
+    shard = [-(-torch.Size(s).numel() // world) for s in shapes]
+    offset = [sum(shard[:i]) for i in range(len(shard))]
+    gathered = torch.randn(world, sum(shard), generator=g).to(dtype).to(dev)
+    outs = [torch.empty(s, dtype=dtype, device=dev) for s in shapes]
+    OP.unpad_(gathered, outs, offset, shard, [0] * len(shard), shard)
+    pinned = [torch.empty(s, dtype=dtype).pin_memory() for s in shapes]
+    OP.unpad_(gathered, pinned, offset, shard, [0] * len(shard), shard)
 torch.cuda.synchronize()
 print("sanitize_ops: all ops ran")

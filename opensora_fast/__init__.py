@@ -77,6 +77,14 @@ _PORTS: dict[str, tuple[str, list[str]]] = {
     "opensora.utils.prompt_refine": (
         "opensora_fast.utils.prompt_refine", ["image_to_url", "refine_prompt", "refine_prompts"],
     ),
+    # ports=True (upstream's ckpt imports only with colossalai and tensornvme's
+    # GitHub build); its CheckpointIO.save calls the gathers through the module,
+    # so once patched it gathers by buckets
+    "opensora.utils.ckpt": (
+        "opensora_fast.utils.ckpt",
+        ["model_gathering", "master_weights_gathering", "remove_padding", "record_model_param_shape", "model_sharding", "load_checkpoint", "rm_checkpoints",
+         "load_master_weights", "save_json", "load_json", "load_from_hf_hub", "print_load_warning"],
+    ),
 }
 
 # (module, attribute, original, ours) for every replacement made, in order

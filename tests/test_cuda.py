@@ -180,3 +180,52 @@ def test_loss_over_2_pow_31_elements():
     assert float(OP.masked_mse(p, t, r)) == 1.0
     g = OP.masked_mse_backward(torch.ones((), device="cuda"), p, t, r)
     assert float(g[0, -1, -1]) == float(torch.tensor(2.0 / n, dtype=torch.bfloat16))
+
+
+# ----------------------------------------------------------------- unpad_
+
+
+def _unpad_case(world, sizes, dtype, seed):
+    from test_unpad import bucketed, rnd
+
+    g = torch.Generator().manual_seed(seed)
+    params = [rnd(s, dtype, g) for s in sizes]
+    return params, bucketed(params, world)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64, torch.uint8, torch.complex128])
+def test_unpad_cuda_equals_cpu_into_device_and_pinned(dtype):
+    # > 256 entries (several tables), one entry over 3072 chunks, 0-dim, smaller than the world
+    big = 3072 * 16384 + 11 if dtype == torch.bfloat16 else 70001  # > one table of chunks (bf16 only: memory)
+    sizes = [(), (1,), (2,), (5, 3), (big,)] + [(64 + i,) for i in range(300)]
+    params, (gathered, idx, off, sh, bg, ct) = _unpad_case(3, sizes, dtype, 4)
+    want = [torch.zeros_like(p) for p in params]
+    OP.unpad_(gathered, want, off, sh, bg, ct)
+    dev = [torch.zeros_like(p, device="cuda") for p in params]
+    OP.unpad_(gathered.cuda(), dev, off, sh, bg, ct)
+    pinned = [torch.zeros_like(p).pin_memory() for p in params]
+    OP.unpad_(gathered.cuda(), pinned, off, sh, bg, ct)  # the kernel writes host memory directly
+    torch.cuda.synchronize()
+    for i, (w, d, h, p) in enumerate(zip(want, dev, pinned, params)):
+        assert torch.equal(w.view(-1).view(torch.uint8), p.view(-1).view(torch.uint8)), i
+        assert torch.equal(d.cpu().view(-1).view(torch.uint8), w.view(-1).view(torch.uint8)), i
+        assert torch.equal(h.view(-1).view(torch.uint8), w.view(-1).view(torch.uint8)), i
+
+
+def test_unpad_cuda_refuses_unpinned_host_and_does_not_sync():
+    params, (gathered, idx, off, sh, bg, ct) = _unpad_case(2, [(7,), (3, 3)], torch.float32, 5)
+    g = gathered.cuda()
+    with pytest.raises(ValueError, match=r"out\[0\] is on cpu but gathered is on cuda:0"):
+        OP.unpad_(g, [torch.zeros(7), torch.zeros(3, 3, device="cuda")], off, sh, bg, ct)
+    outs = [torch.zeros_like(p, device="cuda") for p in params]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with torch.cuda.stream(side):
+            OP.unpad_(g, outs, off, sh, bg, ct)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    side.synchronize()
+    for o, p in zip(outs, params):
+        assert torch.equal(o.cpu(), p)

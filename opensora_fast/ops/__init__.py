@@ -7,5 +7,6 @@ from __future__ import annotations
 from .ema import draw_seed, ema_update_
 from .condition import condition, condition_cat_
 from .masked_mse import masked_mse
+from .unpad import unpad_
 
-__all__ = ["ema_update_", "draw_seed", "masked_mse", "condition", "condition_cat_"]
+__all__ = ["ema_update_", "draw_seed", "masked_mse", "condition", "condition_cat_", "unpad_"]

@@ -19,6 +19,8 @@ from .condition import (
     prepare_visual_condition_causal,
     prepare_visual_condition_uncausal,
 )
+from .unpad import check_inputs as unpad_check_inputs
+from .unpad import unpad_
 
 # names used before the per-op layout
 check_ema_inputs = ema_check_inputs
@@ -43,4 +45,6 @@ __all__ = [
     "prepare_inference_condition",
     "prepare_visual_condition_causal",
     "prepare_visual_condition_uncausal",
+    "unpad_",
+    "unpad_check_inputs",
 ]

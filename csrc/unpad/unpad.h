@@ -1,0 +1,141 @@
+// Unpack of a bucketed all-gather: gathered is [world, bucket], the shards of
+// several parameters laid side by side in each row. Entry i owns the columns
+// [offset[i], offset[i] + count[i]) of every row; they hold columns
+// [begin[i], begin[i] + count[i]) of that parameter's per-rank shard of
+// shard[i] elements. So element (r, c) of entry i is element
+//     j = r * shard[i] + begin[i] + c
+// of the unpadded, flattened parameter, written when j < numel (the tail of
+// the last shards is model_sharding's zero padding and is dropped).
+//
+// This header is the single source of that index map and of the GPU launch
+// geometry: the CPU kernel copies row segments with it, and the CUDA kernel's
+// per-thread body (unpad_block_body) is a plain host/device function of
+// (block, thread) so a CPU test walks the whole grid (op _unpad_grid_walk).
+// A copy: results are bit-exact on every backend.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "../common.h"
+
+namespace opensora_fast {
+namespace unpad {
+
+// One entry's geometry, in elements.
+struct Entry {
+  int64_t numel;   // elements of the destination (the unpadded parameter)
+  int64_t shard;   // elements of one rank's shard (row stride in the parameter)
+  int64_t begin;   // first shard column this entry carries
+  int64_t count;   // shard columns this entry carries
+  int64_t offset;  // first bucket column of the entry
+};
+
+// Destination index of bucket element (r, c) of an entry, or -1 for padding.
+OSF_INLINE int64_t dst_index(int64_t numel, int64_t shard, int64_t begin, int64_t r, int64_t c) {
+  const int64_t j = r * shard + begin + c;
+  return j < numel ? j : -1;
+}
+
+// Elements of row r of an entry that land in the destination (a prefix of the
+// row's count columns: the destination indices of a row are consecutive).
+OSF_INLINE int64_t row_valid(const Entry& e, int64_t r) {
+  const int64_t first = r * e.shard + e.begin;
+  const int64_t left = e.numel - first;
+  return left <= 0 ? 0 : (left < e.count ? left : e.count);
+}
+
+// ---------------------------------------------------------------------------
+// GPU launch geometry. Each block owns up to kChunk consecutive columns of
+// one row of one entry: entry chunk c is row c / per_row, columns from
+// (c % per_row) * kChunk, with per_row = ceil(count / kChunk). One division
+// per block, none per element; reads of a row are coalesced and so are the
+// writes (consecutive destinations); blocks past a row's valid prefix exit.
+// The table travels as a kernel argument (<= 32 KiB with CUDA >= 12.1, a 4 KiB
+// table otherwise), as in the EMA op.
+constexpr int64_t kChunk = 16384;
+constexpr int kThreads = 256;
+static_assert(kThreads % 32 == 0 && kThreads <= 1024, "kThreads: whole warps, at most 1024");
+
+template <int MaxEntries, int MaxBlocks>
+struct LaunchTable {
+  static constexpr int kMaxEntries = MaxEntries;
+  static constexpr int kMaxBlocks = MaxBlocks;
+  void* dst[MaxEntries];
+  int64_t numel[MaxEntries];
+  int64_t shard[MaxEntries];
+  int64_t begin[MaxEntries];
+  int64_t count[MaxEntries];
+  int64_t offset[MaxEntries];
+  int16_t block_entry[MaxBlocks];
+  int32_t block_chunk[MaxBlocks];
+  int32_t n_blocks;
+};
+using BigTable = LaunchTable<256, 3072>;
+using SmallTable = LaunchTable<32, 256>;
+static_assert(sizeof(BigTable) + 64 <= 32000, "kernel arguments over 32 KiB");
+static_assert(sizeof(SmallTable) + 64 <= 4000, "kernel arguments over 4 KiB");
+
+// Splits the entries into launch tables (the table's limits by default; tests
+// pass smaller ones to exercise the splits). Entries with nothing to write get
+// no block. world: rows of gathered.
+template <typename Table>
+inline std::vector<Table> plan_launches(const std::vector<void*>& dst, const std::vector<Entry>& entries,
+                                        int64_t world, int max_entries = 0, int max_blocks = 0) {
+  max_entries = (max_entries > 0 && max_entries < Table::kMaxEntries) ? max_entries : Table::kMaxEntries;
+  max_blocks = (max_blocks > 0 && max_blocks < Table::kMaxBlocks) ? max_blocks : Table::kMaxBlocks;
+  std::vector<Table> out;
+  Table* cur = nullptr;
+  int ne = 0;
+  auto open = [&]() {
+    out.emplace_back();
+    cur = &out.back();
+    cur->n_blocks = 0;
+    ne = 0;
+  };
+  for (size_t i = 0; i < entries.size(); ++i) {
+    const Entry& e = entries[i];
+    if (e.numel == 0 || e.count == 0) continue;
+    const int64_t chunks = world * ceil_div<int64_t>(e.count, kChunk);
+    for (int64_t c = 0; c < chunks; ++c) {
+      if (cur == nullptr || cur->n_blocks == max_blocks) open();
+      if (c == 0 || cur->n_blocks == 0) {
+        if (ne == max_entries) open();
+        cur->dst[ne] = dst[i];
+        cur->numel[ne] = e.numel;
+        cur->shard[ne] = e.shard;
+        cur->begin[ne] = e.begin;
+        cur->count[ne] = e.count;
+        cur->offset[ne] = e.offset;
+        ++ne;
+      }
+      cur->block_entry[cur->n_blocks] = static_cast<int16_t>(ne - 1);
+      cur->block_chunk[cur->n_blocks] = static_cast<int32_t>(c);
+      ++cur->n_blocks;
+    }
+  }
+  return out;
+}
+
+// What thread `thread` of block `block` does (nthreads = blockDim.x). U is an
+// unsigned integer type of the element's size (the copy moves bits); for
+// 16-byte elements the host passes every geometry value doubled and U = uint64.
+template <typename U, typename Table>
+OSF_HOST_DEVICE inline void unpad_block_body(const Table& tab, const U* gathered, int64_t bucket, int block,
+                                             int thread, int nthreads) {
+  const int e = tab.block_entry[block];
+  const Entry en{tab.numel[e], tab.shard[e], tab.begin[e], tab.count[e], tab.offset[e]};
+  const int64_t per_row = ceil_div<int64_t>(en.count, kChunk);
+  const int64_t chunk = tab.block_chunk[block];
+  const int64_t r = chunk / per_row;
+  const int64_t lo = (chunk - r * per_row) * kChunk;
+  const int64_t valid = row_valid(en, r);  // destinations of a row are consecutive
+  const int64_t hi = (valid - lo < kChunk) ? valid : lo + kChunk;
+  if (hi <= lo) return;  // padding only: no pointer is formed past the tensors
+  U* dst = static_cast<U*>(tab.dst[e]) + (r * en.shard + en.begin);
+  const U* src = gathered + (r * bucket + en.offset);
+  for (int64_t c = lo + thread; c < hi; c += nthreads) dst[c] = src[c];
+}
+
+}  // namespace unpad
+}  // namespace opensora_fast

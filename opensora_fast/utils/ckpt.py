@@ -1,0 +1,975 @@
+"""Drop-in for ``opensora.utils.ckpt``: the same names, signatures and results,
+with a bucketed gather, an async crash-safe ``CheckpointIO`` and safe loading.
+
+What differs from upstream (each on purpose):
+
+* **Gathers** (``model_gathering``, ``master_weights_gathering``): parameters are
+  grouped by process group and dtype into buckets of at most ``bucket_bytes``
+  (default 256 MiB, for the ``[world, bucket]`` gathered buffer; a shard larger
+  than a bucket is split across buckets); one collective per bucket (a
+  ``gather`` to rank 0 on gloo, where only rank 0 needs the bytes;
+  ``all_gather_into_tensor`` on NCCL); one ``opensora_fast::unpad_`` call per
+  bucket writes every parameter's unpadded tensor straight into its pinned
+  destination. The next bucket's collective runs while the current one is
+  unpacked. Extra memory: two gathered buckets on the receiving rank(s), plus
+  two send buffers of a bucket's per-rank width on every rank. The results are upstream's,
+  bit for bit; 0-dim parameters work (upstream's ``remove_padding`` fails on them).
+* **Writing**: tensornvme's ``AsyncFileWriter`` is not on PyPI (and is not
+  used even when installed), so the EMA and master weights are written as safetensors from the pinned buffers by a
+  background thread; ``save`` returns once the buffers are filled, ``_sync_io``
+  waits, and a new save waits for the previous one.
+* **Crash safety**: a checkpoint is written under a hidden temporary name
+  (``.epochE-global_stepS.partial``), every file fsynced, ``running_states.json``
+  last, then renamed. A directory named ``epoch*-global_step*`` with a
+  ``running_states.json`` is complete; ``load`` refuses anything else and
+  ``rm_checkpoints`` ignores it. ``rm_checkpoints`` removes ``running_states.json``
+  first, so a removal cut short never leaves a loadable half checkpoint.
+* **Loading**: ``.pt``/``.pth`` with ``weights_only=True`` unless
+  ``weights_only=False`` is passed for a trusted legacy file; safetensors
+  errors name the file; ``rename_keys`` applies to both formats.
+* **Without colossalai** (``booster=None``): the model's state dict is saved as
+  ``model.safetensors`` and the optimizer, lr scheduler and sampler states as
+  ``*.pt`` files loaded back with ``weights_only=True``. Booster-sharded models
+  and optimizers (ZeRO, hybrid parallel), LoRA saving and sharded-directory
+  loading need colossalai's Booster (``pip install opensora_fast[colossalai]``);
+  with a booster those parts are written synchronously inside the temporary
+  directory so the rename covers them.
+* ``CheckpointIO.save`` also writes the EMA as ``ema.safetensors`` when
+  ``async_io=False`` (upstream then ``torch.save``s the still-sharded EMA).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import pickle
+import re
+import shutil
+import struct
+import sys
+import threading
+from glob import glob
+from typing import Callable, Dict, Iterable, List, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from ..ops.unpad import unpad_
+from .logger import log_message
+
+__all__ = [
+    "CheckpointIO",
+    "load_checkpoint",
+    "load_from_hf_hub",
+    "load_from_sharded_state_dict",
+    "load_json",
+    "load_master_weights",
+    "master_weights_gathering",
+    "model_gathering",
+    "model_sharding",
+    "print_load_warning",
+    "record_model_param_shape",
+    "remove_padding",
+    "rm_checkpoints",
+    "save_json",
+    "DEFAULT_BUCKET_BYTES",
+]
+
+hf_endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+
+DEFAULT_BUCKET_BYTES = 256 << 20
+_CKPT_RE = re.compile(r"epoch(\d+)-global_step(\d+)$")
+_COMPLETE = "running_states.json"
+
+# Test hook: called with a phase name at every step of a checkpoint write
+# (tests/test_ckpt_crash.py kills the process there).
+_phase_hook: Optional[Callable[[str], None]] = None
+
+
+def _phase(name: str) -> None:
+    if _phase_hook is not None:
+        _phase_hook(name)
+
+
+# ----------------------------------------------------------------- dist glue
+
+
+def _dist_on() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _rank() -> int:
+    return dist.get_rank() if _dist_on() else 0
+
+
+def _barrier() -> None:
+    if _dist_on():
+        dist.barrier()
+
+
+def _show_progress(progress: Optional[bool]) -> bool:
+    if progress is not None:
+        return bool(progress) and _rank() == 0
+    if os.environ.get("OPENSORA_FAST_PROGRESS", "").strip() == "0":
+        return False
+    return _rank() == 0 and sys.stderr.isatty()
+
+
+def _progress(iterable, total: int, desc: str, show: bool):
+    if not show:
+        return iterable
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return iterable
+    return tqdm(iterable, total=total, desc=desc, leave=False)
+
+
+# ----------------------------------------------------------------- small helpers
+
+
+def _numel(shape) -> int:
+    return math.prod(int(d) for d in shape)
+
+
+def remove_padding(tensor: torch.Tensor, original_shape: tuple) -> torch.Tensor:
+    """Remove padding from a tensor: its first ``prod(original_shape)`` elements
+    (1 for a 0-dim shape, where upstream raises TypeError)."""
+    return tensor[: _numel(original_shape)]
+
+
+def record_model_param_shape(model: torch.nn.Module) -> dict:
+    """The shape of every parameter, by name (before sharding)."""
+    return {name: param.shape for name, param in model.named_parameters()}
+
+
+def model_sharding(model: torch.nn.Module, device: torch.device = None):
+    """Shard every parameter across the world: flatten, zero-pad to a multiple
+    of the world size, keep this rank's chunk as a 1-D tensor (on ``device``,
+    default: where the parameter is)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    for _, param in model.named_parameters():
+        if device is None:
+            device = param.device
+        flat = param.data.reshape(-1)
+        pad = (world - flat.numel() % world) % world
+        if pad:
+            flat = torch.nn.functional.pad(flat, [0, pad])
+        shard = flat.numel() // world
+        param.data = flat[rank * shard : (rank + 1) * shard].to(device)
+
+
+def load_json(file_path: str) -> dict:
+    """Load a JSON file."""
+    with open(file_path, "r", encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_json(data, file_path: str):
+    """Save ``data`` as indented JSON; written to a temporary name, fsynced
+    and renamed, so the file is either the old one or the whole new one."""
+    tmp = f"{file_path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=4)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, file_path)
+
+
+# ----------------------------------------------------------------- bucketed gather
+
+
+class _Entry:
+    __slots__ = ("item", "begin", "count", "offset")
+
+    def __init__(self, item, begin, count, offset):
+        self.item, self.begin, self.count, self.offset = item, begin, count, offset
+
+
+class _Item:
+    __slots__ = ("name", "shard", "numel", "dst")
+
+    def __init__(self, name, shard, numel, dst):
+        self.name, self.shard, self.numel, self.dst = name, shard, numel, dst
+
+
+def _plan_buckets(items: Sequence[_Item], cols: int) -> List[List[_Entry]]:
+    """Greedy packing in order: a bucket holds ``cols`` shard elements per rank;
+    a shard that does not fit is continued in the next bucket."""
+    buckets: List[List[_Entry]] = []
+    cur: List[_Entry] = []
+    used = 0
+    for it in items:
+        s = it.shard.numel()
+        begin = 0
+        while begin < s:
+            if used == cols:
+                buckets.append(cur)
+                cur, used = [], 0
+            take = min(cols - used, s - begin)
+            cur.append(_Entry(it, begin, take, used))
+            used += take
+            begin += take
+    if cur:
+        buckets.append(cur)
+    return buckets
+
+
+def _bucket_cols(bucket_bytes, world: int, dtype: torch.dtype, fn: str) -> int:
+    if bucket_bytes is None:
+        bucket_bytes = DEFAULT_BUCKET_BYTES
+    if isinstance(bucket_bytes, bool) or not isinstance(bucket_bytes, int):
+        raise TypeError(f"{fn}: bucket_bytes must be an int, got {type(bucket_bytes).__name__}")
+    esize = torch.empty((), dtype=dtype).element_size()
+    cols = bucket_bytes // (world * esize)
+    if cols < 1:
+        raise ValueError(
+            f"{fn}: bucket_bytes={bucket_bytes} holds less than one {dtype} element per rank "
+            f"(world size {world}); use at least {world * esize}"
+        )
+    return cols
+
+
+def _agree(ok: bool, message: str, device: torch.device, group) -> None:
+    """Every rank of ``group`` raises when any rank found bad input, so no rank
+    is left waiting in a collective. This rank's own message when it has one."""
+    if _dist_on():
+        flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
+        if int(flag.item()) == 0 and ok:
+            raise RuntimeError(f"{message.split(':', 1)[0]}: another rank refused the call (see its error)")
+    if not ok:
+        raise ValueError(message)
+
+
+# all_gather_into_tensor was renamed all_gather_single (torch 2.13+ warns on the old name)
+_all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+def _collective_mode(collective: str, group) -> str:
+    if collective not in ("auto", "gather", "all_gather"):
+        raise ValueError(f"collective must be 'auto', 'gather' or 'all_gather', got {collective!r}")
+    if collective != "auto":
+        return collective
+    return "gather" if dist.get_backend(group) == "gloo" else "all_gather"
+
+
+def _gather_items(
+    items: Sequence[_Item],
+    group,
+    *,
+    bucket_bytes: Optional[int],
+    collective: str,
+    desc: str,
+    show: bool,
+    fn: str,
+) -> None:
+    """Gathers every item's shard over ``group`` and writes its unpadded
+    tensor into ``item.dst`` on global rank 0. Items share one dtype and device."""
+    if not items:
+        return
+    world = dist.get_world_size(group)
+    dst_rank = 0
+    me = dist.get_rank()
+    dtype, device = items[0].shard.dtype, items[0].shard.device
+    cols = _bucket_cols(bucket_bytes, world, dtype, fn)
+    mode = _collective_mode(collective, group)
+    if mode == "gather" and dst_rank not in dist.get_process_group_ranks(group):
+        mode = "all_gather"
+    buckets = _plan_buckets(items, cols)
+    width = min(cols, sum(it.shard.numel() for it in items))
+    receive = me == dst_rank or mode == "all_gather"
+    wire = torch.uint8 if dtype in (torch.bfloat16, torch.float16) and dist.get_backend(group) == "gloo" else None
+    send = [torch.empty(width, dtype=dtype, device=device) for _ in range(min(2, len(buckets)))]
+    recv = [torch.empty(world * width, dtype=dtype, device=device) for _ in range(min(2, len(buckets)))] if receive else []
+
+    def start(k):
+        entries = buckets[k]
+        used = entries[-1].offset + entries[-1].count
+        sbuf = send[k % 2][:used]
+        torch.cat([e.item.shard.detach()[e.begin : e.begin + e.count] for e in entries], out=sbuf)
+        rbuf = recv[k % 2][: world * used] if receive else None
+        # A gather moves bytes: on gloo, bf16/fp16 travel as uint8 (gloo has no
+        # fast path for bf16; same bits either way).
+        cs, cr = (sbuf.view(wire), rbuf.view(wire) if rbuf is not None else None) if wire is not None else (sbuf, rbuf)
+        if mode == "all_gather":
+            work = _all_gather_flat(cr, cs, group=group, async_op=True)
+        else:
+            rows = list(cr.view(world, -1).unbind(0)) if me == dst_rank else None
+            work = dist.gather(cs, rows, dst=dst_rank, group=group, async_op=True)
+        return work, rbuf, used
+
+    pending = start(0)
+    with torch.no_grad():
+        for k in _progress(range(len(buckets)), len(buckets), desc, show):
+            work, rbuf, used = pending
+            work.wait()
+            # The next bucket's collective runs while this one is unpacked.
+            pending = start(k + 1) if k + 1 < len(buckets) else None
+            if me != dst_rank:
+                continue
+            entries = buckets[k]
+            gathered = rbuf.view(world, used)
+            outs = [e.item.dst for e in entries]
+            if gathered.device.type == "cuda" and any(not (o.is_cuda or o.is_pinned()) for o in outs):
+                gathered = gathered.cpu()
+            unpad_(
+                gathered,
+                outs,
+                [e.offset for e in entries],
+                [e.item.shard.numel() for e in entries],
+                [e.begin for e in entries],
+                [e.count for e in entries],
+            )
+            if pending is None and gathered.device.type == "cuda":
+                torch.cuda.current_stream(gathered.device).synchronize()
+
+
+def _check_dst(fn: str, name: str, shape, dtype, pinned_state_dict) -> Optional[str]:
+    if name not in pinned_state_dict:
+        return f"{fn}: pinned_state_dict has no entry {name!r}"
+    t = pinned_state_dict[name]
+    if not isinstance(t, torch.Tensor):
+        return f"{fn}: pinned_state_dict[{name!r}] is a {type(t).__name__}, not a tensor"
+    if tuple(t.shape) != tuple(shape):
+        return f"{fn}: pinned_state_dict[{name!r}] has shape {list(t.shape)}, expected {list(shape)}"
+    if t.dtype != dtype:
+        return f"{fn}: pinned_state_dict[{name!r}] has dtype {t.dtype}, expected {dtype}"
+    if not t.is_contiguous():
+        return f"{fn}: pinned_state_dict[{name!r}] is not contiguous"
+    return None
+
+
+def _run_grouped(fn, items_by_group, *, bucket_bytes, collective, progress):
+    show = _show_progress(progress)
+    for (group, _dtype), items in items_by_group.items():
+        _gather_items(items, group, bucket_bytes=bucket_bytes, collective=collective, desc=fn, show=show, fn=fn)
+
+
+def model_gathering(
+    model: torch.nn.Module,
+    model_shape_dict: dict,
+    pinned_state_dict: dict,
+    *,
+    bucket_bytes: Optional[int] = None,
+    collective: str = "auto",
+    progress: Optional[bool] = None,
+) -> None:
+    """Gather the parameters of a model sharded by ``model_sharding`` into
+    ``pinned_state_dict`` on rank 0 (every parameter at its recorded shape, and
+    the buffers copied as they are); all ranks must call it.
+
+    Keyword extras: ``bucket_bytes`` (gathered bytes per collective, default
+    256 MiB), ``collective`` ("auto": gather on gloo, all_gather_into_tensor
+    otherwise), ``progress`` (tqdm on rank 0; default when stderr is a TTY).
+    Bad input (a shape dict that does not match the sharded model, a pinned dict
+    missing a key or with a wrong shape or dtype) raises on every rank before
+    anything is written."""
+    fn = "model_gathering"
+    world = dist.get_world_size()
+    rank = dist.get_rank()
+    groups: Dict[tuple, List[_Item]] = {}
+    problem = None
+    names = set()
+    device = None
+    for name, param in model.named_parameters():
+        names.add(name)
+        device = param.device if device is None else device
+        if problem is None:
+            if name not in model_shape_dict:
+                problem = f"{fn}: model_shape_dict has no entry for parameter {name!r}"
+            else:
+                shape = tuple(model_shape_dict[name])
+                want = -(-_numel(shape) // world)
+                if param.dim() != 1 or param.numel() != want:
+                    problem = (
+                        f"{fn}: parameter {name!r} has a local shard of shape {list(param.shape)}, but shape "
+                        f"{list(shape)} sharded over {world} ranks gives [{want}] (model_shape_dict does not match "
+                        "the model, or the model is not sharded by model_sharding)"
+                    )
+                elif rank == 0:
+                    problem = _check_dst(fn, name, shape, param.dtype, pinned_state_dict)
+        if problem is None:
+            dst = pinned_state_dict[name] if rank == 0 else None
+            groups.setdefault((dist.group.WORLD, param.dtype), []).append(
+                _Item(name, param.data, _numel(model_shape_dict[name]), dst)
+            )
+    buffers = {k: v for k, v in model.state_dict(keep_vars=True).items() if k not in names}
+    if problem is None and rank == 0:
+        for k, v in buffers.items():
+            problem = _check_dst(fn, k, v.shape, v.dtype, pinned_state_dict)
+            if problem:
+                break
+    _agree(problem is None, problem or "", device or torch.device("cpu"), None)
+    _run_grouped(fn, groups, bucket_bytes=bucket_bytes, collective=collective, progress=progress)
+    if rank == 0:
+        with torch.no_grad():
+            for k, v in buffers.items():
+                pinned_state_dict[k].copy_(v)
+    dist.barrier()
+
+
+def master_weights_gathering(
+    model: torch.nn.Module,
+    optimizer,
+    pinned_state_dict: dict,
+    *,
+    bucket_bytes: Optional[int] = None,
+    collective: str = "auto",
+    progress: Optional[bool] = None,
+) -> None:
+    """Gather the fp32 master weights of a ZeRO optimizer into
+    ``pinned_state_dict`` on rank 0, each at its working parameter's shape.
+    ``optimizer`` needs ``get_working_to_master_map()`` (id(param) -> 1-D master
+    shard) and ``param_to_pg`` (param -> its process group), as ColossalAI's
+    LowLevelZeroOptimizer has; every rank must call it. Keyword extras as in
+    :func:`model_gathering`."""
+    fn = "master_weights_gathering"
+    rank = dist.get_rank()
+    w2m = optimizer.get_working_to_master_map()
+    groups: Dict[tuple, List[_Item]] = {}
+    problem = None
+    device = None
+    for name, param in model.named_parameters():
+        master = w2m.get(id(param)) if hasattr(w2m, "get") else w2m[id(param)]
+        if master is None:
+            problem = problem or f"{fn}: the optimizer has no master weight for parameter {name!r}"
+            continue
+        device = master.device if device is None else device
+        pg = optimizer.param_to_pg[param]
+        world = dist.get_world_size(pg)
+        n = param.numel()
+        if problem is None and (master.dim() != 1 or master.numel() * world < n):
+            problem = (
+                f"{fn}: the master weight of {name!r} has shape {list(master.shape)}; {world} shards of it "
+                f"cannot hold the {n} elements of shape {list(param.shape)}"
+            )
+        if problem is None and rank == 0:
+            problem = _check_dst(fn, name, param.shape, master.dtype, pinned_state_dict)
+        if problem is None:
+            dst = pinned_state_dict[name] if rank == 0 else None
+            groups.setdefault((pg, master.dtype), []).append(_Item(name, master, n, dst))
+    _agree(problem is None, problem or "", device or torch.device("cpu"), None)
+    _run_grouped(fn, groups, bucket_bytes=bucket_bytes, collective=collective, progress=progress)
+    dist.barrier()
+
+
+def load_master_weights(model: torch.nn.Module, optimizer, state_dict: dict, group=None) -> None:
+    """Write this rank's shard of each full fp32 weight in ``state_dict`` into
+    the optimizer's master weights (the inverse of master_weights_gathering).
+    ``group``: the ZeRO data-parallel group (default: the registered
+    data-parallel group, as upstream's ``get_data_parallel_group(get_mixed_dp_pg=True)``)."""
+    if group is None:
+        from .misc import get_data_parallel_group
+
+        group = get_data_parallel_group()
+    world = dist.get_world_size(group)
+    rank = dist.get_rank(group)
+    w2m = optimizer.get_working_to_master_map()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            master = w2m[id(param)]
+            if name not in state_dict:
+                raise KeyError(f"load_master_weights: the state dict has no entry {name!r}")
+            state = state_dict[name].reshape(-1)
+            s = master.numel()
+            if s * world < state.numel():
+                raise ValueError(
+                    f"load_master_weights: {name!r} has {state.numel()} elements; {world} master shards of {s} "
+                    "cannot hold them"
+                )
+            lo = min(rank * s, state.numel())
+            k = min(s, state.numel() - lo)
+            master[:k].copy_(state[lo : lo + k].to(master.dtype))
+            master[k:].zero_()  # upstream pads the state with zeros
+
+
+# ----------------------------------------------------------------- safetensors writer
+
+_ST_DTYPES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e5m2: "F8_E5M2",
+}
+
+
+def _write_safetensors(path: str, tensors: Dict[str, torch.Tensor], show: bool = False) -> None:
+    """Writes ``tensors`` (CPU, contiguous) as a safetensors file, streaming
+    each tensor's bytes from its buffer (no serialised copy), then fsyncs."""
+    names = sorted(tensors)
+    header, pos = {}, 0
+    for k in names:
+        t = tensors[k]
+        if t.dtype not in _ST_DTYPES:
+            raise TypeError(f"safetensors cannot store {k!r} of dtype {t.dtype}")
+        nbytes = t.numel() * t.element_size()
+        header[k] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [pos, pos + nbytes]}
+        pos += nbytes
+    header["__metadata__"] = {"format": "pt"}
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * ((-len(blob)) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for k in _progress(names, len(names), os.path.basename(path), show):
+            t = tensors[k]
+            if t.numel():
+                f.write(memoryview(t.detach().reshape(-1).view(torch.uint8).numpy()))
+            _phase("tensor")
+        f.flush()
+        _phase("flushed")
+        os.fsync(f.fileno())
+    _phase("fsynced")
+
+
+class _Job:
+    """One checkpoint's rank-0 file work: write the files, running_states.json
+    last, fsync, rename the temporary directory to its final name."""
+
+    def __init__(self, tmp_dir, final_dir, files, running_states, show):
+        self.tmp_dir, self.final_dir = tmp_dir, final_dir
+        self.files, self.running_states, self.show = files, running_states, show
+        self.error: Optional[BaseException] = None
+        self.thread: Optional[threading.Thread] = None
+
+    def run(self):
+        try:
+            for path, tensors in self.files:
+                _write_safetensors(os.path.join(self.tmp_dir, path), tensors, self.show)
+            save_json(self.running_states, os.path.join(self.tmp_dir, _COMPLETE))
+            _phase("states")
+            _fsync_dir(self.tmp_dir)
+            _phase("dir-fsynced")
+            os.rename(self.tmp_dir, self.final_dir)
+            _phase("renamed")
+            _fsync_dir(os.path.dirname(self.final_dir) or ".")
+            _phase("done")
+        except BaseException as e:  # reported by _sync_io
+            self.error = e
+
+    def start(self):
+        self.thread = threading.Thread(target=self.run, name="opensora_fast-ckpt-writer", daemon=False)
+        self.thread.start()
+
+    def wait(self):
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+        if self.error is not None:
+            e, self.error = self.error, None
+            raise RuntimeError(f"CheckpointIO: writing {self.final_dir} failed: {e}") from e
+
+
+def _is_complete(path: str) -> bool:
+    return os.path.isdir(path) and os.path.isfile(os.path.join(path, _COMPLETE))
+
+
+def _partial_name(final_dir: str) -> str:
+    parent, base = os.path.split(final_dir)
+    return os.path.join(parent, f".{base}.partial")
+
+
+def _search_valid_path(path: str) -> str:
+    if os.path.exists(f"{path}.safetensors"):
+        return f"{path}.safetensors"
+    if os.path.exists(f"{path}.pt"):
+        return f"{path}.pt"
+    return path
+
+
+def _torch_load(path: str, map_location="cpu", weights_only: bool = True):
+    try:
+        return torch.load(path, map_location=map_location, weights_only=weights_only)
+    except pickle.UnpicklingError as e:
+        if not weights_only:
+            raise
+        raise pickle.UnpicklingError(
+            f"{path}: refused by weights_only loading (it holds objects other than tensors and plain "
+            f"containers, which unpickling would run as code). Pass weights_only=False only for a file you "
+            f"trust. Detail: {str(e).splitlines()[0]}"
+        ) from e
+
+
+def _load_safetensors(path: str, device: str = "cpu") -> Dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path, device=device)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise ValueError(f"{path}: not a valid safetensors file (truncated or corrupted?): {e}") from e
+
+
+def _needs_colossalai(what: str):
+    try:
+        import colossalai  # noqa: F401
+    except ImportError as e:
+        raise ImportError(f"{what} needs colossalai: pip install opensora_fast[colossalai]") from e
+
+
+class CheckpointIO:
+    """Open-Sora's CheckpointIO: ``save``/``load`` of model, EMA, optimizer,
+    master weights, lr scheduler, sampler and running states, with the EMA and
+    master weights written in the background and every checkpoint crash-safe
+    (see the module doc). ``booster`` may be None (plain torch state dicts)."""
+
+    def __init__(self, n_write_entries: int = 32, *, bucket_bytes: Optional[int] = None, progress: Optional[bool] = None):
+        self.n_write_entries = n_write_entries
+        self.bucket_bytes = bucket_bytes
+        self.progress = progress
+        self.writer: Optional[_Job] = None
+        self.master_writer = None  # kept for upstream's attribute; one job writes both files
+        self.pinned_state_dict: Optional[Dict[str, torch.Tensor]] = None
+        self.master_pinned_state_dict: Optional[Dict[str, torch.Tensor]] = None
+
+    def _sync_io(self):
+        """Waits until the previous save's files are written and renamed."""
+        job, self.writer = self.writer, None
+        if job is not None:
+            job.wait()
+
+    def __del__(self):
+        try:
+            self._sync_io()
+        except Exception:
+            pass
+
+    @staticmethod
+    def _pinned(shape, dtype):
+        pin = torch.cuda.is_available()
+        return torch.empty(shape, dtype=dtype, device="cpu", pin_memory=pin)
+
+    def _prepare_pinned_state_dict(self, ema: nn.Module, ema_shape_dict: dict):
+        if self.pinned_state_dict is None and _rank() == 0:
+            sd = {}
+            for name, p in ema.named_parameters():
+                if name not in ema_shape_dict:
+                    raise ValueError(f"CheckpointIO.save: ema_shape_dict has no entry for parameter {name!r}")
+                sd[name] = self._pinned(ema_shape_dict[name], p.dtype)
+            for k, v in ema.state_dict(keep_vars=True).items():
+                if k not in sd:
+                    sd[k] = self._pinned(v.shape, v.dtype)
+            self.pinned_state_dict = sd
+
+    def _prepare_master_pinned_state_dict(self, model: nn.Module, optimizer):
+        if self.master_pinned_state_dict is None and _rank() == 0:
+            w2m = optimizer.get_working_to_master_map()
+            self.master_pinned_state_dict = {
+                n: self._pinned(p.shape, w2m[id(p)].dtype) for n, p in model.named_parameters()
+            }
+
+    def save(
+        self,
+        booster,
+        save_dir: str,
+        model: nn.Module = None,
+        ema: nn.Module = None,
+        optimizer=None,
+        lr_scheduler=None,
+        sampler=None,
+        epoch: int = None,
+        step: int = None,
+        global_step: int = None,
+        batch_size: int = None,
+        lora: bool = False,
+        actual_update_step: int = None,
+        ema_shape_dict: dict = None,
+        async_io: bool = True,
+        include_master_weights: bool = False,
+    ) -> str:
+        """Save a checkpoint to ``save_dir/epoch{epoch}-global_step{actual_update_step}``
+        and return that path. Every rank must call it. Returns once the EMA and
+        master weights are in pinned host memory; with ``async_io`` the files are
+        written (and the directory appears under its final name) in the
+        background — ``_sync_io()`` waits; the next save waits too."""
+        self._sync_io()
+        rank = _rank()
+        final = os.path.join(save_dir, f"epoch{epoch}-global_step{actual_update_step}")
+        tmp = _partial_name(final)
+        if os.path.exists(final):
+            if _is_complete(final):
+                try:
+                    held = load_json(os.path.join(final, _COMPLETE))
+                except Exception:
+                    held = {}
+                raise FileExistsError(
+                    f"CheckpointIO.save: {final} already holds a complete checkpoint (step {held.get('step')}, "
+                    f"global_step {held.get('global_step')}); refusing to overwrite it"
+                )
+            raise FileExistsError(
+                f"CheckpointIO.save: {final} exists but is not a complete checkpoint (no {_COMPLETE}); "
+                "remove it first"
+            )
+        if rank == 0:
+            if os.path.exists(tmp):
+                shutil.rmtree(tmp)  # left by a save that was killed
+            os.makedirs(tmp)
+            _phase("mkdir")
+        _barrier()
+        if model is not None:
+            if booster is None:
+                if lora:
+                    _needs_colossalai("CheckpointIO.save(lora=True)")
+                if rank == 0:
+                    sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+                    _write_safetensors(os.path.join(tmp, "model.safetensors"), sd)
+            elif not lora:
+                os.makedirs(os.path.join(tmp, "model"), exist_ok=True)
+                booster.save_model(
+                    model, os.path.join(tmp, "model"), shard=True, use_safetensors=True, size_per_shard=4096
+                )
+            else:
+                os.makedirs(os.path.join(tmp, "lora"), exist_ok=True)
+                booster.save_lora_as_pretrained(model, os.path.join(tmp, "lora"))
+        files = []
+        if optimizer is not None:
+            if booster is None:
+                if rank == 0:
+                    torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
+            else:
+                booster.save_optimizer(optimizer, os.path.join(tmp, "optimizer"), shard=True, size_per_shard=4096)
+            if include_master_weights:
+                self._prepare_master_pinned_state_dict(model, optimizer)
+                master_weights_gathering(
+                    model, optimizer, self.master_pinned_state_dict, bucket_bytes=self.bucket_bytes, progress=self.progress
+                )
+                if rank == 0:
+                    files.append(("master.safetensors", self.master_pinned_state_dict))
+        if lr_scheduler is not None:
+            if booster is None:
+                if rank == 0:
+                    torch.save(lr_scheduler.state_dict(), os.path.join(tmp, "lr_scheduler.pt"))
+            else:
+                booster.save_lr_scheduler(lr_scheduler, os.path.join(tmp, "lr_scheduler"))
+        if ema is not None:
+            if ema_shape_dict is None:
+                raise ValueError("CheckpointIO.save: ema_shape_dict is required with ema (record_model_param_shape)")
+            self._prepare_pinned_state_dict(ema, ema_shape_dict)
+            if _dist_on():
+                model_gathering(
+                    ema, ema_shape_dict, self.pinned_state_dict, bucket_bytes=self.bucket_bytes, progress=self.progress
+                )
+            else:  # one process: the EMA is whole (model_sharding needs a process group)
+                with torch.no_grad():
+                    for k, v in ema.state_dict().items():
+                        self.pinned_state_dict[k].copy_(v.reshape(self.pinned_state_dict[k].shape))
+            if rank == 0:
+                files.insert(0, ("ema.safetensors", self.pinned_state_dict))
+        if rank == 0 and sampler is not None:
+            # only for VariableVideoBatchSampler
+            torch.save(sampler.state_dict(step), os.path.join(tmp, "sampler"))
+        _barrier()  # every rank's part is in tmp before rank 0 renames it
+        if rank == 0:
+            running_states = {
+                "epoch": epoch,
+                "step": step,
+                "global_step": global_step,
+                "batch_size": batch_size,
+                "actual_update_step": actual_update_step,
+            }
+            job = _Job(tmp, final, files, running_states, _show_progress(self.progress))
+            if async_io:
+                job.start()
+                self.writer = job
+            else:
+                job.run()
+                self.writer = job
+                self._sync_io()
+        _barrier()
+        return final
+
+    def load(
+        self,
+        booster,
+        load_dir: str,
+        model: nn.Module = None,
+        ema: nn.Module = None,
+        optimizer=None,
+        lr_scheduler=None,
+        sampler=None,
+        strict: bool = False,
+        include_master_weights: bool = False,
+    ) -> tuple:
+        """Load a complete checkpoint; returns ``(epoch, step)``. A directory
+        without running_states.json (a save cut short) is refused."""
+        if not os.path.isdir(load_dir):
+            raise FileNotFoundError(f"CheckpointIO.load: checkpoint directory {load_dir} does not exist")
+        base = os.path.basename(os.path.normpath(load_dir))
+        if not os.path.isfile(os.path.join(load_dir, _COMPLETE)) or (base.startswith(".") and base.endswith(".partial")):
+            raise FileNotFoundError(
+                f"CheckpointIO.load: {load_dir} is not a complete checkpoint (no {_COMPLETE}: its save did not "
+                "finish)"
+            )
+        running_states = load_json(os.path.join(load_dir, _COMPLETE))
+        if model is not None:
+            plain = os.path.join(load_dir, "model.safetensors")
+            if booster is None or os.path.isfile(plain):
+                if not os.path.isfile(plain):
+                    _needs_colossalai(f"loading the sharded model in {load_dir}")
+                missing, unexpected = model.load_state_dict(_load_safetensors(plain), strict=strict)
+                print_load_warning(missing, unexpected)
+            else:
+                booster.load_model(
+                    model, _search_valid_path(os.path.join(load_dir, "model")), strict=strict,
+                    low_cpu_mem_mode=False, num_threads=32,
+                )
+        if ema is not None:
+            st = os.path.join(load_dir, "ema.safetensors")
+            if os.path.exists(st):
+                ema_state_dict = _load_safetensors(st)
+            else:
+                ema_state_dict = _torch_load(os.path.join(load_dir, "ema.pt"))
+            ema.load_state_dict(ema_state_dict, strict=strict, assign=True)
+        if optimizer is not None:
+            plain = os.path.join(load_dir, "optimizer.pt")
+            if booster is None or os.path.isfile(plain):
+                if not os.path.isfile(plain):
+                    _needs_colossalai(f"loading the sharded optimizer in {load_dir}")
+                optimizer.load_state_dict(_torch_load(plain))
+            else:
+                booster.load_optimizer(optimizer, os.path.join(load_dir, "optimizer"), low_cpu_mem_mode=False, num_threads=32)
+            if include_master_weights:
+                master = _load_safetensors(os.path.join(load_dir, "master.safetensors"))
+                load_master_weights(model, optimizer, master)
+        if lr_scheduler is not None:
+            plain = os.path.join(load_dir, "lr_scheduler.pt")
+            if booster is None or os.path.isfile(plain):
+                lr_scheduler.load_state_dict(_torch_load(plain))
+            else:
+                booster.load_lr_scheduler(lr_scheduler, os.path.join(load_dir, "lr_scheduler"))
+        if sampler is not None:
+            sampler.load_state_dict(_torch_load(os.path.join(load_dir, "sampler")))
+        _barrier()
+        return (running_states["epoch"], running_states["step"])
+
+
+# ----------------------------------------------------------------- loading
+
+
+def load_from_hf_hub(repo_path: str, cache_dir: str = None) -> str:
+    """Download (or find in the cache) ``org/repo/file`` from the Hugging Face
+    Hub; returns the local path. Honours HF_HUB_OFFLINE and HF_ENDPOINT."""
+    from huggingface_hub import hf_hub_download
+
+    repo_id, _, repo_file = repo_path.rpartition("/")
+    if not repo_id or "/" not in repo_id:
+        raise ValueError(f"load_from_hf_hub: expected 'org/repo/file', got {repo_path!r}")
+    return hf_hub_download(repo_id=repo_id, filename=repo_file, cache_dir=cache_dir)
+
+
+def load_from_sharded_state_dict(model: nn.Module, ckpt_path: str, model_name: str = "model", strict=False):
+    """Load a ColossalAI sharded checkpoint directory (needs colossalai)."""
+    _needs_colossalai("load_from_sharded_state_dict")
+    from colossalai.checkpoint_io import GeneralCheckpointIO
+
+    GeneralCheckpointIO().load_model(model, os.path.join(ckpt_path, model_name), strict=strict)
+
+
+def print_load_warning(missing: list, unexpected: list) -> None:
+    """Log the missing and unexpected keys of a load_state_dict."""
+    if len(missing) > 0 and len(unexpected) > 0:
+        log_message(f"Got {len(missing)} missing keys:\n\t" + "\n\t".join(missing))
+        log_message("\n" + "-" * 79 + "\n")
+        log_message(f"Got {len(unexpected)} unexpected keys:\n\t" + "\n\t".join(unexpected))
+    elif len(missing) > 0:
+        log_message(f"Got {len(missing)} missing keys:\n\t" + "\n\t".join(missing))
+    elif len(unexpected) > 0:
+        log_message(f"Got {len(unexpected)} unexpected keys:\n\t" + "\n\t".join(unexpected))
+    else:
+        log_message("Model loaded successfully")
+
+
+def _rename(ckpt: dict, rename_keys: Optional[dict]) -> dict:
+    if rename_keys is None:
+        return ckpt
+    out = {}
+    for old_key, v in ckpt.items():
+        new_key = old_key
+        for old_prefix, new_prefix in rename_keys.items():
+            if old_prefix in old_key:
+                new_key = old_key.replace(old_prefix, new_prefix)
+                log_message(f"Renamed {old_key} to {new_key} in the loaded state_dict")
+                break
+        out[new_key] = v
+    return out
+
+
+def load_checkpoint(
+    model: nn.Module,
+    path: str,
+    cache_dir: str = None,
+    device_map: torch.device | str = "cpu",
+    cai_model_name: str = "model",
+    strict: bool = False,
+    rename_keys: dict = None,
+    *,
+    weights_only: bool = True,
+) -> nn.Module:
+    """Load a checkpoint into ``model``: a ``.safetensors`` file, a ``.pt``/``.pth``
+    file (``weights_only=True`` by default: a pickle that would run code is
+    refused; pass ``weights_only=False`` only for a trusted legacy file), a
+    ColossalAI sharded directory (needs colossalai), or, when ``path`` does not
+    exist locally, ``org/repo/file`` on the Hugging Face Hub. ``rename_keys``
+    maps old key substrings to new ones (both file formats)."""
+    if not os.path.exists(path):
+        log_message(f"Checkpoint not found at {path}, trying to download from Hugging Face Hub")
+        path = load_from_hf_hub(path, cache_dir)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"load_checkpoint: could not find checkpoint at {path}")
+    log_message(f"Loading checkpoint from {path}")
+    if path.endswith(".safetensors"):
+        ckpt = _rename(_load_safetensors(path), rename_keys)
+        missing, unexpected = model.load_state_dict(ckpt, strict=strict)
+        print_load_warning(missing, unexpected)
+    elif path.endswith(".pt") or path.endswith(".pth"):
+        ckpt = _rename(_torch_load(path, map_location=device_map, weights_only=weights_only), rename_keys)
+        missing, unexpected = model.load_state_dict(ckpt, strict=strict)
+        print_load_warning(missing, unexpected)
+    else:
+        if not os.path.isdir(path):
+            raise ValueError(f"load_checkpoint: invalid checkpoint path {path} (not .safetensors, .pt, .pth or a directory)")
+        load_from_sharded_state_dict(model, path, model_name=cai_model_name, strict=strict)
+    return model
+
+
+def rm_checkpoints(save_dir: str, keep_n_latest: int = 0):
+    """Keep the ``keep_n_latest`` newest complete checkpoints in ``save_dir``
+    (by epoch, then step); empty the older ones except their ``eval`` folder.
+    Incomplete directories are neither counted nor touched. Rank 0 only."""
+    if keep_n_latest <= 0 or _rank() != 0:
+        return
+    found = []
+    for f in glob(os.path.join(save_dir, "epoch*-global_step*")):
+        m = _CKPT_RE.search(os.path.basename(f))
+        if m and _is_complete(f):
+            found.append((tuple(map(int, m.groups())), f))
+    found.sort(reverse=True)
+    for _, f in found[keep_n_latest:]:
+        # running_states.json first: from here on the directory is no checkpoint,
+        # whenever the removal is cut short.
+        os.remove(os.path.join(f, _COMPLETE))
+        _fsync_dir(f)
+        for item in glob(os.path.join(f, "*")):
+            if os.path.isdir(item):
+                if os.path.basename(item) != "eval":
+                    shutil.rmtree(item)
+            else:
+                os.remove(item)

@@ -1,0 +1,266 @@
+"""Checkpoint files without a process group: load_checkpoint (safetensors,
+.pt with weights_only, rename_keys, the hub form offline, sharded directories
+without colossalai), corrupted and truncated files, a pickle that would run
+code, CheckpointIO's refusals and rm_checkpoints."""
+import json
+import os
+import pickle
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from opensora_fast.utils import ckpt
+
+from helpers import assert_bitwise_equal
+
+
+class Net(torch.nn.Module):
+    def __init__(self, seed=0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.lin = torch.nn.Linear(4, 3)
+        with torch.no_grad():
+            self.lin.weight.copy_(torch.randn(3, 4, generator=g))
+            self.lin.bias.copy_(torch.randn(3, generator=g))
+        self.scale = torch.nn.Parameter(torch.randn((), generator=g).bfloat16())
+        self.register_buffer("steps", torch.tensor(3))
+
+
+def _same(a: torch.nn.Module, b: torch.nn.Module):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert_bitwise_equal(sa[k], sb[k], k)
+
+
+# ----------------------------------------------------------------- load_checkpoint
+
+
+def test_safetensors_and_pt_round_trip_and_rename_keys(tmp_path):
+    src = Net(1)
+    st = str(tmp_path / "m.safetensors")
+    save_file({k: v.contiguous() for k, v in src.state_dict().items()}, st)
+    _same(ckpt.load_checkpoint(Net(2), st, strict=True), src)
+    pt = str(tmp_path / "m.pt")
+    torch.save(src.state_dict(), pt)
+    _same(ckpt.load_checkpoint(Net(2), pt, strict=True), src)
+    # rename_keys: old prefix -> new prefix, in both formats
+    old = {k.replace("lin.", "proj."): v for k, v in src.state_dict().items()}
+    save_file({k: v.contiguous() for k, v in old.items()}, st)
+    torch.save(old, pt)
+    for path in (st, pt):
+        _same(ckpt.load_checkpoint(Net(2), path, strict=True, rename_keys={"proj.": "lin."}), src)
+        with pytest.raises(RuntimeError, match="Missing key"):
+            ckpt.load_checkpoint(Net(2), path, strict=True)
+
+
+def test_our_safetensors_writer_is_read_by_safetensors(tmp_path):
+    tensors = {
+        "a": torch.randn(3, 5).bfloat16(), "b": torch.tensor(2.5), "c": torch.zeros(0, 4),
+        "d": torch.arange(7, dtype=torch.int64), "e": torch.tensor([True, False]), "f": torch.randn(9).half(),
+    }
+    path = str(tmp_path / "x.safetensors")
+    ckpt._write_safetensors(path, tensors)
+    back = load_file(path)
+    assert back.keys() == tensors.keys()
+    for k in tensors:
+        assert back[k].dtype == tensors[k].dtype and back[k].shape == tensors[k].shape
+        assert torch.equal(back[k], tensors[k])
+
+
+class _Evil:
+    """Unpickling it would create a file: proof that the code ran."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_pickle_that_runs_code_is_refused_and_not_run(tmp_path):
+    marker = str(tmp_path / "pwned")
+    path = str(tmp_path / "evil.pt")
+    with open(path, "wb") as f:
+        torch.save({"lin.weight": torch.zeros(3, 4), "x": _Evil(marker)}, f)
+    with pytest.raises(pickle.UnpicklingError, match="refused by weights_only loading"):
+        ckpt.load_checkpoint(Net(), path)
+    assert not os.path.exists(marker), "the pickle's code ran"
+    # the opt-out for trusted legacy files does run it: the check above can fail
+    ckpt.load_checkpoint(Net(), path, weights_only=False)
+    assert os.path.exists(marker)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "corrupted header", "bad length", "garbage", "empty"])
+def test_damaged_safetensors_name_the_file(tmp_path, damage):
+    path = str(tmp_path / "m.safetensors")
+    save_file({k: v.contiguous() for k, v in Net().state_dict().items()}, path)
+    data = open(path, "rb").read()
+    data = {
+        "truncated": data[: len(data) - 5],
+        "corrupted header": data[:8] + b"[" + data[9:],
+        "bad length": b"\xff" * 8 + data[8:],
+        "garbage": b"\xff" * 64,
+        "empty": b"",
+    }[damage]
+    open(path, "wb").write(data)
+    m = Net(5)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    with pytest.raises(ValueError, match="m.safetensors: not a valid safetensors file"):
+        ckpt.load_checkpoint(m, path)
+    for k, v in m.state_dict().items():
+        assert_bitwise_equal(v, before[k], k)
+
+
+def test_hub_form_offline_from_a_local_cache(tmp_path, monkeypatch):
+    import huggingface_hub.constants as hc
+
+    src = Net(4)
+    cache = tmp_path / "hub"
+    snap = cache / "models--someorg--somerepo" / "snapshots" / ("a" * 40)
+    snap.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(snap / "model.safetensors"))
+    (cache / "models--someorg--somerepo" / "refs").mkdir()
+    (cache / "models--someorg--somerepo" / "refs" / "main").write_text("a" * 40)
+    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)  # no network: the cache or an error
+    monkeypatch.chdir(tmp_path)
+    _same(ckpt.load_checkpoint(Net(0), "someorg/somerepo/model.safetensors", cache_dir=str(cache), strict=True), src)
+    with pytest.raises(Exception, match="(?i)offline|cannot find|not.*found|LocalEntryNotFound"):
+        ckpt.load_checkpoint(Net(0), "someorg/somerepo/other.safetensors", cache_dir=str(cache))
+
+
+def test_sharded_directory_needs_colossalai(tmp_path):
+    try:
+        import colossalai  # noqa: F401
+
+        pytest.skip("colossalai is installed")
+    except ImportError:
+        pass
+    with pytest.raises(ImportError, match=r"pip install opensora_fast\[colossalai\]"):
+        ckpt.load_checkpoint(Net(), str(tmp_path))
+
+
+def test_remove_padding_and_shapes():
+    t = torch.arange(10.0)
+    assert ckpt.remove_padding(t, ()).tolist() == [0.0]
+    assert ckpt.remove_padding(t, (2, 3)).tolist() == list(range(6))
+    assert ckpt.record_model_param_shape(Net()) == {"lin.weight": (3, 4), "lin.bias": (3,), "scale": ()}
+
+
+def test_bucket_planning_splits_at_bucket_ends_only():
+    items = [ckpt._Item(str(n), torch.zeros(n), n, None) for n in [5, 1, 0, 12, 3]]
+    for cols in (1, 2, 4, 7, 100):
+        buckets = ckpt._plan_buckets(items, cols)
+        seen = {}
+        for b in buckets:
+            names = [e.item.name for e in b]
+            assert len(names) == len(set(names)), "a bucket holds one piece of a shard"
+            assert sum(e.count for e in b) <= cols
+            for e in b:
+                assert e.begin == seen.get(e.item.name, 0)
+                seen[e.item.name] = e.begin + e.count
+        assert seen == {str(n): n for n in [5, 1, 12, 3]}
+    with pytest.raises(ValueError, match="bucket_bytes=7 holds less than one torch.float32 element per rank"):
+        ckpt._bucket_cols(7, 2, torch.float32, "model_gathering")
+
+
+# ----------------------------------------------------------------- CheckpointIO, one process
+
+
+def _save(io, tmp, ema, step, **kw):
+    return io.save(None, str(tmp), ema=ema, epoch=0, step=step, global_step=step, actual_update_step=step,
+                   ema_shape_dict=ckpt.record_model_param_shape(ema), **kw)
+
+
+def test_checkpointio_round_trip_and_refusals(tmp_path):
+    ema = Net(7)
+    io = ckpt.CheckpointIO()
+    path = _save(io, tmp_path, ema, 1)
+    io._sync_io()
+    assert sorted(os.listdir(path)) == ["ema.safetensors", "running_states.json"]
+    assert json.load(open(os.path.join(path, "running_states.json")))["actual_update_step"] == 1
+    back = Net(8)
+    assert io.load(None, path, ema=back, strict=True) == (0, 1)
+    _same(back, ema)
+    # a complete checkpoint at the target is never overwritten
+    before = open(os.path.join(path, "ema.safetensors"), "rb").read()
+    with pytest.raises(FileExistsError, match="already holds a complete checkpoint"):
+        _save(io, tmp_path, Net(9), 1)
+    assert open(os.path.join(path, "ema.safetensors"), "rb").read() == before
+    # a directory without running_states.json is not a checkpoint
+    half = tmp_path / "epoch0-global_step5"
+    half.mkdir()
+    (half / "ema.safetensors").write_bytes(before)
+    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+        io.load(None, str(half), ema=Net())
+    with pytest.raises(FileExistsError, match="not a complete checkpoint"):
+        _save(io, tmp_path, Net(9), 5)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        io.load(None, str(tmp_path / "nope"), ema=Net())
+
+
+def test_sync_io_waits_and_next_save_waits(tmp_path, monkeypatch):
+    import threading
+
+    gate = threading.Event()
+    seen = []
+
+    def hook(phase):
+        seen.append(phase)
+        if phase == "tensor" and not gate.is_set():
+            gate.wait(5)
+
+    monkeypatch.setattr(ckpt, "_phase_hook", hook)
+    io = ckpt.CheckpointIO()
+    path = _save(io, tmp_path, Net(1), 1)
+    assert not os.path.exists(path)  # save returned while the writer is held
+    gate.set()
+    io._sync_io()
+    assert os.path.isfile(os.path.join(path, "running_states.json")) and seen[-1] == "done"
+
+
+def test_rm_checkpoints_keeps_latest_complete_only(tmp_path):
+    io = ckpt.CheckpointIO(n_write_entries=4)
+    paths = [_save(io, tmp_path, Net(s), s, async_io=False) for s in (1, 2, 3)]
+    (tmp_path / "epoch0-global_step9").mkdir()  # incomplete: neither counted nor touched
+    (tmp_path / "epoch0-global_step9" / "x").write_text("keep")
+    (tmp_path / ".epoch0-global_step4.partial").mkdir()
+    os.makedirs(os.path.join(paths[0], "eval"))
+    ckpt.rm_checkpoints(str(tmp_path), keep_n_latest=2)
+    assert os.listdir(paths[0]) == ["eval"]
+    assert ckpt._is_complete(paths[1]) and ckpt._is_complete(paths[2])
+    assert (tmp_path / "epoch0-global_step9" / "x").read_text() == "keep"
+    ckpt.rm_checkpoints(str(tmp_path), keep_n_latest=0)  # upstream: <= 0 keeps everything
+    assert ckpt._is_complete(paths[1])
+
+
+def test_json_helpers(tmp_path):
+    p = str(tmp_path / "a.json")
+    ckpt.save_json({"a": [1, 2]}, p)
+    assert ckpt.load_json(p) == {"a": [1, 2]} and not os.path.exists(p + ".tmp")
+
+
+def test_progress_is_quiet_unless_a_tty_or_asked(monkeypatch):
+    import io
+    import sys
+
+    monkeypatch.setattr(sys, "stderr", io.StringIO())  # not a TTY
+    assert not ckpt._show_progress(None)
+    assert ckpt._show_progress(True) and not ckpt._show_progress(False)
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.setattr(sys, "stderr", Tty())
+    assert ckpt._show_progress(None)
+    monkeypatch.setenv("OPENSORA_FAST_PROGRESS", "0")
+    assert not ckpt._show_progress(None)
+    # the writer's per-tensor bar does not change the file
+    path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"osf_progress_{os.getpid()}.safetensors")
+    try:
+        ckpt._write_safetensors(path, {"a": torch.arange(4.0)}, show=True)
+        assert torch.equal(load_file(path)["a"], torch.arange(4.0))
+    finally:
+        os.remove(path)

@@ -1,0 +1,300 @@
+"""The unpad_ op: one contract three ways (raw native op, reference, fake),
+opcheck, the CUDA body walked over its grid on the CPU, and a hypothesis
+differential suite (native vs reference vs grid walk), all bit-exact (a copy)."""
+import os
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._pytree import tree_map
+
+from opensora_fast import ops, reference
+from opensora_fast._ext import HAS_NATIVE
+
+from helpers import assert_bitwise_equal
+
+pytestmark = pytest.mark.skipif(
+    not HAS_NATIVE and os.environ.get("OPENSORA_FAST_NO_EXT") == "1", reason="OPENSORA_FAST_NO_EXT=1 install"
+)
+OP = torch.ops.opensora_fast
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int64, torch.uint8, torch.bool, torch.complex128]
+
+
+def bucketed(params, world, split=None, gen=None):
+    """What a bucketed gather produces: each param zero-padded and sharded as
+    model_sharding does, shards side by side in each row of [world, bucket];
+    split=k cuts every shard into entries of at most k columns (a shard
+    continued in the next bucket). Returns gathered and the op's lists."""
+    cols, entries = [], []
+    off = 0
+    for i, p in enumerate(params):
+        n = p.numel()
+        s = -(-n // world)
+        flat = torch.zeros(world * s, dtype=p.dtype)
+        flat[:n] = p.reshape(-1)
+        rows = flat.view(world, s)
+        step = split or max(s, 1)
+        for b in range(0, s, step):
+            c = min(step, s - b)
+            cols.append(rows[:, b : b + c])
+            entries.append((i, off, s, b, c))
+            off += c
+        if s == 0:
+            entries.append((i, off, 0, 0, 0))
+    dtype = params[0].dtype if params else torch.float32
+    g = torch.cat(cols, dim=1) if cols else torch.zeros(world, 0, dtype=dtype)
+    idx, offset, shard, begin, count = (list(x) for x in zip(*entries)) if entries else ([], [], [], [], [])
+    return g.contiguous(), idx, offset, shard, begin, count
+
+
+def same_bytes(a, b, msg=""):
+    """Bitwise equality for every dtype (bool, uint8, complex included)."""
+    assert a.dtype == b.dtype and a.shape == b.shape, msg
+    assert torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)), msg
+
+
+def run(fn, gathered, outs, idx, off, sh, bg, ct):
+    """Calls fn once per round: round k holds the k-th piece of every split
+    param, so no call writes one tensor twice (the gather never does either: a
+    shard is split only at a bucket's end, so a bucket holds one piece of it)."""
+    seen, rounds = {}, []
+    for j, i in enumerate(idx):
+        k = seen.get(i, 0)
+        seen[i] = k + 1
+        while len(rounds) <= k:
+            rounds.append([])
+        rounds[k].append(j)
+    for r in rounds or [[]]:
+        fn(gathered, [outs[idx[j]] for j in r], [off[j] for j in r], [sh[j] for j in r], [bg[j] for j in r], [ct[j] for j in r])
+
+
+def rnd(shape, dtype, g):
+    x = torch.randn(shape, generator=g) * 100
+    if dtype.is_complex:
+        return torch.complex(x, x + 1).to(dtype)
+    return x.to(dtype)
+
+
+# ----------------------------------------------------------------- contract table
+
+
+def z(*shape, dtype=torch.float32):
+    return torch.zeros(*shape, dtype=dtype)
+
+
+def _cases():
+    g = z(2, 6)
+    big = z(40)
+    return {
+        "lengths": (g, [z(3)], [0], [2, 2], [0], [2], ValueError,
+                    "unpad_: offset, shard, begin and count must each have len(out)=1 entries, got 1, 2, 1 and 1"),
+        "gathered 1-D": (z(6), [z(3)], [0], [2], [0], [2], ValueError, "unpad_: gathered must be [world, bucket], got shape [6]"),
+        "no rows": (z(0, 6), [z(3)], [0], [2], [0], [2], ValueError,
+                    "unpad_: gathered must have at least one row (world >= 1), got shape [0, 6]"),
+        "gathered strided": (z(2, 12)[:, ::2], [z(3)], [0], [2], [0], [2], ValueError, "unpad_: gathered is not contiguous"),
+        "dtype": (g, [z(3), z(3, dtype=torch.bfloat16)], [0, 2], [2, 2], [0, 0], [2, 2], TypeError,
+                  "unpad_: out[1] has dtype torch.bfloat16 but gathered has dtype torch.float32"),
+        "device": (g, [z(3), torch.zeros(3, device="meta")], [0, 2], [2, 2], [0, 0], [2, 2], ValueError,
+                   "unpad_: out[1] is on meta but gathered is on cpu (out must be on gathered's device, or in pinned host memory when gathered is on CUDA)"),
+        "out strided": (g, [z(2, 2).t()], [0], [2], [0], [2], ValueError, "unpad_: out[0] is not contiguous"),
+        "negative": (g, [z(3)], [-1], [2], [0], [2], ValueError,
+                     "unpad_: entry 0: offset, shard, begin and count must be >= 0, got offset=-1, shard=2, begin=0, count=2"),
+        "past shard": (g, [z(3)], [0], [2], [1], [2], ValueError, "unpad_: entry 0: begin + count = 1 + 2 exceeds shard = 2"),
+        "past bucket": (g, [z(3)], [5], [2], [0], [2], ValueError, "unpad_: entry 0: offset + count = 5 + 2 exceeds the bucket's 6 columns"),
+        "shard too small": (g, [z(5)], [0], [2], [0], [2], ValueError,
+                            "unpad_: out[0] has 5 elements but world * shard = 2 * 2 covers fewer"),
+        "out is gathered": (g, [z(3), g[1, :3]], [0, 2], [2, 2], [0, 0], [2, 2], ValueError,
+                            "unpad_: gathered and out[1] overlap in memory; every out tensor must share no memory with gathered or another out"),
+        "outs overlap": (z(2, 6), [big[0:4], big[2:6]], [0, 2], [2, 2], [0, 0], [2, 2], ValueError,
+                         "unpad_: out[0] and out[1] overlap in memory"),
+        "requires grad": (g, [z(3), torch.zeros(3, requires_grad=True)], [0, 2], [2, 2], [0, 0], [2, 2], RuntimeError,
+                          "unpad_: out[1] requires grad and grad mode is on; unpad_ is not differentiable: call it under torch.no_grad()"),
+        "sparse": (g, [z(3).to_sparse()], [0], [2], [0], [2], ValueError, "unpad_: out[0] must be a dense (strided) tensor"),
+    }
+
+
+_NO_FAKE = {"sparse"}
+
+
+def _raises(fn, exc, text):
+    with pytest.raises(Exception) as info:
+        fn()
+    assert type(info.value) is exc, f"{type(info.value).__name__}: {info.value}"
+    assert text in str(info.value), str(info.value)
+    return str(info.value).splitlines()[0]
+
+
+def _fake_call(fn, args):
+    with FakeTensorMode(allow_non_fake_inputs=False) as mode:
+        fargs = tree_map(lambda x: mode.from_tensor(x) if isinstance(x, torch.Tensor) else x, args)
+        fn(*fargs)
+
+
+@pytest.mark.parametrize("way", ["native", "walk", "reference", "fake"])
+@pytest.mark.parametrize("name", list(_cases()))
+def test_unpad_check_contract(name, way):
+    g, out, offset, shard, begin, count, exc, text = _cases()[name]
+    before = [o.clone() if o.layout == torch.strided and o.device.type == "cpu" else None for o in out]
+    args = (g, out, offset, shard, begin, count)
+    if way == "native":
+        msg = _raises(lambda: OP.unpad_(*args), exc, text)
+    elif way == "walk":
+        if name == "requires grad":
+            pytest.skip("the private walk op has no autograd rule")
+        msg = _raises(lambda: OP._unpad_grid_walk(*args), exc, text)
+    elif way == "reference":
+        msg = _raises(lambda: reference.unpad_(*args), exc, text)
+    else:
+        if name in _NO_FAKE:
+            pytest.skip("FakeTensorMode cannot convert this input")
+        msg = _raises(lambda: _fake_call(OP.unpad_, args), exc, text)
+    for o, b in zip(out, before):
+        if b is not None:
+            assert_bitwise_equal(o.detach(), b.detach(), f"{name}: written before the error")
+    other = _raises(lambda: reference.unpad_(*_cases()[name][:6]), exc, text)
+    assert msg == other  # the ways say exactly the same thing
+
+
+@pytest.mark.parametrize("backend", ["native", "reference"])
+def test_wrapper_rejects_non_tensors(backend, monkeypatch):
+    monkeypatch.setenv("OPENSORA_FAST_BACKEND", backend)
+    _raises(lambda: ops.unpad_([1.0], [z(1)], [0]), TypeError, "unpad_: gathered must be a tensor, got list")
+    _raises(lambda: ops.unpad_(z(1, 1), [None], [0]), TypeError, "unpad_: out[0] must be a tensor, got NoneType")
+
+
+def test_version_bumped_and_no_grad_ok():
+    g, idx, off, sh, bg, ct = bucketed([torch.arange(5.0)], 2)
+    out = torch.zeros(5)
+    x = torch.randn(5, requires_grad=True)
+    y = (x * out).sum()
+    v = out._version
+    OP.unpad_(g, [out], off, sh, bg, ct)
+    assert out._version > v and torch.equal(out, torch.arange(5.0))
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward()
+    w = torch.zeros(5, requires_grad=True)
+    with torch.no_grad():
+        OP.unpad_(g, [w], off, sh, bg, ct)
+    assert torch.equal(w.detach(), torch.arange(5.0))
+
+
+# ----------------------------------------------------------------- results
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("world", [1, 2, 3, 4, 7])
+def test_all_backends_restore_the_params(dtype, world):
+    g = torch.Generator().manual_seed(world)
+    params = [rnd(s, dtype, g) for s in [(5, 3), (), (1,), (2,), (0,), (33, 17), (world + 1,)]]
+    for split in (None, 1, 3):
+        gathered, idx, off, sh, bg, ct = bucketed(params, world, split)
+        for name, fn in [
+            ("native", OP.unpad_),
+            ("walk", OP._unpad_grid_walk),
+            ("walk small tables", lambda *a: OP._unpad_grid_walk(*a, 2, 3, True)),
+            ("reference", reference.unpad_),
+        ]:
+            # a split param gets one entry per piece, all writing into one tensor
+            outs = [torch.full_like(p, 7) for p in params]
+            run(fn, gathered, outs, idx, off, sh, bg, ct)
+            for i, (o, p) in enumerate(zip(outs, params)):
+                same_bytes(o, p, f"{name} param {i} split={split}")
+
+
+def test_wrapper_defaults_are_model_sharding():
+    params = [torch.randn(5, 3), torch.randn(()), torch.randn(2)]
+    gathered, idx, off, sh, bg, ct = bucketed(params, 3)
+    outs = [torch.empty_like(p) for p in params]
+    ops.unpad_(gathered, outs, off)
+    for o, p in zip(outs, params):
+        assert_bitwise_equal(o, p)
+
+
+def test_opcheck():
+    g = torch.Generator().manual_seed(0)
+    params = [rnd((5, 3), torch.float32, g), rnd((), torch.float32, g), rnd((9,), torch.float32, g)]
+    gathered, idx, off, sh, bg, ct = bucketed(params, 3, split=2)
+    first = [j for j in range(len(idx)) if idx.index(idx[j]) == j]  # the first piece of each param
+    outs = [torch.empty_like(p) for p in params]
+    pick = lambda xs: [xs[j] for j in first]  # noqa: E731
+    torch.library.opcheck(OP.unpad_, (gathered, outs, pick(off), pick(sh), pick(bg), pick(ct)))
+    gathered, idx, off, sh, bg, ct = bucketed(params, 3)
+    torch.library.opcheck(OP.unpad_, (gathered, [torch.empty_like(p) for p in params], off, sh, bg, ct))
+
+
+def test_fake_and_meta():
+    params = [torch.randn(4, 2), torch.randn(3)]
+    gathered, idx, off, sh, bg, ct = bucketed(params, 2)
+    outs = [torch.empty_like(p) for p in params]
+    _fake_call(OP.unpad_, (gathered, outs, off, sh, bg, ct))  # fine: returns None
+    meta = (gathered.to("meta"), [o.to("meta") for o in outs])
+    OP.unpad_(*meta, off, sh, bg, ct)  # meta tensors: the checks, nothing else
+    with pytest.raises(ValueError, match=r"unpad_: out\[0\] has 8 elements but world \* shard = 2 \* 3 covers fewer"):
+        OP.unpad_(*meta, off, [3, 2], bg, [3, 2])
+
+
+def test_launch_plan_splits_tables_by_entries_and_blocks():
+    # 40 entries > the small table's 32; a param over 16384*world elements spans chunks
+    g = torch.Generator().manual_seed(1)
+    params = [rnd((n,), torch.bfloat16, g) for n in [3] * 39 + [70001]]
+    gathered, idx, off, sh, bg, ct = bucketed(params, 3)
+    for limits in [(0, 0, True), (5, 2, False), (1, 1, True), (0, 0, False)]:
+        outs = [torch.zeros_like(p) for p in params]
+        OP._unpad_grid_walk(gathered, outs, off, sh, bg, ct, *limits)
+        for o, p in zip(outs, params):
+            assert_bitwise_equal(o, p, str(limits))
+
+
+# ----------------------------------------------------------------- hypothesis
+
+
+@st.composite
+def calls(draw):
+    world = draw(st.integers(1, 5))
+    dtype = draw(st.sampled_from(DTYPES))
+    k = draw(st.integers(0, 6))
+    sizes = [draw(st.sampled_from([(), (0,), (1,), (2,), (3,), (7,), (4, 5), (world * 3 + 1,), (255,)])) for _ in range(k)]
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31)))
+    params = [rnd(s, dtype, g) for s in sizes]
+    split = draw(st.sampled_from([None, 1, 2, 5]))
+    gathered, idx, off, sh, bg, ct = bucketed(params, world, split) if params else (torch.zeros(world, 0, dtype=dtype), [], [], [], [], [])
+    corrupt = bool(params) and draw(st.integers(0, 5)) == 0
+    if corrupt:  # corrupt one entry: every backend refuses it alike (or copies the same wrong columns)
+        j = draw(st.integers(0, len(idx) - 1))
+        which = draw(st.sampled_from(["off", "ct", "sh"]))
+        {"off": off, "ct": ct, "sh": sh}[which][j] += draw(st.integers(1, 40))
+    # storage offset: gathered at a random place inside a bigger buffer
+    pad = draw(st.integers(0, 5))
+    buf = torch.zeros(gathered.numel() + pad, dtype=dtype)
+    buf[pad:] = gathered.reshape(-1)
+    gathered = buf[pad:].view(gathered.shape)
+    return params, gathered, idx, off, sh, bg, ct, corrupt
+
+
+def _outcome(fn, params, idx, *args):
+    outs = [torch.zeros_like(p) for p in params]
+    try:
+        run(fn, args[0], outs, idx, *args[1:])
+        return outs, None
+    except Exception as e:  # noqa: BLE001
+        return outs, (type(e), str(e).splitlines()[0])
+
+
+@given(calls())
+def test_native_walk_reference_agree(call):
+    params, gathered, idx, off, sh, bg, ct, corrupt = call
+    results = [
+        _outcome(f, params, idx, gathered, off, sh, bg, ct)
+        for f in (OP.unpad_, OP._unpad_grid_walk, reference.unpad_)
+    ]
+    (o0, e0) = results[0]
+    for o, e in results[1:]:
+        assert e == e0
+        for a, b in zip(o, o0):
+            same_bytes(a, b)
+    if not corrupt:
+        assert e0 is None, e0
+        for a, p in zip(o0, params):
+            same_bytes(a, p)
