@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #if defined(__CUDACC__)
 #define OSF_HOST_DEVICE __host__ __device__
@@ -100,29 +101,31 @@ OSF_INLINE double f64_from_bits(uint64_t u) {
 // pattern keeps "GPU = CPU bit for bit" true for NaN too. A compare and a select:
 // the CPU loops still vectorise.
 template <typename T>
+OSF_INLINE T canonical_nan() {
+  if constexpr (std::is_same<T, float>::value) {
+    return f32_from_bits(0x7FC00000u);
+  } else if constexpr (std::is_same<T, double>::value) {
+    return f64_from_bits(0x7FF8000000000000ull);
+  } else if constexpr (std::is_same<T, c10::BFloat16>::value) {
+    return c10::BFloat16(0x7FC0, c10::BFloat16::from_bits());
+  } else {
+    static_assert(std::is_same<T, c10::Half>::value, "canonical_nan: fp32, fp64, bf16 or fp16");
+    return c10::Half(0x7E00, c10::Half::from_bits());
+  }
+}
+
+template <typename T>
 struct Canonical {
-  static OSF_INLINE T cast(float r) { return static_cast<T>(r); }
+  static OSF_INLINE T cast(float r) { return r != r ? canonical_nan<T>() : static_cast<T>(r); }
 };
 template <>
 struct Canonical<float> {
-  static OSF_INLINE float cast(float r) { return r != r ? f32_from_bits(0x7FC00000u) : r; }
+  static OSF_INLINE float cast(float r) { return r != r ? canonical_nan<float>() : r; }
   static OSF_INLINE float cast(double r) { return cast(static_cast<float>(r)); }
 };
 template <>
 struct Canonical<double> {
-  static OSF_INLINE double cast(double r) { return r != r ? f64_from_bits(0x7FF8000000000000ull) : r; }
-};
-template <>
-struct Canonical<c10::BFloat16> {
-  static OSF_INLINE c10::BFloat16 cast(float r) {
-    return r != r ? c10::BFloat16(0x7FC0, c10::BFloat16::from_bits()) : c10::BFloat16(r);
-  }
-};
-template <>
-struct Canonical<c10::Half> {
-  static OSF_INLINE c10::Half cast(float r) {
-    return r != r ? c10::Half(0x7E00, c10::Half::from_bits()) : c10::Half(r);
-  }
+  static OSF_INLINE double cast(double r) { return r != r ? canonical_nan<double>() : r; }
 };
 
 template <typename T, typename A>

@@ -25,24 +25,10 @@ namespace condition {
 // Plan rows: (sample, frame, count, source, source_frame).
 constexpr int kRow = 5;
 
-// One quiet NaN per output dtype (fp32 0x7FC00000, fp64 0x7FF8000000000000,
-// bf16 0x7FC0, fp16 0x7E00): torch's own conversions give different NaN bits in
-// their vector and scalar paths, so the op writes one canonical NaN everywhere.
-template <typename D>
-OSF_INLINE D canonical_nan() {
-  if constexpr (std::is_same<D, float>::value) {
-    return f32_from_bits(0x7FC00000u);
-  } else if constexpr (std::is_same<D, double>::value) {
-    return static_cast<double>(f32_from_bits(0x7FC00000u));  // 0x7FF8000000000000
-  } else if constexpr (std::is_same<D, c10::BFloat16>::value) {
-    return D(0x7FC0, D::from_bits());
-  } else {
-    return D(0x7E00, D::from_bits());
-  }
-}
-
 // The value rule, shared by every kernel: torch's conversion (c10 casts; exact
-// for every widening), NaN made canonical.
+// for every widening), NaN made canonical (common.h: one quiet NaN per dtype,
+// since torch's own conversions give different NaN bits in their vector and
+// scalar paths).
 template <typename D, typename S>
 OSF_INLINE D cast_value(S s) {
   const D d = static_cast<D>(s);
