@@ -1,6 +1,7 @@
 # Two set-up commands on a fresh machine:
 #   make bench   the side-by-side benchmark table (the main job)
 #   make test    the test suite (what CI runs, via .ci/run)
+#   make wheels / make sdist / make test-wheel   cluster wheels (README "Wheels")
 # Each creates .venv with the pinned torch when missing, builds the extension
 # (with CUDA kernels when nvcc is present), then runs. To use an interpreter that
 # already has your torch instead of .venv: make test PYTHON=/path/to/python
