@@ -1,6 +1,7 @@
 # Two set-up commands on a fresh machine:
 #   make bench   the side-by-side benchmark table (the main job)
 #   make test    the test suite (what CI runs, via .ci/run)
+#   make wheels / make sdist / make test-wheel   cluster wheels (README "Wheels")
 # Each creates .venv with the pinned torch when missing, builds the extension
 # (with CUDA kernels when nvcc is present), then runs. To use an interpreter that
 # already has your torch instead of .venv: make test PYTHON=/path/to/python
@@ -19,7 +20,7 @@ endif
 EXT_STAMP := build/.stamp-ext-$(subst /,_,$(PY))
 SOURCES := $(shell find csrc -name '*.h' -o -name '*.cpp' -o -name '*.cu') setup.py pyproject.toml
 
-.PHONY: test bench build wheel info clean
+.PHONY: test bench build wheel wheels test-wheel sdist info clean
 
 test: $(EXT_STAMP)
 	$(PY) -m pytest -q tests
@@ -32,9 +33,33 @@ info: $(EXT_STAMP)
 
 build: $(EXT_STAMP)
 
-# A wheel for the arch list in TORCH_CUDA_ARCH_LIST (clusters: "8.0;8.6;9.0;10.0;12.0+PTX").
+# A wheel for the arch list in TORCH_CUDA_ARCH_LIST (clusters: "8.0;8.6;9.0;10.0;12.0+PTX"),
+# this interpreter only, tagged +cu130torch2.14 but linux_x86_64 (see `make wheels`).
 wheel: $(ENV_STAMP)
 	$(PY) -m pip wheel --no-build-isolation --no-deps -w dist .
+
+# Cluster wheels: one manylinux wheel per Python in WHEEL_PYTHONS found here (each gets
+# a build venv in WHEEL_VENVS with torch==$(TORCH_VERSION)), for TORCH_CUDA_ARCH_LIST
+# when given, else the cluster list. Into dist/, with dist/wheels.txt (sizes, times).
+WHEEL_PYTHONS ?= 3.10 3.11 3.12
+WHEEL_VENVS ?= build/wheel-venvs
+ifeq ($(origin TORCH_CUDA_ARCH_LIST),file)
+WHEEL_ARCHS := 8.0;8.6;9.0;10.0;12.0+PTX
+else
+WHEEL_ARCHS := $(TORCH_CUDA_ARCH_LIST)
+endif
+wheels:
+	@pys=$$(tools/wheel_pythons.sh $(WHEEL_VENVS) $(TORCH_VERSION) $(WHEEL_PYTHONS)) && [ -n "$$pys" ] || { echo "wheels: no usable Python"; exit 1; }; \
+	TORCH_CUDA_ARCH_LIST="$(WHEEL_ARCHS)" tools/build_wheels.sh dist $$pys
+
+# The slow wheel test: a clean clone's wheel in a fresh venv with only torch, the CPU
+# suite run against it; and the sdist built against that venv's torch.
+test-wheel: $(ENV_STAMP)
+	OPENSORA_FAST_TEST_WHEEL=1 $(PY) -m pytest -q -s -m slow tests/test_wheel.py
+
+# dist/opensora_fast-<version>.tar.gz; install with pip install --no-build-isolation.
+sdist: $(ENV_STAMP)
+	$(PY) tools/sdist.py dist
 
 .venv/.stamp-env:
 	python3 -m venv .venv

@@ -5,6 +5,15 @@ CUDA build and nvcc is found. Environment:
   OPENSORA_FAST_NO_CUDA=1      CPU kernels only
   TORCH_CUDA_ARCH_LIST         default "8.0;9.0"; clusters: "8.0;8.6;9.0;10.0;12.0+PTX"
   CUDA_HOME                    default: the toolkit that holds nvcc
+  OPENSORA_FAST_LOCAL_VERSION  the version's local tag; default from the build's
+                               torch and CUDA ("cu130torch2.14", "cputorch2.14");
+                               "" for none (an index that refuses local versions)
+
+The version is opensora_fast/_version.py's plus that local tag (an sdist carries
+none: it is tagged when built). Building the extension also writes
+opensora_fast/_build_meta.py (the torch and CUDA it was built against), which
+opensora_fast._ext reads BEFORE loading _C to turn a torch/CUDA mismatch into one
+clear error instead of an undefined-symbol ImportError.
 """
 import glob
 import os
@@ -43,6 +52,49 @@ def _find_cuda_home():
     return None
 
 
+HERE = os.path.dirname(os.path.abspath(__file__))
+META = os.path.join(HERE, "opensora_fast", "_build_meta.py")
+
+
+def _base_version() -> str:
+    with open(os.path.join(HERE, "opensora_fast", "_version.py")) as f:
+        return re.search(r'^__version__\s*=\s*["\']([^"\']+)["\']', f.read(), re.M).group(1)
+
+
+def _local_tag(torch_version: str, cuda_version) -> str:
+    """'cu130torch2.14' (flash-attn's convention) or 'cputorch2.14'."""
+    torch_mm = ".".join(torch_version.split("+")[0].split(".")[:2])
+    cuda = "cu" + "".join(cuda_version.split(".")[:2]) if cuda_version else "cpu"
+    return f"{cuda}torch{torch_mm}"
+
+
+def _version(local: str) -> str:
+    local = os.environ.get("OPENSORA_FAST_LOCAL_VERSION", local)
+    base = _base_version()
+    return f"{base}+{local}" if local else base
+
+
+def _write_build_meta(version, torch_version, torch_cuda, cuda_version, archs) -> None:
+    text = (
+        '"""Written by setup.py when it built opensora_fast._C; read by _ext.py before\n'
+        'loading _C (a build for another torch or CUDA fails there with one clear error)."""\n'
+        f"VERSION = {version!r}\n"
+        f"TORCH_VERSION = {torch_version!r}  # the torch _C was compiled against\n"
+        f"TORCH_CUDA = {torch_cuda!r}  # that torch's CUDA (None: a CPU torch)\n"
+        f"CUDA_VERSION = {cuda_version!r}  # CUDA of _C's kernels (None: CPU kernels only)\n"
+        f"CUDA_ARCHS = {archs!r}\n"
+        f"PYTHON = {'%d.%d' % sys.version_info[:2]!r}\n"
+    )
+    try:
+        with open(META) as f:
+            if f.read() == text:
+                return
+    except OSError:
+        pass
+    with open(META, "w") as f:
+        f.write(text)
+
+
 def _sanitize(s: str) -> str:
     # Passed through -D and a shell: keep to characters a pp-number/identifier holds.
     return re.sub(r"[^A-Za-z0-9._+]", "_", s)
@@ -51,7 +103,9 @@ def _sanitize(s: str) -> str:
 def _extensions():
     if _flag("OPENSORA_FAST_NO_EXT"):
         print("opensora_fast: OPENSORA_FAST_NO_EXT=1, building no extension", file=sys.stderr)
-        return [], {}
+        if os.path.exists(META):
+            os.remove(META)  # no _C: nothing to check at import
+        return [], {}, _version("")
     cuda_home = None
     import torch
 
@@ -63,7 +117,7 @@ def _extensions():
 
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
     os.environ.setdefault("MAX_JOBS", str(min(os.cpu_count() or 2, 8)))
-    here = os.path.dirname(os.path.abspath(__file__))
+    here = HERE
     # registration.cpp, then each op's folder: <op>.cpp (schemas, checks), <op>_cpu.cpp
     sources = ["csrc/registration.cpp"] + sorted(glob.glob("csrc/*/*.cpp"))
     macros = [("OSF_TORCH_VERSION", _sanitize(torch.__version__))]
@@ -114,12 +168,20 @@ def _extensions():
         )
         why = "torch has no CUDA" if not torch.version.cuda else "no nvcc/CUDA toolkit found"
         print(f"opensora_fast: building CPU kernels only ({why})", file=sys.stderr)
-    return [ext], {"build_ext": BuildExtension}
+    cuda_version = torch.version.cuda if cuda_home else None
+    archs = os.environ["TORCH_CUDA_ARCH_LIST"] if cuda_home else ""
+    version = _version(_local_tag(torch.__version__, cuda_version))
+    if "sdist" in sys.argv[1:]:
+        version = _version("")  # tagged when built, by the torch it is built against
+    else:
+        _write_build_meta(version, torch.__version__, torch.version.cuda, cuda_version, archs)
+    return [ext], {"build_ext": BuildExtension}, version
 
 
-ext_modules, cmdclass = _extensions()
+ext_modules, cmdclass, version = _extensions()
 
 setup(
+    version=version,
     packages=find_packages(include=["opensora_fast", "opensora_fast.*"]),
     ext_modules=ext_modules,
     cmdclass=cmdclass,

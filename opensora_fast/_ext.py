@@ -20,7 +20,72 @@ logger = logging.getLogger("opensora_fast")
 
 _BACKENDS = ("auto", "native", "reference")
 
+from ._version import __version__  # noqa: E402
+
+class BuildMismatchError(ImportError):
+    """opensora_fast._C was built for another torch (major.minor) or CUDA major."""
+
+
+def _major_minor(version: str | None) -> tuple[str, ...]:
+    return tuple((version or "").split("+")[0].split(".")[:2])
+
+
+def _local_tag(torch_version: str, cuda_version: str | None) -> str:
+    """The wheel tag a build for this torch carries (setup.py's rule): cu130torch2.14."""
+    cuda = "cu" + "".join(cuda_version.split(".")[:2]) if cuda_version else "cpu"
+    return f"{cuda}torch{'.'.join(_major_minor(torch_version))}"
+
+
+def build_mismatch(meta: Any, torch_version: str, torch_cuda: str | None) -> str | None:
+    """Why the extension recorded in ``meta`` (opensora_fast/_build_meta.py) cannot
+    load under this torch, or None. It must match torch's major.minor and, when it
+    holds CUDA kernels, torch's CUDA major."""
+    built_torch = getattr(meta, "TORCH_VERSION", None)
+    built_cuda = getattr(meta, "CUDA_VERSION", None)
+    if not built_torch:
+        return None
+    torch_ok = _major_minor(built_torch) == _major_minor(torch_version)
+    if not built_cuda:
+        cuda_ok = True
+    elif not torch_cuda:
+        cuda_ok = False
+    else:
+        cuda_ok = built_cuda.split(".")[0] == torch_cuda.split(".")[0]
+    if torch_ok and cuda_ok:
+        return None
+    built = f"torch {built_torch}" + (f" with CUDA {built_cuda}" if built_cuda else " (CPU kernels only)")
+    here = f"torch {torch_version}" + (f" with CUDA {torch_cuda}" if torch_cuda else " without CUDA")
+    version = getattr(meta, "VERSION", __version__)
+    return (
+        f"opensora_fast {version} was built for {built}, but this environment has {here}; "
+        f"its compiled extension cannot load under another torch major.minor or CUDA major. "
+        f"Install the build for this torch (version tag +{_local_tag(torch_version, torch_cuda)}), "
+        f"or rebuild against it: pip install --no-build-isolation --force-reinstall --no-deps "
+        f"--no-binary opensora_fast opensora_fast (from a checkout: pip install --no-build-isolation .). "
+        f"OPENSORA_FAST_BACKEND=reference imports without the extension (PyTorch references only)."
+    )
+
+
+def _check_build() -> str | None:
+    """Compares the recorded build with this torch BEFORE _C is loaded."""
+    import importlib.util
+
+    try:
+        from . import _build_meta
+    except ImportError:  # not built by our setup.py (or no extension): nothing to check
+        return None
+    if importlib.util.find_spec(f"{__package__}._C") is None:
+        return None
+    return build_mismatch(_build_meta, torch.__version__, torch.version.cuda)
+
+
+_MISMATCH = _check_build()
+if _MISMATCH is not None and os.environ.get("OPENSORA_FAST_BACKEND", "").strip().lower() != "reference":
+    raise BuildMismatchError(_MISMATCH)
+
 try:
+    if _MISMATCH is not None:
+        raise ImportError(_MISMATCH)
     from . import _C  # noqa: F401  (registers torch.ops.opensora_fast.*)
 
     HAS_NATIVE = True
@@ -30,12 +95,12 @@ except ImportError as e:  # pure-Python install, or a build for another torch
 
     _C = None
     HAS_NATIVE = False
-    if importlib.util.find_spec(f"{__package__}._C") is None:
+    if _MISMATCH is not None:
+        _IMPORT_ERROR = _MISMATCH
+    elif importlib.util.find_spec(f"{__package__}._C") is None:
         _IMPORT_ERROR = "opensora_fast._C is not built (OPENSORA_FAST_NO_EXT=1 install, or no compiler)"
     else:
         _IMPORT_ERROR = f"opensora_fast._C failed to load (built for another torch?): {e}"
-
-from ._version import __version__
 
 
 def registered_ops() -> list[str]:
