@@ -117,7 +117,8 @@ def walk(z, srcs, plan, cat=False, **limits):
 
 @pytest.mark.parametrize(
     "limits",
-    [dict(), dict(max_pieces=1), dict(max_sources=1), dict(max_blocks=1), dict(max_pieces=2, max_sources=1, max_blocks=3)],
+    [dict(), dict(max_pieces=1), dict(max_sources=1), dict(max_blocks=1), dict(max_pieces=2, max_sources=1, max_blocks=3),
+     dict(small_table=True), dict(small_table=True, max_blocks=2)],
     ids=str,
 )
 def test_grid_walk_matches_reference(limits):

@@ -123,5 +123,5 @@ TORCH_LIBRARY_FRAGMENT(opensora_fast, m) {
   m.def("condition_cat_(Tensor(a!) cond, Tensor[] sources, int[] plan) -> ()");
   m.def(
       "_condition_grid_walk_(Tensor(a!) masks, Tensor(b!) masked, Tensor[] sources, int[] plan, "
-      "int max_pieces=0, int max_sources=0, int max_blocks=0) -> ()");
+      "int max_pieces=0, int max_sources=0, int max_blocks=0, bool small_table=False) -> ()");
 }

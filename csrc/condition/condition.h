@@ -95,35 +95,43 @@ inline std::vector<Piece> make_pieces(const std::vector<int64_t>& plan, int64_t 
 // ---------------------------------------------------------------------------
 // GPU launch geometry. grid = (n_blocks, 1 + C): blockIdx.y 0 writes the mask
 // plane, y = 1 + c the data plane of channel c; blockIdx.x is one chunk of
-// kChunk elements of one piece. The tables travel as a kernel argument (< 32 KiB,
-// CUDA >= 12.1, sm_70+); longer plans take several launches.
-constexpr int kMaxSources = 128;
-constexpr int kMaxPieces = 512;
-constexpr int kMaxBlocks = 2048;
+// kChunk elements of one piece. The tables travel as a kernel argument: the big
+// one under 32 KiB (CUDA >= 12.1 toolkit and driver, sm_70+), the small one
+// under 4 KiB (any CUDA; cuda_launch.cuh picks at run time); longer plans take
+// several launches.
 constexpr int64_t kChunk = 8192;
 constexpr int kThreads = 256;
+static_assert(kThreads % 32 == 0 && kThreads <= 1024, "kThreads: whole warps, at most 1024");
 
-struct LaunchTable {
-  Source src[kMaxSources];
-  Piece piece[kMaxPieces];
-  int16_t block_piece[kMaxBlocks];
-  int32_t block_chunk[kMaxBlocks];
+template <int MaxSources, int MaxPieces, int MaxBlocks>
+struct LaunchTableT {
+  static constexpr int kMaxSources = MaxSources;
+  static constexpr int kMaxPieces = MaxPieces;
+  static constexpr int kMaxBlocks = MaxBlocks;
+  Source src[MaxSources];
+  Piece piece[MaxPieces];
+  int16_t block_piece[MaxBlocks];
+  int32_t block_chunk[MaxBlocks];
   int32_t n_blocks;
 };
-static_assert(sizeof(LaunchTable) + sizeof(Geometry) <= 32000, "kernel arguments over 32 KiB");
+using BigTable = LaunchTableT<128, 512, 2048>;
+using SmallTable = LaunchTableT<12, 64, 320>;
+static_assert(sizeof(BigTable) + sizeof(Geometry) + sizeof(int) <= 32000, "kernel arguments over 32 KiB");
+static_assert(sizeof(SmallTable) + sizeof(Geometry) + sizeof(int) <= 4000, "kernel arguments over 4 KiB");
+static_assert(BigTable::kMaxPieces <= 32767, "block_piece is int16");
 
 // Splits pieces (all with sources of one dtype, or unconditioned) into tables of
 // at most max_pieces pieces, max_sources sources and max_blocks blocks (the
 // compile-time limits by default; tests pass small ones to exercise every split).
-inline std::vector<LaunchTable> plan_launches(const std::vector<Piece>& pieces,
-                                              const std::vector<Source>& sources, int64_t HW,
-                                              int max_pieces = kMaxPieces, int max_sources = kMaxSources,
-                                              int max_blocks = kMaxBlocks) {
-  max_pieces = (max_pieces > 0 && max_pieces < kMaxPieces) ? max_pieces : kMaxPieces;
-  max_sources = (max_sources > 0 && max_sources < kMaxSources) ? max_sources : kMaxSources;
-  max_blocks = (max_blocks > 0 && max_blocks < kMaxBlocks) ? max_blocks : kMaxBlocks;
-  std::vector<LaunchTable> out;
-  LaunchTable* cur = nullptr;  // built in place in `out`: the table is large
+template <typename Table>
+inline std::vector<Table> plan_launches(const std::vector<Piece>& pieces, const std::vector<Source>& sources,
+                                        int64_t HW, int max_pieces = 0, int max_sources = 0, int max_blocks = 0) {
+  const auto limit = [](int v, int cap) { return (v > 0 && v < cap) ? v : cap; };
+  max_pieces = limit(max_pieces, Table::kMaxPieces);
+  max_sources = limit(max_sources, Table::kMaxSources);
+  max_blocks = limit(max_blocks, Table::kMaxBlocks);
+  std::vector<Table> out;
+  Table* cur = nullptr;  // built in place in `out`: the table is large
   int np = 0, ns = 0;
   std::vector<int> local(sources.size(), -1);
   auto open = [&]() {
@@ -159,8 +167,8 @@ inline std::vector<LaunchTable> plan_launches(const std::vector<Piece>& pieces,
 }
 
 // What thread `thread` (of nthreads) of block (block, channel) does.
-template <typename D, typename S>
-OSF_HOST_DEVICE inline void block_body(const LaunchTable& tab, const Geometry& g, int block, int channel,
+template <typename D, typename S, typename Table>
+OSF_HOST_DEVICE inline void block_body(const Table& tab, const Geometry& g, int block, int channel,
                                        int thread, int nthreads) {
   const Piece p = tab.piece[tab.block_piece[block]];
   const int64_t HW = g.H * g.W;

@@ -159,23 +159,33 @@ void cat_cpu(at::Tensor& cond, at::TensorList sources, c10::IntArrayRef plan) {
 
 // The CUDA path's grouping, planning and per-thread body over every (launch,
 // block, channel, thread) in turn, with the real block size.
-void grid_walk(at::Tensor& masks, at::Tensor& masked, at::TensorList sources, c10::IntArrayRef plan,
-               int64_t max_pieces, int64_t max_sources, int64_t max_blocks) {
-  check_inputs("condition", masked, sources, plan);
-  check_planes(masks, masked);
-  const Geometry g = geometry(masks, masked);
+template <typename Table>
+void walk_tables(const Geometry& g, at::TensorList sources, const std::vector<Piece>& pieces,
+                 c10::ScalarType out_dtype, int64_t max_pieces, int64_t max_sources, int64_t max_blocks) {
   const std::vector<Source> srcs = sources_of(sources);
-  for (const Group& grp : group_by_dtype(make_pieces(plan_vector(plan), masked.size(0), g.T), sources)) {
-    dispatch_pair(masked.scalar_type(), grp.src_dtype, [&](auto dt, auto st) {
+  for (const Group& grp : group_by_dtype(pieces, sources)) {
+    dispatch_pair(out_dtype, grp.src_dtype, [&](auto dt, auto st) {
       using D = typename decltype(dt)::type;
       using S = typename decltype(st)::type;
-      for (const LaunchTable& tab : plan_launches(grp.pieces, srcs, g.H * g.W, static_cast<int>(max_pieces),
-                                                  static_cast<int>(max_sources), static_cast<int>(max_blocks)))
+      for (const Table& tab : plan_launches<Table>(grp.pieces, srcs, g.H * g.W, static_cast<int>(max_pieces),
+                                                   static_cast<int>(max_sources), static_cast<int>(max_blocks)))
         for (int b = 0; b < tab.n_blocks; ++b)
           for (int64_t y = 0; y < 1 + g.C; ++y)
             for (int t = 0; t < kThreads; ++t) block_body<D, S>(tab, g, b, static_cast<int>(y), t, kThreads);
     });
   }
+}
+
+void grid_walk(at::Tensor& masks, at::Tensor& masked, at::TensorList sources, c10::IntArrayRef plan,
+               int64_t max_pieces, int64_t max_sources, int64_t max_blocks, bool small_table) {
+  check_inputs("condition", masked, sources, plan);
+  check_planes(masks, masked);
+  const Geometry g = geometry(masks, masked);
+  const std::vector<Piece> pieces = make_pieces(plan_vector(plan), masked.size(0), g.T);
+  if (small_table)
+    walk_tables<SmallTable>(g, sources, pieces, masked.scalar_type(), max_pieces, max_sources, max_blocks);
+  else
+    walk_tables<BigTable>(g, sources, pieces, masked.scalar_type(), max_pieces, max_sources, max_blocks);
 }
 
 }  // namespace

@@ -12,6 +12,7 @@
 #include <tuple>
 #include <vector>
 
+#include "../cuda_launch.cuh"
 #include "condition.h"
 #include "condition_ops.h"
 
@@ -22,30 +23,40 @@ namespace {
 
 constexpr int64_t kMaxGridY = 65535;
 
-template <typename D, typename S>
-__global__ void __launch_bounds__(kThreads) condition_kernel(const LaunchTable tab, const Geometry g, int channel_base) {
+template <typename D, typename S, typename Table>
+__global__ void __launch_bounds__(kThreads)
+    condition_kernel(const OSF_GRID_CONSTANT Table tab, const Geometry g, int channel_base) {
   block_body<D, S>(tab, g, blockIdx.x, channel_base + blockIdx.y, threadIdx.x, blockDim.x);
+}
+
+template <typename Table>
+void launch_all(const Geometry& g, at::TensorList sources, const std::vector<Piece>& pieces,
+                c10::ScalarType out_dtype, cudaStream_t stream) {
+  const std::vector<Source> srcs = sources_of(sources);
+  for (const Group& grp : group_by_dtype(pieces, sources)) {
+    dispatch_pair(out_dtype, grp.src_dtype, [&](auto dt, auto st) {
+      using D = typename decltype(dt)::type;
+      using S = typename decltype(st)::type;
+      for (const Table& tab : plan_launches<Table>(grp.pieces, srcs, g.H * g.W)) {
+        if (tab.n_blocks == 0) continue;
+        for (int64_t y0 = 0; y0 < 1 + g.C; y0 += kMaxGridY) {
+          const unsigned ny = static_cast<unsigned>(std::min<int64_t>(kMaxGridY, 1 + g.C - y0));
+          condition_kernel<D, S, Table><<<dim3(tab.n_blocks, ny), kThreads, 0, stream>>>(tab, g, static_cast<int>(y0));
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        }
+      }
+    });
+  }
 }
 
 void run_cuda(const Geometry& g, at::TensorList sources, const std::vector<Piece>& pieces, c10::ScalarType out_dtype,
               const c10::Device& device) {
   const c10::cuda::CUDAGuard guard(device);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const std::vector<Source> srcs = sources_of(sources);
-  for (const Group& grp : group_by_dtype(pieces, sources)) {
-    dispatch_pair(out_dtype, grp.src_dtype, [&](auto dt, auto st) {
-      using D = typename decltype(dt)::type;
-      using S = typename decltype(st)::type;
-      for (const LaunchTable& tab : plan_launches(grp.pieces, srcs, g.H * g.W)) {
-        if (tab.n_blocks == 0) continue;
-        for (int64_t y0 = 0; y0 < 1 + g.C; y0 += kMaxGridY) {
-          const unsigned ny = static_cast<unsigned>(std::min<int64_t>(kMaxGridY, 1 + g.C - y0));
-          condition_kernel<D, S><<<dim3(tab.n_blocks, ny), kThreads, 0, stream>>>(tab, g, static_cast<int>(y0));
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
-        }
-      }
-    });
-  }
+  if (big_kernel_args())
+    launch_all<BigTable>(g, sources, pieces, out_dtype, stream);
+  else
+    launch_all<SmallTable>(g, sources, pieces, out_dtype, stream);
 }
 
 std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& z, at::TensorList sources, c10::IntArrayRef plan) {

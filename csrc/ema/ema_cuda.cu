@@ -6,16 +6,9 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "../cuda_launch.cuh"
 #include "ema.h"
 #include "ema_ops.h"
-
-// __grid_constant__ lets the body take the table by reference without the
-// compiler copying 20 KB into each thread's local memory (it would in -G builds).
-#if CUDART_VERSION >= 11070
-#define OSF_GRID_CONSTANT __grid_constant__
-#else
-#define OSF_GRID_CONSTANT
-#endif
 
 namespace opensora_fast {
 namespace ema {
@@ -25,20 +18,6 @@ namespace {
 template <typename E, typename S, typename Table>
 __global__ void __launch_bounds__(kThreads) ema_kernel(const OSF_GRID_CONSTANT Table tab, const Params p) {
   ema_block_body<E, S>(tab, p, blockIdx.x, threadIdx.x, blockDim.x);
-}
-
-// Kernel arguments over 4 KiB need CUDA >= 12.1 in both the toolkit we were
-// built with and the driver we run on; otherwise the 4 KiB table is used.
-bool big_tables() {
-#if CUDART_VERSION >= 12010
-  static const bool ok = [] {
-    int v = 0;
-    return cudaDriverGetVersion(&v) == cudaSuccess && v >= 12010;
-  }();
-  return ok;
-#else
-  return false;
-#endif
 }
 
 template <typename Table>
@@ -69,7 +48,7 @@ void forward_cuda(at::TensorList ema, at::TensorList src, double decay, bool sto
                 "the same seed); capture the compat mode, or run the stochastic update outside the graph");
   }
   // Planning reads only pointers and sizes: no host sync.
-  const bool big = big_tables();
+  const bool big = big_kernel_args();
   for (const DtypeGroup& g : group_by_dtype(ema, src)) {
     if (big)
       launch_group<BigTable>(g, decay, stochastic, seed, stream);

@@ -8,14 +8,9 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "../cuda_launch.cuh"
 #include "unpad.h"
 #include "unpad_ops.h"
-
-#if CUDART_VERSION >= 11070
-#define OSF_GRID_CONSTANT __grid_constant__
-#else
-#define OSF_GRID_CONSTANT
-#endif
 
 namespace opensora_fast {
 namespace unpad {
@@ -26,18 +21,6 @@ template <typename U, typename Table>
 __global__ void __launch_bounds__(kThreads)
     unpad_kernel(const OSF_GRID_CONSTANT Table tab, const U* __restrict__ gathered, int64_t bucket) {
   unpad_block_body<U>(tab, gathered, bucket, blockIdx.x, threadIdx.x, blockDim.x);
-}
-
-bool big_tables() {
-#if CUDART_VERSION >= 12010
-  static const bool ok = [] {
-    int v = 0;
-    return cudaDriverGetVersion(&v) == cudaSuccess && v >= 12010;
-  }();
-  return ok;
-#else
-  return false;
-#endif
 }
 
 template <typename Table>
@@ -59,7 +42,7 @@ void forward_cuda(const at::Tensor& gathered, at::TensorList out, at::IntArrayRe
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   // Planning reads only pointers and sizes: no host sync.
   const Plan p = make_plan(gathered, out, offset, shard, begin, count);
-  if (big_tables())
+  if (big_kernel_args())
     launch<BigTable>(p, gathered.data_ptr(), stream);
   else
     launch<SmallTable>(p, gathered.data_ptr(), stream);
