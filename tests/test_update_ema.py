@@ -167,9 +167,14 @@ def test_patch_opensora_replaces_upstream_function(monkeypatch):
         "opensora.utils.train": fake_train,
     }.items():
         monkeypatch.setitem(sys.modules, name, mod)
+    original = fake_train.update_ema
     patched = opensora_fast.patch_opensora()
-    assert "opensora.utils.train.update_ema" in patched
-    assert fake_train.update_ema is update_ema
+    try:
+        assert "opensora.utils.train.update_ema" in patched
+        assert fake_train.update_ema is update_ema
+    finally:
+        opensora_fast.unpatch_opensora()  # leave no patch record behind for later tests
+    assert fake_train.update_ema is original
 
 
 def test_patch_opensora_without_opensora(monkeypatch):
