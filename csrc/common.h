@@ -147,6 +147,13 @@ OSF_INLINE float uniform01(uint64_t seed, uint64_t index) {
   return static_cast<float>(x >> 8) * (1.0f / 16777216.0f);  // 24 bits
 }
 
+// A type as a value, for dtype dispatch: f(Tag<float>{}) then
+// `using T = typename decltype(tag)::type;`.
+template <typename T>
+struct Tag {
+  using type = T;
+};
+
 // Vector of N elements for 16-byte (or narrower) loads and stores.
 template <typename T, int N>
 struct alignas(sizeof(T) * N) VecN {

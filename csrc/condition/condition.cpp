@@ -1,12 +1,10 @@
 // Conditioning ops: schemas and the input checks shared by every backend.
-#include <ATen/core/LegacyTypeDispatch.h>
-#include <ATen/core/dispatch/Dispatcher.h>
-#include <c10/core/GradMode.h>
 #include <c10/core/InferenceMode.h>
 #include <torch/library.h>
 
 #include <numeric>
 
+#include "../inplace.h"
 #include "condition_ops.h"
 
 namespace opensora_fast {
@@ -78,32 +76,13 @@ void check_inputs(const char* op, const at::Tensor& out, at::TensorList sources,
 
 namespace {
 
-using CatFn = void(at::Tensor&, at::TensorList, c10::IntArrayRef);
-
-c10::TypedOperatorHandle<CatFn> cat_handle() {
-  static const auto op =
-      c10::Dispatcher::singleton().findSchemaOrThrow("opensora_fast::condition_cat_", "").typed<CatFn>();
-  return op;
-}
-
-// Autograd key: not differentiable; like torch's in-place ops, refuse to write
-// into a tensor that requires grad while grad mode is on.
-void cat_autograd(at::Tensor& cond, at::TensorList sources, c10::IntArrayRef plan) {
-  TORCH_CHECK(!(c10::GradMode::is_enabled() && cond.requires_grad()),
-              "condition_cat_: cond requires grad and grad mode is on; condition_cat_ is not differentiable: "
-              "call it under torch.no_grad()");
-  at::AutoDispatchBelowAutograd guard;
-  cat_handle().call(cond, sources, plan);
-}
-
-// ADInplaceOrView key: bump cond's version counter, as torch's in-place ops do.
-void cat_inplace(at::Tensor& cond, at::TensorList sources, c10::IntArrayRef plan) {
-  {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    cat_handle().call(cond, sources, plan);
-  }
-  if (!cond.is_inference()) cond.unsafeGetTensorImpl()->bump_version();
-}
+struct CatOp {
+  static constexpr const char* qualified = "opensora_fast::condition_cat_";
+  static constexpr const char* name = "condition_cat_";
+  static constexpr const char* arg = "cond";
+  static constexpr size_t written = 0;
+};
+using CatKernels = inplace::Kernels<CatOp, at::Tensor&, at::TensorList, c10::IntArrayRef>;
 
 }  // namespace
 
@@ -111,11 +90,11 @@ void cat_inplace(at::Tensor& cond, at::TensorList sources, c10::IntArrayRef plan
 }  // namespace opensora_fast
 
 TORCH_LIBRARY_IMPL(opensora_fast, Autograd, m) {
-  m.impl("condition_cat_", &opensora_fast::condition::cat_autograd);
+  m.impl("condition_cat_", &opensora_fast::condition::CatKernels::autograd);
 }
 
 TORCH_LIBRARY_IMPL(opensora_fast, ADInplaceOrView, m) {
-  m.impl("condition_cat_", &opensora_fast::condition::cat_inplace);
+  m.impl("condition_cat_", &opensora_fast::condition::CatKernels::inplace);
 }
 
 TORCH_LIBRARY_FRAGMENT(opensora_fast, m) {

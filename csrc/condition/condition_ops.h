@@ -19,11 +19,6 @@ namespace condition {
 void check_inputs(const char* op, const at::Tensor& out, at::TensorList sources, c10::IntArrayRef plan);
 
 // Calls f(Tag<D>{}, Tag<S>{}) for an (output, source) dtype pair (both checked).
-template <typename T>
-struct Tag {
-  using type = T;
-};
-
 template <typename F>
 inline void dispatch_pair(c10::ScalarType d, c10::ScalarType s, F&& f) {
   auto on_src = [&](auto dtag) {

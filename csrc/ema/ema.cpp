@@ -1,13 +1,11 @@
 // EMA op: schemas, the input checks every kernel runs first, and the
 // device-independent kernels (autograd rules, version counter, empty calls).
 // The arithmetic is in ema.h; ema_cpu.cpp / ema_cuda.cu register the devices.
-#include <ATen/core/LegacyTypeDispatch.h>
-#include <ATen/core/dispatch/Dispatcher.h>
-#include <c10/core/GradMode.h>
 #include <c10/core/InferenceMode.h>
 #include <torch/library.h>
 
 #include "../host.h"
+#include "../inplace.h"
 #include "ema_ops.h"
 
 namespace opensora_fast {
@@ -19,38 +17,13 @@ bool supported_dtype(c10::ScalarType t) {
   return t == c10::ScalarType::Float || t == c10::ScalarType::BFloat16 || t == c10::ScalarType::Half;
 }
 
-using Fn = void(at::TensorList, at::TensorList, double, bool, int64_t);
-
-c10::TypedOperatorHandle<Fn> op_handle() {
-  static const auto op =
-      c10::Dispatcher::singleton().findSchemaOrThrow("opensora_fast::ema_update_", "").typed<Fn>();
-  return op;
-}
-
-// Autograd key: the op is not differentiable. Like torch's own in-place ops it
-// refuses to write into a tensor that requires grad while grad mode is on
-// (upstream runs under torch.no_grad()), then runs below autograd.
-void autograd_kernel(at::TensorList ema, at::TensorList src, double decay, bool stochastic, int64_t seed) {
-  if (c10::GradMode::is_enabled()) {
-    for (size_t i = 0; i < ema.size(); ++i)
-      TORCH_CHECK(!(ema[i].defined() && ema[i].requires_grad()), "ema_update_: ema[", i,
-                  "] requires grad and grad mode is on; ema_update_ is not differentiable: "
-                  "call it under torch.no_grad()");
-  }
-  at::AutoDispatchBelowAutograd guard;
-  op_handle().call(ema, src, decay, stochastic, seed);
-}
-
-// ADInplaceOrView key: bump the version counter of every written tensor, as
-// torch's in-place ops do, so autograd notices a saved tensor was modified.
-void inplace_kernel(at::TensorList ema, at::TensorList src, double decay, bool stochastic, int64_t seed) {
-  {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    op_handle().call(ema, src, decay, stochastic, seed);
-  }
-  for (const at::Tensor& e : ema)
-    if (e.defined() && !e.is_inference()) e.unsafeGetTensorImpl()->bump_version();
-}
+struct EmaOp {
+  static constexpr const char* qualified = "opensora_fast::ema_update_";
+  static constexpr const char* name = "ema_update_";
+  static constexpr const char* arg = "ema";
+  static constexpr size_t written = 0;
+};
+using EmaKernels = inplace::Kernels<EmaOp, at::TensorList, at::TensorList, double, bool, int64_t>;
 
 // Every other backend, and a call with no tensors at all (which the dispatcher
 // cannot route to a device): validate, then do nothing (empty) or say which
@@ -123,11 +96,11 @@ TORCH_LIBRARY_FRAGMENT(opensora_fast, m) {
 }
 
 TORCH_LIBRARY_IMPL(opensora_fast, Autograd, m) {
-  m.impl("ema_update_", &opensora_fast::ema::autograd_kernel);
+  m.impl("ema_update_", &opensora_fast::ema::EmaKernels::autograd);
 }
 
 TORCH_LIBRARY_IMPL(opensora_fast, ADInplaceOrView, m) {
-  m.impl("ema_update_", &opensora_fast::ema::inplace_kernel);
+  m.impl("ema_update_", &opensora_fast::ema::EmaKernels::inplace);
 }
 
 TORCH_LIBRARY_IMPL(opensora_fast, CompositeExplicitAutograd, m) {

@@ -121,11 +121,6 @@ inline Params make_params(double decay, bool stochastic, int64_t seed) {
   return Params{static_cast<float>(decay), alpha, static_cast<uint64_t>(seed), stochastic};
 }
 
-template <typename T>
-struct Tag {
-  using type = T;
-};
-
 // Calls f(Tag<E>{}, Tag<S>{}) for the (ema, src) dtype pair; the op accepts
 // fp32, bf16 and fp16 on either side (check_inputs rejected the rest).
 template <typename F>

@@ -1,15 +1,13 @@
 // Unpad op: schemas, the input checks every kernel runs first, and the
 // device-independent kernels (autograd rule, version counter, empty calls).
 // The index map is in unpad.h; unpad_cpu.cpp / unpad_cuda.cu register devices.
-#include <ATen/core/LegacyTypeDispatch.h>
-#include <ATen/core/dispatch/Dispatcher.h>
-#include <c10/core/GradMode.h>
 #include <c10/core/InferenceMode.h>
 #include <torch/library.h>
 
 #include <string>
 
 #include "../host.h"
+#include "../inplace.h"
 #include "unpad_ops.h"
 
 namespace opensora_fast {
@@ -17,37 +15,14 @@ namespace unpad {
 
 namespace {
 
-using Fn = void(const at::Tensor&, at::TensorList, at::IntArrayRef, at::IntArrayRef, at::IntArrayRef,
-                at::IntArrayRef);
-
-c10::TypedOperatorHandle<Fn> op_handle() {
-  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("opensora_fast::unpad_", "").typed<Fn>();
-  return op;
-}
-
-// Autograd key: not differentiable; like torch's in-place ops it refuses to
-// write into a tensor that requires grad while grad mode is on.
-void autograd_kernel(const at::Tensor& gathered, at::TensorList out, at::IntArrayRef offset, at::IntArrayRef shard,
-                     at::IntArrayRef begin, at::IntArrayRef count) {
-  if (c10::GradMode::is_enabled()) {
-    for (size_t i = 0; i < out.size(); ++i)
-      TORCH_CHECK(!(out[i].defined() && out[i].requires_grad()), "unpad_: out[", i,
-                  "] requires grad and grad mode is on; unpad_ is not differentiable: call it under torch.no_grad()");
-  }
-  at::AutoDispatchBelowAutograd guard;
-  op_handle().call(gathered, out, offset, shard, begin, count);
-}
-
-// ADInplaceOrView key: bump the version counter of every written tensor.
-void inplace_kernel(const at::Tensor& gathered, at::TensorList out, at::IntArrayRef offset, at::IntArrayRef shard,
-                    at::IntArrayRef begin, at::IntArrayRef count) {
-  {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    op_handle().call(gathered, out, offset, shard, begin, count);
-  }
-  for (const at::Tensor& t : out)
-    if (t.defined() && !t.is_inference()) t.unsafeGetTensorImpl()->bump_version();
-}
+struct UnpadOp {
+  static constexpr const char* qualified = "opensora_fast::unpad_";
+  static constexpr const char* name = "unpad_";
+  static constexpr const char* arg = "out";
+  static constexpr size_t written = 1;
+};
+using UnpadKernels = inplace::Kernels<UnpadOp, const at::Tensor&, at::TensorList, at::IntArrayRef, at::IntArrayRef,
+                                      at::IntArrayRef, at::IntArrayRef>;
 
 // Any other backend (meta included): validate, then say there is no kernel.
 void fallback_kernel(const at::Tensor& gathered, at::TensorList out, at::IntArrayRef offset, at::IntArrayRef shard,
@@ -134,11 +109,11 @@ TORCH_LIBRARY_FRAGMENT(opensora_fast, m) {
 }
 
 TORCH_LIBRARY_IMPL(opensora_fast, Autograd, m) {
-  m.impl("unpad_", &opensora_fast::unpad::autograd_kernel);
+  m.impl("unpad_", &opensora_fast::unpad::UnpadKernels::autograd);
 }
 
 TORCH_LIBRARY_IMPL(opensora_fast, ADInplaceOrView, m) {
-  m.impl("unpad_", &opensora_fast::unpad::inplace_kernel);
+  m.impl("unpad_", &opensora_fast::unpad::UnpadKernels::inplace);
 }
 
 TORCH_LIBRARY_IMPL(opensora_fast, CompositeExplicitAutograd, m) {
