@@ -19,6 +19,7 @@ import glob
 import os
 import re
 import shutil
+import subprocess
 import sys
 
 from setuptools import find_packages, setup
@@ -100,6 +101,69 @@ def _sanitize(s: str) -> str:
     return re.sub(r"[^A-Za-z0-9._+]", "_", s)
 
 
+# ---- libstdc++ must be linked shared ------------------------------------------------
+# A compiler that cannot find libstdc++.so (e.g. a relocated g++ behind a wrapper
+# script, as on some GPU images) silently links libstdc++.a into _C. Then every
+# C++ exception an op throws (every bad-input error) is thrown by one C++ runtime
+# and caught by torch's, and Python segfaults. So: link the libstdc++ this process
+# (torch) has loaded when the compiler has no shared one, and refuse a _C that
+# still does not load libstdc++ dynamically.
+
+
+def _loaded_libstdcxx():
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                path = line.split()[-1]
+                if re.search(r"/libstdc\+\+\.so\.6(\.|$)", path) and os.path.exists(path):
+                    return path
+    except OSError:
+        pass
+    return None
+
+
+def _shared_libstdcxx_args(drivers):
+    """[path of torch's libstdc++.so.6] when a compiler driver that may link _C
+    (setuptools picks among CXX, LDSHARED and the sysconfig ones) has no shared
+    libstdc++; else []. An explicit shared input ahead of the driver's -lstdc++
+    leaves nothing for a static archive to supply."""
+    if not sys.platform.startswith("linux"):
+        return []
+    for d in drivers:
+        try:
+            found = subprocess.run([d, "-print-file-name=libstdc++.so"], capture_output=True, text=True,
+                                   timeout=60).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            continue
+        if not os.path.isabs(found):
+            loaded = _loaded_libstdcxx()
+            if loaded:
+                print(f"opensora_fast: {d} has no shared libstdc++; linking {loaded} (the one torch loaded)",
+                      file=sys.stderr)
+                return [loaded]
+    return []
+
+
+def _needed_libs(so_path):
+    """DT_NEEDED of a built library (readelf ships with the linker), or None if unknown."""
+    readelf = shutil.which("readelf")
+    if not readelf:
+        return None
+    out = subprocess.run([readelf, "-d", so_path], capture_output=True, text=True).stdout
+    return re.findall(r"\(NEEDED\)\s+Shared library: \[([^\]]+)\]", out)
+
+
+def _check_shared_libstdcxx(so_path, drivers):
+    needed = _needed_libs(so_path)
+    if needed is not None and not any(n.startswith("libstdc++.so") for n in needed):
+        os.remove(so_path)  # never leave a _C that crashes on its first error
+        raise RuntimeError(
+            f"opensora_fast: {so_path} was linked with a static libstdc++ (compiler drivers: {', '.join(drivers)}), "
+            "so any error raised by its ops would crash Python. Build with a compiler that links "
+            "libstdc++ dynamically, e.g. CXX=g++ CC=gcc LDSHARED='g++ -shared'."
+        )
+
+
 def _extensions():
     if _flag("OPENSORA_FAST_NO_EXT"):
         print("opensora_fast: OPENSORA_FAST_NO_EXT=1, building no extension", file=sys.stderr)
@@ -114,6 +178,16 @@ def _extensions():
         if cuda_home:
             os.environ["CUDA_HOME"] = cuda_home  # before cpp_extension reads it
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+
+    class Build(BuildExtension):
+        def build_extensions(self):
+            cmds = (getattr(self.compiler, a, None) for a in ("compiler_cxx", "linker_so_cxx", "linker_so"))
+            drivers = list(dict.fromkeys(c[0] for c in cmds if c))
+            for e in self.extensions:
+                e.extra_link_args = list(e.extra_link_args) + _shared_libstdcxx_args(drivers)
+            super().build_extensions()
+            for e in self.extensions:
+                _check_shared_libstdcxx(self.get_ext_fullpath(e.name), drivers)
 
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
     os.environ.setdefault("MAX_JOBS", str(min(os.cpu_count() or 2, 8)))
@@ -175,7 +249,7 @@ def _extensions():
         version = _version("")  # tagged when built, by the torch it is built against
     else:
         _write_build_meta(version, torch.__version__, torch.version.cuda, cuda_version, archs)
-    return [ext], {"build_ext": BuildExtension}, version
+    return [ext], {"build_ext": Build}, version
 
 
 ext_modules, cmdclass, version = _extensions()

@@ -77,3 +77,28 @@ except RuntimeError as e:
     )
     assert r.returncode == 0, r.stderr
     assert "ERR OPENSORA_FAST_BACKEND=native" in r.stdout
+
+
+def test_extension_loads_libstdcxx_shared():
+    """_C must use the process's libstdc++: a static copy (what a g++ that finds no
+    libstdc++.so links) makes every error an op raises crash Python or print garbage
+    (seen on a GPU image). setup.py links the shared one and refuses such a build."""
+    import re
+    import shutil
+
+    import pytest
+
+    from opensora_fast._ext import HAS_NATIVE
+
+    if not HAS_NATIVE:
+        pytest.skip("no extension built (OPENSORA_FAST_NO_EXT)")
+    import opensora_fast._C as C
+
+    readelf = shutil.which("readelf")
+    assert readelf, "readelf (binutils) is needed to read _C's dynamic section"
+    out = subprocess.run([readelf, "-d", C.__file__], capture_output=True, text=True, check=True).stdout
+    needed = re.findall(r"\(NEEDED\)\s+Shared library: \[([^\]]+)\]", out)
+    assert any(n.startswith("libstdc++.so") for n in needed), needed
+    # and an op's error crosses into Python whole
+    with pytest.raises(ValueError, match=r"^condition: z must be \[B, C, T, H, W\], got shape \[3, 4, 5, 6\]$"):
+        torch.ops.opensora_fast.condition(torch.zeros(3, 4, 5, 6), [], [])

@@ -250,7 +250,7 @@ def test_save_sample_png_values(tmp_path, capsys):
 
 
 def test_save_sample_mp4(tmp_path):
-    import av
+    av = pytest.importorskip("av")  # the [video] extra; `make test` installs it
 
     t = torch.linspace(-1, 1, 16)
     # a smooth gradient video (h264 is lossy; smooth content decodes close to the input)

@@ -371,7 +371,9 @@ def test_distributed_helpers_gloo(tmp_path):
     mp.spawn(_dist_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"r{i}.pt") for i in range(2))
     for r in (r0, r1):
-        assert r["device"] == "cpu" and r["world"] == 2
+        # setup_device selects this rank's CUDA device when there is one, also on gloo
+        want = f"cuda:{r['rank'] % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu"
+        assert r["device"] == want and r["world"] == 2
         assert r["mean"] == [1.5, 15.0]  # (1 + 2) / 2, (10 + 20) / 2
         assert r["sum"] == [3.0, 30.0]
         assert r["sync"] == "from-rank-0" and r["sync_unicode"] == "é✓ rank0"

@@ -63,10 +63,10 @@ def save_sample(
         arr = _to_uint8(img).permute(1, 2, 0).contiguous().numpy()
         Image.fromarray(arr).save(save_path)
     else:
+        if x.shape[0] != 3:  # before the import: a wrong shape is the caller's first problem
+            raise ValueError(f"save_sample: a video needs 3 channels (RGB), got C={x.shape[0]}")
         av = _need("av", "save_sample (mp4)")
         save_path += ".mp4"
-        if x.shape[0] != 3:
-            raise ValueError(f"save_sample: a video needs 3 channels (RGB), got C={x.shape[0]}")
         vid = _normalize(x, value_range) if normalize else x
         frames = _to_uint8(vid).permute(1, 2, 3, 0).contiguous().numpy()  # [T, H, W, C]
         rate = int(round(fps)) if isinstance(fps, float) else fps
