@@ -153,11 +153,18 @@ def _say_once(op: str, device: str, reason: str) -> None:
         logger.warning("opensora_fast.%s on %s: using the PyTorch reference (%s)", op, device, reason)
 
 
+_kernels: dict[tuple[str, str], bool] = {}
+
+
 def _has_kernel(op: str, device_type: str) -> bool:
-    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
-    if key is None:
-        return False
-    return torch._C._dispatch_has_kernel_for_dispatch_key(f"opensora_fast::{op}", key)
+    # Cached: the dispatcher query costs microseconds per op call, and _C registers
+    # every kernel once, at import.
+    known = _kernels.get((op, device_type))
+    if known is None:
+        key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
+        known = key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"opensora_fast::{op}", key)
+        _kernels[(op, device_type)] = known
+    return known
 
 
 def use_native(op: str, device: torch.device) -> bool:

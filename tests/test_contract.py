@@ -290,6 +290,12 @@ def test_forward_mode_on_the_wrapper_and_a_clear_error_on_the_raw_op():
     _, want = torch.func.jvp(lambda a, b: reference.masked_mse(a, b, r), (p.detach(), t.detach()), (dp, dt))
     torch.testing.assert_close(tangent, want)
     assert float(tangent) != 0
+    # torch.autograd.forward_ad (no functorch transform: the old-style Function's jvp)
+    import torch.autograd.forward_ad as fwAD
+
+    with fwAD.dual_level():
+        out = ops.masked_mse(fwAD.make_dual(p.detach(), dp), fwAD.make_dual(t.detach(), dt), r)
+        torch.testing.assert_close(fwAD.unpack_dual(out).tangent, want)
     g = torch.func.grad(lambda a: ops.masked_mse(a, t.detach(), r))(p.detach())
     (want_g,) = torch.autograd.grad(reference.masked_mse(p, t, r), p)
     torch.testing.assert_close(g, want_g)

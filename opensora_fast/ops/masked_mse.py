@@ -28,7 +28,7 @@ def masked_mse(pred: torch.Tensor, target: torch.Tensor, ranges: torch.Tensor) -
     impl = pick("masked_mse", pred.device, reference.masked_mse)
     if impl is reference.masked_mse or torch.compiler.is_compiling():
         return impl(pred, target, ranges)  # compiled: the raw op and its autograd
-    return _MaskedMSEFunction.apply(pred, target, ranges)
+    return _apply(_MaskedMSEFunction, pred, target, ranges)
 
 
 def _vjp_of_backward(ctx, v):
@@ -44,6 +44,29 @@ def _vjp_of_backward(ctx, v):
     if need_p or need_t:  # F is linear in (pred - target): F(g, v, 0)
         d_p = reference.masked_mse_backward(grad, v.to(pred.dtype).contiguous(), torch.zeros_like(pred), ranges)
     return d_g, (d_p if need_p else None), (-d_p if need_t else None), None
+
+
+def _old_style(fn: type) -> type:
+    """The same Function written the old way (forward(ctx, ...)). Its apply skips
+    the per-call signature binding that a setup_context Function pays (~15 us on a
+    2-core VM, more on slower hosts: it dominated the loss's host time on an H100
+    machine); torch.func needs the setup_context form, so _apply picks per call."""
+
+    def forward(ctx, *args):
+        out = fn.forward(*args)
+        fn.setup_context(ctx, args, out)
+        return out
+
+    body = {"forward": staticmethod(forward), "backward": staticmethod(fn.backward), "__doc__": fn.__doc__}
+    if "jvp" in vars(fn):
+        body["jvp"] = staticmethod(fn.jvp)
+    return type(fn.__name__ + "Fast", (torch.autograd.Function,), body)
+
+
+def _apply(fn: type, *args):
+    if torch._C._are_functorch_transforms_active():
+        return fn.apply(*args)
+    return fn._fast.apply(*args)
 
 
 if HAS_NATIVE:
@@ -80,7 +103,7 @@ if HAS_NATIVE:
             want_pred, want_target = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
             if not (want_pred or want_target):
                 return None, None, None
-            g = _BackwardFunction.apply(grad, pred, target, ranges)
+            g = _apply(_BackwardFunction, grad, pred, target, ranges)
             return (g if want_pred else None), (-g if want_target else None), None
 
         @staticmethod
@@ -113,7 +136,7 @@ if HAS_NATIVE:
                 "opensora_fast::masked_mse: forward-mode AD is not supported on the raw op; "
                 "call opensora_fast.ops.masked_mse, which has a jvp"
             )
-        return _RawMaskedMSEFunction.apply(pred, target, ranges)
+        return _apply(_RawMaskedMSEFunction, pred, target, ranges)
 
     _lib = torch.library.Library("opensora_fast", "IMPL")  # kept alive: it owns the registration
     _lib.impl("masked_mse", _raw_autograd, "Autograd")
@@ -133,4 +156,6 @@ if HAS_NATIVE:
 
         backward = staticmethod(_vjp_of_backward)
 
-    _lib.impl("masked_mse_backward", _BackwardFunction.apply, "Autograd")
+    for _fn in (_MaskedMSEFunction, _RawMaskedMSEFunction, _BackwardFunction):
+        _fn._fast = _old_style(_fn)
+    _lib.impl("masked_mse_backward", lambda *args: _apply(_BackwardFunction, *args), "Autograd")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import operator
 import weakref
-from typing import Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -206,6 +206,26 @@ def loss_token_ranges(
     return torch.stack([start, torch.maximum(end, start)], dim=1) * hw
 
 
+_whole_ranges: Dict[Tuple[torch.device, int], torch.Tensor] = {}
+
+
+def _whole_range(device: torch.device, n: int) -> torch.Tensor:
+    """The [[0, n]] ranges tensor on ``device``, made once per (device, n): the
+    unmasked loss then launches nothing but the loss kernels. Read-only."""
+    key = (device, n)
+    r = _whole_ranges.get(key)
+    if r is None:
+        r = torch.zeros((1, 2), dtype=torch.int64, device=device)
+        r[:, 1].fill_(n)  # a fill on the device: no host-to-device copy
+        # Not kept when traced or captured: a captured fill has not run yet.
+        capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        if not (capturing or torch.compiler.is_compiling()):
+            if len(_whole_ranges) >= 64:  # a run sees a few sizes; never grow without bound
+                _whole_ranges.clear()
+            _whole_ranges[key] = r
+    return r
+
+
 def get_batch_loss(
     model_pred: torch.Tensor,
     v_t: torch.Tensor,
@@ -242,9 +262,7 @@ def get_batch_loss(
         # Every element counts once: the global mean, as one sample of N elements
         # (the same sum and division as upstream's F.mse_loss, and any N launches).
         pred3, target3 = model_pred.reshape(1, -1, 1), v_t.reshape(1, -1, 1)
-        ranges = torch.zeros((1, 2), dtype=torch.int64, device=pred3.device)
-        ranges[:, 1].fill_(pred3.shape[1])  # a fill on the device: no host-to-device copy
-        return masked_mse(pred3.contiguous(), target3.contiguous(), ranges).float()
+        return masked_mse(pred3.contiguous(), target3.contiguous(), _whole_range(pred3.device, pred3.shape[1])).float()
     if model_pred.dim() != 3:
         raise ValueError(f"get_batch_loss: with masks, model_pred must be packed [B, L, D], got {list(model_pred.shape)}")
     if masks.device != model_pred.device:
