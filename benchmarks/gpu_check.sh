@@ -30,7 +30,7 @@ if [[ ${STATUS[build]} == pass* ]]; then
   }
   step tests tests
   if command -v compute-sanitizer > /dev/null; then
-    san() { PYTHONPATH=. compute-sanitizer --tool "$1" --error-exitcode 9 $PY benchmarks/sanitize_ops.py > "$OUT/$1.log" 2>&1; local rc=$?; tail -3 "$OUT/$1.log"; return $rc; }
+    san() { PYTHONPATH=. timeout ${OSF_SANITIZE_TIMEOUT:-100} compute-sanitizer --tool "$1" --error-exitcode 9 $PY benchmarks/sanitize_ops.py > "$OUT/$1.log" 2>&1; local rc=$?; tail -3 "$OUT/$1.log"; return $rc; }
     step memcheck san memcheck
     step racecheck san racecheck
   else
@@ -41,7 +41,9 @@ if [[ ${STATUS[build]} == pass* ]]; then
       $PY -m pytest -q benchmarks -o python_files='bench_*.py' -p no:cacheprovider \
       --benchmark-columns=median,iqr,rounds > "$OUT/bench.log" 2>&1; local rc=$?
     sed -n '/^checkpoint path on/,/^  model_gathering (gather/p' "$OUT/bench.log"
-    sed -n '/^opensora_fast benchmarks/,/^x base/p' "$OUT/bench.log"; return $rc
+    sed -n '/^opensora_fast benchmarks/,/^x base/p' "$OUT/bench.log"
+    PYTHONPATH=. $PY benchmarks/gpu_breakdown.py || rc=1
+    return $rc
   }
   step bench bench
 fi
