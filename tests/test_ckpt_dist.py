@@ -228,7 +228,8 @@ def _port():
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
 def test_gathers_and_checkpoint_on_gloo(world, tmp_path):
-    # fork where we can: the workers skip re-importing torch (seconds each on 2 cores);
-    # spawn once an earlier test has initialised CUDA here (a forked child cannot use it)
-    method = "spawn" if torch.cuda.is_initialized() else "fork"
+    # fork where we can: the workers skip re-importing torch (seconds each on 2 cores).
+    # Spawn on a CUDA machine: once anything here has asked CUDA a question (even
+    # is_available), a forked child's CUDA calls fail, and Adam.step makes one.
+    method = "spawn" if torch.cuda.is_available() else "fork"
     mp.start_processes(_worker, args=(world, _port(), str(tmp_path)), nprocs=world, join=True, start_method=method)
