@@ -264,3 +264,48 @@ def test_progress_is_quiet_unless_a_tty_or_asked(monkeypatch):
         assert torch.equal(load_file(path)["a"], torch.arange(4.0))
     finally:
         os.remove(path)
+
+
+def test_tensornvme_writer_is_used_when_importable(tmp_path, monkeypatch):
+    """With colossalai and tensornvme importable (faked here: neither installs
+    beside this torch), each file goes through colossalai.utils.safetensors.save
+    and its writer's synchronize(), before the checkpoint is renamed complete."""
+    import sys
+    import types
+
+    calls = []
+
+    class Writer:
+        def __init__(self, path):
+            self.path = path
+
+        def synchronize(self):
+            calls.append(("sync", os.path.basename(os.path.dirname(self.path)), os.path.basename(self.path)))
+
+    def fake_save(path, state_dict):
+        save_file({k: v.contiguous() for k, v in state_dict.items()}, path)
+        calls.append(("save", os.path.basename(path)))
+        return Writer(path)
+
+    mods = {n: types.ModuleType(n) for n in
+            ("colossalai", "colossalai.utils", "colossalai.utils.safetensors", "tensornvme", "tensornvme.async_file_io")}
+    mods["colossalai.utils.safetensors"].save = fake_save
+    for n, m in mods.items():
+        monkeypatch.setitem(sys.modules, n, m)
+    io = ckpt.CheckpointIO()
+    ema = Net(3)
+    path = _save(io, tmp_path, ema, 5)
+    io._sync_io()
+    # written under the temporary name, synchronised, then renamed complete
+    assert calls == [("save", "ema.safetensors"), ("sync", ".epoch0-global_step5.partial", "ema.safetensors")]
+    assert ckpt._is_complete(path)
+    got = load_file(os.path.join(path, "ema.safetensors"))
+    for k, v in ema.state_dict().items():
+        assert_bitwise_equal(got[k], v)
+
+    # without tensornvme's AsyncFileWriter (the PyPI tensornvme), our writer runs
+    monkeypatch.setitem(sys.modules, "tensornvme.async_file_io", None)
+    calls.clear()
+    path = _save(io, tmp_path, ema, 6)
+    io._sync_io()
+    assert calls == [] and ckpt._is_complete(path)

@@ -14,10 +14,14 @@ What differs from upstream (each on purpose):
   unpacked. Extra memory: two gathered buckets on the receiving rank(s), plus
   two send buffers of a bucket's per-rank width on every rank. The results are upstream's,
   bit for bit; 0-dim parameters work (upstream's ``remove_padding`` fails on them).
-* **Writing**: tensornvme's ``AsyncFileWriter`` is not on PyPI (and is not
-  used even when installed), so the EMA and master weights are written as safetensors from the pinned buffers by a
-  background thread; ``save`` returns once the buffers are filled, ``_sync_io``
-  waits, and a new save waits for the previous one.
+* **Writing**: the EMA and master weights are written as safetensors from the
+  pinned buffers by a background thread; ``save`` returns once the buffers are
+  filled, ``_sync_io`` waits, and a new save waits for the previous one. The
+  thread writes each file through tensornvme's ``AsyncFileWriter`` (reached, as
+  upstream does, through ``colossalai.utils.safetensors.save``) when both import,
+  else with our own streaming writer; tensornvme's AsyncFileWriter is not on
+  PyPI, so the second is what a pip install gets. Either way the file is
+  fsynced before the checkpoint is renamed complete.
 * **Crash safety**: a checkpoint is written under a hidden temporary name
   (``.epochE-global_stepS.partial``), every file fsynced, ``running_states.json``
   last, then renamed. A directory named ``epoch*-global_step*`` with a
@@ -540,6 +544,39 @@ def _write_safetensors(path: str, tensors: Dict[str, torch.Tensor], show: bool =
     _phase("fsynced")
 
 
+def _tensornvme_save():
+    """``colossalai.utils.safetensors.save`` (which writes through tensornvme's
+    AsyncFileWriter and returns it) when colossalai and tensornvme both import,
+    else None."""
+    try:
+        import tensornvme.async_file_io  # noqa: F401  (save needs it; the PyPI tensornvme lacks it)
+        from colossalai.utils.safetensors import save
+    except Exception:  # ImportError, or an install that fails at import
+        return None
+    return save
+
+
+def _fsync_file(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_file(path: str, tensors: Dict[str, torch.Tensor], show: bool) -> None:
+    save = _tensornvme_save()
+    if save is None:
+        _write_safetensors(path, tensors, show)
+        return
+    writer = save(path, tensors)
+    if writer is not None:  # upstream's contract: an AsyncFileWriter to synchronize()
+        writer.synchronize()
+    _phase("flushed")
+    _fsync_file(path)
+    _phase("fsynced")
+
+
 class _Job:
     """One checkpoint's rank-0 file work: write the files, running_states.json
     last, fsync, rename the temporary directory to its final name."""
@@ -553,7 +590,7 @@ class _Job:
     def run(self):
         try:
             for path, tensors in self.files:
-                _write_safetensors(os.path.join(self.tmp_dir, path), tensors, self.show)
+                _write_file(os.path.join(self.tmp_dir, path), tensors, self.show)
             save_json(self.running_states, os.path.join(self.tmp_dir, _COMPLETE))
             _phase("states")
             _fsync_dir(self.tmp_dir)
