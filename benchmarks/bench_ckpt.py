@@ -216,14 +216,23 @@ def run_gpu() -> list[str]:
             return statistics.median(ts)
 
         t_copy = timed(lambda: dst.copy_(src, non_blocking=True))
+        def same():
+            return all(torch.equal(pinned[k].view(-1), p.detach().cpu()[: pinned[k].numel()]) for k, p in
+                       zip(shape_dict, ema.parameters()))
+
         t_ours = timed(lambda: ckpt.model_gathering(ema, shape_dict, pinned, progress=False))
-        ok = all(torch.equal(pinned[k].view(-1), p.detach().cpu()[: pinned[k].numel()]) for k, p in
-                 zip(shape_dict, ema.parameters()))
+        ok = same()
+        for v in pinned.values():
+            v.zero_()
+        t_staged = timed(lambda: ckpt.model_gathering(ema, shape_dict, pinned, progress=False, staging=True))
+        ok_staged = same()
         return [
             f"[NCCL, 1 rank, {torch.cuda.get_device_name()}, {nbytes / 1e9:.2f} GB bf16 EMA, 1082 tensors]",
             f"  plain device-to-host copy_ into pinned memory   {nbytes / t_copy / 1e9:7.1f} GB/s",
             f"  model_gathering (gather + unpad_ -> pinned)     {nbytes / t_ours / 1e9:7.1f} GB/s "
             f"({100 * t_copy / t_ours:.0f}% of the copy){'' if ok else ' RESULTS DIFFER'}",
+            f"  model_gathering, staging=True (copy engine)     {nbytes / t_staged / 1e9:7.1f} GB/s "
+            f"({100 * t_copy / t_staged:.0f}% of the copy){'' if ok_staged else ' RESULTS DIFFER'}",
         ]
     finally:
         dist.destroy_process_group()

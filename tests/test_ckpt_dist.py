@@ -112,16 +112,19 @@ def _cases(rank, world, tmp):
     if rank == 0:
         for k, v in small_orig.items():
             assert_bitwise_equal(pinned[k], v, k)
-    for bucket_bytes, collective in ((40 * world, "gather"), (1000, "all_gather"), (1000, "gather"), (None, "auto")):
-        if True:
-            pinned = _pinned_for(shapes, ema) if rank == 0 else None
-            if rank == 0:
-                for v in pinned.values():
-                    v.fill_(-99 if v.dtype != torch.int64 else -99)
-            ckpt.model_gathering(ema, shapes, pinned, bucket_bytes=bucket_bytes, collective=collective)
-            if rank == 0:
-                for k, v in orig.items():
-                    assert_bitwise_equal(pinned[k], v, f"{k} bucket_bytes={bucket_bytes} {collective}")
+    # staging=True: whole parameters go through the staging buffer, parameters
+    # split across buckets (b.w at 40 bytes per rank) are still written directly
+    for bucket_bytes, collective, staging in ((40 * world, "gather", False), (40 * world, "gather", True),
+                                              (1000, "all_gather", False), (1000, "all_gather", True),
+                                              (1000, "gather", False), (None, "auto", False), (None, "auto", True)):
+        pinned = _pinned_for(shapes, ema) if rank == 0 else None
+        if rank == 0:
+            for v in pinned.values():
+                v.fill_(-99)
+        ckpt.model_gathering(ema, shapes, pinned, bucket_bytes=bucket_bytes, collective=collective, staging=staging)
+        if rank == 0:
+            for k, v in orig.items():
+                assert_bitwise_equal(pinned[k], v, f"{k} bucket_bytes={bucket_bytes} {collective} staging={staging}")
 
     # equals the upstream-faithful port (which cannot take 0-dim parameters)
     no0 = [s for s in SHAPES if s[1] != ()]
@@ -146,7 +149,7 @@ def _cases(rank, world, tmp):
         model = Net(shape_list, seed=5)
         opt = FakeZero(model, lambda n: dist.group.WORLD if n.startswith("a") else mine_half)
         pinned = {n: torch.full(p.shape, -1.0) for n, p in model.named_parameters()} if rank == 0 else None
-        ckpt.master_weights_gathering(model, opt, pinned, bucket_bytes=48)
+        ckpt.master_weights_gathering(model, opt, pinned, bucket_bytes=48, staging=shape_list is no0)
         if rank == 0:
             for n, p in model.named_parameters():
                 assert_bitwise_equal(pinned[n], (p.detach().float() * 1.5 + 0.25), n)
@@ -179,6 +182,8 @@ def _cases(rank, world, tmp):
     _expect_error(lambda: ckpt.model_gathering(ema, shapes, pinned), rank, ValueError, "['a_w'] has shape [3, 5]")
     _expect_error(lambda: ckpt.model_gathering(ema, shapes, _pinned_for(shapes, ema), bucket_bytes=world * 2 - 1),
                   0, ValueError, "holds less than one")
+    _expect_error(lambda: ckpt.model_gathering(ema, shapes, _pinned_for(shapes, ema), staging="yes"),
+                  0, TypeError, "staging must be a bool")
 
     # CheckpointIO round trip: EMA (sharded), master weights, plain model and
     # optimizer, without colossalai; then the loaded EMA re-sharded equals the live one

@@ -229,3 +229,30 @@ def test_unpad_cuda_refuses_unpinned_host_and_does_not_sync():
     side.synchronize()
     for o, p in zip(outs, params):
         assert torch.equal(o.cpu(), p)
+
+
+@pytest.mark.parametrize("staging", [False, True])
+def test_model_gathering_nccl_into_pinned(staging):
+    """1 rank on NCCL: the bucketed gather into pinned host memory, with the kernel
+    writing it directly or through the device staging buffer and the copy engine."""
+    import torch.distributed as dist
+
+    from opensora_fast.utils import ckpt
+
+    dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        g = torch.Generator().manual_seed(11)
+        ema = torch.nn.Module()
+        shapes = [(5, 3), (), (1,), (4097,), (33, 17), (300, 301)]
+        for i, s in enumerate(shapes):
+            ema.register_parameter(f"p{i}", torch.nn.Parameter(torch.randn(s, generator=g).bfloat16().cuda()))
+        orig = {k: v.detach().cpu().clone() for k, v in ema.state_dict().items()}
+        shape_dict = ckpt.record_model_param_shape(ema)
+        ckpt.model_sharding(ema)
+        pinned = {k: torch.full(v, -7.0, dtype=torch.bfloat16, pin_memory=True) for k, v in shape_dict.items()}
+        # a small bucket: parameters split across buckets go direct, whole ones are staged
+        ckpt.model_gathering(ema, shape_dict, pinned, bucket_bytes=4096, staging=staging, progress=False)
+        for k, v in orig.items():
+            assert_bitwise_equal(pinned[k], v, f"{k} staging={staging}")
+    finally:
+        dist.destroy_process_group()

@@ -276,6 +276,7 @@ def _gather_items(
     desc: str,
     show: bool,
     fn: str,
+    staging: bool = False,
 ) -> None:
     """Gathers every item's shard over ``group`` and writes its unpadded
     tensor into ``item.dst`` on global rank 0. Items share one dtype and device."""
@@ -295,6 +296,10 @@ def _gather_items(
     wire = torch.uint8 if dtype in (torch.bfloat16, torch.float16) and dist.get_backend(group) == "gloo" else None
     send = [torch.empty(width, dtype=dtype, device=device) for _ in range(min(2, len(buckets)))]
     recv = [torch.empty(world * width, dtype=dtype, device=device) for _ in range(min(2, len(buckets)))] if receive else []
+    # staging: whole parameters are unpacked into this buffer on the gathered
+    # side, then copied to their destinations (on CUDA: by the copy engine into
+    # pinned memory, instead of the kernel's stores over PCIe). One bucket more.
+    stage = torch.empty(world * width, dtype=dtype, device=device) if staging and me == dst_rank and buckets else None
 
     def start(k):
         entries = buckets[k]
@@ -326,6 +331,14 @@ def _gather_items(
             outs = [e.item.dst for e in entries]
             if gathered.device.type == "cuda" and any(not (o.is_cuda or o.is_pinned()) for o in outs):
                 gathered = gathered.cpu()
+            copies = []
+            if stage is not None and stage.device == gathered.device:
+                outs, pos = list(outs), 0
+                for j, e in enumerate(entries):
+                    if e.begin == 0 and e.count == e.item.shard.numel():  # the whole parameter is here
+                        view = stage[pos : pos + e.item.numel].view(outs[j].shape)
+                        copies.append((outs[j], view))
+                        outs[j], pos = view, pos + e.item.numel
             unpad_(
                 gathered,
                 outs,
@@ -334,6 +347,9 @@ def _gather_items(
                 [e.begin for e in entries],
                 [e.count for e in entries],
             )
+            # same stream as the unpack and the next bucket's: ordered, no sync here
+            for dst, view in copies:
+                dst.copy_(view, non_blocking=True)
             if pending is None and gathered.device.type == "cuda":
                 torch.cuda.current_stream(gathered.device).synchronize()
 
@@ -353,10 +369,13 @@ def _check_dst(fn: str, name: str, shape, dtype, pinned_state_dict) -> Optional[
     return None
 
 
-def _run_grouped(fn, items_by_group, *, bucket_bytes, collective, progress):
+def _run_grouped(fn, items_by_group, *, bucket_bytes, collective, progress, staging=False):
+    if not isinstance(staging, bool):
+        raise TypeError(f"{fn}: staging must be a bool, got {type(staging).__name__}")
     show = _show_progress(progress)
     for (group, _dtype), items in items_by_group.items():
-        _gather_items(items, group, bucket_bytes=bucket_bytes, collective=collective, desc=fn, show=show, fn=fn)
+        _gather_items(items, group, bucket_bytes=bucket_bytes, collective=collective, desc=fn, show=show, fn=fn,
+                      staging=staging)
 
 
 def model_gathering(
@@ -367,6 +386,7 @@ def model_gathering(
     bucket_bytes: Optional[int] = None,
     collective: str = "auto",
     progress: Optional[bool] = None,
+    staging: bool = False,
 ) -> None:
     """Gather the parameters of a model sharded by ``model_sharding`` into
     ``pinned_state_dict`` on rank 0 (every parameter at its recorded shape, and
@@ -374,7 +394,12 @@ def model_gathering(
 
     Keyword extras: ``bucket_bytes`` (gathered bytes per collective, default
     256 MiB), ``collective`` ("auto": gather on gloo, all_gather_into_tensor
-    otherwise), ``progress`` (tqdm on rank 0; default when stderr is a TTY).
+    otherwise), ``progress`` (tqdm on rank 0; default when stderr is a TTY),
+    ``staging`` (unpack each whole parameter into a device buffer, then copy it
+    to ``pinned_state_dict`` with the copy engine, instead of the unpack kernel
+    storing into pinned memory directly; one more bucket of memory on rank 0.
+    Same results. Off by default until measured faster on a GPU: see
+    benchmarks/RESULTS.md).
     Bad input (a shape dict that does not match the sharded model, a pinned dict
     missing a key or with a wrong shape or dtype) raises on every rank before
     anything is written."""
@@ -414,7 +439,7 @@ def model_gathering(
             if problem:
                 break
     _agree(problem is None, problem or "", device or torch.device("cpu"), None)
-    _run_grouped(fn, groups, bucket_bytes=bucket_bytes, collective=collective, progress=progress)
+    _run_grouped(fn, groups, bucket_bytes=bucket_bytes, collective=collective, progress=progress, staging=staging)
     if rank == 0:
         with torch.no_grad():
             for k, v in buffers.items():
@@ -430,6 +455,7 @@ def master_weights_gathering(
     bucket_bytes: Optional[int] = None,
     collective: str = "auto",
     progress: Optional[bool] = None,
+    staging: bool = False,
 ) -> None:
     """Gather the fp32 master weights of a ZeRO optimizer into
     ``pinned_state_dict`` on rank 0, each at its working parameter's shape.
@@ -463,7 +489,7 @@ def master_weights_gathering(
             dst = pinned_state_dict[name] if rank == 0 else None
             groups.setdefault((pg, master.dtype), []).append(_Item(name, master, n, dst))
     _agree(problem is None, problem or "", device or torch.device("cpu"), None)
-    _run_grouped(fn, groups, bucket_bytes=bucket_bytes, collective=collective, progress=progress)
+    _run_grouped(fn, groups, bucket_bytes=bucket_bytes, collective=collective, progress=progress, staging=staging)
     dist.barrier()
 
 
