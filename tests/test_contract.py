@@ -132,6 +132,31 @@ def test_masked_mse_check_contract(name, way):
     _raises(fns[way], exc, text)
 
 
+def _ranges_cases():
+    return {
+        "3-D": (z(2, 3, 1), 4, ValueError, "loss_ranges: frame_mask must be [B, T], got shape [2, 3, 1]"),
+        "complex": (torch.zeros(2, 3, dtype=torch.complex64), 4, TypeError,
+                    "loss_ranges: frame_mask has dtype torch.complex64; expected a real or bool dtype"),
+        "no frames": (z(2, 0), 4, ValueError, "loss_ranges: frame_mask has no frames (T=0)"),
+        "negative hw": (z(2, 3), -1, ValueError, "loss_ranges: hw must be >= 0, got -1"),
+        "sparse": (z(2, 3).to_sparse(), 4, ValueError, "loss_ranges: frame_mask must be a dense (strided) tensor"),
+    }
+
+
+@pytest.mark.parametrize("way", ["native", "reference", "fake"])
+@pytest.mark.parametrize("name", list(_ranges_cases()))
+def test_loss_ranges_check_contract(name, way):
+    frame, hw, exc, text = _ranges_cases()[name]
+    fns = {
+        "native": lambda: OP.loss_ranges(frame, hw, True),
+        "reference": lambda: reference.loss_ranges(frame, hw, True),
+        "fake": lambda: _fake_call(lambda f: OP.loss_ranges(f, hw, True), (frame,)),
+    }
+    if way == "fake" and name in _NO_FAKE:
+        pytest.skip("FakeTensorMode cannot convert this input")
+    _raises(fns[way], exc, text)
+
+
 def _grad_cases():
     return {
         "grad shape": (z(1), ValueError, "masked_mse_backward: grad must be a scalar (0-dim), got shape [1]"),

@@ -256,3 +256,20 @@ def test_model_gathering_nccl_into_pinned(staging):
             assert_bitwise_equal(pinned[k], v, f"{k} staging={staging}")
     finally:
         dist.destroy_process_group()
+
+
+def test_loss_ranges_cuda_equals_cpu_without_sync():
+    g = torch.Generator().manual_seed(5)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.bool, torch.int64):
+        for T in (1, 2, 5, 33):
+            full = (torch.rand(300, T, 3, generator=g) < 0.3).to(dtype)
+            m, d = full[:, :, 1], full.cuda()[:, :, 1]  # strided views, on each device
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                got = [OP.loss_ranges(d, 7, up) for up in (True, False)]
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+            for up, r in zip((True, False), got):
+                assert r.device.type == "cuda"
+                assert torch.equal(r.cpu(), OP.loss_ranges(m, 7, up)), (dtype, T, up)

@@ -178,6 +178,9 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.opensora_fast.masked_mse.default, (p, t, r))
     g = torch.tensor(1.5)
     torch.library.opcheck(torch.ops.opensora_fast.masked_mse_backward.default, (g, p.detach(), t.detach(), r))
+    frame = (torch.rand(4, 7, 3, generator=gen) < 0.5).float()[:, :, 1]
+    for upstream in (True, False):
+        torch.library.opcheck(torch.ops.opensora_fast.loss_ranges.default, (frame, 12, upstream))
 
 
 def test_torch_compile_fullgraph():
@@ -355,3 +358,39 @@ def test_grid_walk_with_70000_samples():
     # 70,000 sample means added in order in fp32 (the CPU's order): ~1e-5 relative
     torch.testing.assert_close(loss, reference.masked_mse(p, t, ranges), rtol=1e-4, atol=0)
     assert torch.equal(grad, torch.ops.opensora_fast.masked_mse_backward(torch.tensor(1.0), p, t, ranges))
+
+
+# ---- loss_ranges: get_batch_loss's token ranges in one launch --------------------------
+
+RANGE_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.bool, torch.int64, torch.uint8]
+
+
+@pytest.mark.parametrize("dtype", RANGE_DTYPES, ids=str)
+@pytest.mark.parametrize("T", [1, 2, 3, 8])
+def test_loss_ranges_native_equals_reference(dtype, T):
+    gen = torch.Generator().manual_seed(T)
+    kinds = ["head", "tail", "loop", "v2v", "none", "random", "random", "random"]
+    m = torch.stack([make_masks(k, 1, T, 3, 4, gen)[0] for k in kinds] + [torch.ones(T, 3, 4)])
+    if dtype.is_floating_point:
+        m[5, :, 0, 0] = torch.where(m[5, :, 0, 0] == 1, torch.tensor(float("nan")), m[5, :, 0, 0])  # NaN != 1
+        m[6, :, 0, 0] *= 2  # 2 is not conditioned
+    m = m.to(dtype)
+    for frame in (m[:, :, 0, 0], m[:, :, 0, 0].contiguous(), m.unsqueeze(1)[:, 0, :, 0, 0], m[:0, :, 0, 0]):
+        for upstream in (True, False):
+            for hw in (0, 1, 6):
+                got = ops.loss_ranges(frame, hw, upstream)
+                want = reference.loss_ranges(frame, hw, upstream)
+                assert got.dtype == torch.int64 and torch.equal(got, want), (dtype, T, upstream, hw)
+                assert bool((got[:, 1] >= got[:, 0]).all())
+
+
+def test_loss_ranges_rules_by_hand():
+    one = lambda *frames: torch.tensor([list(frames)], dtype=torch.float32)  # noqa: E731
+    # upstream: drop an end frame only when no interior frame is conditioned
+    assert ops.loss_ranges(one(1, 0, 0, 1), 10).tolist() == [[10, 30]]
+    assert ops.loss_ranges(one(1, 1, 0, 0), 10).tolist() == [[0, 40]]  # v2v keeps every frame
+    assert ops.loss_ranges(one(1), 10).tolist() == [[10, 10]]  # T=1 conditioned: nothing left
+    # conditioned: the leading and trailing runs go
+    assert ops.loss_ranges(one(1, 1, 0, 0), 10, upstream=False).tolist() == [[20, 40]]
+    assert ops.loss_ranges(one(1, 1, 1, 1), 10, upstream=False).tolist() == [[40, 40]]
+    assert ops.loss_ranges(one(0, 1, 0, 1), 10, upstream=False).tolist() == [[0, 30]]

@@ -123,6 +123,21 @@ def mse_calls(draw):
     return p, t, ranges
 
 
+@given(
+    st.integers(0, 5), st.integers(1, 9), st.integers(0, 7),
+    st.sampled_from([torch.float32, torch.bfloat16, torch.float64, torch.bool, torch.int32]),
+    st.booleans(), st.integers(0, 2**31), st.integers(1, 3),
+)
+def test_loss_ranges_native_equals_reference(B, T, hw, dtype, upstream, seed, step):
+    # values from {0, 1, 2, NaN}: only 1 is a conditioned frame; a strided view
+    g = torch.Generator().manual_seed(seed)
+    vals = torch.tensor([0.0, 1.0, 1.0, 2.0, float("nan")])[torch.randint(0, 5, (B, T * step), generator=g)]
+    if not dtype.is_floating_point:
+        vals = torch.nan_to_num(vals, nan=3.0)
+    frame = vals.to(dtype)[:, ::step]
+    assert torch.equal(OP.loss_ranges(frame, hw, upstream), reference.loss_ranges(frame, hw, upstream))
+
+
 @given(mse_calls(), st.sampled_from([1.0, 2.5, -0.75]))
 def test_masked_mse_native_equals_reference(call, gscale):
     p, t, ranges = call

@@ -48,6 +48,15 @@ void check_grad(const at::Tensor& grad, const at::Tensor& pred) {
                     " but pred is on ", pred.device());
 }
 
+void check_loss_ranges(const at::Tensor& frame_mask, int64_t hw) {
+  TORCH_CHECK_VALUE(frame_mask.layout() == at::kStrided, "loss_ranges: frame_mask must be a dense (strided) tensor");
+  TORCH_CHECK_VALUE(frame_mask.dim() == 2, "loss_ranges: frame_mask must be [B, T], got shape ", frame_mask.sizes());
+  TORCH_CHECK_TYPE(!at::isComplexType(frame_mask.scalar_type()), "loss_ranges: frame_mask has dtype ",
+                   dtype_name(frame_mask.scalar_type()), "; expected a real or bool dtype");
+  TORCH_CHECK_VALUE(frame_mask.size(1) >= 1, "loss_ranges: frame_mask has no frames (T=0)");
+  TORCH_CHECK_VALUE(hw >= 0, "loss_ranges: hw must be >= 0, got ", hw);
+}
+
 namespace {
 // Any other backend (sparse, other devices): the same checks, then say which
 // device has no kernel, rather than the dispatcher's generic error.
@@ -63,6 +72,11 @@ at::Tensor fallback_backward(const at::Tensor& grad, const at::Tensor& pred, con
   TORCH_CHECK_NOT_IMPLEMENTED(false, "masked_mse_backward: no kernel for tensors on ", pred.device(),
                               " (native kernels: cpu, cuda)");
 }
+at::Tensor fallback_loss_ranges(const at::Tensor& frame_mask, int64_t hw, bool /*upstream*/) {
+  check_loss_ranges(frame_mask, hw);
+  TORCH_CHECK_NOT_IMPLEMENTED(false, "loss_ranges: no kernel for tensors on ", frame_mask.device(),
+                              " (native kernels: cpu, cuda)");
+}
 }  // namespace
 
 }  // namespace masked_mse
@@ -71,11 +85,14 @@ at::Tensor fallback_backward(const at::Tensor& grad, const at::Tensor& pred, con
 TORCH_LIBRARY_IMPL(opensora_fast, CompositeExplicitAutograd, m) {
   m.impl("masked_mse", &opensora_fast::masked_mse::fallback);
   m.impl("masked_mse_backward", &opensora_fast::masked_mse::fallback_backward);
+  m.impl("loss_ranges", &opensora_fast::masked_mse::fallback_loss_ranges);
 }
 
 TORCH_LIBRARY_FRAGMENT(opensora_fast, m) {
   m.def("masked_mse(Tensor pred, Tensor target, Tensor ranges) -> Tensor");
   m.def("masked_mse_backward(Tensor grad, Tensor pred, Tensor target, Tensor ranges) -> Tensor");
+  // get_batch_loss's token ranges from a [B, T] frame mask: one launch, no host sync.
+  m.def("loss_ranges(Tensor frame_mask, int hw, bool upstream) -> Tensor");
   // The CUDA kernels' per-thread bodies over their whole grids on the CPU,
   // block reduction emulated in the GPU's order (tests): (loss, grad_pred).
   m.def("_masked_mse_grid_walk(Tensor grad, Tensor pred, Tensor target, Tensor ranges) -> (Tensor, Tensor)");

@@ -153,5 +153,35 @@ OSF_HOST_DEVICE inline A batch_mean(const A* sample_means, int64_t B) {
   return round_to<A>(total / static_cast<A>(B));
 }
 
+// loss_ranges, per sample: which frames of a [B, T] frame mask stay in the loss,
+// as a token range [start*hw, end*hw). A frame is conditioned when its mask
+// value == 1 (NaN is not). upstream rule: frame 0 (and, alike, frame T-1) is
+// dropped when conditioned and no interior frame is; otherwise the leading and
+// trailing runs of conditioned frames are dropped. end >= start always.
+template <typename M>
+OSF_HOST_DEVICE inline bool conditioned(M v) {
+  return static_cast<double>(v) == 1.0;
+}
+
+template <typename M>
+OSF_HOST_DEVICE inline void frame_range(const M* m, int64_t stride, int64_t T, int64_t hw, bool upstream,
+                                        int64_t* out) {
+  int64_t start, end;
+  if (upstream) {
+    bool interior = false;
+    for (int64_t t = 1; t + 1 < T; ++t) interior = interior || conditioned(m[t * stride]);
+    start = (!interior && conditioned(m[0])) ? 1 : 0;
+    end = T - ((!interior && conditioned(m[(T - 1) * stride])) ? 1 : 0);
+  } else {
+    start = 0;
+    while (start < T && conditioned(m[start * stride])) ++start;
+    int64_t tail = 0;
+    while (tail < T && conditioned(m[(T - 1 - tail) * stride])) ++tail;
+    end = T - tail;
+  }
+  out[0] = start * hw;
+  out[1] = (end > start ? end : start) * hw;
+}
+
 }  // namespace masked_mse
 }  // namespace opensora_fast

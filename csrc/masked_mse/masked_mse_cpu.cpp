@@ -155,10 +155,26 @@ std::tuple<at::Tensor, at::Tensor> grid_walk(const at::Tensor& grad, const at::T
   return {loss, grad_pred};
 }
 
+namespace {
+at::Tensor loss_ranges_cpu(const at::Tensor& frame_mask, int64_t hw, bool upstream) {
+  check_loss_ranges(frame_mask, hw);
+  const int64_t B = frame_mask.size(0), T = frame_mask.size(1);
+  at::Tensor out = at::empty({B, 2}, frame_mask.options().dtype(at::kLong));
+  int64_t* o = out.data_ptr<int64_t>();
+  AT_DISPATCH_ALL_TYPES_AND3(at::kBool, at::kBFloat16, at::kHalf, frame_mask.scalar_type(), "loss_ranges_cpu", [&] {
+    const scalar_t* m = frame_mask.data_ptr<scalar_t>();
+    for (int64_t b = 0; b < B; ++b)
+      frame_range(m + b * frame_mask.stride(0), frame_mask.stride(1), T, hw, upstream, o + 2 * b);
+  });
+  return out;
+}
+}  // namespace
+
 }  // namespace masked_mse
 }  // namespace opensora_fast
 
 TORCH_LIBRARY_IMPL(opensora_fast, CPU, m) {
+  m.impl("loss_ranges", &opensora_fast::masked_mse::loss_ranges_cpu);
   m.impl("masked_mse", &opensora_fast::masked_mse::forward_cpu);
   m.impl("masked_mse_backward", &opensora_fast::masked_mse::backward_cpu);
   m.impl("_masked_mse_grid_walk", &opensora_fast::masked_mse::grid_walk);

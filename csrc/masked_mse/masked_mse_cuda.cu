@@ -122,12 +122,38 @@ at::Tensor backward_cuda(const at::Tensor& grad, const at::Tensor& pred, const a
   return grad_pred;
 }
 
+// One thread per sample, the CPU's frame_range.
+template <typename M>
+__global__ void loss_ranges_kernel(const M* __restrict__ m, int64_t s0, int64_t s1, int64_t B, int64_t T,
+                                   int64_t hw, bool upstream, int64_t* __restrict__ out) {
+  const int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (b < B) frame_range(m + b * s0, s1, T, hw, upstream, out + 2 * b);
+}
+
+at::Tensor loss_ranges_cuda(const at::Tensor& frame_mask, int64_t hw, bool upstream) {
+  check_loss_ranges(frame_mask, hw);
+  const c10::cuda::CUDAGuard guard(frame_mask.device());
+  const int64_t B = frame_mask.size(0), T = frame_mask.size(1);
+  at::Tensor out = at::empty({B, 2}, frame_mask.options().dtype(at::kLong));
+  if (B == 0) return out;
+  check_grid(ceil_div<int64_t>(B, 256));
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_ALL_TYPES_AND3(at::kBool, at::kBFloat16, at::kHalf, frame_mask.scalar_type(), "loss_ranges_cuda", [&] {
+    loss_ranges_kernel<scalar_t><<<ceil_div<int64_t>(B, 256), 256, 0, stream>>>(
+        frame_mask.data_ptr<scalar_t>(), frame_mask.stride(0), frame_mask.stride(1), B, T, hw, upstream,
+        out.data_ptr<int64_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
 }  // namespace
 
 }  // namespace masked_mse
 }  // namespace opensora_fast
 
 TORCH_LIBRARY_IMPL(opensora_fast, CUDA, m) {
+  m.impl("loss_ranges", &opensora_fast::masked_mse::loss_ranges_cuda);
   m.impl("masked_mse", &opensora_fast::masked_mse::forward_cuda);
   m.impl("masked_mse_backward", &opensora_fast::masked_mse::backward_cuda);
 }

@@ -14,6 +14,9 @@ void check_inputs(const at::Tensor& pred, const at::Tensor& target, const at::Te
 // grad: the incoming gradient of the loss, a real floating 0-dim tensor on pred's device.
 void check_grad(const at::Tensor& grad, const at::Tensor& pred);
 
+// frame_mask: [B, T] (any strides) of a real or bool dtype, T >= 1; hw >= 0.
+void check_loss_ranges(const at::Tensor& frame_mask, int64_t hw);
+
 // The loss's dtype: fp32, or fp64 for fp64 inputs.
 inline c10::ScalarType acc_dtype(const at::Tensor& pred) {
   return pred.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from .ema import draw_seed, ema_update_
 from .condition import condition, condition_cat_
-from .masked_mse import masked_mse
+from .masked_mse import loss_ranges, masked_mse
 from .unpad import unpad_
 
-__all__ = ["ema_update_", "draw_seed", "masked_mse", "condition", "condition_cat_", "unpad_"]
+__all__ = ["ema_update_", "draw_seed", "masked_mse", "loss_ranges", "condition", "condition_cat_", "unpad_"]

@@ -31,6 +31,16 @@ def masked_mse(pred: torch.Tensor, target: torch.Tensor, ranges: torch.Tensor) -
     return _apply(_MaskedMSEFunction, pred, target, ranges)
 
 
+def loss_ranges(frame_mask: torch.Tensor, hw: int, upstream: bool = True) -> torch.Tensor:
+    """Token ranges ``[B, 2]`` (int64, on frame_mask's device) for :func:`masked_mse`
+    from a ``[B, T]`` frame mask (any strides; a frame is conditioned where it
+    == 1): frames ``[start, end)`` times ``hw`` tokens per frame. ``upstream=True``
+    drops frame 0 (and T-1) when conditioned and no interior frame is (upstream's
+    rule); ``False`` drops the leading and trailing conditioned runs. One launch,
+    no host sync (the reference is about ten small ops)."""
+    return pick("loss_ranges", frame_mask.device, reference.loss_ranges)(frame_mask, int(hw), bool(upstream))
+
+
 def _vjp_of_backward(ctx, v):
     """Derivatives of grad_pred = F(g, pred, target) = 2 (pred - target) g / (count_b B)
     [inside]: towards g, pred and target, in differentiable ops (so any order works)."""
@@ -75,6 +85,11 @@ if HAS_NATIVE:
     def _masked_mse_fake(pred, target, ranges):
         reference.masked_mse_check_inputs(pred, target, ranges)
         return pred.new_empty((), dtype=reference.masked_mse_acc_dtype(pred.dtype))
+
+    @torch.library.register_fake("opensora_fast::loss_ranges")
+    def _loss_ranges_fake(frame_mask, hw, upstream):
+        reference.check_loss_ranges(frame_mask, hw)
+        return frame_mask.new_empty((frame_mask.shape[0], 2), dtype=torch.int64)
 
     @torch.library.register_fake("opensora_fast::masked_mse_backward")
     def _masked_mse_backward_fake(grad, pred, target, ranges):

@@ -7,7 +7,7 @@ from .ema import check_inputs as ema_check_inputs
 from .masked_mse import acc_dtype as masked_mse_acc_dtype
 from .masked_mse import check_grad as masked_mse_check_grad
 from .masked_mse import check_inputs as masked_mse_check_inputs
-from .masked_mse import masked_mse, masked_mse_backward
+from .masked_mse import check_loss_ranges, loss_ranges, masked_mse, masked_mse_backward
 from .train import get_batch_loss, update_ema
 from .condition import (
     add_noise_to_ref,
@@ -35,6 +35,8 @@ __all__ = [
     "masked_mse_check_inputs",
     "masked_mse",
     "masked_mse_backward",
+    "loss_ranges",
+    "check_loss_ranges",
     "get_batch_loss",
     "update_ema",
     "check_condition_inputs",

@@ -56,6 +56,41 @@ def check_grad(grad: torch.Tensor, pred: torch.Tensor) -> None:
 check_mse_inputs = check_inputs  # the name used before the per-op layout
 
 
+def check_loss_ranges(frame_mask: torch.Tensor, hw: int) -> None:
+    """The native loss_ranges op's checks, in its order and with its messages."""
+    if not isinstance(frame_mask, torch.Tensor):
+        raise TypeError(f"loss_ranges: frame_mask must be a tensor, got {type(frame_mask).__name__}")
+    if frame_mask.layout != torch.strided:
+        raise ValueError("loss_ranges: frame_mask must be a dense (strided) tensor")
+    if frame_mask.dim() != 2:
+        raise ValueError(f"loss_ranges: frame_mask must be [B, T], got shape {shape_str(frame_mask.shape)}")
+    if frame_mask.is_complex():
+        raise TypeError(f"loss_ranges: frame_mask has dtype {frame_mask.dtype}; expected a real or bool dtype")
+    if frame_mask.shape[1] < 1:
+        raise ValueError("loss_ranges: frame_mask has no frames (T=0)")
+    if hw < 0:
+        raise ValueError(f"loss_ranges: hw must be >= 0, got {hw}")
+
+
+def loss_ranges(frame_mask: torch.Tensor, hw: int, upstream: bool) -> torch.Tensor:
+    """Token ranges ``[B, 2]`` (int64) that get_batch_loss averages over, from a
+    ``[B, T]`` frame mask (a frame is conditioned where it == 1). ``upstream``:
+    frame 0 (and frame T-1) is dropped when conditioned and no interior frame
+    is; else the leading and trailing runs of conditioned frames are dropped.
+    Tensor ops on the mask's device, no host sync."""
+    check_loss_ranges(frame_mask, hw)
+    m = frame_mask == 1
+    T = m.shape[1]
+    if upstream:
+        lone = ~m[:, 1:-1].any(dim=1)
+        start = (m[:, 0] & lone).long()
+        end = T - (m[:, -1] & lone).long()
+    else:
+        start = m.long().cumprod(dim=1).sum(dim=1)
+        end = T - m.flip(1).long().cumprod(dim=1).sum(dim=1)
+    return torch.stack([start, torch.maximum(end, start)], dim=1) * hw
+
+
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 

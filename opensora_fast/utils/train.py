@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from ..ops import ema_update_, masked_mse
+from ..ops.masked_mse import loss_ranges as _loss_ranges
 
 __all__ = ["update_ema", "get_batch_loss", "loss_token_ranges"]
 
@@ -165,7 +166,7 @@ def loss_token_ranges(
 ) -> torch.Tensor:
     """Token range ``[start, end)`` per sample that ``get_batch_loss`` averages over.
 
-    Built on the masks' device with tensor ops only (no host sync). Frames are
+    Built on the masks' device by one native launch (:func:`opensora_fast.ops.loss_ranges`; no host sync). Frames are
     t-major in the packed ``b (t h w) (c ph pw)`` layout, so frame f holds tokens
     ``[f*hw, (f+1)*hw)`` with ``hw = (H/patch) * (W/patch)``.
 
@@ -182,7 +183,7 @@ def loss_token_ranges(
         raise ValueError(f"get_batch_loss: exclude must be one of {_EXCLUDE}, got {exclude!r}")
     if isinstance(patch_size, bool) or not isinstance(patch_size, int) or patch_size < 1:
         raise ValueError(f"get_batch_loss: patch_size must be a positive int, got {patch_size!r}")
-    m = _frame_mask(masks) == 1
+    frame = _frame_mask(masks)  # a view: nothing launched
     T, H, W = masks.shape[-3:]
     if T == 0:
         raise ValueError(f"get_batch_loss: masks have no frames (T=0), shape {list(masks.shape)}")
@@ -196,14 +197,7 @@ def loss_token_ranges(
             f"get_batch_loss: masks give T*(H/p)*(W/p) = {T}*{H // patch_size}*{W // patch_size} = {T * hw} "
             f"tokens but model_pred has L={seq_len} (patch_size={patch_size})"
         )
-    if exclude == "upstream":
-        lone = ~m[:, 1:-1].any(dim=1)
-        start = (m[:, 0] & lone).long()
-        end = T - (m[:, -1] & lone).long()
-    else:
-        start = m.long().cumprod(dim=1).sum(dim=1)
-        end = T - m.flip(1).long().cumprod(dim=1).sum(dim=1)
-    return torch.stack([start, torch.maximum(end, start)], dim=1) * hw
+    return _loss_ranges(frame, hw, exclude == "upstream")
 
 
 _whole_ranges: Dict[Tuple[torch.device, int], torch.Tensor] = {}
