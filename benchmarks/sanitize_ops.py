@@ -1,4 +1,4 @@
-"""Calls every CUDA op once on small odd shapes, for compute-sanitizer
+"""Calls every CUDA op (loss_ranges included) once on small odd shapes, for compute-sanitizer
 (memcheck, racecheck) in benchmarks/gpu_check.sh."""
 import torch
 
@@ -39,5 +39,11 @@ for dtype, world in ((torch.bfloat16, 3), (torch.float32, 4), (torch.uint8, 5), 
     OP.unpad_(gathered, outs, offset, shard, [0] * len(shard), shard)
     pinned = [torch.empty(s, dtype=dtype).pin_memory() for s in shapes]
     OP.unpad_(gathered, pinned, offset, shard, [0] * len(shard), shard)
+for dtype in (torch.float32, torch.bfloat16, torch.bool, torch.int64):
+    # loss_ranges: strided frame masks, T=1 and long T, more samples than a block
+    for T in (1, 2, 33):
+        full = (torch.rand(300, T, 3, generator=g) < 0.3).to(dtype).to(dev)
+        for upstream in (True, False):
+            OP.loss_ranges(full[:, :, 1], 7, upstream)
 torch.cuda.synchronize()
 print("sanitize_ops: all ops ran")

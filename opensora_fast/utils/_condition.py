@@ -125,11 +125,13 @@ def prepare_inference_condition(
             if len(ref) == 0:
                 raise ValueError(f"prepare_inference_condition: ref_list[{i}] (sample {i}) is empty; {mask_cond} needs a reference")
             shape = (C, H, W)
+            head = None
             if mask_cond in ("i2v_head", "i2v_loop"):
-                s = srcs.add(_check_ref(ref[0], i, 0, shape, 1, mask_cond))
-                plan += [i, 0, 1, s, 0]
+                head = _check_ref(ref[0], i, 0, shape, 1, mask_cond)
+                plan += [i, 0, 1, srcs.add(head), 0]
             if mask_cond in ("i2v_tail", "i2v_loop"):
-                r = _check_ref(ref[-1], i, len(ref) - 1, shape, 1, mask_cond)
+                # one reference serves both ends of a loop: checked once
+                r = head if head is not None and ref[-1] is head else _check_ref(ref[-1], i, len(ref) - 1, shape, 1, mask_cond)
                 plan += [i, T - 1, 1, srcs.add(r), r.shape[1] - 1]
             if mask_cond.startswith("v2v"):
                 k = min((16 if mask_cond.endswith("_easy") else 8) + int(causal), T)
