@@ -200,13 +200,16 @@ def loss_token_ranges(
     return _loss_ranges(frame, hw, exclude == "upstream")
 
 
-_whole_ranges: Dict[Tuple[torch.device, int], torch.Tensor] = {}
+_whole_ranges: Dict[Tuple[torch.device, int, int], torch.Tensor] = {}
 
 
 def _whole_range(device: torch.device, n: int) -> torch.Tensor:
-    """The [[0, n]] ranges tensor on ``device``, made once per (device, n): the
-    unmasked loss then launches nothing but the loss kernels. Read-only."""
-    key = (device, n)
+    """The [[0, n]] ranges tensor on ``device``, made once per (device, n, CUDA
+    stream): the unmasked loss then launches nothing but the loss kernels.
+    Read-only. Per stream, because its fill and its memory are ordered on the
+    stream that made it."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (device, n, stream)
     r = _whole_ranges.get(key)
     if r is None:
         r = torch.zeros((1, 2), dtype=torch.int64, device=device)
