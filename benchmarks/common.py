@@ -1,10 +1,12 @@
 """The one timing path for all benchmarks: pytest-benchmark's ``pedantic`` over a
 callable that synchronises the device at its end (so wall-clock covers the GPU
-work), plus the side-by-side table printed at the end of the run (conftest.py)."""
+work), plus the side-by-side table printed at the end of the run (conftest.py).
+The per-call scripts (gpu_breakdown.py, host_overhead.py) use ``call_us``."""
 from __future__ import annotations
 
 import os
 import platform
+import time
 
 import torch
 
@@ -29,6 +31,33 @@ def run(benchmark, fn, *, group: str, impl: str, role: str, nbytes: int, rounds:
     benchmark.group = group
     benchmark.extra_info.update(impl=impl, role=role, bytes=int(nbytes), **info)
     benchmark.pedantic(call, rounds=rounds, warmup_rounds=2, iterations=1)
+
+
+def call_us(fn, calls: int = 200, *, batches: int = 1, sync=None, each: bool = False) -> float:
+    """Microseconds per call of ``fn`` after 10 warm-ups. ``each``: the median of
+    ``calls`` calls, ``sync`` after each (wall-clock, device work included).
+    Otherwise: the best of ``batches`` loops of ``calls`` calls with ``sync`` only
+    outside the timed loop (what the host spends issuing them)."""
+    sync = sync or (lambda: None)
+    for _ in range(10):
+        fn()
+    sync()
+    if each:
+        times = []
+        for _ in range(calls):
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            times.append(time.perf_counter() - t0)
+        return sorted(times)[calls // 2] * 1e6
+    best = float("inf")
+    for _ in range(batches):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        best = min(best, (time.perf_counter() - t0) / calls * 1e6)
+        sync()
+    return best
 
 
 def machine() -> str:

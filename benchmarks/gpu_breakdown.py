@@ -1,43 +1,20 @@
 """Where a call's time goes on the GPU machine: wall-clock per call (synchronised,
 as the benchmarks time it) next to the CUDA kernel time per call (torch.profiler's
 device self-time), so host overhead and kernel time can be told apart.
-Run by gpu_check.sh after the benchmarks:  python benchmarks/gpu_breakdown.py"""
+Run by gpu_check.sh after the benchmarks:  python -m benchmarks.gpu_breakdown"""
 import logging
-import time
 
 import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
+from benchmarks.common import call_us
 from opensora_fast.utils.inference import prepare_inference_condition
 from opensora_fast.utils.train import get_batch_loss
 
 logging.getLogger("opensora_fast").setLevel(logging.ERROR)  # the t2v fallback note, once per call
 dev = torch.device("cuda")
 g = torch.Generator(device=dev).manual_seed(0)
-
-
-def wall_us(fn, n=200):
-    for _ in range(10):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[n // 2] * 1e6
-
-
-def host_us(fn, n=200):  # enqueue time alone: no sync inside the loop
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        fn()
-    t = (time.perf_counter() - t0) / n * 1e6
-    torch.cuda.synchronize()
-    return t
 
 
 def kernel_us(fn, n=50):
@@ -74,4 +51,6 @@ cases = {
 print(f"per-call time split on {torch.cuda.get_device_name()} (us; median wall of 200 synchronised calls)")
 print(f"  {'call':40s} {'wall':>8s} {'host':>8s} {'kernels':>8s}")
 for name, fn in cases.items():
-    print(f"  {name:40s} {wall_us(fn):8.1f} {host_us(fn):8.1f} {kernel_us(fn):8.1f}")
+    wall = call_us(fn, sync=torch.cuda.synchronize, each=True)
+    host = call_us(fn, sync=torch.cuda.synchronize)
+    print(f"  {name:40s} {wall:8.1f} {host:8.1f} {kernel_us(fn):8.1f}")

@@ -1,12 +1,12 @@
 """Host time per call on tiny inputs: what a call costs before any real work, the
 part that dominated on the H100 machine (benchmarks/gpu_breakdown.py). CPU, one
-thread, best of 5 batches of 2000 calls. Run: python benchmarks/host_overhead.py"""
+thread, best of 5 batches of 2000 calls. Run: python -m benchmarks.host_overhead"""
 import logging
-import time
 
 import torch
 import torch.nn.functional as F
 
+from benchmarks.common import call_us
 from opensora_fast.utils.inference import prepare_inference_condition
 from opensora_fast.utils.train import get_batch_loss
 
@@ -22,18 +22,6 @@ z = torch.randn(4, 4, 9, 4, 6, generator=g).bfloat16()
 refs = [[torch.randn(4, 9, 4, 6, generator=g).bfloat16()] for _ in range(4)]
 
 
-def best_us(fn, n=2000, batches=5):
-    for _ in range(100):
-        fn()
-    best = float("inf")
-    for _ in range(batches):
-        t0 = time.perf_counter()
-        for _ in range(n):
-            fn()
-        best = min(best, (time.perf_counter() - t0) / n * 1e6)
-    return best
-
-
 cases = {
     "F.mse_loss fwd+bwd (for scale)": lambda: torch.autograd.grad(F.mse_loss(p.float(), t.float()), [p]),
     "get_batch_loss fwd+bwd unmasked": lambda: torch.autograd.grad(get_batch_loss(p, t), [p]),
@@ -43,4 +31,4 @@ cases = {
 }
 print(f"host time per call, tiny inputs, 1 thread, torch {torch.__version__} (us, best of 5 x 2000)")
 for name, fn in cases.items():
-    print(f"  {name:40s} {best_us(fn):8.1f}")
+    print(f"  {name:40s} {call_us(fn, 2000, batches=5):8.1f}")

@@ -590,8 +590,8 @@ def _fsync_file(path: str) -> None:
         os.close(fd)
 
 
-def _write_file(path: str, tensors: Dict[str, torch.Tensor], show: bool) -> None:
-    save = _tensornvme_save()
+def _write_file(path: str, tensors: Dict[str, torch.Tensor], show: bool, save=None) -> None:
+    """One checkpoint file: through ``save`` (:func:`_tensornvme_save`'s) when given, else our writer."""
     if save is None:
         _write_safetensors(path, tensors, show)
         return
@@ -615,8 +615,9 @@ class _Job:
 
     def run(self):
         try:
+            save = _tensornvme_save()  # looked up once per checkpoint
             for path, tensors in self.files:
-                _write_file(os.path.join(self.tmp_dir, path), tensors, self.show)
+                _write_file(os.path.join(self.tmp_dir, path), tensors, self.show, save)
             save_json(self.running_states, os.path.join(self.tmp_dir, _COMPLETE))
             _phase("states")
             _fsync_dir(self.tmp_dir)
