@@ -2,7 +2,9 @@
 on-device version vs ours (opensora_fast.utils._condition on the fused op).
 
 Inference: prepare_inference_condition at B=4 on 256px/129f latents [4,16,33,24,42]
-bf16, modes v2v_head and i2v_loop (causal), one sample without a reference. Bytes:
+bf16, modes v2v_head and i2v_loop (causal) with one sample without a reference
+(which the call logs, as upstream prints it), and v2v_head with every sample
+referenced. Bytes:
 masks + masked_z written, conditioned reference frames read.
 
 Training: prepare_visual_condition_causal with the tests' toy causal VAE (tcr 4,
@@ -46,24 +48,28 @@ def on_device_slices(z, mode, refs, causal=True):
     return masks, masked
 
 
-@pytest.fixture(scope="module", params=["v2v_head", "i2v_loop"])
+@pytest.fixture(scope="module", params=[("v2v_head", True), ("i2v_loop", True), ("v2v_head", False)],
+                ids=["v2v_head-missing", "i2v_loop-missing", "v2v_head-all"])
 def inference_case(request):
-    mode = request.param
+    """missing: sample 2 has no reference (it falls back to t2v, and the call logs
+    that once, as upstream prints it); all: every sample has one."""
+    mode, missing = request.param
     dev = bench_device()
     g = torch.Generator(device=dev).manual_seed(0)
     z = torch.randn(B, C, T, H, W, generator=g, device=dev).bfloat16()
     refs = []
     for i in range(B):
-        if i == 2:
+        if i == 2 and missing:
             refs.append(None)
         elif mode == "v2v_head":
             refs.append([torch.randn(C, T, H, W, generator=g, device=dev).bfloat16()])
         else:
             refs.append([torch.randn(C, 1, H, W, generator=g, device=dev).bfloat16(),
                          torch.randn(C, 1, H, W, generator=g, device=dev).bfloat16()])
-    frames = (9 if mode == "v2v_head" else 2) * (B - 1)
+    frames = (9 if mode == "v2v_head" else 2) * (B - int(missing))
     nbytes = (B * (1 + C) * T * H * W + frames * C * H * W) * 2
-    group = f"prepare_inference_condition {mode}, [{B},{C},{T},{H},{W}] bf16, {dev.type}"
+    who = "sample 2 without a reference (logged)" if missing else "every sample with a reference"
+    group = f"prepare_inference_condition {mode}, [{B},{C},{T},{H},{W}] bf16, {who}, {dev.type}"
     # the results agree bit for bit (tests/test_condition_dropins.py); check once more here
     a, b = ours.prepare_inference_condition(z, mode, refs), reference.prepare_inference_condition(z, mode, refs)
     assert all(torch.equal(x.cpu(), y.cpu()) for x, y in zip(a, b))

@@ -98,6 +98,16 @@ def _cases(rank, world, tmp):
     ckpt.model_sharding(ema)
     for k, p in ema.named_parameters():
         assert p.dim() == 1 and p.numel() == -(-orig[k].numel() // world)
+    # the same shards as upstream's, bit for bit (padding zero), laid side by
+    # side in one buffer per dtype, in parameter order
+    theirs_net = Net(SHAPES)
+    ref.model_sharding(theirs_net)
+    for (k, p), q in zip(ema.named_parameters(), theirs_net.parameters()):
+        assert_bitwise_equal(p.data, q.data, k)
+    for dt in (torch.float32, torch.bfloat16):
+        same = [p.data for p in ema.parameters() if p.dtype == dt]
+        assert ckpt._side_by_side(same) and same[0].storage_offset() == 0, dt
+    assert not ckpt._side_by_side([q.data for q in theirs_net.parameters() if q.dtype == torch.float32])
 
     # gathers: every bucket size from one element per rank to one bucket for all,
     # both collectives; rank 0 gets the originals bit for bit
@@ -125,6 +135,27 @@ def _cases(rank, world, tmp):
         if rank == 0:
             for k, v in orig.items():
                 assert_bitwise_equal(pinned[k], v, f"{k} bucket_bytes={bucket_bytes} {collective} staging={staging}")
+
+    # shards that are not side by side (upstream's sharding: each bucket is
+    # packed into the send buffer), and destinations in one flat buffer as
+    # CheckpointIO makes them (staging=True copies each run of adjacent
+    # destinations at once; parameters split across buckets go direct)
+    up_net = Net(SHAPES)
+    ref.model_sharding(up_net)
+    for bucket_bytes, staging in ((40 * world, None), (40 * world, True), (1000, True), (None, True), (None, False)):
+        # reversed: one storage, but each destination lies before the previous one
+        for net, order in ((up_net, 1), (ema, 1), (ema, -1)):
+            entries = [(k, v.shape, v.dtype) for k, v in _pinned_for(shapes, net).items()][::order]
+            flat = ckpt.CheckpointIO._pinned_dict(entries)
+            if rank == 0:
+                fp32 = [flat[k] for k in shapes if flat[k].dtype == torch.float32]
+                assert ckpt._side_by_side(fp32 if order == 1 else fp32[::-1])
+                for v in flat.values():
+                    v.fill_(-99)
+            ckpt.model_gathering(net, shapes, flat if rank == 0 else None, bucket_bytes=bucket_bytes, staging=staging)
+            if rank == 0:
+                for k, v in orig.items():
+                    assert_bitwise_equal(flat[k], v, f"{k} bucket_bytes={bucket_bytes} staging={staging} order={order}")
 
     # equals the upstream-faithful port (which cannot take 0-dim parameters)
     no0 = [s for s in SHAPES if s[1] != ()]
@@ -183,7 +214,7 @@ def _cases(rank, world, tmp):
     _expect_error(lambda: ckpt.model_gathering(ema, shapes, _pinned_for(shapes, ema), bucket_bytes=world * 2 - 1),
                   0, ValueError, "holds less than one")
     _expect_error(lambda: ckpt.model_gathering(ema, shapes, _pinned_for(shapes, ema), staging="yes"),
-                  0, TypeError, "staging must be a bool")
+                  0, TypeError, "staging must be None or a bool")
 
     # CheckpointIO round trip: EMA (sharded), master weights, plain model and
     # optimizer, without colossalai; then the loaded EMA re-sharded equals the live one

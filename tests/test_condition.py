@@ -394,6 +394,24 @@ def test_cuda_matches_reference(out_dtype):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("B", [70, 600])
+def test_cuda_long_plans_match_reference(B):
+    """Plans past the small launch table (> 64 pieces: the big table, one launch)
+    and past the big one (> 512 pieces: several launches)."""
+    C, T, H, W = 2, 3, 8, 8
+    gen = torch.Generator().manual_seed(9)
+    srcs = [torch.randn(C, 2, H, W, generator=gen).bfloat16() for _ in range(3)]
+    plan = []
+    for i in range(B):
+        plan += [i, i % T, 1, i % 3, i % 2]
+    z = torch.empty(B, C, T, H, W, dtype=torch.float16)
+    want = reference.condition(z, srcs, plan)
+    got = OPS.condition(z.cuda(), [s.cuda() for s in srcs], plan)
+    for g, w in zip(got, want):
+        same(g, w, "cuda")
+
+
+@pytest.mark.cuda
 def test_cuda_inference_no_host_sync():
     from opensora_fast.utils._condition import prepare_inference_condition
 

@@ -231,10 +231,13 @@ def test_unpad_cuda_refuses_unpinned_host_and_does_not_sync():
         assert torch.equal(o.cpu(), p)
 
 
-@pytest.mark.parametrize("staging", [False, True])
-def test_model_gathering_nccl_into_pinned(staging):
+@pytest.mark.parametrize("layout", ["separate", "flat", "flat_reversed"])
+@pytest.mark.parametrize("staging", [False, True, None])
+def test_model_gathering_nccl_into_pinned(staging, layout):
     """1 rank on NCCL: the bucketed gather into pinned host memory, with the kernel
-    writing it directly or through the device staging buffer and the copy engine."""
+    writing it directly or through the device staging buffer and the copy engine;
+    into separate pinned tensors or into views of one pinned buffer (CheckpointIO's,
+    where staging is the default), also laid out in reverse (nothing to merge)."""
     import torch.distributed as dist
 
     from opensora_fast.utils import ckpt
@@ -249,11 +252,18 @@ def test_model_gathering_nccl_into_pinned(staging):
         orig = {k: v.detach().cpu().clone() for k, v in ema.state_dict().items()}
         shape_dict = ckpt.record_model_param_shape(ema)
         ckpt.model_sharding(ema)
-        pinned = {k: torch.full(v, -7.0, dtype=torch.bfloat16, pin_memory=True) for k, v in shape_dict.items()}
+        if layout == "separate":
+            pinned = {k: torch.full(v, -7.0, dtype=torch.bfloat16, pin_memory=True) for k, v in shape_dict.items()}
+        else:
+            entries = [(k, v, torch.bfloat16) for k, v in shape_dict.items()]
+            pinned = ckpt.CheckpointIO._pinned_dict(entries if layout == "flat" else entries[::-1])
+            for v in pinned.values():
+                assert v.is_pinned()
+                v.fill_(-7.0)
         # a small bucket: parameters split across buckets go direct, whole ones are staged
         ckpt.model_gathering(ema, shape_dict, pinned, bucket_bytes=4096, staging=staging, progress=False)
         for k, v in orig.items():
-            assert_bitwise_equal(pinned[k], v, f"{k} staging={staging}")
+            assert_bitwise_equal(pinned[k], v, f"{k} staging={staging} {layout}")
     finally:
         dist.destroy_process_group()
 

@@ -53,10 +53,19 @@ void run_cuda(const Geometry& g, at::TensorList sources, const std::vector<Piece
               const c10::Device& device) {
   const c10::cuda::CUDAGuard guard(device);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  if (big_kernel_args())
-    launch_all<BigTable>(g, sources, pieces, out_dtype, stream);
-  else
+  // The big table only when the small one would take more than one launch per
+  // dtype group: the driver copies the whole argument block at every launch,
+  // and 32 KiB of it costs the host more than the kernel takes at 256px.
+  bool small_fits = true;
+  if (big_kernel_args()) {
+    const std::vector<Source> srcs = sources_of(sources);
+    for (const Group& grp : group_by_dtype(pieces, sources))
+      small_fits = small_fits && plan_launches<SmallTable>(grp.pieces, srcs, g.H * g.W).size() <= 1;
+  }
+  if (small_fits)
     launch_all<SmallTable>(g, sources, pieces, out_dtype, stream);
+  else
+    launch_all<BigTable>(g, sources, pieces, out_dtype, stream);
 }
 
 std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& z, at::TensorList sources, c10::IntArrayRef plan) {

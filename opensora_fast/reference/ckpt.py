@@ -17,6 +17,22 @@ def remove_padding(tensor: torch.Tensor, original_shape: tuple) -> torch.Tensor:
     return tensor[: functools.reduce(operator.mul, original_shape)]
 
 
+def model_sharding(model: torch.nn.Module, device: torch.device = None) -> None:
+    """Upstream's: per parameter, flatten, zero-pad to a multiple of the world,
+    keep chunk ``rank`` (a view of the padded tensor) moved to ``device`` (the
+    first parameter's device when None)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    for _, param in model.named_parameters():
+        if device is None:
+            device = param.device
+        flat = param.data.flatten()
+        pad = (world - flat.numel() % world) % world
+        if pad:
+            flat = torch.nn.functional.pad(flat, [0, pad])
+        chunk = flat.numel() // world
+        param.data = flat.split(chunk)[rank].to(device)
+
+
 def model_gathering(model: torch.nn.Module, model_shape_dict: dict, pinned_state_dict: dict) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     names = set()

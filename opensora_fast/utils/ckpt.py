@@ -10,10 +10,15 @@ What differs from upstream (each on purpose):
   ``gather`` to rank 0 on gloo, where only rank 0 needs the bytes;
   ``all_gather_into_tensor`` on NCCL); one ``opensora_fast::unpad_`` call per
   bucket writes every parameter's unpadded tensor straight into its pinned
-  destination. The next bucket's collective runs while the current one is
-  unpacked. Extra memory: two gathered buckets on the receiving rank(s), plus
-  two send buffers of a bucket's per-rank width on every rank. The results are upstream's,
-  bit for bit; 0-dim parameters work (upstream's ``remove_padding`` fails on them).
+  destination, or (``staging``, the default when the destinations are one
+  pinned buffer, as CheckpointIO's are) into a device buffer laid out like them,
+  which the copy engine then moves in one transfer per bucket. The next
+  bucket's collective runs while the current one is unpacked (or copied out).
+  Extra memory: two gathered buckets on the receiving rank(s) (one gathered and
+  one staging bucket when staging), plus one bucket's per-rank width on every
+  rank when the shards are not side by side (``model_sharding``'s are, so a
+  bucket is sent as a view of them). The results are upstream's, bit for bit;
+  0-dim parameters work (upstream's ``remove_padding`` fails on them).
 * **Writing**: the EMA and master weights are written as safetensors from the
   pinned buffers by a background thread; ``save`` returns once the buffers are
   filled, ``_sync_io`` waits, and a new save waits for the previous one. The
@@ -151,17 +156,33 @@ def record_model_param_shape(model: torch.nn.Module) -> dict:
 def model_sharding(model: torch.nn.Module, device: torch.device = None):
     """Shard every parameter across the world: flatten, zero-pad to a multiple
     of the world size, keep this rank's chunk as a 1-D tensor (on ``device``,
-    default: where the parameter is)."""
+    default: where the first parameter is, as upstream).
+
+    Same shards as upstream. Unlike upstream (whose shards are views that keep
+    each full parameter alive), the shards are copied side by side into one
+    flat buffer per dtype, in parameter order, so the full parameters are freed
+    (while the call runs, the model and one set of shards are both alive) and a
+    gather bucket of adjacent shards is sent without packing it first."""
     rank, world = dist.get_rank(), dist.get_world_size()
-    for _, param in model.named_parameters():
-        if device is None:
-            device = param.device
-        flat = param.data.reshape(-1)
-        pad = (world - flat.numel() % world) % world
-        if pad:
-            flat = torch.nn.functional.pad(flat, [0, pad])
-        shard = flat.numel() // world
-        param.data = flat[rank * shard : (rank + 1) * shard].to(device)
+    params = [p for _, p in model.named_parameters()]
+    if not params:
+        return
+    if device is None:
+        device = params[0].device
+    sizes: Dict[torch.dtype, int] = {}
+    for p in params:
+        sizes[p.dtype] = sizes.get(p.dtype, 0) + -(-p.numel() // world)
+    flats = {dt: torch.zeros(n, dtype=dt, device=device) for dt, n in sizes.items()}  # zeros: the padding
+    pos = dict.fromkeys(sizes, 0)
+    with torch.no_grad():
+        for p in params:
+            n, dt = p.numel(), p.dtype
+            shard = -(-n // world)
+            view = flats[dt][pos[dt] : pos[dt] + shard]
+            pos[dt] += shard
+            mine = p.data.reshape(-1)[rank * shard : min((rank + 1) * shard, n)]
+            view[: mine.numel()].copy_(mine)
+            p.data = view
 
 
 def load_json(file_path: str) -> dict:
@@ -267,6 +288,25 @@ def _collective_mode(collective: str, group) -> str:
     return "gather" if dist.get_backend(group) == "gloo" else "all_gather"
 
 
+def _side_by_side(tensors: Sequence[torch.Tensor]) -> bool:
+    """The tensors are contiguous and lie one after another in one storage, in
+    order (model_sharding's shards; CheckpointIO's pinned buffers)."""
+    if not tensors:
+        return False
+    base = tensors[0].untyped_storage().data_ptr()
+    nxt = tensors[0].storage_offset()
+    for t in tensors:
+        if not t.is_contiguous() or t.untyped_storage().data_ptr() != base or t.storage_offset() != nxt:
+            return False
+        nxt += t.numel()
+    return True
+
+
+def _flat_range(t: torch.Tensor, start: int, n: int) -> torch.Tensor:
+    """Elements ``[start, start + n)`` of t's storage (in t's dtype) as a 1-D view."""
+    return t.as_strided((n,), (1,), start)
+
+
 def _gather_items(
     items: Sequence[_Item],
     group,
@@ -276,7 +316,7 @@ def _gather_items(
     desc: str,
     show: bool,
     fn: str,
-    staging: bool = False,
+    staging: Optional[bool] = None,
 ) -> None:
     """Gathers every item's shard over ``group`` and writes its unpadded
     tensor into ``item.dst`` on global rank 0. Items share one dtype and device."""
@@ -293,20 +333,45 @@ def _gather_items(
     buckets = _plan_buckets(items, cols)
     width = min(cols, sum(it.shard.numel() for it in items))
     receive = me == dst_rank or mode == "all_gather"
+    unpack = me == dst_rank
+    # Shards side by side in one buffer (model_sharding's): a bucket is sent as
+    # a view of it, nothing packed.
+    flat_src = _side_by_side([it.shard for it in items])
+    dsts = [it.dst for it in items] if unpack else []
+    flat_dst = unpack and _side_by_side(dsts)
+    to_host = to_host_pageable = False
+    if unpack and device.type == "cuda":
+        to_host = not dsts[0].is_cuda
+        # one storage: one probe is enough (is_pinned asks the CUDA driver)
+        to_host_pageable = any(not (d.is_cuda or d.is_pinned()) for d in (dsts[:1] if flat_dst else dsts))
+    if staging is None:
+        # Staging pays when the destinations are one pinned buffer (CheckpointIO's):
+        # the copy engine then moves each bucket in one or a few transfers.
+        staging = to_host and flat_dst and not to_host_pageable
+    staging = staging and unpack and not to_host_pageable
     wire = torch.uint8 if dtype in (torch.bfloat16, torch.float16) and dist.get_backend(group) == "gloo" else None
-    send = [torch.empty(width, dtype=dtype, device=device) for _ in range(min(2, len(buckets)))]
-    recv = [torch.empty(world * width, dtype=dtype, device=device) for _ in range(min(2, len(buckets)))] if receive else []
-    # staging: whole parameters are unpacked into this buffer on the gathered
-    # side, then copied to their destinations (on CUDA: by the copy engine into
-    # pinned memory, instead of the kernel's stores over PCIe). One bucket more.
-    stage = torch.empty(world * width, dtype=dtype, device=device) if staging and me == dst_rank and buckets else None
+    # Memory: the gathered [world, bucket] buffers (two, so the next collective
+    # runs while this one is unpacked; one when staging, whose collective runs
+    # during the copy out of the staging buffer instead), plus one bucket's
+    # per-rank width to pack non-adjacent shards into.
+    send = None if flat_src else torch.empty(width, dtype=dtype, device=device)
+    n_recv = min(1 if staging else 2, len(buckets)) if receive else 0
+    recv = [torch.empty(world * width, dtype=dtype, device=device) for _ in range(n_recv)]
+    # staging: whole parameters are unpacked into this buffer laid out as their
+    # destinations are, then copied there (on CUDA by the copy engine into
+    # pinned memory, instead of the kernel's stores over PCIe).
+    stage = torch.empty(world * width, dtype=dtype, device=device) if staging else None
 
     def start(k):
         entries = buckets[k]
         used = entries[-1].offset + entries[-1].count
-        sbuf = send[k % 2][:used]
-        torch.cat([e.item.shard.detach()[e.begin : e.begin + e.count] for e in entries], out=sbuf)
-        rbuf = recv[k % 2][: world * used] if receive else None
+        if send is None:
+            e0 = entries[0]
+            sbuf = _flat_range(e0.item.shard.detach(), e0.item.shard.storage_offset() + e0.begin, used)
+        else:
+            sbuf = send[:used]
+            torch.cat([e.item.shard.detach()[e.begin : e.begin + e.count] for e in entries], out=sbuf)
+        rbuf = recv[k % n_recv][: world * used] if receive else None
         # A gather moves bytes: on gloo, bf16/fp16 travel as uint8 (gloo has no
         # fast path for bf16; same bits either way).
         cs, cr = (sbuf.view(wire), rbuf.view(wire) if rbuf is not None else None) if wire is not None else (sbuf, rbuf)
@@ -317,41 +382,57 @@ def _gather_items(
             work = dist.gather(cs, rows, dst=dst_rank, group=group, async_op=True)
         return work, rbuf, used
 
+    def unpack_bucket(k, rbuf, used):
+        """Unpacks bucket k; returns the (destination, staged) copies still to make."""
+        entries = buckets[k]
+        gathered = rbuf.view(world, used)
+        if to_host_pageable:
+            gathered = gathered.cpu()
+        outs = [e.item.dst for e in entries]
+        runs = []  # [first destination, its storage offset, stage position, length]
+        if stage is not None:
+            pos = 0
+            for j, e in enumerate(entries):
+                if e.begin == 0 and e.count == e.item.shard.numel():  # the whole parameter is here
+                    d, n = outs[j], e.item.numel
+                    run = runs[-1] if runs else None
+                    if (run is not None and d.untyped_storage().data_ptr() == run[0].untyped_storage().data_ptr()
+                            and d.storage_offset() == run[1] + run[3] and run[2] + run[3] == pos):
+                        run[3] += n  # adjacent to the previous one: one copy for both
+                    else:
+                        runs.append([d, d.storage_offset(), pos, n])
+                    outs[j] = stage[pos : pos + n].view(d.shape)
+                    pos += n
+        unpad_(
+            gathered,
+            outs,
+            [e.offset for e in entries],
+            [e.item.shard.numel() for e in entries],
+            [e.begin for e in entries],
+            [e.count for e in entries],
+        )
+        return [(_flat_range(d, off, n), stage[pos : pos + n]) for d, off, pos, n in runs]
+
     pending = start(0)
     with torch.no_grad():
         for k in _progress(range(len(buckets)), len(buckets), desc, show):
             work, rbuf, used = pending
             work.wait()
-            # The next bucket's collective runs while this one is unpacked.
-            pending = start(k + 1) if k + 1 < len(buckets) else None
-            if me != dst_rank:
-                continue
-            entries = buckets[k]
-            gathered = rbuf.view(world, used)
-            outs = [e.item.dst for e in entries]
-            if gathered.device.type == "cuda" and any(not (o.is_cuda or o.is_pinned()) for o in outs):
-                gathered = gathered.cpu()
-            copies = []
-            if stage is not None and stage.device == gathered.device:
-                outs, pos = list(outs), 0
-                for j, e in enumerate(entries):
-                    if e.begin == 0 and e.count == e.item.shard.numel():  # the whole parameter is here
-                        view = stage[pos : pos + e.item.numel].view(outs[j].shape)
-                        copies.append((outs[j], view))
-                        outs[j], pos = view, pos + e.item.numel
-            unpad_(
-                gathered,
-                outs,
-                [e.offset for e in entries],
-                [e.item.shard.numel() for e in entries],
-                [e.begin for e in entries],
-                [e.count for e in entries],
-            )
-            # same stream as the unpack and the next bucket's: ordered, no sync here
-            for dst, view in copies:
-                dst.copy_(view, non_blocking=True)
-            if pending is None and gathered.device.type == "cuda":
-                torch.cuda.current_stream(gathered.device).synchronize()
+            if staging:
+                copies = unpack_bucket(k, rbuf, used)
+                # the next collective reuses the one gathered buffer: enqueued
+                # after the unpack, it runs during the copies below
+                pending = start(k + 1) if k + 1 < len(buckets) else None
+                # same stream as the unpack and the next bucket's: ordered, no sync here
+                for dst, view in copies:
+                    dst.copy_(view, non_blocking=True)
+            else:
+                # The next bucket's collective runs while this one is unpacked.
+                pending = start(k + 1) if k + 1 < len(buckets) else None
+                if unpack:
+                    unpack_bucket(k, rbuf, used)
+            if pending is None and device.type == "cuda":
+                torch.cuda.current_stream(device).synchronize()
 
 
 def _check_dst(fn: str, name: str, shape, dtype, pinned_state_dict) -> Optional[str]:
@@ -369,9 +450,9 @@ def _check_dst(fn: str, name: str, shape, dtype, pinned_state_dict) -> Optional[
     return None
 
 
-def _run_grouped(fn, items_by_group, *, bucket_bytes, collective, progress, staging=False):
-    if not isinstance(staging, bool):
-        raise TypeError(f"{fn}: staging must be a bool, got {type(staging).__name__}")
+def _run_grouped(fn, items_by_group, *, bucket_bytes, collective, progress, staging=None):
+    if staging is not None and not isinstance(staging, bool):
+        raise TypeError(f"{fn}: staging must be None or a bool, got {type(staging).__name__}")
     show = _show_progress(progress)
     for (group, _dtype), items in items_by_group.items():
         _gather_items(items, group, bucket_bytes=bucket_bytes, collective=collective, desc=fn, show=show, fn=fn,
@@ -386,7 +467,7 @@ def model_gathering(
     bucket_bytes: Optional[int] = None,
     collective: str = "auto",
     progress: Optional[bool] = None,
-    staging: bool = False,
+    staging: Optional[bool] = None,
 ) -> None:
     """Gather the parameters of a model sharded by ``model_sharding`` into
     ``pinned_state_dict`` on rank 0 (every parameter at its recorded shape, and
@@ -395,11 +476,13 @@ def model_gathering(
     Keyword extras: ``bucket_bytes`` (gathered bytes per collective, default
     256 MiB), ``collective`` ("auto": gather on gloo, all_gather_into_tensor
     otherwise), ``progress`` (tqdm on rank 0; default when stderr is a TTY),
-    ``staging`` (unpack each whole parameter into a device buffer, then copy it
-    to ``pinned_state_dict`` with the copy engine, instead of the unpack kernel
-    storing into pinned memory directly; one more bucket of memory on rank 0.
-    Same results. Off by default until measured faster on a GPU: see
-    benchmarks/RESULTS.md).
+    ``staging`` (True: unpack each whole parameter into a device buffer laid
+    out as its destination, then copy it there with the copy engine, one copy
+    per run of destinations that lie side by side; False: the unpack kernel
+    stores into pinned memory directly; None, the default: staging when the
+    destinations are views of one pinned buffer, as CheckpointIO's are, and the
+    shards are on a GPU. Same results either way; see benchmarks/RESULTS.md for
+    the measured rates).
     Bad input (a shape dict that does not match the sharded model, a pinned dict
     missing a key or with a wrong shape or dtype) raises on every rank before
     anything is written."""
@@ -455,7 +538,7 @@ def master_weights_gathering(
     bucket_bytes: Optional[int] = None,
     collective: str = "auto",
     progress: Optional[bool] = None,
-    staging: bool = False,
+    staging: Optional[bool] = None,
 ) -> None:
     """Gather the fp32 master weights of a ZeRO optimizer into
     ``pinned_state_dict`` on rank 0, each at its working parameter's shape.
@@ -717,28 +800,42 @@ class CheckpointIO:
             pass
 
     @staticmethod
-    def _pinned(shape, dtype):
+    def _pinned_dict(entries) -> Dict[str, torch.Tensor]:
+        """Host buffers for ``entries`` (name, shape, dtype): views side by side
+        in one pinned buffer per dtype (when CUDA is there), so a gathered
+        bucket reaches them in one copy-engine transfer, and pinning is paid
+        once, not once per tensor."""
         pin = torch.cuda.is_available()
-        return torch.empty(shape, dtype=dtype, device="cpu", pin_memory=pin)
+        entries = [(k, tuple(int(d) for d in shape), dt) for k, shape, dt in entries]
+        sizes: Dict[torch.dtype, int] = {}
+        for _, shape, dt in entries:
+            sizes[dt] = sizes.get(dt, 0) + _numel(shape)
+        flats = {dt: torch.empty(n, dtype=dt, device="cpu", pin_memory=pin) for dt, n in sizes.items()}
+        pos = dict.fromkeys(sizes, 0)
+        out = {}
+        for k, shape, dt in entries:
+            n = _numel(shape)
+            out[k] = flats[dt][pos[dt] : pos[dt] + n].view(shape)
+            pos[dt] += n
+        return out
 
     def _prepare_pinned_state_dict(self, ema: nn.Module, ema_shape_dict: dict):
         if self.pinned_state_dict is None and _rank() == 0:
-            sd = {}
+            entries = []
             for name, p in ema.named_parameters():
                 if name not in ema_shape_dict:
                     raise ValueError(f"CheckpointIO.save: ema_shape_dict has no entry for parameter {name!r}")
-                sd[name] = self._pinned(ema_shape_dict[name], p.dtype)
-            for k, v in ema.state_dict(keep_vars=True).items():
-                if k not in sd:
-                    sd[k] = self._pinned(v.shape, v.dtype)
-            self.pinned_state_dict = sd
+                entries.append((name, ema_shape_dict[name], p.dtype))
+            names = {e[0] for e in entries}
+            entries += [(k, v.shape, v.dtype) for k, v in ema.state_dict(keep_vars=True).items() if k not in names]
+            self.pinned_state_dict = self._pinned_dict(entries)
 
     def _prepare_master_pinned_state_dict(self, model: nn.Module, optimizer):
         if self.master_pinned_state_dict is None and _rank() == 0:
             w2m = optimizer.get_working_to_master_map()
-            self.master_pinned_state_dict = {
-                n: self._pinned(p.shape, w2m[id(p)].dtype) for n, p in model.named_parameters()
-            }
+            self.master_pinned_state_dict = self._pinned_dict(
+                (n, p.shape, w2m[id(p)].dtype) for n, p in model.named_parameters()
+            )
 
     def save(
         self,
