@@ -14,8 +14,9 @@ What differs from upstream (each on purpose):
   pinned buffer, as CheckpointIO's are) into a device buffer laid out like them,
   which the copy engine then moves in one transfer per bucket. The next
   bucket's collective runs while the current one is unpacked (or copied out).
-  Extra memory: two gathered buckets on the receiving rank(s) (one gathered and
-  one staging bucket when staging), plus one bucket's per-rank width on every
+  Extra memory: two gathered buckets on the receiving rank(s) (when staging on
+  a GPU: one gathered and two staging buckets on rank 0, so one bucket is
+  copied out while the next is unpacked), plus one bucket's per-rank width on every
   rank when the shards are not side by side (``model_sharding``'s are, so a
   bucket is sent as a view of them). The results are upstream's, bit for bit;
   0-dim parameters work (upstream's ``remove_padding`` fails on them).
@@ -58,7 +59,7 @@ import struct
 import sys
 import threading
 from glob import glob
-from typing import Callable, Dict, Iterable, List, Optional, Sequence
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -139,7 +140,7 @@ def _progress(iterable, total: int, desc: str, show: bool):
 
 
 def _numel(shape) -> int:
-    return math.prod(int(d) for d in shape)
+    return int(math.prod(shape))
 
 
 def remove_padding(tensor: torch.Tensor, original_shape: tuple) -> torch.Tensor:
@@ -227,10 +228,11 @@ class _Item:
         self.name, self.shard, self.numel, self.dst = name, shard, numel, dst
 
 
-def _plan_buckets(items: Sequence[_Item], cols: int) -> List[List[_Entry]]:
+def _plan_buckets(items: Sequence[_Item], cols: int) -> Iterator[List[_Entry]]:
     """Greedy packing in order: a bucket holds ``cols`` shard elements per rank;
-    a shard that does not fit is continued in the next bucket."""
-    buckets: List[List[_Entry]] = []
+    a shard that does not fit is continued in the next bucket. So every bucket
+    but the last is full: there are ``ceil(total / cols)``. Lazy, so the first
+    collective starts before the rest is planned."""
     cur: List[_Entry] = []
     used = 0
     for it in items:
@@ -238,15 +240,14 @@ def _plan_buckets(items: Sequence[_Item], cols: int) -> List[List[_Entry]]:
         begin = 0
         while begin < s:
             if used == cols:
-                buckets.append(cur)
+                yield cur
                 cur, used = [], 0
             take = min(cols - used, s - begin)
             cur.append(_Entry(it, begin, take, used))
             used += take
             begin += take
     if cur:
-        buckets.append(cur)
-    return buckets
+        yield cur
 
 
 def _bucket_cols(bucket_bytes, world: int, dtype: torch.dtype, fn: str) -> int:
@@ -293,12 +294,17 @@ def _side_by_side(tensors: Sequence[torch.Tensor]) -> bool:
     order (model_sharding's shards; CheckpointIO's pinned buffers)."""
     if not tensors:
         return False
-    base = tensors[0].untyped_storage().data_ptr()
-    nxt = tensors[0].storage_offset()
+    first, last = tensors[0], tensors[-1]
+    if first.untyped_storage().data_ptr() != last.untyped_storage().data_ptr():
+        return False
+    # Adjacent addresses between a first and a last tensor of one storage: all
+    # in it (storages do not overlap). Addresses, not storage objects: cheaper.
+    esize = first.element_size()
+    nxt = first.data_ptr()
     for t in tensors:
-        if not t.is_contiguous() or t.untyped_storage().data_ptr() != base or t.storage_offset() != nxt:
+        if t.data_ptr() != nxt or not t.is_contiguous():
             return False
-        nxt += t.numel()
+        nxt += t.numel() * esize
     return True
 
 
@@ -330,8 +336,13 @@ def _gather_items(
     mode = _collective_mode(collective, group)
     if mode == "gather" and dst_rank not in dist.get_process_group_ranks(group):
         mode = "all_gather"
-    buckets = _plan_buckets(items, cols)
-    width = min(cols, sum(it.shard.numel() for it in items))
+    total = sum(it.shard.numel() for it in items)
+    if total == 0:  # only empty parameters: nothing to move
+        return
+    n_buckets = -(-total // cols)
+    planned = _plan_buckets(items, cols)
+    buckets: List[List[_Entry]] = []  # planned as the loop reaches them
+    width = min(cols, total)
     receive = me == dst_rank or mode == "all_gather"
     unpack = me == dst_rank
     # Shards side by side in one buffer (model_sharding's): a bucket is sent as
@@ -355,14 +366,20 @@ def _gather_items(
     # during the copy out of the staging buffer instead), plus one bucket's
     # per-rank width to pack non-adjacent shards into.
     send = None if flat_src else torch.empty(width, dtype=dtype, device=device)
-    n_recv = min(1 if staging else 2, len(buckets)) if receive else 0
+    n_recv = min(1 if staging else 2, n_buckets) if receive else 0
     recv = [torch.empty(world * width, dtype=dtype, device=device) for _ in range(n_recv)]
-    # staging: whole parameters are unpacked into this buffer laid out as their
+    # staging: whole parameters are unpacked into a buffer laid out as their
     # destinations are, then copied there (on CUDA by the copy engine into
-    # pinned memory, instead of the kernel's stores over PCIe).
-    stage = torch.empty(world * width, dtype=dtype, device=device) if staging else None
+    # pinned memory, instead of the kernel's stores over PCIe). On CUDA two
+    # such buffers and a copy stream: bucket k is copied out while bucket k + 1
+    # is unpacked.
+    copy_stream = torch.cuda.Stream(device=device) if staging and device.type == "cuda" else None
+    stages = [torch.empty(world * width, dtype=dtype, device=device)
+              for _ in range(min(2 if copy_stream is not None else 1, n_buckets) if staging else 0)]
+    copied: List[Optional[torch.cuda.Event]] = [None] * len(stages)  # the copies out of stages[i] are done
 
     def start(k):
+        buckets.append(next(planned))
         entries = buckets[k]
         used = entries[-1].offset + entries[-1].count
         if send is None:
@@ -382,25 +399,29 @@ def _gather_items(
             work = dist.gather(cs, rows, dst=dst_rank, group=group, async_op=True)
         return work, rbuf, used
 
-    def unpack_bucket(k, rbuf, used):
-        """Unpacks bucket k; returns the (destination, staged) copies still to make."""
+    def unpack_bucket(k, rbuf, used, stage=None):
+        """Unpacks bucket k (whole parameters into ``stage`` when given); returns
+        the (destination, staged) copies still to make."""
         entries = buckets[k]
         gathered = rbuf.view(world, used)
         if to_host_pageable:
             gathered = gathered.cpu()
         outs = [e.item.dst for e in entries]
-        runs = []  # [first destination, its storage offset, stage position, length]
+        runs = []  # [first destination, its storage offset, stage position, length, end of its storage]
         if stage is not None:
             pos = 0
+            esize = stage.element_size()
             for j, e in enumerate(entries):
                 if e.begin == 0 and e.count == e.item.shard.numel():  # the whole parameter is here
                     d, n = outs[j], e.item.numel
                     run = runs[-1] if runs else None
-                    if (run is not None and d.untyped_storage().data_ptr() == run[0].untyped_storage().data_ptr()
-                            and d.storage_offset() == run[1] + run[3] and run[2] + run[3] == pos):
-                        run[3] += n  # adjacent to the previous one: one copy for both
+                    ptr = d.data_ptr()
+                    if (run is not None and run[2] + run[3] == pos and ptr == run[0].data_ptr() + run[3] * esize
+                            and ptr + n * esize <= run[4]):
+                        run[3] += n  # right after the previous one, in its storage: one copy for both
                     else:
-                        runs.append([d, d.storage_offset(), pos, n])
+                        st = d.untyped_storage()
+                        runs.append([d, d.storage_offset(), pos, n, st.data_ptr() + st.nbytes()])
                     outs[j] = stage[pos : pos + n].view(d.shape)
                     pos += n
         unpad_(
@@ -411,24 +432,36 @@ def _gather_items(
             [e.begin for e in entries],
             [e.count for e in entries],
         )
-        return [(_flat_range(d, off, n), stage[pos : pos + n]) for d, off, pos, n in runs]
+        return [(_flat_range(d, off, n), stage[pos : pos + n]) for d, off, pos, n, _ in runs]
 
     pending = start(0)
     with torch.no_grad():
-        for k in _progress(range(len(buckets)), len(buckets), desc, show):
+        for k in _progress(range(n_buckets), n_buckets, desc, show):
             work, rbuf, used = pending
             work.wait()
             if staging:
-                copies = unpack_bucket(k, rbuf, used)
+                i = k % len(stages)
+                if copied[i] is not None:  # stages[i] is free once bucket k - 2 is copied out
+                    torch.cuda.current_stream(device).wait_event(copied[i])
+                copies = unpack_bucket(k, rbuf, used, stages[i])
+                unpacked = torch.cuda.current_stream(device).record_event() if copy_stream is not None else None
                 # the next collective reuses the one gathered buffer: enqueued
                 # after the unpack, it runs during the copies below
-                pending = start(k + 1) if k + 1 < len(buckets) else None
-                # same stream as the unpack and the next bucket's: ordered, no sync here
-                for dst, view in copies:
-                    dst.copy_(view, non_blocking=True)
+                pending = start(k + 1) if k + 1 < n_buckets else None
+                if copy_stream is None:  # CPU: in order, now
+                    for dst, view in copies:
+                        dst.copy_(view)
+                    continue
+                copy_stream.wait_event(unpacked)
+                with torch.cuda.stream(copy_stream):
+                    for dst, view in copies:
+                        dst.copy_(view, non_blocking=True)
+                copied[i] = copy_stream.record_event()
+                if pending is None:
+                    copy_stream.synchronize()
             else:
                 # The next bucket's collective runs while this one is unpacked.
-                pending = start(k + 1) if k + 1 < len(buckets) else None
+                pending = start(k + 1) if k + 1 < n_buckets else None
                 if unpack:
                     unpack_bucket(k, rbuf, used)
             if pending is None and device.type == "cuda":
@@ -478,11 +511,12 @@ def model_gathering(
     otherwise), ``progress`` (tqdm on rank 0; default when stderr is a TTY),
     ``staging`` (True: unpack each whole parameter into a device buffer laid
     out as its destination, then copy it there with the copy engine, one copy
-    per run of destinations that lie side by side; False: the unpack kernel
-    stores into pinned memory directly; None, the default: staging when the
-    destinations are views of one pinned buffer, as CheckpointIO's are, and the
-    shards are on a GPU. Same results either way; see benchmarks/RESULTS.md for
-    the measured rates).
+    per run of destinations that lie side by side, on a side stream while the
+    next bucket is unpacked (two staging buckets more on rank 0); False: the
+    unpack kernel stores into pinned memory directly; None, the default:
+    staging when the destinations are views of one pinned buffer, as
+    CheckpointIO's are, and the shards are on a GPU. Same results either way;
+    see benchmarks/RESULTS.md for the measured rates).
     Bad input (a shape dict that does not match the sharded model, a pinned dict
     missing a key or with a wrong shape or dtype) raises on every rank before
     anything is written."""
