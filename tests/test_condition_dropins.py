@@ -202,6 +202,29 @@ def test_causal_encoder_calls_are_batched():
     assert [c[0] for c in vae.calls[:3]] == [3, 3, 2] and all(c[0] <= 3 for c in vae.calls)
 
 
+def test_cpu_default_chunks_by_bytes(monkeypatch):
+    """max_encode_batch=None on the CPU: chunks of CPU_ENCODE_CHUNK_BYTES of input
+    (at least one sample); 0 forces the whole batch. Same results either way."""
+    from opensora_fast.utils import _condition
+
+    B = 8
+    x = videos(B, 69, 4, 4)
+    per_sample = x[0].numel() * x.element_size()
+    outs = {}
+    for budget, chunk_arg, want in ((3 * per_sample + 1, None, [3, 3, 2]), (per_sample - 1, None, [1] * 8),
+                                    (per_sample - 1, 0, [8]), (1 << 40, None, [8])):
+        monkeypatch.setattr(_condition, "CPU_ENCODE_CHUNK_BYTES", budget)
+        vae = ToyVAE()
+        random.seed(1)
+        outs[(budget, chunk_arg)] = dropin.prepare_visual_condition_causal(x, dict(CONFIG), vae,
+                                                                           max_encode_batch=chunk_arg)
+        assert [c[0] for c in vae.calls[: len(want)]] == want, (budget, chunk_arg, vae.calls)
+    first = next(iter(outs.values()))
+    for got in outs.values():
+        for a, b in zip(got, first):
+            assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("pad", [False, True])
 @pytest.mark.parametrize("F", [72, 64, 20, 1])  # T = 18, 16 (no easy), 5 (no v2v), image
 def test_uncausal_parity(pad, F):

@@ -156,10 +156,29 @@ def prepare_inference_condition(
 # Training
 
 
+# On the CPU, encodes go in chunks of about this much input (max_encode_batch=None).
+# A batch adds no parallelism there (the encoder's ops already spread over the
+# cores within one sample), while a whole batch's activations fall out of the
+# caches: measured with the tests' toy VAE at B=8, 65x64x96 bf16 (2.4 MB a
+# sample), whole batch 0.83x upstream, chunks of 1/2/3/4 samples 1.03/1.54/
+# 1.47/1.39x (benchmarks/RESULTS.md). On a GPU the whole batch wins.
+CPU_ENCODE_CHUNK_BYTES = 8 << 20
+
+
+def _chunk(n: int, sample: torch.Tensor, max_batch: Optional[int]) -> int:
+    """Samples per encode for n inputs like ``sample``: ``max_batch`` (0: all);
+    None: all off the CPU, about ``CPU_ENCODE_CHUNK_BYTES`` of input on it."""
+    if max_batch is None:
+        if sample.device.type != "cpu":
+            return max(n, 1)
+        return max(1, CPU_ENCODE_CHUNK_BYTES // max(sample.numel() * sample.element_size(), 1))
+    return max(n, 1) if max_batch <= 0 else int(max_batch)
+
+
 def _encode_batched(model_ae, inputs: torch.Tensor, max_batch: Optional[int]) -> list[torch.Tensor]:
-    """model_ae.encode over ``inputs`` in chunks of at most ``max_batch`` samples."""
+    """model_ae.encode over ``inputs`` in chunks (see :func:`_chunk`)."""
     n = inputs.shape[0]
-    step = n if not max_batch or max_batch <= 0 else int(max_batch)
+    step = _chunk(n, inputs[0] if n else inputs, max_batch)
     return [model_ae.encode(inputs[lo : lo + step]) for lo in range(0, n, max(step, 1))]
 
 
@@ -212,7 +231,7 @@ def _assemble(x, model_ae, B, C, T, H, W, x0_groups, ref_groups, segments, max_b
     for idx, build in x0_groups:
         if not idx:
             continue
-        step = len(idx) if not max_batch or max_batch <= 0 else int(max_batch)
+        step = _chunk(len(idx), x[0], max_batch)
         for c in range(0, len(idx), step):
             part = idx[c : c + step]
             enc = model_ae.encode(build(part))
@@ -268,7 +287,9 @@ def prepare_visual_condition_causal(
     Unlike upstream, ``condition_config`` is left untouched (upstream pops the v2v
     modes from the caller's dict for short videos, for every later step), the
     encoder runs once for the whole batch's ``x_0`` (chunks of at most
-    ``max_encode_batch`` samples) and once per kind of reference (first frame, last
+    ``max_encode_batch`` samples; 0: the whole batch; None, the default: the
+    whole batch on a GPU, chunks of about ``CPU_ENCODE_CHUNK_BYTES`` = 8 MiB of
+    input on the CPU, where that is faster) and once per kind of reference (first frame, last
     frame, first/last 33 or 65 frames) for all samples that need it, and no
     intermediate ``latent`` tensor is made. Results equal upstream's where the
     encoder is batch-invariant.
