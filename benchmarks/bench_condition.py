@@ -147,3 +147,11 @@ def test_train_ours_whole_batch(benchmark, train_case):
     group, x, vae, nbytes = train_case
     run(benchmark, _train_step(ours.prepare_visual_condition_causal, x, vae, max_encode_batch=0), group=group,
         impl="opensora_fast (max_encode_batch=0)", role="ours+", nbytes=nbytes)
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 4])
+def test_train_ours_chunks(benchmark, train_case, chunk):
+    """The chunk-size sweep behind CPU_ENCODE_CHUNK_BYTES (8 MiB: 3 samples here)."""
+    group, x, vae, nbytes = train_case
+    run(benchmark, _train_step(ours.prepare_visual_condition_causal, x, vae, max_encode_batch=chunk), group=group,
+        impl=f"opensora_fast (max_encode_batch={chunk})", role="ours+", nbytes=nbytes)
