@@ -264,6 +264,20 @@ def test_model_gathering_nccl_into_pinned(staging, layout):
         ckpt.model_gathering(ema, shape_dict, pinned, bucket_bytes=4096, staging=staging, progress=False)
         for k, v in orig.items():
             assert_bitwise_equal(pinned[k], v, f"{k} staging={staging} {layout}")
+        # extra device memory: at most two buckets (staged: one gathered and two
+        # staging buffers of 2/3 of a bucket each), plus the allocator's 512-byte
+        # rounding of each buffer and the small flag tensors
+        bucket = 64 << 10
+        for v in pinned.values():
+            v.fill_(-7.0)
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        ckpt.model_gathering(ema, shape_dict, pinned, bucket_bytes=bucket, staging=staging, progress=False)
+        extra = torch.cuda.max_memory_allocated() - base
+        assert extra <= 2 * bucket + 4096, (extra, staging, layout)
+        for k, v in orig.items():
+            assert_bitwise_equal(pinned[k], v, f"{k} staging={staging} {layout} bucket={bucket}")
     finally:
         dist.destroy_process_group()
 

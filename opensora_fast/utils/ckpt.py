@@ -15,8 +15,9 @@ What differs from upstream (each on purpose):
   which the copy engine then moves in one transfer per bucket. The next
   bucket's collective runs while the current one is unpacked (or copied out).
   Extra memory: two gathered buckets on the receiving rank(s) (when staging on
-  a GPU: one gathered and two staging buckets on rank 0, so one bucket is
-  copied out while the next is unpacked), plus one bucket's per-rank width on every
+  a GPU, rank 0 holds one gathered and two staging buffers, so one bucket is
+  copied out while the next is unpacked, and buckets hold 2/3 of
+  ``bucket_bytes`` to keep that at two buckets' worth), plus one bucket's per-rank width on every
   rank when the shards are not side by side (``model_sharding``'s are, so a
   bucket is sent as a view of them). The results are upstream's, bit for bit;
   0-dim parameters work (upstream's ``remove_padding`` fails on them).
@@ -339,10 +340,6 @@ def _gather_items(
     total = sum(it.shard.numel() for it in items)
     if total == 0:  # only empty parameters: nothing to move
         return
-    n_buckets = -(-total // cols)
-    planned = _plan_buckets(items, cols)
-    buckets: List[List[_Entry]] = []  # planned as the loop reaches them
-    width = min(cols, total)
     receive = me == dst_rank or mode == "all_gather"
     unpack = me == dst_rank
     # Shards side by side in one buffer (model_sharding's): a bucket is sent as
@@ -359,7 +356,21 @@ def _gather_items(
         # Staging pays when the destinations are one pinned buffer (CheckpointIO's):
         # the copy engine then moves each bucket in one or a few transfers.
         staging = to_host and flat_dst and not to_host_pageable
-    staging = staging and unpack and not to_host_pageable
+    staging = bool(staging and unpack and not to_host_pageable)
+    # Rank 0 stages on CUDA with one gathered and two staging buffers: those
+    # buckets hold 2/3 of bucket_bytes, so rank 0's extra memory stays two
+    # buckets' worth. Every rank must size buckets alike: rank 0 says.
+    three = staging and device.type == "cuda"
+    if world > 1 and dst_rank in dist.get_process_group_ranks(group):
+        flag = torch.tensor([int(three)], dtype=torch.int32, device=device)
+        dist.broadcast(flag, src=dst_rank, group=group)
+        three = bool(flag.item())
+    if three:
+        cols = max(1, cols * 2 // 3)
+    n_buckets = -(-total // cols)
+    planned = _plan_buckets(items, cols)
+    buckets: List[List[_Entry]] = []  # planned as the loop reaches them
+    width = min(cols, total)
     wire = torch.uint8 if dtype in (torch.bfloat16, torch.float16) and dist.get_backend(group) == "gloo" else None
     # Memory: the gathered [world, bucket] buffers (two, so the next collective
     # runs while this one is unpacked; one when staging, whose collective runs
@@ -512,7 +523,8 @@ def model_gathering(
     ``staging`` (True: unpack each whole parameter into a device buffer laid
     out as its destination, then copy it there with the copy engine, one copy
     per run of destinations that lie side by side, on a side stream while the
-    next bucket is unpacked (two staging buckets more on rank 0); False: the
+    next bucket is unpacked (on a GPU buckets then hold 2/3 of ``bucket_bytes``:
+    rank 0's gathered and two staging buffers stay within two buckets); False: the
     unpack kernel stores into pinned memory directly; None, the default:
     staging when the destinations are views of one pinned buffer, as
     CheckpointIO's are, and the shards are on a GPU. Same results either way;
