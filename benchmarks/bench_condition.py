@@ -3,7 +3,7 @@ on-device version vs ours (opensora_fast.utils._condition on the fused op).
 
 Inference: prepare_inference_condition at B=4 on 256px/129f latents [4,16,33,24,42]
 bf16, modes v2v_head and i2v_loop (causal) with one sample without a reference
-(which the call logs, as upstream prints it), and v2v_head with every sample
+(which the call logs, as upstream prints it), and both with every sample
 referenced. Bytes:
 masks + masked_z written, conditioned reference frames read.
 
@@ -48,8 +48,8 @@ def on_device_slices(z, mode, refs, causal=True):
     return masks, masked
 
 
-@pytest.fixture(scope="module", params=[("v2v_head", True), ("i2v_loop", True), ("v2v_head", False)],
-                ids=["v2v_head-missing", "i2v_loop-missing", "v2v_head-all"])
+@pytest.fixture(scope="module", params=[("v2v_head", True), ("i2v_loop", True), ("v2v_head", False), ("i2v_loop", False)],
+                ids=["v2v_head-missing", "i2v_loop-missing", "v2v_head-all", "i2v_loop-all"])
 def inference_case(request):
     """missing: sample 2 has no reference (it falls back to t2v, and the call logs
     that once, as upstream prints it); all: every sample has one."""

@@ -32,6 +32,8 @@ def kernel_us(fn, n=50):
 z = torch.randn(4, 16, 33, 24, 42, generator=g, device=dev).bfloat16()
 refs = [[torch.randn(16, 33, 24, 42, generator=g, device=dev).bfloat16()] for _ in range(4)]
 refs[2] = None
+# as bench_condition's i2v_loop: two one-frame references a sample, every sample referenced
+loop_refs = [[torch.randn(16, 1, 24, 42, generator=g, device=dev).bfloat16() for _ in range(2)] for _ in range(4)]
 pred = torch.randn(4, 8316, 64, generator=g, device=dev).bfloat16().requires_grad_()
 target = torch.randn(4, 8316, 64, generator=g, device=dev).bfloat16()
 masks = torch.zeros(4, 33, 24, 42, device=dev)
@@ -45,6 +47,7 @@ def loss(m):
 cases = {
     "prepare_inference_condition v2v_head": lambda: prepare_inference_condition(z, "v2v_head", refs),
     "prepare_inference_condition i2v_loop": lambda: prepare_inference_condition(z, "i2v_loop", refs),
+    "prepare_inference_condition i2v_loop, all": lambda: prepare_inference_condition(z, "i2v_loop", loop_refs),
     "get_batch_loss fwd+bwd unmasked 256px": loss(None),
     "get_batch_loss fwd+bwd masked 256px": loss(masks),
 }
