@@ -107,6 +107,8 @@ def _cases(rank, world, tmp):
     for dt in (torch.float32, torch.bfloat16):
         same = [p.data for p in ema.parameters() if p.dtype == dt]
         assert ckpt._side_by_side(same) and same[0].storage_offset() == 0, dt
+        # the buffer holds the shards only: the full parameters are not kept alive
+        assert same[0].untyped_storage().nbytes() == sum(t.numel() for t in same) * same[0].element_size(), dt
     assert not ckpt._side_by_side([q.data for q in theirs_net.parameters() if q.dtype == torch.float32])
 
     # gathers: every bucket size from one element per rank to one bucket for all,
@@ -156,6 +158,39 @@ def _cases(rank, world, tmp):
             if rank == 0:
                 for k, v in orig.items():
                     assert_bitwise_equal(flat[k], v, f"{k} bucket_bytes={bucket_bytes} staging={staging} order={order}")
+
+    # extra memory within two buckets, every buffer counted, on every rank:
+    # packed (upstream-sharded) or side-by-side shards, staged or not
+    class Recorder:
+        def __init__(self):
+            self.nbytes = 0
+
+        def __getattr__(self, name):
+            return getattr(torch, name)
+
+        def empty(self, *args, **kwargs):
+            t = torch.empty(*args, **kwargs)
+            self.nbytes += t.numel() * t.element_size()
+            return t
+
+    for net in (up_net, ema):
+        for staging in (None, True, False):
+            for bucket_bytes in (200, 1000):
+                entries = [(k, v.shape, v.dtype) for k, v in _pinned_for(shapes, net).items()]
+                flat = ckpt.CheckpointIO._pinned_dict(entries)
+                rec = Recorder()
+                ckpt.torch = rec
+                try:
+                    ckpt.model_gathering(net, shapes, flat if rank == 0 else None, bucket_bytes=bucket_bytes,
+                                         staging=staging)
+                finally:
+                    ckpt.torch = torch
+                # per dtype group (fp32 and bf16 run one after the other)
+                assert rank != 0 or rec.nbytes > 0
+                assert rec.nbytes <= 2 * 2 * bucket_bytes, (rec.nbytes, bucket_bytes, staging, world, rank)
+                if rank == 0:
+                    for k, v in orig.items():
+                        assert_bitwise_equal(flat[k], v, f"{k} bucket_bytes={bucket_bytes} staging={staging}")
 
     # equals the upstream-faithful port (which cannot take 0-dim parameters)
     no0 = [s for s in SHAPES if s[1] != ()]

@@ -14,12 +14,12 @@ What differs from upstream (each on purpose):
   pinned buffer, as CheckpointIO's are) into a device buffer laid out like them,
   which the copy engine then moves in one transfer per bucket. The next
   bucket's collective runs while the current one is unpacked (or copied out).
-  Extra memory: two gathered buckets on the receiving rank(s) (when staging on
-  a GPU, rank 0 holds one gathered and two staging buffers, so one bucket is
-  copied out while the next is unpacked, and buckets hold 2/3 of
-  ``bucket_bytes`` to keep that at two buckets' worth), plus one bucket's per-rank width on every
-  rank when the shards are not side by side (``model_sharding``'s are, so a
-  bucket is sent as a view of them). The results are upstream's, bit for bit;
+  Extra memory per rank: at most two buckets (``2 * bucket_bytes``), every
+  buffer counted: two gathered buffers (when staging on a GPU, rank 0 holds
+  one gathered and two staging buffers, so one bucket is copied out while the
+  next is unpacked) and, where shards are not side by side, a send buffer to
+  pack them (``model_sharding``'s are, so a bucket is sent as a view of them);
+  the ranks agree on a bucket size that fits. The results are upstream's, bit for bit;
   0-dim parameters work (upstream's ``remove_padding`` fails on them).
 * **Writing**: the EMA and master weights are written as safetensors from the
   pinned buffers by a background thread; ``save`` returns once the buffers are
@@ -256,7 +256,7 @@ def _bucket_cols(bucket_bytes, world: int, dtype: torch.dtype, fn: str) -> int:
         bucket_bytes = DEFAULT_BUCKET_BYTES
     if isinstance(bucket_bytes, bool) or not isinstance(bucket_bytes, int):
         raise TypeError(f"{fn}: bucket_bytes must be an int, got {type(bucket_bytes).__name__}")
-    esize = torch.empty((), dtype=dtype).element_size()
+    esize = dtype.itemsize
     cols = bucket_bytes // (world * esize)
     if cols < 1:
         raise ValueError(
@@ -357,25 +357,27 @@ def _gather_items(
         # the copy engine then moves each bucket in one or a few transfers.
         staging = to_host and flat_dst and not to_host_pageable
     staging = bool(staging and unpack and not to_host_pageable)
-    # Rank 0 stages on CUDA with one gathered and two staging buffers: those
-    # buckets hold 2/3 of bucket_bytes, so rank 0's extra memory stays two
-    # buckets' worth. Every rank must size buckets alike: rank 0 says.
+    # Extra memory stays within two buckets (2 * world * cols elements): the
+    # gathered buffers (two; rank 0 staging on CUDA: one, plus two staging
+    # buffers) and a send buffer of cols where shards must be packed. Every
+    # rank of the group must size buckets alike, so they agree first.
     three = staging and device.type == "cuda"
-    if world > 1 and dst_rank in dist.get_process_group_ranks(group):
-        flag = torch.tensor([int(three)], dtype=torch.int32, device=device)
-        dist.broadcast(flag, src=dst_rank, group=group)
-        three = bool(flag.item())
-    if three:
-        cols = max(1, cols * 2 // 3)
+    need_send = not flat_src
+    if world > 1:
+        flags = torch.tensor([int(three), int(need_send)], dtype=torch.int32, device=device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
+        three, need_send = (bool(v) for v in flags.tolist())
+    units = (3 if three else 2) * world + int(need_send)
+    cols = max(1, cols * 2 * world // units)
     n_buckets = -(-total // cols)
     planned = _plan_buckets(items, cols)
     buckets: List[List[_Entry]] = []  # planned as the loop reaches them
     width = min(cols, total)
     wire = torch.uint8 if dtype in (torch.bfloat16, torch.float16) and dist.get_backend(group) == "gloo" else None
-    # Memory: the gathered [world, bucket] buffers (two, so the next collective
-    # runs while this one is unpacked; one when staging, whose collective runs
-    # during the copy out of the staging buffer instead), plus one bucket's
-    # per-rank width to pack non-adjacent shards into.
+    # Two gathered buffers, so the next collective runs while this one is
+    # unpacked; one when staging, whose collective runs during the copy out of
+    # the staging buffer instead. A send buffer only to pack shards that are
+    # not side by side.
     send = None if flat_src else torch.empty(width, dtype=dtype, device=device)
     n_recv = min(1 if staging else 2, n_buckets) if receive else 0
     recv = [torch.empty(world * width, dtype=dtype, device=device) for _ in range(n_recv)]
@@ -523,8 +525,8 @@ def model_gathering(
     ``staging`` (True: unpack each whole parameter into a device buffer laid
     out as its destination, then copy it there with the copy engine, one copy
     per run of destinations that lie side by side, on a side stream while the
-    next bucket is unpacked (on a GPU buckets then hold 2/3 of ``bucket_bytes``:
-    rank 0's gathered and two staging buffers stay within two buckets); False: the
+    next bucket is unpacked (buckets then shrink so that rank 0's gathered and
+    two staging buffers stay within two buckets); False: the
     unpack kernel stores into pinned memory directly; None, the default:
     staging when the destinations are views of one pinned buffer, as
     CheckpointIO's are, and the shards are on a GPU. Same results either way;
