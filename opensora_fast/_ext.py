@@ -134,12 +134,20 @@ def build_info() -> dict[str, Any]:
     return info
 
 
+_setting: tuple = (object(), "auto")  # (raw environment value, its parsed setting)
+
+
 def backend_setting() -> str:
-    value = os.environ.get("OPENSORA_FAST_BACKEND", "auto").strip().lower() or "auto"
+    raw = os.environ.get("OPENSORA_FAST_BACKEND")
+    global _setting
+    if raw == _setting[0]:
+        return _setting[1]  # read at every op call: parsed once per distinct value
+    value = (raw or "auto").strip().lower() or "auto"
     if value not in _BACKENDS:
         raise ValueError(
             f"OPENSORA_FAST_BACKEND must be one of {', '.join(_BACKENDS)}; got {value!r}"
         )
+    _setting = (raw, value)
     return value
 
 

@@ -66,14 +66,15 @@ def _check_ref(ref, i: int, k: int, shape, need: int, mode: str):
     C, H, W = shape
     if not isinstance(ref, torch.Tensor):
         raise TypeError(f"prepare_inference_condition: ref_list[{i}][{k}] must be a tensor, got {type(ref).__name__}")
-    if ref.dim() != 4 or ref.shape[0] != C or ref.shape[2] != H or ref.shape[3] != W:
+    shp = ref.shape  # once: each .shape builds a torch.Size (host time counts here)
+    if len(shp) != 4 or shp[0] != C or shp[2] != H or shp[3] != W:
         raise ValueError(
             f"prepare_inference_condition: ref_list[{i}][{k}] (sample {i}) has shape {list(ref.shape)}; "
             f"expected [C, T', H, W] = [{C}, T', {H}, {W}]"
         )
-    if ref.shape[1] < need:
+    if shp[1] < need:
         raise ValueError(
-            f"prepare_inference_condition: ref_list[{i}][{k}] (sample {i}) has {ref.shape[1]} frames; "
+            f"prepare_inference_condition: ref_list[{i}][{k}] (sample {i}) has {shp[1]} frames; "
             f"{mode} needs at least {need}"
         )
     return ref
@@ -128,11 +129,15 @@ def prepare_inference_condition(
             head = None
             if mask_cond in ("i2v_head", "i2v_loop"):
                 head = _check_ref(ref[0], i, 0, shape, 1, mask_cond)
-                plan += [i, 0, 1, srcs.add(head), 0]
+                head_src = srcs.add(head)
+                plan += [i, 0, 1, head_src, 0]
             if mask_cond in ("i2v_tail", "i2v_loop"):
-                # one reference serves both ends of a loop: checked once
-                r = head if head is not None and ref[-1] is head else _check_ref(ref[-1], i, len(ref) - 1, shape, 1, mask_cond)
-                plan += [i, T - 1, 1, srcs.add(r), r.shape[1] - 1]
+                if head is not None and ref[-1] is head:  # one reference for both ends of a loop: checked once
+                    r, s = head, head_src
+                else:
+                    r = _check_ref(ref[-1], i, len(ref) - 1, shape, 1, mask_cond)
+                    s = srcs.add(r)
+                plan += [i, T - 1, 1, s, r.shape[1] - 1]
             if mask_cond.startswith("v2v"):
                 k = min((16 if mask_cond.endswith("_easy") else 8) + int(causal), T)
                 r = _check_ref(ref[0], i, 0, shape, k, mask_cond)
@@ -141,12 +146,12 @@ def prepare_inference_condition(
                 else:
                     plan += [i, T - k, k, srcs.add(r), r.shape[1] - k]
     if missing:
-        msg = f"prepare_inference_condition: no reference for sample(s) {missing}; using t2v for them (mask_cond {mask_cond!r})"
+        msg = "prepare_inference_condition: no reference for sample(s) %s; using t2v for them (mask_cond %r)"
         if strict:
-            raise ValueError(msg)
-        logger.warning(msg)
+            raise ValueError(msg % (missing, mask_cond))
+        logger.warning(msg, missing, mask_cond)  # formatted only where a handler takes it
     zz = z if out_dtype == z.dtype else z.new_empty((1,) * 5, dtype=out_dtype).expand(B, C, T, H, W)
-    masks, masked = ops.condition(zz, srcs.tensors, plan)
+    masks, masked = ops.condition(zz, srcs.tensors, plan, _ints=True)
     if out_dtype != z.dtype:  # integer/complex z: upstream's fp32 buffers, then .to(z.dtype)
         masks, masked = masks.to(z.dtype), masked.to(z.dtype)
     return masks, masked
