@@ -226,8 +226,8 @@ def run_gpu() -> list[str]:
         for what, out, staging in (
             ("separate pinned tensors, unpad_ stores (default)", pinned, None),
             ("separate pinned tensors, staging=True", pinned, True),
-            ("CheckpointIO's one pinned buffer, staged (default)", flat, None),
-            ("CheckpointIO's one pinned buffer, staging=False", flat, False),
+            ("CheckpointIO's pinned segments, staged (default)", flat, None),
+            ("CheckpointIO's pinned segments, staging=False", flat, False),
         ):
             for v in out.values():
                 v.zero_()

@@ -40,7 +40,7 @@ if [[ ${STATUS[build]} == pass* ]]; then
     OSF_BENCH_DEVICE=cuda OSF_BENCH_WORLD=${OSF_BENCH_WORLD:-8} OSF_BENCH_ROUNDS=${OSF_BENCH_ROUNDS:-20} \
       $PY -m pytest -q benchmarks -o python_files='bench_*.py' -p no:cacheprovider \
       --benchmark-columns=median,iqr,rounds > "$OUT/bench.log" 2>&1; local rc=$?
-    sed -n '/^checkpoint path on/,/buffer, staging=False/p' "$OUT/bench.log"
+    sed -n '/^checkpoint path on/,/segments, staging=False/p' "$OUT/bench.log"
     sed -n '/^opensora_fast benchmarks/,/^x base/p' "$OUT/bench.log"
     PYTHONPATH=. $PY benchmarks/gpu_breakdown.py || rc=1
     return $rc

@@ -91,7 +91,7 @@ def ckpt_case():
     print("  plain copy_:")
     timeline(lambda: dst.copy_(src, non_blocking=True))
     flat = ckpt.CheckpointIO._pinned_dict((k, v, torch.bfloat16) for k, v in shape_dict.items())
-    for what, out, staging in (("separate", pinned, False), ("separate", pinned, True), ("one buffer", flat, None)):
+    for what, out, staging in (("separate", pinned, False), ("separate", pinned, True), ("CheckpointIO's segments", flat, None)):
         print(f"  model_gathering into {what} pinned, staging={staging}:")
         timeline(lambda: ckpt.model_gathering(ema, shape_dict, out, progress=False, staging=staging))
     print("  model_gathering host profile (cProfile, 3 calls):")

@@ -145,19 +145,25 @@ def _cases(rank, world, tmp):
     up_net = Net(SHAPES)
     ref.model_sharding(up_net)
     for bucket_bytes, staging in ((40 * world, None), (40 * world, True), (1000, True), (None, True), (None, False)):
-        # reversed: one storage, but each destination lies before the previous one
-        for net, order in ((up_net, 1), (ema, 1), (ema, -1)):
+        # reversed: one storage, but each destination lies before the previous one;
+        # segmented: CheckpointIO's buffers split into 64-byte segments (runs end there)
+        for net, order, segment in ((up_net, 1, None), (ema, 1, None), (ema, -1, None), (ema, 1, 64)):
             entries = [(k, v.shape, v.dtype) for k, v in _pinned_for(shapes, net).items()][::order]
-            flat = ckpt.CheckpointIO._pinned_dict(entries)
+            full_segment, ckpt.PIN_SEGMENT_BYTES = ckpt.PIN_SEGMENT_BYTES, segment or ckpt.PIN_SEGMENT_BYTES
+            try:
+                flat = ckpt.CheckpointIO._pinned_dict(entries)
+            finally:
+                ckpt.PIN_SEGMENT_BYTES = full_segment
             if rank == 0:
                 fp32 = [flat[k] for k in shapes if flat[k].dtype == torch.float32]
-                assert ckpt._side_by_side(fp32 if order == 1 else fp32[::-1])
+                assert ckpt._side_by_side(fp32 if order == 1 else fp32[::-1]) == (segment is None)
                 for v in flat.values():
                     v.fill_(-99)
             ckpt.model_gathering(net, shapes, flat if rank == 0 else None, bucket_bytes=bucket_bytes, staging=staging)
             if rank == 0:
                 for k, v in orig.items():
-                    assert_bitwise_equal(flat[k], v, f"{k} bucket_bytes={bucket_bytes} staging={staging} order={order}")
+                    assert_bitwise_equal(flat[k], v, f"{k} bucket_bytes={bucket_bytes} staging={staging} "
+                                         f"order={order} segment={segment}")
 
     # extra memory within two buckets, every buffer counted, on every rank:
     # packed (upstream-sharded) or side-by-side shards, staged or not

@@ -148,6 +148,29 @@ def test_remove_padding_and_shapes():
     assert ckpt.record_model_param_shape(Net()) == {"lin.weight": (3, 4), "lin.bias": (3,), "scale": ()}
 
 
+def test_pinned_dict_segments(monkeypatch):
+    """CheckpointIO's host buffers: views side by side in segments of at most
+    PIN_SEGMENT_BYTES per dtype, in order; a larger tensor gets its own."""
+    monkeypatch.setattr(ckpt, "PIN_SEGMENT_BYTES", 64)
+    entries = [("a", (5, 3), torch.float32), ("b", (), torch.float32), ("h", (7,), torch.bfloat16),
+               ("c", (2,), torch.float32), ("big", (40,), torch.float32), ("d", (3,), torch.float32),
+               ("e", (0,), torch.float32), ("h2", (30,), torch.bfloat16)]
+    out = ckpt.CheckpointIO._pinned_dict(entries)
+    assert list(out) == [k for k, _, _ in entries]
+    for k, shape, dt in entries:
+        assert out[k].shape == shape and out[k].dtype == dt and out[k].is_contiguous()
+    seg = lambda k: out[k].untyped_storage().data_ptr()  # noqa: E731
+    # 64 bytes = 16 fp32: a(15) + b(1) fill one segment; c opens the next; big (40) gets its own
+    assert seg("a") == seg("b") != seg("c") and seg("c") != seg("big") != seg("d")
+    assert ckpt._side_by_side([out["a"], out["b"]]) and ckpt._side_by_side([out["d"], out["e"]])
+    assert seg("h") != seg("h2")  # 7 + 30 bf16 = 74 bytes: over 64 bytes, so two segments
+    starts = ckpt._run_starts([out[k] for k, _, _ in entries if out[k].dtype == torch.float32])
+    assert starts == [0, 2, 3, 4]  # a+b | c | big | d (+ the empty e)
+    for v in out.values():  # writable, independent
+        v.fill_(1)
+    assert all(bool((v == 1).all()) for v in out.values())
+
+
 def test_bucket_planning_splits_at_bucket_ends_only():
     items = [ckpt._Item(str(n), torch.zeros(n), n, None) for n in [5, 1, 0, 12, 3]]
     for cols in (1, 2, 4, 7, 100):

@@ -236,7 +236,7 @@ def test_unpad_cuda_refuses_unpinned_host_and_does_not_sync():
 def test_model_gathering_nccl_into_pinned(staging, layout):
     """1 rank on NCCL: the bucketed gather into pinned host memory, with the kernel
     writing it directly or through the device staging buffer and the copy engine;
-    into separate pinned tensors or into views of one pinned buffer (CheckpointIO's,
+    into separate pinned tensors or into views of pinned segments (CheckpointIO's,
     where staging is the default), also laid out in reverse (nothing to merge)."""
     import torch.distributed as dist
 

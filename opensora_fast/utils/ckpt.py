@@ -10,8 +10,9 @@ What differs from upstream (each on purpose):
   ``gather`` to rank 0 on gloo, where only rank 0 needs the bytes;
   ``all_gather_into_tensor`` on NCCL); one ``opensora_fast::unpad_`` call per
   bucket writes every parameter's unpadded tensor straight into its pinned
-  destination, or (``staging``, the default when the destinations are one
-  pinned buffer, as CheckpointIO's are) into a device buffer laid out like them,
+  destination, or (``staging``, the default when the destinations lie side by
+  side in a few pinned buffers, as CheckpointIO's 1 GiB segments do) into a
+  device buffer laid out like them,
   which the copy engine then moves in one transfer per bucket. The next
   bucket's collective runs while the current one is unpacked (or copied out).
   Extra memory per rank: at most two buckets (``2 * bucket_bytes``), every
@@ -90,6 +91,7 @@ __all__ = [
 hf_endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
 
 DEFAULT_BUCKET_BYTES = 256 << 20
+PIN_SEGMENT_BYTES = 1 << 30  # CheckpointIO's pinned buffers: segments of at most this (a larger tensor: its own)
 _CKPT_RE = re.compile(r"epoch(\d+)-global_step(\d+)$")
 _COMPLETE = "running_states.json"
 
@@ -292,7 +294,9 @@ def _collective_mode(collective: str, group) -> str:
 
 def _side_by_side(tensors: Sequence[torch.Tensor]) -> bool:
     """The tensors are contiguous and lie one after another in one storage, in
-    order (model_sharding's shards; CheckpointIO's pinned buffers)."""
+    order (model_sharding's shards; CheckpointIO's pinned buffers). Empty ones
+    take no memory (their data_ptr is 0) and are skipped."""
+    tensors = [t for t in tensors if t.numel()]
     if not tensors:
         return False
     first, last = tensors[0], tensors[-1]
@@ -307,6 +311,20 @@ def _side_by_side(tensors: Sequence[torch.Tensor]) -> bool:
             return False
         nxt += t.numel() * esize
     return True
+
+
+def _run_starts(tensors: Sequence[torch.Tensor]) -> List[int]:
+    """Indices where a run of contiguous tensors lying one after another in
+    memory starts (by address)."""
+    starts, nxt = [], None
+    for j, t in enumerate(tensors):
+        if not t.numel() and starts:  # takes no memory: part of the run it sits in
+            continue
+        p = t.data_ptr()
+        if p != nxt or not t.is_contiguous():
+            starts.append(j)
+        nxt = p + t.numel() * t.element_size()
+    return starts
 
 
 def _flat_range(t: torch.Tensor, start: int, n: int) -> torch.Tensor:
@@ -346,15 +364,20 @@ def _gather_items(
     # a view of it, nothing packed.
     flat_src = _side_by_side([it.shard for it in items])
     dsts = [it.dst for it in items] if unpack else []
-    flat_dst = unpack and _side_by_side(dsts)
+    # The destinations' runs of side-by-side tensors (one per allocation for
+    # CheckpointIO's segments, one per tensor for separate allocations).
+    run_starts = _run_starts(dsts)
+    flat_dst = unpack and len(run_starts) <= max(1, len(dsts) // 16)
     to_host = to_host_pageable = False
     if unpack and device.type == "cuda":
         to_host = not dsts[0].is_cuda
-        # one storage: one probe is enough (is_pinned asks the CUDA driver)
-        to_host_pageable = any(not (d.is_cuda or d.is_pinned()) for d in (dsts[:1] if flat_dst else dsts))
+        # is_pinned asks the CUDA driver: once per run (one allocation) is enough to
+        # choose; the copies and the kernel handle any tensor either way
+        to_host_pageable = any(not (dsts[j].is_cuda or dsts[j].is_pinned()) for j in run_starts)
     if staging is None:
-        # Staging pays when the destinations are one pinned buffer (CheckpointIO's):
-        # the copy engine then moves each bucket in one or a few transfers.
+        # Staging pays when the destinations lie side by side in a few pinned
+        # buffers (CheckpointIO's): the copy engine then moves each bucket in one
+        # or a few transfers. Separate tensors would cost one transfer each.
         staging = to_host and flat_dst and not to_host_pageable
     staging = bool(staging and unpack and not to_host_pageable)
     # Extra memory stays within two buckets (2 * world * cols elements): the
@@ -528,8 +551,8 @@ def model_gathering(
     next bucket is unpacked (buckets then shrink so that rank 0's gathered and
     two staging buffers stay within two buckets); False: the
     unpack kernel stores into pinned memory directly; None, the default:
-    staging when the destinations are views of one pinned buffer, as
-    CheckpointIO's are, and the shards are on a GPU. Same results either way;
+    staging when the destinations lie side by side in a few pinned buffers
+    (at least 16 tensors a run on average), as CheckpointIO's do, and the shards are on a GPU. Same results either way;
     see benchmarks/RESULTS.md for the measured rates).
     Bad input (a shape dict that does not match the sharded model, a pinned dict
     missing a key or with a wrong shape or dtype) raises on every rank before
@@ -850,22 +873,28 @@ class CheckpointIO:
     @staticmethod
     def _pinned_dict(entries) -> Dict[str, torch.Tensor]:
         """Host buffers for ``entries`` (name, shape, dtype): views side by side
-        in one pinned buffer per dtype (when CUDA is there), so a gathered
-        bucket reaches them in one copy-engine transfer, and pinning is paid
-        once, not once per tensor."""
+        in pinned segments (when CUDA is there) of up to ``PIN_SEGMENT_BYTES``
+        per dtype, in order, so a gathered bucket reaches them in one or two
+        copy-engine transfers and pinning is paid per segment, not per tensor.
+        Segments, not one buffer: torch's pinned allocator rounds every
+        allocation up to a power of two, so one 22 GB buffer would pin 32 GB;
+        1 GiB segments waste at most the unused tail of each."""
         pin = torch.cuda.is_available()
-        entries = [(k, tuple(int(d) for d in shape), dt) for k, shape, dt in entries]
-        sizes: Dict[torch.dtype, int] = {}
-        for _, shape, dt in entries:
-            sizes[dt] = sizes.get(dt, 0) + _numel(shape)
-        flats = {dt: torch.empty(n, dtype=dt, device="cpu", pin_memory=pin) for dt, n in sizes.items()}
-        pos = dict.fromkeys(sizes, 0)
-        out = {}
+        plan = []  # (name, shape, dtype, segment, offset)
+        segments: List[list] = []  # [dtype, elements]
+        current: Dict[torch.dtype, int] = {}
         for k, shape, dt in entries:
+            shape = tuple(int(d) for d in shape)
             n = _numel(shape)
-            out[k] = flats[dt][pos[dt] : pos[dt] + n].view(shape)
-            pos[dt] += n
-        return out
+            cap = max(PIN_SEGMENT_BYTES // dt.itemsize, 1)
+            j = current.get(dt)
+            if j is None or (segments[j][1] + n > cap and segments[j][1] > 0):
+                j = current[dt] = len(segments)
+                segments.append([dt, 0])
+            plan.append((k, shape, dt, j, segments[j][1]))
+            segments[j][1] += n
+        bufs = [torch.empty(n, dtype=dt, device="cpu", pin_memory=pin) for dt, n in segments]
+        return {k: bufs[j][off : off + _numel(shape)].view(shape) for k, shape, dt, j, off in plan}
 
     def _prepare_pinned_state_dict(self, ema: nn.Module, ema_shape_dict: dict):
         if self.pinned_state_dict is None and _rank() == 0:
