@@ -35,6 +35,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from benchmarks.common import call_us
+
 WORLD = int(os.environ.get("OSF_BENCH_CKPT_WORLD", "4"))
 D = int(os.environ.get("OSF_BENCH_CKPT_D", "160"))
 ROUNDS = int(os.environ.get("OSF_BENCH_CKPT_ROUNDS", "3"))
@@ -72,13 +74,8 @@ class _Zero:
 
 
 def _median_time(fn, rounds):
-    times = []
-    for _ in range(rounds):
-        dist.barrier()
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    """Seconds: the median of ``rounds`` calls, every rank starting together."""
+    return call_us(fn, rounds, each=True, warmup=0, before=dist.barrier) / 1e6
 
 
 def _worker(rank, world, port, tmp, out_path):
@@ -133,7 +130,7 @@ def _worker(rank, world, port, tmp, out_path):
 
     res["save upstream"] = _median_time(upstream_save, ROUNDS)
     io = ckpt.CheckpointIO(progress=False)
-    free, done = [], []
+    free, done = [], []  # two times per save (call_us takes one): timed here
     for r in range(ROUNDS + 1):  # round 0 allocates the pinned buffers
         dist.barrier()
         t0 = time.perf_counter()
@@ -207,15 +204,7 @@ def run_gpu() -> list[str]:
         dst = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
 
         def timed(fn, rounds=10):
-            fn()
-            torch.cuda.synchronize()
-            ts = []
-            for _ in range(rounds):
-                t0 = time.perf_counter()
-                fn()
-                torch.cuda.synchronize()
-                ts.append(time.perf_counter() - t0)
-            return statistics.median(ts)
+            return call_us(fn, rounds, sync=torch.cuda.synchronize, each=True, warmup=1) / 1e6
 
         t_copy = timed(lambda: dst.copy_(src, non_blocking=True))
         flat = ckpt.CheckpointIO._pinned_dict((k, v, torch.bfloat16) for k, v in shape_dict.items())

@@ -33,18 +33,22 @@ def run(benchmark, fn, *, group: str, impl: str, role: str, nbytes: int, rounds:
     benchmark.pedantic(call, rounds=rounds, warmup_rounds=2, iterations=1)
 
 
-def call_us(fn, calls: int = 200, *, batches: int = 1, sync=None, each: bool = False) -> float:
-    """Microseconds per call of ``fn`` after 10 warm-ups. ``each``: the median of
-    ``calls`` calls, ``sync`` after each (wall-clock, device work included).
+def call_us(fn, calls: int = 200, *, batches: int = 1, sync=None, each: bool = False, warmup: int = 10,
+            before=None) -> float:
+    """Microseconds per call of ``fn`` after ``warmup`` calls. ``each``: the median
+    of ``calls`` calls, ``sync`` after each (wall-clock, device work included),
+    ``before`` (untimed) ahead of each, e.g. a barrier of a multi-process run.
     Otherwise: the best of ``batches`` loops of ``calls`` calls with ``sync`` only
     outside the timed loop (what the host spends issuing them)."""
     sync = sync or (lambda: None)
-    for _ in range(10):
+    for _ in range(warmup):
         fn()
     sync()
     if each:
         times = []
         for _ in range(calls):
+            if before is not None:
+                before()
             t0 = time.perf_counter()
             fn()
             sync()
