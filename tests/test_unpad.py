@@ -203,6 +203,30 @@ def test_all_backends_restore_the_params(dtype, world):
                 same_bytes(o, p, f"{name} param {i} split={split}")
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_grid_walk_every_alignment(dtype):
+    """The CUDA body moves 16 bytes at a time once the destination is 16-byte
+    aligned (one element at a time before that and in the tail), with 16-byte
+    loads when the source is co-aligned and element loads otherwise: every
+    destination and source offset within 16 bytes, rows long and short."""
+    g = torch.Generator().manual_seed(3)
+    params = [rnd((67,), dtype, g), rnd((3, 7), dtype, g), rnd((5,), dtype, g)]
+    gathered, idx, off, sh, bg, ct = bucketed(params, 2)
+    per16 = max(16 // torch.empty((), dtype=dtype).element_size(), 1)
+    for so in range(per16 + 1):
+        src = torch.zeros(so + gathered.numel(), dtype=dtype)[so:].view_as(gathered)
+        src.copy_(gathered)
+        for do in range(per16 + 1):
+            buf = torch.zeros(do + sum(p.numel() for p in params), dtype=dtype)
+            outs, pos = [], do
+            for p in params:
+                outs.append(buf[pos : pos + p.numel()].view(p.shape))
+                pos += p.numel()
+            OP._unpad_grid_walk(src, outs, off, sh, bg, ct)
+            for o, p in zip(outs, params):
+                same_bytes(o, p, f"src offset {so} dst offset {do}")
+
+
 def test_wrapper_defaults_are_model_sharding():
     params = [torch.randn(5, 3), torch.randn(()), torch.randn(2)]
     gathered, idx, off, sh, bg, ct = bucketed(params, 3)
