@@ -13,14 +13,17 @@ from .._ext import HAS_NATIVE, pick
 __all__ = ["condition", "condition_cat_"]
 
 
-def condition(z: torch.Tensor, sources: Sequence[torch.Tensor], plan: Sequence[int], *, _ints: bool = False):
+def condition(z: torch.Tensor, sources: Sequence[torch.Tensor], plan: Sequence[int]):
     """``(masks [B,1,T,H,W], masked [B,C,T,H,W])`` in z's dtype on z's device,
     written in one pass from ``plan`` (rows ``(sample, frame, count, source,
     source_frame)``): named frames get mask 1 and the source's frames (converted
-    through fp32), all others 0. z's values are not read. No host sync.
-    (``_ints``: internal; sources and plan are already lists of tensors and ints.)"""
-    if not _ints:
-        sources, plan = list(sources), [int(v) for v in plan]
+    through fp32), all others 0. z's values are not read. No host sync."""
+    return condition_lists(z, list(sources), [int(v) for v in plan])
+
+
+def condition_lists(z: torch.Tensor, sources: list, plan: list):
+    """:func:`condition` for callers whose ``sources`` and ``plan`` already are a
+    list of tensors and a list of ints (no per-call conversion: host time)."""
     return pick("condition", z.device, reference.condition)(z, sources, plan)
 
 

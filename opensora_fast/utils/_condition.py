@@ -15,7 +15,8 @@ from typing import Optional, Sequence
 import torch
 
 from .. import ops
-from ..reference.condition import OUT_DTYPES, SRC_DTYPES
+from ..ops.condition import condition_lists
+from ..reference.condition import OUT_DTYPES, SRC_DTYPES, _drop_v2v
 from ..reference.condition import add_noise_to_ref as _add_noise_to_ref
 
 logger = logging.getLogger("opensora_fast")
@@ -151,7 +152,7 @@ def prepare_inference_condition(
             raise ValueError(msg % (missing, mask_cond))
         logger.warning(msg, missing, mask_cond)  # formatted only where a handler takes it
     zz = z if out_dtype == z.dtype else z.new_empty((1,) * 5, dtype=out_dtype).expand(B, C, T, H, W)
-    masks, masked = ops.condition(zz, srcs.tensors, plan, _ints=True)
+    masks, masked = condition_lists(zz, srcs.tensors, plan)
     if out_dtype != z.dtype:  # integer/complex z: upstream's fp32 buffers, then .to(z.dtype)
         masks, masked = masks.to(z.dtype), masked.to(z.dtype)
     return masks, masked
@@ -195,12 +196,7 @@ def _latent_config(model_ae, x):
 
 def _draw_modes(condition_config: dict, B: int, short: int, long: int, T: int, who: str) -> list[str]:
     config = dict(condition_config)  # never the caller's dict (upstream pops from it)
-    if T <= short:
-        for key in ("v2v_head", "v2v_tail", "v2v_head_easy", "v2v_tail_easy"):
-            config.pop(key, None)
-    if T <= long:
-        for key in ("v2v_head_easy", "v2v_tail_easy"):
-            config.pop(key, None)
+    _drop_v2v(config, T, short, long)
     if B == 0:
         return []
     if not config:

@@ -86,14 +86,18 @@ def _to_unit(arr: np.ndarray) -> torch.Tensor:
     return t.sub_(0.5).div_(0.5)
 
 
-def image_transform(name: str, image_size):
+def _crop(name: str, image_size, center, fill):
+    """Upstream's transform names: "center" (square) or "resize_crop"."""
     if name == "center":
         assert image_size[0] == image_size[1], "Image size must be square for center crop"
-        crop = lambda img: center_crop_image(img, image_size[0])  # noqa: E731
-    elif name == "resize_crop":
-        crop = lambda img: resize_crop_to_fill_image(img, image_size)  # noqa: E731
-    else:
-        raise NotImplementedError(f"Transform {name} not implemented")
+        return lambda x: center(x, image_size[0])
+    if name == "resize_crop":
+        return lambda x: fill(x, image_size)
+    raise NotImplementedError(f"Transform {name} not implemented")
+
+
+def image_transform(name: str, image_size):
+    crop = _crop(name, image_size, center_crop_image, resize_crop_to_fill_image)
     return lambda img: _to_unit(np.asarray(crop(img)))
 
 
@@ -127,13 +131,7 @@ def center_crop_video(clip: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def video_transform(name: str, image_size):
-    if name == "center":
-        assert image_size[0] == image_size[1], "image_size must be square for center crop"
-        crop = lambda c: center_crop_video(c, image_size[0])  # noqa: E731
-    elif name == "resize_crop":
-        crop = lambda c: resize_crop_to_fill_video(c, image_size)  # noqa: E731
-    else:
-        raise NotImplementedError(f"Transform {name} not implemented")
+    crop = _crop(name, image_size, center_crop_video, resize_crop_to_fill_video)
     return lambda clip: crop(clip.float() / 255.0).sub(0.5).div(0.5)
 
 

@@ -173,20 +173,32 @@ def model_sharding(model: torch.nn.Module, device: torch.device = None):
         return
     if device is None:
         device = params[0].device
-    sizes: Dict[torch.dtype, int] = {}
-    for p in params:
-        sizes[p.dtype] = sizes.get(p.dtype, 0) + -(-p.numel() // world)
-    flats = {dt: torch.zeros(n, dtype=dt, device=device) for dt, n in sizes.items()}  # zeros: the padding
-    pos = dict.fromkeys(sizes, 0)
+    shards = [-(-p.numel() // world) for p in params]
+    # zeros: the padding
+    views = _side_by_side_views(zip(shards, (p.dtype for p in params)),
+                                lambda n, dt: torch.zeros(n, dtype=dt, device=device))
     with torch.no_grad():
-        for p in params:
-            n, dt = p.numel(), p.dtype
-            shard = -(-n // world)
-            view = flats[dt][pos[dt] : pos[dt] + shard]
-            pos[dt] += shard
-            mine = p.data.reshape(-1)[rank * shard : min((rank + 1) * shard, n)]
+        for p, shard, view in zip(params, shards, views):
+            mine = p.data.reshape(-1)[rank * shard : min((rank + 1) * shard, p.numel())]
             view[: mine.numel()].copy_(mine)
             p.data = view
+
+
+def _side_by_side_views(entries: Iterable[tuple], new_buffer, cap_bytes: Optional[int] = None) -> List[torch.Tensor]:
+    """1-D views for ``entries`` (numel, dtype), in order, side by side in
+    buffers of one dtype made by ``new_buffer(numel, dtype)``: one per dtype, or
+    (``cap_bytes``) a new one whenever the next view would pass that size (a
+    larger view gets its own)."""
+    plan, sizes, current = [], [], {}  # (buffer, offset, numel); [numel, dtype]; dtype -> open buffer
+    for n, dt in entries:
+        j = current.get(dt)
+        if j is None or (cap_bytes is not None and sizes[j][0] and (sizes[j][0] + n) * dt.itemsize > cap_bytes):
+            j = current[dt] = len(sizes)
+            sizes.append([0, dt])
+        plan.append((j, sizes[j][0], n))
+        sizes[j][0] += n
+    bufs = [new_buffer(n, dt) for n, dt in sizes]
+    return [bufs[j][off : off + n] for j, off, n in plan]
 
 
 def load_json(file_path: str) -> dict:
@@ -195,7 +207,8 @@ def load_json(file_path: str) -> dict:
         return json.load(f)
 
 
-def _fsync_dir(path: str) -> None:
+def _fsync(path: str) -> None:
+    """fsync a file or a directory (a directory: so a rename in it is durable)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -292,39 +305,28 @@ def _collective_mode(collective: str, group) -> str:
     return "gather" if dist.get_backend(group) == "gloo" else "all_gather"
 
 
-def _side_by_side(tensors: Sequence[torch.Tensor]) -> bool:
-    """The tensors are contiguous and lie one after another in one storage, in
-    order (model_sharding's shards; CheckpointIO's pinned buffers). Empty ones
-    take no memory (their data_ptr is 0) and are skipped."""
-    tensors = [t for t in tensors if t.numel()]
-    if not tensors:
-        return False
-    first, last = tensors[0], tensors[-1]
-    if first.untyped_storage().data_ptr() != last.untyped_storage().data_ptr():
-        return False
-    # Adjacent addresses between a first and a last tensor of one storage: all
-    # in it (storages do not overlap). Addresses, not storage objects: cheaper.
-    esize = first.element_size()
-    nxt = first.data_ptr()
-    for t in tensors:
-        if t.data_ptr() != nxt or not t.is_contiguous():
-            return False
-        nxt += t.numel() * esize
-    return True
-
-
 def _run_starts(tensors: Sequence[torch.Tensor]) -> List[int]:
     """Indices where a run of contiguous tensors lying one after another in
-    memory starts (by address)."""
+    memory starts (by address). Empty tensors take no memory (their data_ptr
+    is 0): they belong to the run they sit in."""
     starts, nxt = [], None
     for j, t in enumerate(tensors):
-        if not t.numel() and starts:  # takes no memory: part of the run it sits in
+        if not t.numel() and starts:
             continue
         p = t.data_ptr()
         if p != nxt or not t.is_contiguous():
             starts.append(j)
         nxt = p + t.numel() * t.element_size()
     return starts
+
+
+def _side_by_side(tensors: Sequence[torch.Tensor]) -> bool:
+    """The tensors lie one after another in one storage, in order (model_sharding's
+    shards; CheckpointIO's pinned buffers): one run, and its ends in one
+    storage (storages do not overlap, so all between them are in it too)."""
+    tensors = [t for t in tensors if t.numel()]
+    return (bool(tensors) and len(_run_starts(tensors)) == 1
+            and tensors[0].untyped_storage().data_ptr() == tensors[-1].untyped_storage().data_ptr())
 
 
 def _flat_range(t: torch.Tensor, start: int, n: int) -> torch.Tensor:
@@ -736,14 +738,6 @@ def _tensornvme_save():
     return save
 
 
-def _fsync_file(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_file(path: str, tensors: Dict[str, torch.Tensor], show: bool, save=None) -> None:
     """One checkpoint file: through ``save`` (:func:`_tensornvme_save`'s) when given, else our writer."""
     if save is None:
@@ -753,7 +747,7 @@ def _write_file(path: str, tensors: Dict[str, torch.Tensor], show: bool, save=No
     if writer is not None:  # upstream's contract: an AsyncFileWriter to synchronize()
         writer.synchronize()
     _phase("flushed")
-    _fsync_file(path)
+    _fsync(path)
     _phase("fsynced")
 
 
@@ -774,11 +768,11 @@ class _Job:
                 _write_file(os.path.join(self.tmp_dir, path), tensors, self.show, save)
             save_json(self.running_states, os.path.join(self.tmp_dir, _COMPLETE))
             _phase("states")
-            _fsync_dir(self.tmp_dir)
+            _fsync(self.tmp_dir)
             _phase("dir-fsynced")
             os.rename(self.tmp_dir, self.final_dir)
             _phase("renamed")
-            _fsync_dir(os.path.dirname(self.final_dir) or ".")
+            _fsync(os.path.dirname(self.final_dir) or ".")
             _phase("done")
         except BaseException as e:  # reported by _sync_io
             self.error = e
@@ -880,21 +874,11 @@ class CheckpointIO:
         allocation up to a power of two, so one 22 GB buffer would pin 32 GB;
         1 GiB segments waste at most the unused tail of each."""
         pin = torch.cuda.is_available()
-        plan = []  # (name, shape, dtype, segment, offset)
-        segments: List[list] = []  # [dtype, elements]
-        current: Dict[torch.dtype, int] = {}
-        for k, shape, dt in entries:
-            shape = tuple(int(d) for d in shape)
-            n = _numel(shape)
-            cap = max(PIN_SEGMENT_BYTES // dt.itemsize, 1)
-            j = current.get(dt)
-            if j is None or (segments[j][1] + n > cap and segments[j][1] > 0):
-                j = current[dt] = len(segments)
-                segments.append([dt, 0])
-            plan.append((k, shape, dt, j, segments[j][1]))
-            segments[j][1] += n
-        bufs = [torch.empty(n, dtype=dt, device="cpu", pin_memory=pin) for dt, n in segments]
-        return {k: bufs[j][off : off + _numel(shape)].view(shape) for k, shape, dt, j, off in plan}
+        entries = [(k, tuple(int(d) for d in shape), dt) for k, shape, dt in entries]
+        views = _side_by_side_views(((_numel(shape), dt) for _, shape, dt in entries),
+                                    lambda n, dt: torch.empty(n, dtype=dt, device="cpu", pin_memory=pin),
+                                    PIN_SEGMENT_BYTES)
+        return {k: v.view(shape) for (k, shape, _), v in zip(entries, views)}
 
     def _prepare_pinned_state_dict(self, ema: nn.Module, ema_shape_dict: dict):
         if self.pinned_state_dict is None and _rank() == 0:
@@ -1204,7 +1188,7 @@ def rm_checkpoints(save_dir: str, keep_n_latest: int = 0):
         # running_states.json first: from here on the directory is no checkpoint,
         # whenever the removal is cut short.
         os.remove(os.path.join(f, _COMPLETE))
-        _fsync_dir(f)
+        _fsync(f)
         for item in glob(os.path.join(f, "*")):
             if os.path.isdir(item):
                 if os.path.basename(item) != "eval":
