@@ -36,10 +36,13 @@ if [[ ${STATUS[build]} == pass* ]]; then
   else
     STATUS[memcheck]="FAIL (no compute-sanitizer)"
   fi
-  bench() {
-    OSF_BENCH_DEVICE=cuda OSF_BENCH_WORLD=${OSF_BENCH_WORLD:-8} OSF_BENCH_ROUNDS=${OSF_BENCH_ROUNDS:-20} \
-      $PY -m pytest -q benchmarks -o python_files='bench_*.py' -p no:cacheprovider \
-      --benchmark-columns=median,iqr,rounds > "$OUT/bench.log" 2>&1; local rc=$?
+  bench() {  # one process per file: no file's leftovers (NCCL threads, pinned memory) in another's timings
+    local rc=0 f; : > "$OUT/bench.log"
+    for f in benchmarks/bench_*.py; do
+      OSF_BENCH_DEVICE=cuda OSF_BENCH_WORLD=${OSF_BENCH_WORLD:-8} OSF_BENCH_ROUNDS=${OSF_BENCH_ROUNDS:-20} \
+        $PY -m pytest -q "$f" -o python_files='bench_*.py' -p no:cacheprovider \
+        --benchmark-columns=median,iqr,rounds >> "$OUT/bench.log" 2>&1 || { rc=1; echo "FAILED: $f"; }
+    done
     sed -n '/^checkpoint path on/,/segments, staging=False/p' "$OUT/bench.log"
     sed -n '/^opensora_fast benchmarks/,/^x base/p' "$OUT/bench.log"
     PYTHONPATH=. $PY benchmarks/gpu_breakdown.py || rc=1

@@ -26,7 +26,7 @@ sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
 PIN = dev.type == "cuda"
 
 
-def top(fn, n=12, calls=20):
+def top(fn, n=12, calls=20, sort="tottime"):
     fn()
     sync()
     pr = cProfile.Profile()
@@ -36,7 +36,7 @@ def top(fn, n=12, calls=20):
     sync()
     pr.disable()
     s = io.StringIO()
-    pstats.Stats(pr, stream=s).sort_stats("tottime").print_stats(n)
+    pstats.Stats(pr, stream=s).sort_stats(sort).print_stats(n)
     lines = [ln for ln in s.getvalue().splitlines() if ln.strip()]
     start = next(i for i, ln in enumerate(lines) if ln.lstrip().startswith("ncalls"))
     print("\n".join("    " + ln[:150] for ln in lines[start - 1 : start + n + 1]))
@@ -96,6 +96,13 @@ def ckpt_case():
         timeline(lambda: ckpt.model_gathering(ema, shape_dict, out, progress=False, staging=staging))
     print("  model_gathering host profile (cProfile, 3 calls):")
     top(lambda: ckpt.model_gathering(ema, shape_dict, pinned, progress=False), n=16, calls=3)
+    print("  the same into CheckpointIO's segments (staged), by cumulative time:")
+    top(lambda: ckpt.model_gathering(ema, shape_dict, flat, progress=False), n=24, calls=3, sort="cumulative")
+    dsts = list(flat.values())
+    for what, f in (("dist.barrier()", dist.barrier), ("state_dict(keep_vars=True)", lambda: ema.state_dict(keep_vars=True)),
+                    ("_run_starts(segment views)", lambda: ckpt._run_starts(dsts)),
+                    ("model_gathering (segments), wall", lambda: ckpt.model_gathering(ema, shape_dict, flat, progress=False))):
+        print(f"  {what:36s} {call_us(f, 5 if 'wall' in what else 20, sync=sync, each=True, warmup=2) / 1e3:8.2f} ms")
     dist.destroy_process_group()
 
 

@@ -67,7 +67,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from ..ops.unpad import unpad_
+from ..ops.unpad import unpad_lists
 from .logger import log_message
 
 __all__ = [
@@ -238,10 +238,13 @@ class _Entry:
 
 
 class _Item:
-    __slots__ = ("name", "shard", "numel", "dst")
+    """One tensor to gather: its local 1-D shard (``snumel`` elements), the
+    element count of the whole tensor, and its destination (rank 0)."""
+    __slots__ = ("name", "shard", "snumel", "numel", "dst")
 
     def __init__(self, name, shard, numel, dst):
         self.name, self.shard, self.numel, self.dst = name, shard, numel, dst
+        self.snumel = shard.numel()
 
 
 def _plan_buckets(items: Sequence[_Item], cols: int) -> Iterator[List[_Entry]]:
@@ -252,7 +255,7 @@ def _plan_buckets(items: Sequence[_Item], cols: int) -> Iterator[List[_Entry]]:
     cur: List[_Entry] = []
     used = 0
     for it in items:
-        s = it.shard.numel()
+        s = it.snumel
         begin = 0
         while begin < s:
             if used == cols:
@@ -311,12 +314,13 @@ def _run_starts(tensors: Sequence[torch.Tensor]) -> List[int]:
     is 0): they belong to the run they sit in."""
     starts, nxt = [], None
     for j, t in enumerate(tensors):
-        if not t.numel() and starts:
+        n = t.numel()
+        if not n and starts:
             continue
         p = t.data_ptr()
         if p != nxt or not t.is_contiguous():
             starts.append(j)
-        nxt = p + t.numel() * t.element_size()
+        nxt = p + n * t.element_size()
     return starts
 
 
@@ -357,7 +361,7 @@ def _gather_items(
     mode = _collective_mode(collective, group)
     if mode == "gather" and dst_rank not in dist.get_process_group_ranks(group):
         mode = "all_gather"
-    total = sum(it.shard.numel() for it in items)
+    total = sum(it.snumel for it in items)
     if total == 0:  # only empty parameters: nothing to move
         return
     receive = me == dst_rank or mode == "all_gather"
@@ -445,32 +449,33 @@ def _gather_items(
         if to_host_pageable:
             gathered = gathered.cpu()
         outs = [e.item.dst for e in entries]
-        runs = []  # [first destination, its storage offset, stage position, length, end of its storage]
+        # [first destination, its storage offset, its address, stage position, length, end of its storage]
+        runs = []
         if stage is not None:
             pos = 0
             esize = stage.element_size()
             for j, e in enumerate(entries):
-                if e.begin == 0 and e.count == e.item.shard.numel():  # the whole parameter is here
+                if e.begin == 0 and e.count == e.item.snumel:  # the whole parameter is here
                     d, n = outs[j], e.item.numel
                     run = runs[-1] if runs else None
                     ptr = d.data_ptr()
-                    if (run is not None and run[2] + run[3] == pos and ptr == run[0].data_ptr() + run[3] * esize
-                            and ptr + n * esize <= run[4]):
-                        run[3] += n  # right after the previous one, in its storage: one copy for both
+                    if (run is not None and run[3] + run[4] == pos and ptr == run[2] + run[4] * esize
+                            and ptr + n * esize <= run[5]):
+                        run[4] += n  # right after the previous one, in its storage: one copy for both
                     else:
                         st = d.untyped_storage()
-                        runs.append([d, d.storage_offset(), pos, n, st.data_ptr() + st.nbytes()])
-                    outs[j] = stage[pos : pos + n].view(d.shape)
+                        runs.append([d, d.storage_offset(), ptr, pos, n, st.data_ptr() + st.nbytes()])
+                    outs[j] = _flat_range(stage, pos, n)  # the kernel needs only the element count
                     pos += n
-        unpad_(
+        unpad_lists(
             gathered,
             outs,
             [e.offset for e in entries],
-            [e.item.shard.numel() for e in entries],
+            [e.item.snumel for e in entries],
             [e.begin for e in entries],
             [e.count for e in entries],
         )
-        return [(_flat_range(d, off, n), stage[pos : pos + n]) for d, off, pos, n, _ in runs]
+        return [(_flat_range(d, off, n), _flat_range(stage, pos, n)) for d, off, _, pos, n, _ in runs]
 
     pending = start(0)
     with torch.no_grad():
@@ -507,6 +512,11 @@ def _gather_items(
 
 
 def _check_dst(fn: str, name: str, shape, dtype, pinned_state_dict) -> Optional[str]:
+    """None when ``pinned_state_dict[name]`` is a contiguous tensor of ``shape``
+    and ``dtype``; otherwise what is wrong."""
+    t = pinned_state_dict.get(name) if isinstance(pinned_state_dict, dict) else None
+    if type(t) is torch.Tensor and t.dtype == dtype and t.shape == shape and t.is_contiguous():
+        return None  # the common case, in as few calls as possible
     if name not in pinned_state_dict:
         return f"{fn}: pinned_state_dict has no entry {name!r}"
     t = pinned_state_dict[name]
@@ -566,28 +576,38 @@ def model_gathering(
     problem = None
     names = set()
     device = None
+    world_group = dist.group.WORLD
+    # Per-parameter host time counts here (an 11B model has ~1100 parameters and
+    # the first collective waits for this loop): one lookup of each thing.
     for name, param in model.named_parameters():
         names.add(name)
-        device = param.device if device is None else device
-        if problem is None:
-            if name not in model_shape_dict:
-                problem = f"{fn}: model_shape_dict has no entry for parameter {name!r}"
-            else:
-                shape = tuple(model_shape_dict[name])
-                want = -(-_numel(shape) // world)
-                if param.dim() != 1 or param.numel() != want:
-                    problem = (
-                        f"{fn}: parameter {name!r} has a local shard of shape {list(param.shape)}, but shape "
-                        f"{list(shape)} sharded over {world} ranks gives [{want}] (model_shape_dict does not match "
-                        "the model, or the model is not sharded by model_sharding)"
-                    )
-                elif rank == 0:
-                    problem = _check_dst(fn, name, shape, param.dtype, pinned_state_dict)
-        if problem is None:
-            dst = pinned_state_dict[name] if rank == 0 else None
-            groups.setdefault((dist.group.WORLD, param.dtype), []).append(
-                _Item(name, param.data, _numel(model_shape_dict[name]), dst)
+        if device is None:
+            device = param.device
+        if problem is not None:
+            continue
+        shape = model_shape_dict.get(name) if isinstance(model_shape_dict, dict) else (
+            model_shape_dict[name] if name in model_shape_dict else None)
+        if shape is None:
+            problem = f"{fn}: model_shape_dict has no entry for parameter {name!r}"
+            continue
+        shape = tuple(shape)
+        n = _numel(shape)
+        want = -(-n // world)
+        if param.dim() != 1 or param.numel() != want:
+            problem = (
+                f"{fn}: parameter {name!r} has a local shard of shape {list(param.shape)}, but shape "
+                f"{list(shape)} sharded over {world} ranks gives [{want}] (model_shape_dict does not match "
+                "the model, or the model is not sharded by model_sharding)"
             )
+            continue
+        dtype = param.dtype
+        dst = None
+        if rank == 0:
+            problem = _check_dst(fn, name, shape, dtype, pinned_state_dict)
+            if problem is not None:
+                continue
+            dst = pinned_state_dict[name]
+        groups.setdefault((world_group, dtype), []).append(_Item(name, param, n, dst))
     buffers = {k: v for k, v in model.state_dict(keep_vars=True).items() if k not in names}
     if problem is None and rank == 0:
         for k, v in buffers.items():
