@@ -11,6 +11,10 @@ import time
 import torch
 
 ROUNDS = int(os.environ.get("OSF_BENCH_ROUNDS", "7"))
+# A round repeats the call until it lasts about this long (one call for slower
+# ones), so a call of tens of microseconds is not timed one at a time: one burst
+# of noise then moves a round's mean, not the median of them all.
+MIN_ROUND_S = float(os.environ.get("OSF_BENCH_MIN_ROUND_S", "0.001"))
 
 
 def bench_device() -> torch.device:
@@ -19,7 +23,9 @@ def bench_device() -> torch.device:
 
 
 def run(benchmark, fn, *, group: str, impl: str, role: str, nbytes: int, rounds: int = ROUNDS, **info):
-    """Times ``fn`` (median of ``rounds`` after 2 warm-ups) and records what the
+    """Times ``fn``, synchronised after every call: the median over ``rounds``
+    rounds (after 2 warm-up rounds) of a round's time per call, a round being
+    as many calls as fill ``MIN_ROUND_S`` (at least one). Records what the
     table needs. role: roofline | baseline | alternative | ours."""
     dev_sync = torch.cuda.synchronize if torch.cuda.is_initialized() else None
 
@@ -28,9 +34,14 @@ def run(benchmark, fn, *, group: str, impl: str, role: str, nbytes: int, rounds:
         if dev_sync is not None:
             dev_sync()
 
+    call()  # the first call may set things up: not the one that sizes the rounds
+    t0 = time.perf_counter()
+    call()
+    one = time.perf_counter() - t0
+    iterations = max(1, min(1000, int(MIN_ROUND_S / max(one, 1e-9))))
     benchmark.group = group
-    benchmark.extra_info.update(impl=impl, role=role, bytes=int(nbytes), **info)
-    benchmark.pedantic(call, rounds=rounds, warmup_rounds=2, iterations=1)
+    benchmark.extra_info.update(impl=impl, role=role, bytes=int(nbytes), calls_per_round=iterations, **info)
+    benchmark.pedantic(call, rounds=rounds, warmup_rounds=2, iterations=iterations)
 
 
 def call_us(fn, calls: int = 200, *, batches: int = 1, sync=None, each: bool = False, warmup: int = 10,

@@ -1,7 +1,7 @@
 """Prints the side-by-side table after a benchmark run."""
 import os
 
-from benchmarks.common import machine
+from benchmarks.common import MIN_ROUND_S, machine
 
 
 def _rows(config):
@@ -46,11 +46,12 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
             xa = f"{alt / t:7.2f}" if alt else "      -"
             pk = f" {b.extra_info['peak_extra_mb']:8.1f}" if mem else ""
             w(f"  {b.extra_info['impl']:<34} {t * 1e3:9.3f} {gbs:8.1f} {pct} {xb} {xa}{pk}")
-        skip = ("impl", "role", "bytes", "peak_extra_mb")
+        skip = ("impl", "role", "bytes", "peak_extra_mb", "calls_per_round")
         extra = {k: v for k, v in benches[0].extra_info.items() if k not in skip}
         if extra:
             w("  " + ", ".join(f"{k}={v}" for k, v in extra.items()))
     w("")
-    w("ms: median; GB/s: bytes that must move / time; % copy: a copy_ of the same bytes / time;")
+    w("ms: median over rounds of the time per call (a round: as many synchronised calls as fill")
+    w(f"{MIN_ROUND_S * 1e3:g} ms, at least one); GB/s: bytes that must move / time; % copy: a copy_ of the same bytes / time;")
     w("x base: speed-up over the upstream-faithful reference; x alt: over the best plain-PyTorch alternative;")
     w("peak MB: extra memory at the peak of one call (CPU: op outputs only; CUDA: allocator peak).")

@@ -41,7 +41,7 @@ if [[ ${STATUS[build]} == pass* ]]; then
     for f in benchmarks/bench_*.py; do
       OSF_BENCH_DEVICE=cuda OSF_BENCH_WORLD=${OSF_BENCH_WORLD:-8} OSF_BENCH_ROUNDS=${OSF_BENCH_ROUNDS:-20} \
         $PY -m pytest -q "$f" -o python_files='bench_*.py' -p no:cacheprovider \
-        --benchmark-columns=median,iqr,rounds >> "$OUT/bench.log" 2>&1 || { rc=1; echo "FAILED: $f"; }
+        --benchmark-disable-gc --benchmark-columns=median,iqr,rounds >> "$OUT/bench.log" 2>&1 || { rc=1; echo "FAILED: $f"; }
     done
     sed -n '/^checkpoint path on/,/segments, staging=False/p' "$OUT/bench.log"
     sed -n '/^opensora_fast benchmarks/,/^x base/p' "$OUT/bench.log"

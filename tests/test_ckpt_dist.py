@@ -252,6 +252,13 @@ def _cases(rank, world, tmp):
     if rank == 0:
         pinned["a_w"] = torch.empty(3, 5)
     _expect_error(lambda: ckpt.model_gathering(ema, shapes, pinned), rank, ValueError, "['a_w'] has shape [3, 5]")
+    if rank == 0:
+        good = _pinned_for(shapes, ema)["a_w"]
+        pinned["a_w"] = torch.empty(*good.shape, 2, dtype=good.dtype)[..., 0]  # right shape and dtype, strided
+    _expect_error(lambda: ckpt.model_gathering(ema, shapes, pinned), rank, ValueError, "['a_w'] is not contiguous")
+    if rank == 0:
+        pinned["a_w"] = [0.0]
+    _expect_error(lambda: ckpt.model_gathering(ema, shapes, pinned), rank, ValueError, "['a_w'] is a list, not a tensor")
     _expect_error(lambda: ckpt.model_gathering(ema, shapes, _pinned_for(shapes, ema), bucket_bytes=world * 2 - 1),
                   0, ValueError, "holds less than one")
     _expect_error(lambda: ckpt.model_gathering(ema, shapes, _pinned_for(shapes, ema), staging="yes"),
