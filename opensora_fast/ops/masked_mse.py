@@ -118,7 +118,11 @@ if HAS_NATIVE:
             want_pred, want_target = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
             if not (want_pred or want_target):
                 return None, None, None
-            g = _apply(_BackwardFunction, grad, pred, target, ranges)
+            if torch.is_grad_enabled() or torch._C._are_functorch_transforms_active():
+                g = _apply(_BackwardFunction, grad, pred, target, ranges)  # a graph of the backward is wanted
+            else:  # plain backward (no create_graph): the kernel alone, one Python Function less
+                with torch._C._AutoDispatchBelowAutograd():
+                    g = torch.ops.opensora_fast.masked_mse_backward(grad, pred, target, ranges)
             return (g if want_pred else None), (-g if want_target else None), None
 
         @staticmethod
