@@ -25,8 +25,9 @@ SOURCES := $(shell find csrc -name '*.h' -o -name '*.cpp' -o -name '*.cu') setup
 test: $(EXT_STAMP)
 	$(PY) -m pytest -q tests
 
-# one process per benchmark file: what one leaves behind (bench_ckpt's gloo
-# ranks) measurably slowed the host-bound calls of the next in a shared process
+# one process per benchmark file, so each starts from the same process state
+# (in one shared process earlier files changed later ones' figures, e.g. through
+# the C allocator's state: benchmarks/RESULTS.md, third session)
 bench: $(EXT_STAMP)
 	@rc=0; for f in benchmarks/bench_*.py; do \
 	  $(PY) -m pytest -q $$f -o python_files='bench_*.py' -p no:cacheprovider --benchmark-disable-gc \

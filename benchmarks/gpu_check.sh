@@ -36,7 +36,7 @@ if [[ ${STATUS[build]} == pass* ]]; then
   else
     STATUS[memcheck]="FAIL (no compute-sanitizer)"
   fi
-  bench() {  # one process per file: no file's leftovers (NCCL threads, pinned memory) in another's timings
+  bench() {  # one process per file, as make bench: each starts from the same process state
     local rc=0 f; : > "$OUT/bench.log"
     for f in benchmarks/bench_*.py; do
       OSF_BENCH_DEVICE=cuda OSF_BENCH_WORLD=${OSF_BENCH_WORLD:-8} OSF_BENCH_ROUNDS=${OSF_BENCH_ROUNDS:-20} \
