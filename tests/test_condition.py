@@ -418,17 +418,22 @@ def test_cuda_inference_no_host_sync():
     z = torch.randn(4, 16, 33, 24, 42, device="cuda", dtype=torch.bfloat16)
     refs = [[torch.randn(16, 33, 24, 42, device="cuda", dtype=torch.bfloat16)] for _ in range(4)]
     refs[2] = None
-    prepare_inference_condition(z, "v2v_head", refs)  # warm-up (logging, first launches)
+    # as the benchmark's i2v_loop with every sample referenced: two one-frame references a sample
+    loop_refs = [[torch.randn(16, 1, 24, 42, device="cuda", dtype=torch.bfloat16) for _ in range(2)] for _ in range(4)]
+    cases = [("v2v_head", refs), ("i2v_loop", refs), ("v2v_tail_easy", refs), ("i2v_loop", loop_refs)]
+    for mode, r in cases:  # warm-up (logging, first launches)
+        prepare_inference_condition(z, mode, r)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        for mode in ("v2v_head", "i2v_loop", "v2v_tail_easy"):
-            masks, masked = prepare_inference_condition(z, mode, refs)
+        got = [prepare_inference_condition(z, mode, r) for mode, r in cases]
     finally:
         torch.cuda.set_sync_debug_mode(0)
-    want = reference.prepare_inference_condition(z.cpu(), "v2v_tail_easy", [None if r is None else [r[0].cpu()] for r in refs])
-    same(masks, want[0])
-    same(masked, want[1])
+    for (mode, r), (masks, masked) in zip(cases, got):
+        cpu_refs = [None if x is None else [t.cpu() for t in x] for x in r]
+        want = reference.prepare_inference_condition(z.cpu(), mode, cpu_refs)
+        same(masks, want[0])
+        same(masked, want[1])
 
 
 @pytest.mark.cuda
