@@ -62,8 +62,9 @@ class _Sources:
         return self._index[key]
 
 
-def _check_ref(ref, i: int, k: int, shape, need: int, mode: str):
-    """ref_list[i][k] as a [C, T', H, W] tensor with at least ``need`` frames."""
+def _check_ref(ref, i: int, k: int, shape, need: int, mode: str) -> int:
+    """Checks that ref_list[i][k] is a [C, T', H, W] tensor with at least ``need``
+    frames; returns T'."""
     C, H, W = shape
     if not isinstance(ref, torch.Tensor):
         raise TypeError(f"prepare_inference_condition: ref_list[{i}][{k}] must be a tensor, got {type(ref).__name__}")
@@ -78,7 +79,7 @@ def _check_ref(ref, i: int, k: int, shape, need: int, mode: str):
             f"prepare_inference_condition: ref_list[{i}][{k}] (sample {i}) has {shp[1]} frames; "
             f"{mode} needs at least {need}"
         )
-    return ref
+    return shp[1]
 
 
 def prepare_inference_condition(
@@ -117,35 +118,39 @@ def prepare_inference_condition(
     srcs = _Sources(z.device, keep=(torch.float32, torch.bfloat16, torch.float16))
     plan: list[int] = []
     missing = []
-    if mask_cond != "t2v":
+    if mask_cond != "t2v" and T > 1:
+        # the mode's shape, decided once (host time: this loop is most of a call's)
+        head_end = mask_cond in ("i2v_head", "i2v_loop")
+        tail_end = mask_cond in ("i2v_tail", "i2v_loop")
+        k = min((16 if mask_cond.endswith("_easy") else 8) + int(causal), T) if mask_cond.startswith("v2v") else 0
+        v2v_at_head = "head" in mask_cond
+        shape = (C, H, W)
+        add = srcs.add
         for i, ref in enumerate(ref_list):
             if ref is None:
                 missing.append(i)
                 continue
-            if T <= 1:
-                continue
             if len(ref) == 0:
                 raise ValueError(f"prepare_inference_condition: ref_list[{i}] (sample {i}) is empty; {mask_cond} needs a reference")
-            shape = (C, H, W)
-            head = None
-            if mask_cond in ("i2v_head", "i2v_loop"):
-                head = _check_ref(ref[0], i, 0, shape, 1, mask_cond)
-                head_src = srcs.add(head)
+            if head_end:
+                head = ref[0]
+                head_frames = _check_ref(head, i, 0, shape, 1, mask_cond)
+                head_src = add(head)
                 plan += [i, 0, 1, head_src, 0]
-            if mask_cond in ("i2v_tail", "i2v_loop"):
-                if head is not None and ref[-1] is head:  # one reference for both ends of a loop: checked once
-                    r, s = head, head_src
+            if tail_end:
+                r = ref[-1]
+                if head_end and r is head:  # one reference for both ends of a loop: checked once
+                    s, frames = head_src, head_frames
                 else:
-                    r = _check_ref(ref[-1], i, len(ref) - 1, shape, 1, mask_cond)
-                    s = srcs.add(r)
-                plan += [i, T - 1, 1, s, r.shape[1] - 1]
-            if mask_cond.startswith("v2v"):
-                k = min((16 if mask_cond.endswith("_easy") else 8) + int(causal), T)
-                r = _check_ref(ref[0], i, 0, shape, k, mask_cond)
-                if "head" in mask_cond:
-                    plan += [i, 0, k, srcs.add(r), 0]
-                else:
-                    plan += [i, T - k, k, srcs.add(r), r.shape[1] - k]
+                    frames = _check_ref(r, i, len(ref) - 1, shape, 1, mask_cond)
+                    s = add(r)
+                plan += [i, T - 1, 1, s, frames - 1]
+            if k:
+                r = ref[0]
+                frames = _check_ref(r, i, 0, shape, k, mask_cond)
+                plan += [i, 0, k, add(r), 0] if v2v_at_head else [i, T - k, k, add(r), frames - k]
+    elif mask_cond != "t2v":  # T = 1: nothing is conditioned, as upstream; missing references still noted
+        missing = [i for i, ref in enumerate(ref_list) if ref is None]
     if missing:
         msg = "prepare_inference_condition: no reference for sample(s) %s; using t2v for them (mask_cond %r)"
         if strict:
