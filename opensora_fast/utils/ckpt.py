@@ -514,12 +514,11 @@ def _gather_items(
 def _check_dst(fn: str, name: str, shape, dtype, pinned_state_dict) -> Optional[str]:
     """None when ``pinned_state_dict[name]`` is a contiguous tensor of ``shape``
     and ``dtype``; otherwise what is wrong."""
-    t = pinned_state_dict.get(name) if isinstance(pinned_state_dict, dict) else None
-    if type(t) is torch.Tensor and t.dtype == dtype and t.shape == shape and t.is_contiguous():
-        return None  # the common case, in as few calls as possible
     if name not in pinned_state_dict:
         return f"{fn}: pinned_state_dict has no entry {name!r}"
     t = pinned_state_dict[name]
+    if type(t) is torch.Tensor and t.dtype == dtype and t.shape == shape and t.is_contiguous():
+        return None  # the common case, in as few calls as possible (~1100 parameters)
     if not isinstance(t, torch.Tensor):
         return f"{fn}: pinned_state_dict[{name!r}] is a {type(t).__name__}, not a tensor"
     if tuple(t.shape) != tuple(shape):
@@ -585,12 +584,10 @@ def model_gathering(
             device = param.device
         if problem is not None:
             continue
-        shape = model_shape_dict.get(name) if isinstance(model_shape_dict, dict) else (
-            model_shape_dict[name] if name in model_shape_dict else None)
-        if shape is None:
+        if name not in model_shape_dict:
             problem = f"{fn}: model_shape_dict has no entry for parameter {name!r}"
             continue
-        shape = tuple(shape)
+        shape = tuple(model_shape_dict[name])
         n = _numel(shape)
         want = -(-n // world)
         if param.dim() != 1 or param.numel() != want:
