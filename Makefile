@@ -20,19 +20,41 @@ endif
 EXT_STAMP := build/.stamp-ext-$(subst /,_,$(PY))
 SOURCES := $(shell find csrc -name '*.h' -o -name '*.cpp' -o -name '*.cu') setup.py pyproject.toml
 
-.PHONY: test bench build wheel wheels test-wheel sdist info clean
+.PHONY: test lint format bench build wheel wheels test-wheel sdist info clean
 
 test: $(EXT_STAMP)
 	$(PY) -m pytest -q tests
 
+# Seconds: ruff (check, format --check) over the Python tree, clang-format over csrc/.
+# Both are pinned wheels from PyPI, installed into the venv on first use.
+RUFF_VERSION := 0.17.6
+CLANG_FORMAT_VERSION := 23.1.5
+LINT_STAMP := build/.stamp-lint-$(subst /,_,$(PY))-$(RUFF_VERSION)-$(CLANG_FORMAT_VERSION)
+CSRC := $(shell find csrc -name '*.h' -o -name '*.cpp' -o -name '*.cu' -o -name '*.cuh')
+$(LINT_STAMP): $(ENV_STAMP)
+	$(PY) -m pip install -q ruff==$(RUFF_VERSION) clang-format==$(CLANG_FORMAT_VERSION)
+	mkdir -p build && touch $@
+CLANG_FORMAT := $(PY) -c "import sys, clang_format; sys.argv[0] = 'clang-format'; sys.exit(clang_format.clang_format())"
+lint: $(LINT_STAMP)
+	$(PY) -m ruff check --quiet .
+	$(PY) -m ruff format --check --quiet .
+	$(CLANG_FORMAT) --dry-run -Werror $(CSRC)
+
+format: $(LINT_STAMP)
+	$(PY) -m ruff check --fix --quiet .
+	$(PY) -m ruff format --quiet .
+	$(CLANG_FORMAT) -i $(CSRC)
+
 # one process per benchmark file, so each starts from the same process state
 # (in one shared process earlier files changed later ones' figures, e.g. through
-# the C allocator's state: benchmarks/RESULTS.md, third session)
+# the C allocator's state: benchmarks/HISTORY.md, third session); the figures also
+# land as data in benchmarks/results/<machine>-<date>.json
+BENCH_JSON := build/bench-json
 bench: $(EXT_STAMP)
-	@rc=0; for f in benchmarks/bench_*.py; do \
+	@rm -rf $(BENCH_JSON) && mkdir -p $(BENCH_JSON); rc=0; for f in benchmarks/bench_*.py; do \
 	  $(PY) -m pytest -q $$f -o python_files='bench_*.py' -p no:cacheprovider --benchmark-disable-gc \
-	    --benchmark-columns=median,iqr,rounds || rc=1; \
-	done; exit $$rc
+	    --benchmark-columns=median,iqr,rounds --benchmark-json=$(BENCH_JSON)/$$(basename $$f .py).json || rc=1; \
+	done; $(PY) -m benchmarks.collect $(BENCH_JSON) || rc=1; exit $$rc
 
 info: $(EXT_STAMP)
 	$(PY) -m opensora_fast info
@@ -69,12 +91,12 @@ sdist: $(ENV_STAMP)
 
 .venv/.stamp-env:
 	python3 -m venv .venv
-	.venv/bin/python -m pip install -q torch==$(TORCH_VERSION) numpy pytest pytest-benchmark ninja expecttest hypothesis einops av Pillow safetensors huggingface_hub tqdm
+	.venv/bin/python -m pip install -q torch==$(TORCH_VERSION) numpy pytest pytest-benchmark ninja expecttest hypothesis einops av Pillow safetensors huggingface_hub tqdm matplotlib
 	touch $@
 
 build/.stamp-env-%:
 	$(PY) -c "import torch" || { echo "PYTHON=$(PY) has no torch: install one first"; exit 1; }
-	$(PY) -c "import pytest, pytest_benchmark, numpy, hypothesis, einops, av, PIL, safetensors, huggingface_hub, tqdm" 2>/dev/null || $(PY) -m pip install -q pytest pytest-benchmark numpy hypothesis einops av Pillow safetensors huggingface_hub tqdm
+	$(PY) -c "import pytest, pytest_benchmark, numpy, hypothesis, einops, av, PIL, safetensors, huggingface_hub, tqdm, matplotlib" 2>/dev/null || $(PY) -m pip install -q pytest pytest-benchmark numpy hypothesis einops av Pillow safetensors huggingface_hub tqdm matplotlib
 	mkdir -p build && touch $@
 
 $(EXT_STAMP): $(ENV_STAMP) $(SOURCES)

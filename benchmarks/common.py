@@ -1,7 +1,7 @@
 """The one timing path for all benchmarks: pytest-benchmark's ``pedantic`` over a
 callable that synchronises the device at its end (so wall-clock covers the GPU
 work), plus the side-by-side table printed at the end of the run (conftest.py).
-The per-call scripts (gpu_breakdown.py, host_overhead.py) use ``call_us``."""
+The per-call scripts in benchmarks/diagnostics/ use ``call_us``."""
 from __future__ import annotations
 
 import os

@@ -30,7 +30,7 @@ if [[ ${STATUS[build]} == pass* ]]; then
   }
   step tests tests
   if command -v compute-sanitizer > /dev/null; then
-    san() { PYTHONPATH=. timeout ${OSF_SANITIZE_TIMEOUT:-100} compute-sanitizer --tool "$1" --error-exitcode 9 $PY benchmarks/sanitize_ops.py > "$OUT/$1.log" 2>&1; local rc=$?; tail -3 "$OUT/$1.log"; return $rc; }
+    san() { PYTHONPATH=. timeout ${OSF_SANITIZE_TIMEOUT:-100} compute-sanitizer --tool "$1" --error-exitcode 9 $PY benchmarks/diagnostics/sanitize_ops.py > "$OUT/$1.log" 2>&1; local rc=$?; tail -3 "$OUT/$1.log"; return $rc; }
     step memcheck san memcheck
     step racecheck san racecheck
   else
@@ -45,7 +45,7 @@ if [[ ${STATUS[build]} == pass* ]]; then
     done
     sed -n '/^checkpoint path on/,/segments, staging=False/p' "$OUT/bench.log"
     sed -n '/^opensora_fast benchmarks/,/^x base/p' "$OUT/bench.log"
-    PYTHONPATH=. $PY benchmarks/gpu_breakdown.py || rc=1
+    PYTHONPATH=. $PY -m benchmarks.diagnostics.gpu_breakdown || rc=1
     return $rc
   }
   step bench bench

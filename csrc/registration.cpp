@@ -6,14 +6,31 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <string>
 
 #include "cpu_isa.h"
+#include "multi_tensor.h"
 
 #define OSF_STR2(x) #x
 #define OSF_STR(x) OSF_STR2(x)
 
-TORCH_LIBRARY(opensora_fast, m) {}
+namespace opensora_fast {
+namespace {
+std::atomic<bool> g_force_small_tables{false};
+
+// Sets the switch, returns its previous value (tests restore it).
+bool set_force_small_tables(bool on) { return g_force_small_tables.exchange(on); }
+}  // namespace
+
+bool force_small_tables() { return g_force_small_tables.load(std::memory_order_relaxed); }
+}  // namespace opensora_fast
+
+TORCH_LIBRARY(opensora_fast, m) {
+  // Private, for tests: every CUDA launch uses the small (4 KiB) launch tables
+  // (multi_tensor_cuda.cuh). Returns the previous setting.
+  m.def("_force_small_tables(bool on) -> bool", &opensora_fast::set_force_small_tables);
+}
 
 namespace {
 std::string replace_all(std::string s, char from, char to) {

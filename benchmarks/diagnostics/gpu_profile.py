@@ -3,7 +3,7 @@ host-bound: the NCCL checkpoint gather (1 rank, 1082 tensors), the loss, and the
 conditioning (with and without its t2v-fallback log line). Prints cProfile's top
 functions and the device timeline of one gather (first device event after the
 call starts, busy time per kind, idle time).
-Run on the device machine after building:  python -m benchmarks.gpu_profile [ckpt]"""
+Run on the device machine after building:  python -m benchmarks.diagnostics.gpu_profile [ckpt]"""
 import cProfile
 import io
 import logging

@@ -2,8 +2,8 @@
 dominated on the H100 machine (benchmarks/gpu_breakdown.py). Best of 5 batches of
 2000 calls, no sync inside a batch.
 
-  python -m benchmarks.host_overhead          tiny CPU inputs, one thread
-  python -m benchmarks.host_overhead cuda     the GPU bench's conditioning sizes,
+  python -m benchmarks.diagnostics.host_overhead          tiny CPU inputs, one thread
+  python -m benchmarks.diagnostics.host_overhead cuda     the GPU bench's conditioning sizes,
                                               split into stages (Python planning,
                                               the op alone, per source, per row)"""
 import logging

@@ -1,7 +1,7 @@
 """Where a call's time goes on the GPU machine: wall-clock per call (synchronised,
 as the benchmarks time it) next to the CUDA kernel time per call (torch.profiler's
 device self-time), so host overhead and kernel time can be told apart.
-Run by gpu_check.sh after the benchmarks:  python -m benchmarks.gpu_breakdown"""
+Run by gpu_check.sh after the benchmarks:  python -m benchmarks.diagnostics.gpu_breakdown"""
 import logging
 
 import torch
