@@ -66,6 +66,18 @@ struct Span {
   int64_t index;
 };
 
+// Bytes from a strided tensor's first element to the end of its last
+// (non-negative strides, as torch's): numel * element_size when it is dense, 0
+// when it has no element. opensora_fast/reference/_checks.py extent_bytes.
+inline uint64_t extent_bytes(const int64_t* sizes, const int64_t* strides, size_t dim, int64_t element_size) {
+  uint64_t last = 0;
+  for (size_t d = 0; d < dim; ++d) {
+    if (sizes[d] == 0) return 0;
+    last += static_cast<uint64_t>(sizes[d] - 1) * static_cast<uint64_t>(strides[d]);
+  }
+  return (last + 1) * static_cast<uint64_t>(element_size);
+}
+
 // Finds a written span that overlaps any other span (read-read overlaps are
 // fine). Sorted sweep, O(n log n); the pair it reports is the first met in
 // (start, index, written first) order, which opensora_fast/reference/_checks.py follows

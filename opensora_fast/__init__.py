@@ -26,6 +26,15 @@ _DROP_INS: dict[str, tuple[str, list[str]]] = {
         "opensora_fast.utils.inference",
         ["prepare_inference_condition", "collect_references_batch", "add_noise_to_ref"],
     ),
+    # the bucketed gathers (unpad kernel), and model_sharding, whose side-by-side
+    # shards let a bucket be sent without packing. Upstream's CheckpointIO.save
+    # calls the gathers through its module, so patching them speeds it up too.
+    # (upstream's ckpt imports only with colossalai and tensornvme's GitHub build;
+    # where it does not import, the row is skipped)
+    "opensora.utils.ckpt": (
+        "opensora_fast.utils.ckpt",
+        ["model_sharding", "model_gathering", "master_weights_gathering"],
+    ),
 }
 
 # Plain-Python ports with upstream's names (functions only: replacing classes would
@@ -77,12 +86,9 @@ _PORTS: dict[str, tuple[str, list[str]]] = {
     "opensora.utils.prompt_refine": (
         "opensora_fast.utils.prompt_refine", ["image_to_url", "refine_prompt", "refine_prompts"],
     ),
-    # ports=True (upstream's ckpt imports only with colossalai and tensornvme's
-    # GitHub build); its CheckpointIO.save calls the gathers through the module,
-    # so once patched it gathers by buckets
     "opensora.utils.ckpt": (
         "opensora_fast.utils.ckpt",
-        ["model_gathering", "master_weights_gathering", "remove_padding", "record_model_param_shape", "model_sharding", "load_checkpoint", "rm_checkpoints",
+        ["remove_padding", "record_model_param_shape", "load_checkpoint", "rm_checkpoints",
          "load_master_weights", "save_json", "load_json", "load_from_hf_hub", "print_load_warning"],
     ),
 }

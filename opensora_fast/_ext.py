@@ -138,7 +138,10 @@ _setting: tuple = (object(), "auto")  # (raw environment value, its parsed setti
 
 
 def backend_setting() -> str:
-    raw = os.environ.get("OPENSORA_FAST_BACKEND")
+    return _parse_setting(os.environ.get("OPENSORA_FAST_BACKEND"))
+
+
+def _parse_setting(raw: str | None) -> str:
     global _setting
     if raw == _setting[0]:
         return _setting[1]  # read at every op call: parsed once per distinct value
@@ -177,26 +180,50 @@ def _has_kernel(op: str, device_type: str) -> bool:
 
 def use_native(op: str, device: torch.device) -> bool:
     """True when ``op`` should run its native kernel for tensors on ``device``."""
-    setting = backend_setting()
+    return _decide(op, device.type, backend_setting())
+
+
+def _decide(op: str, device_type: str, setting: str) -> bool:
     if setting == "reference":
-        _say_once(op, device.type, "OPENSORA_FAST_BACKEND=reference")
+        _say_once(op, device_type, "OPENSORA_FAST_BACKEND=reference")
         return False
     if not HAS_NATIVE:
         why = _IMPORT_ERROR
-    elif not _has_kernel(op, device.type):
-        why = f"the extension has no {device.type} kernel for it"
+    elif not _has_kernel(op, device_type):
+        why = f"the extension has no {device_type} kernel for it"
     else:
         return True
     if setting == "native":
-        raise RuntimeError(f"OPENSORA_FAST_BACKEND=native but opensora_fast.{op} cannot run natively on {device.type}: {why}")
-    _say_once(op, device.type, why)
+        raise RuntimeError(f"OPENSORA_FAST_BACKEND=native but opensora_fast.{op} cannot run natively on {device_type}: {why}")
+    _say_once(op, device_type, why)
     return False
+
+
+def _traced_choice(op: str, device_type: str, raw: str | None) -> tuple:
+    """use_native's answer at trace time, as (native, error type, message):
+    dynamo runs this once per trace and keeps the answer as a constant (it
+    cannot trace the dispatcher query), so an error comes back as data."""
+    try:
+        return _decide(op, device_type, _parse_setting(raw)), None, None
+    except (ValueError, RuntimeError) as e:
+        return False, "ValueError" if isinstance(e, ValueError) else "RuntimeError", str(e)
+
+
+# What torch.compiler.assume_constant_result does, without its import of
+# torch._dynamo (seconds, and optional dependencies such as tqdm) when the package
+# loads; tests/test_ema.py checks that the decorator still sets this mark.
+_traced_choice._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
 def pick(op: str, device: torch.device, reference_impl):
     """The callable to run for ``op`` on ``device``: ``torch.ops.opensora_fast.<op>``
-    or ``reference_impl``. Under torch.compile the choice is made at trace time
-    from HAS_NATIVE alone (dynamo cannot trace the dispatcher queries)."""
+    or ``reference_impl``. Under torch.compile the same rules decide at trace
+    time; the environment read stays in the traced code, so dynamo guards on
+    OPENSORA_FAST_BACKEND and a changed setting retraces."""
     if torch.compiler.is_compiling():
-        return getattr(torch.ops.opensora_fast, op) if HAS_NATIVE else reference_impl
-    return getattr(torch.ops.opensora_fast, op) if use_native(op, device) else reference_impl
+        native, error, message = _traced_choice(op, device.type, os.environ.get("OPENSORA_FAST_BACKEND"))
+        if error is not None:
+            raise (ValueError if error == "ValueError" else RuntimeError)(message)
+    else:
+        native = use_native(op, device)
+    return getattr(torch.ops.opensora_fast, op) if native else reference_impl

@@ -27,3 +27,23 @@ def rand(n, dtype, gen, device="cpu", scale=1.0):
 def shard_sizes(world_size: int) -> list[int]:
     """Per-rank shard sizes of the 11B model's 1082 tensors."""
     return [shard_numel(math.prod(s), world_size) for s in flux_mmdit_11b_shapes()]
+
+
+def assert_ema_matches_reference(
+    a: torch.Tensor, b: torch.Tensor, src: torch.Tensor, decay: float, same_reduced: bool
+) -> None:
+    """An EMA result ``a`` against the reference's ``b``: bitwise, except that
+    torch's own bf16/bf16 and fp16/fp16 add (the compat reference) rounds the
+    scalar remainder of its thread chunks differently: it rounds (1-d)*src to
+    the dtype first, so there the two differ by at most one rounding of
+    (1-d)*src plus one of the result (several ulps of the result when the sum
+    cancels). ``same_reduced``: ema and src are that same reduced dtype and the
+    update is not stochastic."""
+    if not same_reduced:
+        return assert_bitwise_equal(a, b)
+    a, b, src = a.cpu(), b.cpu(), src.cpu()
+    diff = (a.float() != b.float()) & ~(a.isnan() & b.isnan())
+    eps, tiny = torch.finfo(a.dtype).eps, torch.finfo(a.dtype).tiny
+    bound = eps * (b.float().abs() + ((1 - decay) * src.float()).abs()) + tiny
+    within = ((a.float() - b.float()).abs() <= bound)[diff]
+    assert bool(within.all()), f"{int((~within).sum())} of {a.numel()} elements differ beyond the bound"

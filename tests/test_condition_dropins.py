@@ -2,14 +2,19 @@
 prepare_inference_condition, prepare_visual_condition_causal / _uncausal,
 collect_references_batch, add_noise_to_ref."""
 import copy
+import importlib
 import logging
 import random
+import zlib
 
 import pytest
 import torch
 
 from opensora_fast import reference
 from opensora_fast.utils import _condition as dropin
+
+# the module itself: opensora_fast.reference.condition as an attribute is the op
+ref_condition = importlib.import_module("opensora_fast.reference.condition")
 
 from condition_helpers import ToyVAE, videos
 from helpers import assert_bitwise_equal
@@ -39,7 +44,8 @@ def assert_same(got, want, what):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("causal", [True, False])
 def test_inference_parity_every_mode(mode, dtype, causal):
-    gen = torch.Generator().manual_seed(hash((mode, str(dtype), causal)) % 2**31)
+    # crc32, not hash(): the same seed in every process (hash() varies with PYTHONHASHSEED)
+    gen = torch.Generator().manual_seed(zlib.crc32(f"{mode}/{dtype}/{causal}".encode()))
     B, C, H, W = 3, 4, 5, 6
     for T, Tr, none_at, two, rdt in [
         (20, 20, (), False, torch.float32),  # T > 17: every v2v window fits
@@ -125,6 +131,45 @@ def test_add_noise_to_ref_same_draws():
     b = reference.add_noise_to_ref(x, m, 0.3)
     assert_bitwise_equal(a, b)
     assert not torch.equal(a, m * x)
+
+
+ADD_NOISE_IMPLS = [pytest.param(dropin.add_noise_to_ref, id="dropin"), pytest.param(reference.add_noise_to_ref, id="reference")]
+
+
+@pytest.mark.parametrize("add_noise", ADD_NOISE_IMPLS)
+@pytest.mark.parametrize(
+    "t, sigma_min, want",
+    [
+        # masks * ((1 - (1 - sigma_min) t) ref + t noise), worked out by hand
+        (0.5, 0.0, [0.75, 0.0, -1.0, 2.25]),
+        (0.25, 1e-5, [0.8750025, 0.0, -2.50001, 1.37500125]),
+        (1.0, 1e-5, [0.50001, 0.0, 1.99996, 4.000005]),
+        (0.0, 1e-5, [1.0, 0.0, -4.0, 0.5]),
+    ],
+)
+def test_add_noise_to_ref_formula_written_out(add_noise, t, sigma_min, want, monkeypatch):
+    ref = torch.tensor([1.0, 2.0, -4.0, 0.5], dtype=torch.float64)
+    noise = torch.tensor([0.5, -1.0, 2.0, 4.0], dtype=torch.float64)
+    masks = torch.tensor([1.0, 0.0, 1.0, 1.0], dtype=torch.float64)
+    seen = []
+
+    def fixed_noise(like):
+        seen.append(like)
+        return noise.clone()
+
+    monkeypatch.setattr(torch, "randn_like", fixed_noise)
+    got = add_noise(ref, masks, t, sigma_min)
+    assert len(seen) == 1 and seen[0] is ref  # noise shaped (and drawn) like masked_ref
+    torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float64), rtol=0, atol=1e-12)
+
+
+def test_add_noise_to_ref_default_sigma_min():
+    x, m = torch.ones(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+    for fn in (dropin.add_noise_to_ref, reference.add_noise_to_ref):
+        torch.manual_seed(0)
+        noise = torch.randn_like(x)
+        torch.manual_seed(0)
+        torch.testing.assert_close(fn(x, m, 1.0), 1e-5 + noise, rtol=0, atol=1e-12)  # sigma_min = 1e-5
 
 
 # ---- training -----------------------------------------------------------------------
@@ -255,3 +300,181 @@ def test_training_bad_config():
         dropin.prepare_visual_condition_causal(x, {"v2v_head": 1}, ToyVAE())
     with pytest.raises(ValueError, match="unknown mask condition 'i2v_middle' drawn for sample 0"):
         dropin.prepare_visual_condition_causal(x, {"i2v_middle": 1}, ToyVAE())
+
+
+# ---- v2v thresholds, B = 0, fp64: expectations written out, not computed ------------
+
+FULL = ["t2v", "i2v_head", "i2v_tail", "i2v_loop", "v2v_head", "v2v_tail", "v2v_head_easy", "v2v_tail_easy"]
+NO_V2V = FULL[:4]
+NO_EASY = FULL[:6]
+
+
+@pytest.mark.parametrize(
+    "T, want",
+    # short = 9, long = 17: every v2v mode goes at T <= short, the easy ones at T <= long
+    [(1, NO_V2V), (9, NO_V2V), (10, NO_EASY), (16, NO_EASY), (17, NO_EASY), (18, FULL)],
+)
+def test_v2v_drop_rule_at_the_boundaries(T, want):
+    ours = dropin._modes_for_length(dict(CONFIG), T, 9, 17)
+    assert list(ours) == want and all(ours[k] == CONFIG[k] for k in ours)
+    cfg = dict(CONFIG)
+    ref_condition._drop_v2v(cfg, T, 9, 17)
+    assert list(cfg) == want
+    # keys that merely contain "v2v" are not upstream's to drop
+    assert "v2v_head_x" in dropin._modes_for_length({"v2v_head_x": 1}, 1, 9, 17)
+
+
+# (causal, F frames, T latent frames at tcr 4, modes left): causal drops at T <= 32//4+1 = 9
+# and T <= 64//4+1 = 17; uncausal at T <= 32//4 = 8 and T <= 64//4 = 16
+BOUNDARIES = [
+    (True, 33, 9, NO_V2V), (True, 37, 10, NO_EASY), (True, 65, 17, NO_EASY), (True, 69, 18, FULL),
+    (False, 32, 8, NO_V2V), (False, 36, 9, NO_EASY), (False, 64, 16, NO_EASY), (False, 68, 17, FULL),
+]
+
+
+@pytest.mark.parametrize("causal, F, T, want", BOUNDARIES)
+def test_v2v_thresholds_reference(causal, F, T, want):
+    vae = ToyVAE(causal=causal)
+    assert vae.get_latent_size((F, 4, 4))[0] == T
+    fn = reference.prepare_visual_condition_causal if causal else reference.prepare_visual_condition_uncausal
+    cfg = dict(CONFIG)
+    random.seed(0)
+    fn(videos(1, F, 4, 4), cfg, vae)
+    assert list(cfg) == want  # upstream pops from the caller's dict
+
+
+@pytest.mark.parametrize("causal, F, T, want", BOUNDARIES)
+def test_v2v_thresholds_dropin(causal, F, T, want):
+    fn = dropin.prepare_visual_condition_causal if causal else dropin.prepare_visual_condition_uncausal
+    x = videos(1, F, 4, 4)
+    # the mode removed at this T, alone in the config: no mode left; one that stays: drawn
+    for mode in ("v2v_head", "v2v_tail_easy"):
+        if mode in want:
+            random.seed(0)
+            _, cond = fn(x, {mode: 1}, ToyVAE(causal=causal))
+            assert cond[0, 0].any(), (mode, T)
+        else:
+            with pytest.raises(ValueError, match=f"no mode left for T={T} latent frames"):
+                fn(x, {mode: 1}, ToyVAE(causal=causal))
+
+
+@pytest.mark.parametrize("impl", ["dropin", "reference"])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("F", [1, 9])
+def test_training_empty_batch(impl, causal, F):
+    """B = 0, as upstream: empty tensors (an image batch still goes through one
+    encode, whose dtype x_0 keeps; a video's x_0 is in x's dtype)."""
+    mod = dropin if impl == "dropin" else reference
+    fn = mod.prepare_visual_condition_causal if causal else mod.prepare_visual_condition_uncausal
+    vae = ToyVAE(causal=causal, dtype=torch.bfloat16)
+    x = videos(0, F, 8, 8)
+    random.seed(0)
+    x_0, cond = fn(x, dict(CONFIG), vae)
+    T = 1 if F == 1 else 3
+    assert x_0.shape == (0, 4, T, 4, 4) and cond.shape == (0, 5, T, 4, 4)
+    assert x_0.dtype == (torch.bfloat16 if F == 1 else torch.float32) and cond.dtype == torch.float32
+    assert vae.calls == ([(0, 3, 1, 8, 8)] if F == 1 else [])
+
+
+# fp64 values and what fp32 makes of them: 1/3 -> 0x1.555556p-2, 1 + 2^-40 -> 1,
+# 1e-50 -> 0 (underflow), 1e39 -> inf (overflow)
+F64_VALUES = [1 / 3, 1 + 2**-40, 1e-50, 1e39]
+F64_THROUGH_F32 = [0.3333333432674408, 1.0, 0.0, float("inf")]
+
+
+@pytest.mark.parametrize("impl", ["dropin", "reference"])
+@pytest.mark.parametrize("zdtype", [torch.float64, torch.float32])
+def test_inference_fp64_refs_go_through_fp32(impl, zdtype):
+    """Upstream copies references into fp32 buffers, then casts to z's dtype: an
+    fp64 reference is rounded to fp32 even for an fp64 z."""
+    fn = (dropin if impl == "dropin" else reference).prepare_inference_condition
+    z = torch.zeros(1, 1, 3, 1, 4, dtype=zdtype)
+    ref = torch.tensor(F64_VALUES, dtype=torch.float64).view(1, 1, 1, 4)
+    masks, masked = fn(z, "i2v_head", [[ref]])
+    assert masked.dtype == zdtype and masks.dtype == zdtype
+    want = torch.tensor(F64_THROUGH_F32, dtype=zdtype)
+    assert torch.equal(masked[0, 0, 0, 0], want), masked[0, 0, 0, 0].tolist()
+    assert not masked[0, :, 1:].any() and masks[0, 0, 0].all() and not masks[0, 0, 1:].any()
+
+
+class PassVAE(torch.nn.Module):
+    """Keeps every tcr-th frame of its input, nothing else: the latents are the
+    pixels themselves, so no arithmetic hides a rounding."""
+
+    def __init__(self, causal=True, tcr=4):
+        super().__init__()
+        from types import SimpleNamespace
+
+        self.cfg = SimpleNamespace(latent_channels=3)
+        self.time_compression_ratio, self.causal = tcr, causal
+
+    def get_latent_size(self, size):
+        F, H, W = size
+        tcr = self.time_compression_ratio
+        return ((F - 1) // tcr + 1 if self.causal else -(-F // tcr)), H, W
+
+    def encode(self, x):
+        return x[:, :, :: self.time_compression_ratio].clone()
+
+
+@pytest.mark.parametrize("impl", ["dropin", "reference"])
+@pytest.mark.parametrize("causal", [True, False])
+def test_training_fp64_latents_not_rounded(impl, causal):
+    """Training keeps the encoder's fp64 latents as they are (upstream assigns them
+    into x.dtype buffers: no fp32 on the way)."""
+    mod = dropin if impl == "dropin" else reference
+    fn = mod.prepare_visual_condition_causal if causal else mod.prepare_visual_condition_uncausal
+    x = torch.zeros(2, 3, 9, 1, 4, dtype=torch.float64)
+    x[:, 1, 0, 0] = torch.tensor(F64_VALUES, dtype=torch.float64)
+    random.seed(0)
+    x_0, cond = fn(x, {"i2v_head": 1}, PassVAE(causal))
+    want = torch.tensor(F64_VALUES, dtype=torch.float64)
+    assert cond.dtype == torch.float64 and x_0.dtype == torch.float64
+    for b in range(2):
+        assert torch.equal(cond[b, 2, 0, 0], want), cond[b, 2, 0, 0].tolist()  # channel 1 of the latent
+        assert torch.equal(x_0[b, 1, 0, 0], want)
+        assert cond[b, 0, 0].all() and not cond[b, 0, 1:].any()
+
+
+# ---- sources that require grad (an encoder that is not frozen) --------------------
+
+
+def test_inference_refs_that_require_grad_give_upstreams_gradients():
+    """The op refuses sources that require grad; the drop-in then takes an
+    autograd-tracked path, with upstream's values and gradients."""
+    ref_impl = importlib.import_module("opensora_fast.reference.condition")
+    from opensora_fast.utils.inference import prepare_inference_condition
+
+    g = torch.Generator().manual_seed(7)
+    z = torch.randn(2, 3, 12, 4, 6, generator=g)
+    for mode in ("i2v_loop", "v2v_head", "i2v_tail"):
+        refs_a = [[torch.randn(3, 12, 4, 6, generator=g).requires_grad_()] for _ in range(2)]
+        refs_b = [[r[0].detach().clone().requires_grad_()] for r in refs_a]
+        w = torch.randn(2, 3, 12, 4, 6, generator=g)
+        ma, za = prepare_inference_condition(z, mode, refs_a)
+        mb, zb = ref_impl.prepare_inference_condition(z, mode, refs_b)
+        assert torch.equal(ma, mb.to(ma.device)) and torch.equal(za, zb.to(za.device))
+        (za * w).sum().backward()
+        (zb * w).sum().backward()
+        for a, b in zip(refs_a, refs_b):
+            assert a[0].grad is not None and torch.equal(a[0].grad, b[0].grad), mode
+
+
+def test_training_encoder_that_requires_grad_gives_gradients():
+    ref_impl = importlib.import_module("opensora_fast.reference.condition")
+    from opensora_fast.utils.train import prepare_visual_condition_causal
+
+    cfg = {"i2v_head": 0.5, "i2v_loop": 0.5}
+    x = videos(3, 9)
+    grads = []
+    for fn in (prepare_visual_condition_causal, ref_impl.prepare_visual_condition_causal):
+        vae = ToyVAE()
+        vae.w.requires_grad_(True)  # an encoder that is not frozen
+        vae.encode = ToyVAE.encode.__wrapped__.__get__(vae)  # and tracks its graph
+        random.seed(0)
+        x0, cond = fn(x, dict(cfg), vae)
+        (x0.sum() + cond.sum()).backward()
+        assert vae.w.grad is not None and vae.w.grad.abs().sum() > 0
+        grads.append((x0.detach(), cond.detach(), vae.w.grad.clone()))
+    assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
+    assert torch.allclose(grads[0][2], grads[1][2], rtol=1e-6)

@@ -1,6 +1,8 @@
 """collect_references_batch and the media helpers it needs, on small image and
 video files the tests write (the video cases skip only when PyAV is absent)."""
+import logging
 import sys
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -38,6 +40,82 @@ def write_video(path, frames, w=32, h=24):
                 c.mux(p)
         for p in s.encode():
             c.mux(p)
+
+
+def write_timed_video(path, pts, options=None, metadata=None, fmt="matroska"):
+    """An intra-only video (Matroska unless ``fmt``) whose k-th packet is frame k (grey level 20 k)
+    with timestamp ``pts[k]`` in units of 1/8 s: repeated, negative timestamps as
+    given (``avoid_negative_ts`` off keeps them negative in the file)."""
+    av = pytest.importorskip("av")
+    tb = Fraction(1, 8)
+    kw = {"metadata_encoding": "latin-1"} if metadata else {}
+    with av.open(str(path), mode="w", format=fmt, options=options or {}, **kw) as c:
+        c.metadata.update(metadata or {})
+        s = c.add_stream("mpeg4", rate=8)
+        s.width, s.height, s.pix_fmt = 16, 16, "yuv420p"
+        s.codec_context.gop_size = 1  # every frame a key frame: decode order = packet order
+        s.options = {"qscale": "1"}
+        packets = []
+        for k in range(len(pts)):
+            frame = av.VideoFrame.from_ndarray(np.full((16, 16, 3), 20 * k, np.uint8), format="rgb24")
+            frame.pts = k
+            packets += s.encode(frame)
+        packets += s.encode()
+        assert len(packets) == len(pts)
+        for packet, t in zip(packets, pts):
+            packet.time_base = tb
+            packet.pts = packet.dts = t
+            c.mux(packet)
+
+
+def frame_numbers(frames):
+    """Which written frame each decoded one is (by its grey level)."""
+    return [round(v / 20) for v in frames[:, 0, 8, 8].tolist()]
+
+
+# (timestamps written, frames upstream keeps, by written index): one per timestamp,
+# the last decoded; timestamps < 0 dropped
+TIMED_CASES = {
+    "plain": ([0, 1, 2, 3], [0, 1, 2, 3]),
+    "repeated": ([0, 1, 1, 2, 3, 3, 3, 4], [0, 2, 3, 6, 7]),
+    "negative_head": ([-3, -2, -1, 0, 1, 2], [3, 4, 5]),
+    "repeated_and_negative": ([-2, -1, -1, 0, 0, 1], [4, 5]),
+}
+
+
+@pytest.mark.parametrize("case", list(TIMED_CASES))
+def test_video_timestamps_follow_upstream(tmp_path, case, caplog):
+    pts, want = TIMED_CASES[case]
+    p = tmp_path / f"{case}.mkv"
+    write_timed_video(p, pts, options={"avoid_negative_ts": "disabled"})
+    with caplog.at_level(logging.INFO, logger="opensora_fast"):
+        frames = _media.read_video_frames(str(p))
+    assert frames.dtype == torch.uint8 and frames.shape == (len(want), 3, 16, 16)
+    assert frame_numbers(frames) == want
+    dropped = [r for r in caplog.records if "decoded frames dropped" in r.getMessage()]
+    assert len(dropped) == (0 if case == "plain" else 1)
+    clip = _media.read_from_path(str(p), (8, 8), transform_name="resize_crop")
+    assert clip.shape == (3, len(want), 8, 8)
+
+
+def test_video_all_negative_timestamps_decodes_the_file_and_logs(tmp_path, caplog):
+    """Upstream returns an empty clip here; the file's frames are used instead, in
+    decode order, and a warning says so."""
+    p = tmp_path / "neg.ts"  # MPEG-TS: Matroska shifts a wholly negative file to start at 0
+    write_timed_video(p, [-5, -4, -3, -2, -1], options={"avoid_negative_ts": "disabled"}, fmt="mpegts")
+    with caplog.at_level(logging.WARNING, logger="opensora_fast"):
+        frames = _media.read_video_frames(str(p))
+    assert frame_numbers(frames) == [0, 1, 2, 3, 4]
+    msgs = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(msgs) == 1 and "where upstream returns an empty clip" in msgs[0] and "all 5 decoded frames" in msgs[0]
+
+
+def test_video_metadata_errors_ignored(tmp_path):
+    """A title that is not UTF-8 (PyAV's default decoding raises on it): upstream
+    opens with metadata_errors="ignore" and reads the frames."""
+    p = tmp_path / "meta.mkv"
+    write_timed_video(p, [0, 1, 2], metadata={"title": "caf\xe9"})
+    assert frame_numbers(_media.read_video_frames(str(p))) == [0, 1, 2]
 
 
 def test_image_resize_crop_values_and_shape(tmp_path):

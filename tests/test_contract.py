@@ -59,8 +59,7 @@ def _ema_cases():
     }
 
 
-# FakeTensorMode cannot hold these inputs at all (sparse, inference tensors)
-_NO_FAKE = {"sparse", "inference"}
+WAYS = ["native", "reference", "fake"]
 EMA = _ema_cases()
 
 
@@ -78,26 +77,35 @@ def _fake_call(fn, args):
         fn(*fargs)
 
 
-@pytest.mark.parametrize("way", ["native", "reference", "fake"])
+def _three_ways(way, call, fresh, exc, text):
+    """The first line of the error ``call(way)`` raises, after checking that the
+    two other ways raise the same type with the same line (on ``fresh()`` inputs)."""
+    msg = _raises(lambda: call(way, *fresh()), exc, text)
+    for other in WAYS:
+        if other != way:
+            assert _raises(lambda: call(other, *fresh()), exc, text) == msg, (way, other)
+    return msg
+
+
+def _ema_call(way, ema, src, decay):
+    if way == "native":
+        return OP.ema_update_(ema, src, decay)
+    if way == "reference":
+        return reference.ema_update_(ema, src, decay)
+    return _fake_call(lambda e, s: OP.ema_update_(e, s, decay), (ema, src))
+
+
+@pytest.mark.parametrize("way", WAYS)
 @pytest.mark.parametrize("name", list(EMA))
 def test_ema_check_contract(name, way):
     ema, src, decay, exc, text = _ema_cases()[name]  # fresh tensors per run
     before = [e.clone() if e.layout == torch.strided and e.device.type == "cpu" else None for e in ema]
-    if way == "native":
-        msg = _raises(lambda: OP.ema_update_(ema, src, decay), exc, text)
-    elif way == "reference":
-        msg = _raises(lambda: reference.ema_update_(ema, src, decay), exc, text)
-    else:
-        if name in _NO_FAKE:
-            pytest.skip("FakeTensorMode cannot convert this input")
-        msg = _raises(lambda: _fake_call(lambda e, s: OP.ema_update_(e, s, decay), (ema, src)), exc, text)
+    _raises(lambda: _ema_call(way, ema, src, decay), exc, text)
     for e, b in zip(ema, before):
         if b is not None:
             assert_bitwise_equal(e.detach(), b.detach(), f"{name}: written before the error")
-    # the three ways say exactly the same thing
-    ema2, src2, decay2, _, _ = _ema_cases()[name]
-    other = _raises(lambda: reference.ema_update_(ema2, src2, decay2), exc, text)
-    assert msg == other
+    # the three ways say exactly the same thing (each against the two others)
+    _three_ways(way, _ema_call, lambda: _ema_cases()[name][:3], exc, text)
 
 
 def _mse_cases():
@@ -112,24 +120,49 @@ def _mse_cases():
         "ranges shape": (p, z(2, 5, 3), r[:1], ValueError, "masked_mse: ranges must be [B, 2] = [2, 2], got [1, 2]"),
         "pred strided": (z(2, 5, 6)[..., ::2], z(2, 5, 3), r, ValueError, "masked_mse: pred, target and ranges must be contiguous"),
         "sparse": (z(2, 5, 3).to_sparse(), z(2, 5, 3), r, ValueError, "masked_mse: pred, target and ranges must be dense (strided) tensors"),
+        "inference pred 2-D": (_inference(4).view(2, 2), z(2, 2), r, ValueError, "masked_mse: pred must be [B, L, D], got shape [2, 2]"),
+        "pred None": (None, p, r, TypeError, "masked_mse: pred must be a tensor, got NoneType"),
+        "target None": (p, None, r, TypeError, "masked_mse: target must be a tensor, got NoneType"),
+        "ranges None": (p, p, None, TypeError, "masked_mse: ranges must be a tensor, got NoneType"),
     }
 
 
 MSE = _mse_cases()
 
 
-@pytest.mark.parametrize("way", ["native", "reference", "fake"])
+def _mse_call(way, pred, target, ranges):
+    if way == "native":
+        return OP.masked_mse(pred, target, ranges)
+    if way == "reference":
+        return reference.masked_mse(pred, target, ranges)
+    return _fake_call(OP.masked_mse, (pred, target, ranges))
+
+
+@pytest.mark.parametrize("way", WAYS)
 @pytest.mark.parametrize("name", list(MSE))
 def test_masked_mse_check_contract(name, way):
-    pred, target, ranges, exc, text = _mse_cases()[name]
-    fns = {
-        "native": lambda: OP.masked_mse(pred, target, ranges),
-        "reference": lambda: reference.masked_mse(pred, target, ranges),
-        "fake": lambda: _fake_call(OP.masked_mse, (pred, target, ranges)),
-    }
-    if way == "fake" and name in _NO_FAKE:
-        pytest.skip("FakeTensorMode cannot convert this input")
-    _raises(fns[way], exc, text)
+    _, _, _, exc, text = MSE[name]
+    _three_ways(way, _mse_call, lambda: _mse_cases()[name][:3], exc, text)
+
+
+@pytest.mark.parametrize("backend", ["native", "reference"])
+def test_nested_inputs_refused_alike(backend, monkeypatch):
+    # FakeTensorMode cannot convert a nested tensor, so this one is two ways:
+    # the raw op / the reference, and the public wrappers on either backend.
+    monkeypatch.setenv("OPENSORA_FAST_BACKEND", backend)
+    nt = torch.nested.nested_tensor([z(5, 3), z(5, 3)])
+    njt = torch.nested.nested_tensor([z(5, 3), z(4, 3)], layout=torch.jagged)
+    r = torch.tensor([[0, 5], [1, 3]])
+    dense = "masked_mse: pred, target and ranges must be dense (strided) tensors"
+    for x in (nt, njt):
+        for fn in (OP.masked_mse, reference.masked_mse, ops.masked_mse):
+            _raises(lambda: fn(x, x, r), ValueError, dense)
+    for fn in (OP.masked_mse_backward, reference.masked_mse_backward):
+        _raises(lambda: fn(torch.tensor(1.0), nt, nt, r), ValueError, dense)
+    frame = torch.nested.nested_tensor([z(3), z(3)])
+    for fn in (lambda: OP.loss_ranges(frame, 4, True), lambda: reference.loss_ranges(frame, 4, True),
+               lambda: ops.loss_ranges(frame, 4)):
+        _raises(fn, ValueError, "loss_ranges: frame_mask must be a dense (strided) tensor")
 
 
 def _ranges_cases():
@@ -140,21 +173,34 @@ def _ranges_cases():
         "no frames": (z(2, 0), 4, ValueError, "loss_ranges: frame_mask has no frames (T=0)"),
         "negative hw": (z(2, 3), -1, ValueError, "loss_ranges: hw must be >= 0, got -1"),
         "sparse": (z(2, 3).to_sparse(), 4, ValueError, "loss_ranges: frame_mask must be a dense (strided) tensor"),
+        "None": (None, 4, TypeError, "loss_ranges: frame_mask must be a tensor, got NoneType"),
+        # sub-byte and bits dtypes: no comparison with 1 in torch
+        "uint4": (torch.zeros(2, 3, dtype=torch.uint4), 4, TypeError,
+                  "loss_ranges: frame_mask has dtype torch.uint4; expected a real or bool dtype"),
+        "bits8": (torch.zeros(2, 3, dtype=torch.bits8), 4, TypeError,
+                  "loss_ranges: frame_mask has dtype torch.bits8; expected a real or bool dtype"),
+        "float4": (torch.zeros(2, 3, dtype=torch.float4_e2m1fn_x2), 4, TypeError,
+                   "loss_ranges: frame_mask has dtype torch.float4_e2m1fn_x2; expected a real or bool dtype"),
+        # T * hw past int64: once silently wrapped ranges on both backends
+        "T*hw > int64": (z(2, 3), 2**62, ValueError, "loss_ranges: T * hw = 3 * 4611686018427387904 does not fit in int64"),
+        "T*hw = int64 max + 1": (z(2, 2), 2**62, ValueError, "loss_ranges: T * hw = 2 * 4611686018427387904 does not fit in int64"),
+        "hw int64 max": (z(2, 2), 2**63 - 1, ValueError, "loss_ranges: T * hw = 2 * 9223372036854775807 does not fit in int64"),
     }
 
 
-@pytest.mark.parametrize("way", ["native", "reference", "fake"])
+def _ranges_call(way, frame, hw):
+    if way == "native":
+        return OP.loss_ranges(frame, hw, True)
+    if way == "reference":
+        return reference.loss_ranges(frame, hw, True)
+    return _fake_call(lambda f: OP.loss_ranges(f, hw, True), (frame,))
+
+
+@pytest.mark.parametrize("way", WAYS)
 @pytest.mark.parametrize("name", list(_ranges_cases()))
 def test_loss_ranges_check_contract(name, way):
-    frame, hw, exc, text = _ranges_cases()[name]
-    fns = {
-        "native": lambda: OP.loss_ranges(frame, hw, True),
-        "reference": lambda: reference.loss_ranges(frame, hw, True),
-        "fake": lambda: _fake_call(lambda f: OP.loss_ranges(f, hw, True), (frame,)),
-    }
-    if way == "fake" and name in _NO_FAKE:
-        pytest.skip("FakeTensorMode cannot convert this input")
-    _raises(fns[way], exc, text)
+    _, _, exc, text = _ranges_cases()[name]
+    _three_ways(way, _ranges_call, lambda: _ranges_cases()[name][:2], exc, text)
 
 
 def _grad_cases():
@@ -162,6 +208,8 @@ def _grad_cases():
         "grad shape": (z(1), ValueError, "masked_mse_backward: grad must be a scalar (0-dim), got shape [1]"),
         "grad complex": (torch.zeros((), dtype=torch.complex64), TypeError, "masked_mse_backward: grad has dtype torch.complex64; expected float32, bfloat16, float16 or float64"),
         "grad device": (torch.zeros((), device="meta"), ValueError, "masked_mse_backward: grad is on meta but pred is on cpu"),
+        "grad None": (None, TypeError, "masked_mse_backward: grad must be a tensor, got NoneType"),
+        "grad sparse": (torch.tensor(1.0).to_sparse(), ValueError, "masked_mse_backward: grad must be a dense (strided) tensor"),
     }
 
 
@@ -169,8 +217,6 @@ def _grad_cases():
 @pytest.mark.parametrize("name", list(_grad_cases()))
 def test_masked_mse_backward_check_contract(name, way):
     grad, exc, text = _grad_cases()[name]
-    if way == "walk" and grad.device.type != "cpu":
-        pytest.skip("the grid walk is a CPU op")
     p, t, r = torch.randn(2, 5, 3), torch.randn(2, 5, 3), torch.tensor([[0, 5], [1, 3]])
     fns = {
         "native": lambda: OP.masked_mse_backward(grad, p, t, r),
@@ -178,7 +224,10 @@ def test_masked_mse_backward_check_contract(name, way):
         "reference": lambda: reference.masked_mse_backward(grad, p, t, r),
         "fake": lambda: _fake_call(OP.masked_mse_backward, (grad, p, t, r)),
     }
-    _raises(fns[way], exc, text)
+    msg = _raises(fns[way], exc, text)
+    for other in ("native", "reference", "fake"):  # the same line from the other ways
+        if other != way:
+            assert _raises(fns[other], exc, text) == msg, (way, other)
 
 
 # ----------------------------------------------------------------- EMA findings
@@ -307,7 +356,7 @@ def test_double_backward(fn):
     torch.testing.assert_close(h[0], torch.full_like(h[0], 2 / (7 * 5 * 3)))
 
 
-def test_forward_mode_on_the_wrapper_and_a_clear_error_on_the_raw_op():
+def test_forward_mode_on_the_wrapper_and_on_the_raw_op():
     p, t, r = _mse_inputs()
     r[2, 1] = 7
     dp, dt = torch.randn_like(p), torch.randn_like(t)
@@ -324,8 +373,16 @@ def test_forward_mode_on_the_wrapper_and_a_clear_error_on_the_raw_op():
     g = torch.func.grad(lambda a: ops.masked_mse(a, t.detach(), r))(p.detach())
     (want_g,) = torch.autograd.grad(reference.masked_mse(p, t, r), p)
     torch.testing.assert_close(g, want_g)
-    with pytest.raises(RuntimeError, match="forward-mode AD is not supported on the raw op"):
-        torch.func.jvp(lambda a: OP.masked_mse(a, t.detach(), r), (p.detach(),), (dp,))
+    # the raw op: forward mode (torch.func and forward_ad) through the reference's math
+    # (it once raised; silently zero tangents before that)
+    _, raw = torch.func.jvp(lambda a, b: OP.masked_mse(a, b, r), (p.detach(), t.detach()), (dp, dt))
+    torch.testing.assert_close(raw, want)
+    _, want_p = torch.func.jvp(lambda a: reference.masked_mse(a, t.detach(), r), (p.detach(),), (dp,))
+    with fwAD.dual_level():
+        out = OP.masked_mse(fwAD.make_dual(p.detach(), dp), t.detach(), r)
+        torch.testing.assert_close(fwAD.unpack_dual(out).tangent, want_p)
+    g = torch.func.grad(lambda a: OP.masked_mse(a, t.detach(), r))(p.detach())
+    torch.testing.assert_close(g, want_g)
 
 
 def test_reference_backward_is_the_native_backward_bit_for_bit():

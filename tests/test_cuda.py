@@ -6,7 +6,7 @@ import torch
 
 from opensora_fast import ops, reference
 
-from helpers import FLOATS, PAIRS, assert_bitwise_equal, rand, shard_sizes
+from helpers import FLOATS, PAIRS, assert_bitwise_equal, assert_ema_matches_reference, rand, shard_sizes
 
 pytestmark = pytest.mark.cuda
 OP = torch.ops.opensora_fast
@@ -44,6 +44,9 @@ def test_ema_vs_upstream_on_cuda_within_documented_tolerance(edt, sdt):
     mine, theirs = e.clone(), e.clone()
     ops.ema_update_([mine], [s], 0.999)
     theirs.mul_(0.999).add_(s, alpha=1 - 0.999)  # torch's own CUDA kernels
+    ref = e.cpu()  # and the CPU reference on copies of the inputs
+    reference.ema_update_([ref], [s.cpu()], 0.999)
+    assert_ema_matches_reference(mine, ref, s, 0.999, edt == sdt and edt != torch.float32)
     if edt == sdt and edt != torch.float32:  # torch CUDA keeps alpha in fp32 here
         bound = torch.finfo(edt).eps * (theirs.float().abs() + (0.001 * s.float()).abs()) + torch.finfo(edt).tiny
         assert bool(((mine.float() - theirs.float()).abs() <= bound).all())
@@ -55,8 +58,10 @@ def test_ema_side_stream_graph_capture_and_no_sync():
     sizes = shard_sizes(96)[:300]
     ema = [torch.randn(n, device="cuda").bfloat16() for n in sizes]
     src = [torch.randn(n, device="cuda") for n in sizes]
+    # bf16 ema, fp32 src: the reference is bitwise here (no same-dtype add quirk)
+    src_cpu = [s.cpu() for s in src]
     want = [e.cpu() for e in ema]
-    OP.ema_update_(want, [s.cpu() for s in src], 0.99)
+    reference.ema_update_(want, src_cpu, 0.99)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -78,8 +83,11 @@ def test_ema_side_stream_graph_capture_and_no_sync():
     OP.ema_update_(eager, src, 0.99)
     OP.ema_update_(eager, src, 0.99)
     torch.cuda.synchronize()
-    for a, b in zip(ema, eager):
-        assert_bitwise_equal(a, b)
+    for _ in range(2):  # the expected two steps, on the CPU
+        reference.ema_update_(want, src_cpu, 0.99)
+    for a, b, w in zip(ema, eager, want):
+        assert_bitwise_equal(a, w, "graph replay vs CPU reference")
+        assert_bitwise_equal(b, w, "eager vs CPU reference")
 
 
 def test_ema_stochastic_refused_under_capture_and_writes_nothing():
@@ -127,29 +135,42 @@ def test_loss_with_100k_samples():
     from opensora_fast.utils.train import get_batch_loss
 
     x = torch.randn(20_000, device="cuda")
-    torch.testing.assert_close(get_batch_loss(x, x * 0.5), torch.nn.functional.mse_loss(x, x * 0.5))
+    got = get_batch_loss(x, x * 0.5)
+    torch.testing.assert_close(got, torch.nn.functional.mse_loss(x, x * 0.5))
+    # fp32 accumulation on both sides: only the summation order differs
+    want = reference.get_batch_loss(x.cpu(), x.cpu() * 0.5)
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-6)
 
 
 def test_loss_side_stream_and_graph_capture():
     p = torch.randn(4, 8316, 64, device="cuda", dtype=torch.bfloat16)
     t = torch.randn_like(p)
     r = torch.tensor([[0, 8316], [252, 8316], [0, 8064], [252, 8064]], device="cuda")
+    one = torch.ones(())
+    # CPU anchors on copies of the inputs: the walk of the GPU's grid (bit for
+    # bit) and the reference (fp32 sums in another order: close)
+    walk_loss, walk_grad = OP._masked_mse_grid_walk(one, p.cpu(), t.cpu(), r.cpu())
+    ref_loss = reference.masked_mse(p.cpu(), t.cpu(), r.cpu())
+    assert_bitwise_equal(walk_grad, reference.masked_mse_backward(one, p.cpu(), t.cpu(), r.cpu()))
+    torch.testing.assert_close(walk_loss, ref_loss, rtol=1e-5, atol=1e-6)
     want = OP.masked_mse(p, t, r)
+    assert_bitwise_equal(want, walk_loss, "eager vs CPU walk")
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         got = OP.masked_mse(p, t, r)
         gg = OP.masked_mse_backward(torch.ones((), device="cuda"), p, t, r)
     torch.cuda.current_stream().wait_stream(side)
-    assert_bitwise_equal(got, want)
+    assert_bitwise_equal(got, walk_loss, "side stream vs CPU walk")
+    assert_bitwise_equal(gg, walk_grad, "side stream vs CPU reference")
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out = OP.masked_mse(p, t, r)
         gout = OP.masked_mse_backward(torch.ones((), device="cuda"), p, t, r)
     graph.replay()
     torch.cuda.synchronize()
-    assert_bitwise_equal(out, want)
-    assert_bitwise_equal(gout, gg)
+    assert_bitwise_equal(out, walk_loss, "graph replay vs CPU walk")
+    assert_bitwise_equal(gout, walk_grad, "graph replay vs CPU reference")
 
 
 def _free_bytes():
@@ -297,3 +318,4 @@ def test_loss_ranges_cuda_equals_cpu_without_sync():
             for up, r in zip((True, False), got):
                 assert r.device.type == "cuda"
                 assert torch.equal(r.cpu(), OP.loss_ranges(m, 7, up)), (dtype, T, up)
+                assert torch.equal(r.cpu(), reference.loss_ranges(m, 7, up)), (dtype, T, up)

@@ -316,3 +316,203 @@ def test_cuda_no_host_sync():
 def test_cuda_mixed_devices_rejected():
     with pytest.raises(ValueError, match=r"src\[0\] is on cpu"):
         ops.ema_update_([torch.zeros(3, device="cuda")], [torch.zeros(3)], 0.9)
+
+
+# ------------------------------------------------- reliability round two (issue 17)
+
+
+def _neg_view(n=1):
+    """A contiguous float32 tensor with its neg bit set (x.conj().imag of a 1-element complex)."""
+    t = torch.randn(n, dtype=torch.complex64).conj().imag
+    assert t.is_neg() and t.is_contiguous()
+    return t
+
+
+def _lazy_and_layout_cases():
+    """(name, ema, src, exception, message): views and layouts every way must refuse
+    with one error, before pair 0 (a valid pair) is written."""
+    z = lambda n=1: torch.zeros(n)  # noqa: E731
+    nested = lambda: torch.nested.nested_tensor([torch.ones(2), torch.ones(3)])  # noqa: E731
+    return [
+        ("neg ema", [z(3), _neg_view()], [z(3), z()], ValueError,
+         "ema_update_: ema[1] is a negated view (neg bit set, as in x.conj().imag); pass a tensor without it"),
+        ("neg src", [z(3), z()], [z(3), _neg_view()], ValueError,
+         "ema_update_: src[1] is a negated view (neg bit set, as in x.conj().imag); pass a tensor without it"),
+        ("conj ema", [z(3), torch.zeros(1, dtype=torch.complex64).conj()], [z(3), z()], TypeError,
+         "ema_update_: ema[1] has dtype torch.complex64; expected float32, bfloat16 or float16"),
+        ("nested ema", [z(3), nested()], [z(3), nested()], ValueError,
+         "ema_update_: ema[1] and src[1] must be dense (strided) tensors"),
+        ("nested src", [z(3), z(5)], [z(3), nested()], ValueError,
+         "ema_update_: ema[1] and src[1] must be dense (strided) tensors"),
+        ("sparse src", [z(3), z(3)], [z(3), z(3).to_sparse()], ValueError,
+         "ema_update_: ema[1] and src[1] must be dense (strided) tensors"),
+        ("csr ema", [z(3), torch.zeros(2, 3).to_sparse_csr()], [z(3), torch.zeros(2, 3)], ValueError,
+         "ema_update_: ema[1] and src[1] must be dense (strided) tensors"),
+    ]
+
+
+def _fake(args):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    mode = FakeTensorMode()
+    return mode, [[mode.from_tensor(t) for t in ts] for ts in args]
+
+
+@pytest.mark.parametrize("way", ["raw op", "reference", "fake", "wrapper native", "wrapper reference"])
+@pytest.mark.parametrize("case", _lazy_and_layout_cases(), ids=lambda c: c[0])
+def test_lazy_views_and_layouts_one_error_nothing_written(case, way, monkeypatch):
+    name, ema, src, exc, text = case
+    ema[0].fill_(1.0)
+    src[0].fill_(2.0)
+    base = ema[1]._base if ema[1].is_neg() else None
+    before = base.clone() if base is not None else None
+    if way == "raw op":
+        call = lambda: torch.ops.opensora_fast.ema_update_(ema, src, 0.5)  # noqa: E731
+    elif way == "reference":
+        call = lambda: reference.ema_update_(ema, src, 0.5)  # noqa: E731
+    elif way == "fake":
+        if "nested" in name or "sparse" in name or "csr" in name:
+            pytest.skip("FakeTensorMode does not convert this layout")
+        mode, (fe, fs) = _fake((ema, src))
+
+        def call():
+            with mode:
+                torch.ops.opensora_fast.ema_update_(fe, fs, 0.5)
+
+    else:
+        monkeypatch.setenv("OPENSORA_FAST_BACKEND", way.split()[1])
+        call = lambda: ops.ema_update_(ema, src, 0.5)  # noqa: E731
+    with pytest.raises(exc) as info:
+        call()
+    assert str(info.value).splitlines()[0].startswith(text)
+    assert torch.all(ema[0] == 1.0), "pair 0 was written before the error"
+    if base is not None:
+        assert torch.equal(base, before), "the negated ema was written"
+
+
+def test_jagged_nested_tensor_one_error_on_both_backends(monkeypatch):
+    # A python tensor subclass without this op refuses it at dispatch (NotImplementedError):
+    # the wrapper reports what the reference reports.
+    for backend in ("native", "reference"):
+        monkeypatch.setenv("OPENSORA_FAST_BACKEND", backend)
+        for ema_nested in (True, False):
+            e0 = torch.ones(3)
+            jag = torch.nested.nested_tensor([torch.ones(2), torch.ones(3)], layout=torch.jagged)
+            ema = [e0, jag if ema_nested else torch.ones(5)]
+            src = [torch.full((3,), 2.0), jag.clone() if ema_nested else jag]
+            with pytest.raises(ValueError, match=r"ema\[1\] and src\[1\] must be dense \(strided\) tensors"):
+                ops.ema_update_(ema, src, 0.5)
+            assert torch.all(e0 == 1.0), backend
+
+
+@pytest.mark.parametrize("backend", ["native", "reference"])
+@pytest.mark.parametrize(
+    "kwargs,text",
+    [
+        (dict(stochastic="False"), "ema_update_: stochastic must be a bool, got str"),
+        (dict(stochastic=1), "ema_update_: stochastic must be a bool, got int"),
+        (dict(stochastic=None), "ema_update_: stochastic must be a bool, got NoneType"),
+        (dict(decay=True), "ema_update_: decay must be a real number, got bool"),
+        (dict(decay=False), "ema_update_: decay must be a real number, got bool"),
+        (dict(stochastic=True, seed=True), "ema_update_: seed must be an int, got bool"),
+        (dict(seed=False), "ema_update_: seed must be an int, got bool"),  # compat mode: still checked
+        (dict(stochastic=True, seed=1.0), "ema_update_: seed must be an int, got float"),
+    ],
+    ids=lambda x: repr(x) if isinstance(x, dict) else "",
+)
+def test_scalar_arguments_type_checked(kwargs, text, backend, monkeypatch):
+    monkeypatch.setenv("OPENSORA_FAST_BACKEND", backend)
+    e = torch.ones(4, dtype=torch.bfloat16)
+    kwargs = dict(kwargs)
+    decay = kwargs.pop("decay", 0.5)
+    with pytest.raises(TypeError) as info:
+        ops.ema_update_([e], [torch.full((4,), 2.0)], decay, **kwargs)
+    assert str(info.value) == text
+    assert torch.all(e == 1.0)
+
+
+def _graph_recorder():
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(str(gm.graph))
+        return gm.forward
+
+    return graphs, backend
+
+
+def _compiled_step():
+    def step(ema, src):
+        ops.ema_update_(ema, src, 0.9)
+
+    return step
+
+
+def test_compiled_choice_follows_backend_setting(monkeypatch, caplog):
+    # The traced choice obeys OPENSORA_FAST_BACKEND, and a changed setting
+    # retraces (dynamo guards on the environment read) instead of reusing the
+    # graph traced under the other setting.
+    torch._dynamo.reset()
+    graphs, backend = _graph_recorder()
+    f = torch.compile(_compiled_step(), backend=backend)
+    src = [torch.linspace(-1, 1, 37)]
+    want = [torch.zeros(37)]
+    upstream(want, src, 0.9)
+
+    monkeypatch.setenv("OPENSORA_FAST_BACKEND", "auto")
+    ema = [torch.zeros(37)]
+    f(ema, src)
+    assert_bitwise_equal(ema[0], want[0])
+    assert any("opensora_fast" in g for g in graphs), "auto: the native op is traced"
+
+    monkeypatch.setenv("OPENSORA_FAST_BACKEND", "reference")
+    monkeypatch.setattr(opensora_fast._ext, "_told", set())
+    graphs.clear()
+    ema = [torch.zeros(37)]
+    with caplog.at_level("WARNING", logger="opensora_fast"):
+        f(ema, src)
+    assert_bitwise_equal(ema[0], want[0])
+    assert not any("opensora_fast" in g for g in graphs), "reference: the native op was traced"
+    assert any("OPENSORA_FAST_BACKEND=reference" in r.message for r in caplog.records), "the auto graph was reused"
+
+    # and "native" where there is no kernel is the eager error, not a reused graph
+    monkeypatch.setenv("OPENSORA_FAST_BACKEND", "native")
+    monkeypatch.setitem(opensora_fast._ext._kernels, ("ema_update_", "cpu"), False)
+    with pytest.raises(RuntimeError, match="cannot run natively on cpu"):
+        f([torch.zeros(37)], src)
+    torch._dynamo.reset()
+
+
+def test_compiled_choice_follows_kernel_availability(monkeypatch):
+    # As eager: no kernel for the traced tensors' device -> the reference, not
+    # a graph that calls the op into its "no kernel" fallback.
+    torch._dynamo.reset()
+    monkeypatch.setenv("OPENSORA_FAST_BACKEND", "auto")
+    monkeypatch.setitem(opensora_fast._ext._kernels, ("ema_update_", "cpu"), False)
+    graphs, backend = _graph_recorder()
+    src = [torch.linspace(-1, 1, 37)]
+    ema, want = [torch.zeros(37)], [torch.zeros(37)]
+    upstream(want, src, 0.9)
+    torch.compile(_compiled_step(), backend=backend)(ema, src)
+    assert_bitwise_equal(ema[0], want[0])
+    assert graphs and not any("opensora_fast" in g for g in graphs)
+    # and "native" without a kernel is the eager error, traced or not
+    monkeypatch.setenv("OPENSORA_FAST_BACKEND", "native")
+    for fullgraph in (False, True):
+        torch._dynamo.reset()
+        with pytest.raises(RuntimeError, match="cannot run natively on cpu"):
+            torch.compile(_compiled_step(), backend=backend, fullgraph=fullgraph)([torch.zeros(3)], [torch.ones(3)])
+    torch._dynamo.reset()
+
+
+def test_traced_choice_carries_the_constant_result_mark():
+    """_ext marks _traced_choice by hand (no torch._dynamo import when the package
+    loads); the public decorator must still mean exactly that mark."""
+    from opensora_fast import _ext
+
+    def probe():
+        return 1
+
+    assert torch.compiler.assume_constant_result(probe) is probe
+    assert getattr(probe, "_dynamo_marked_constant", False) is True
+    assert _ext._traced_choice._dynamo_marked_constant is True

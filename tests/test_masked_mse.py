@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from opensora_fast import ops, reference
 from opensora_fast._ext import HAS_NATIVE
+from opensora_fast.reference.masked_mse import MASK_DTYPES
 from opensora_fast.utils.train import get_batch_loss, loss_token_ranges
 
 # Only a declared pure-Python install skips; a build that silently failed must fail here.
@@ -15,12 +16,15 @@ pytestmark = pytest.mark.skipif(
     not HAS_NATIVE and os.environ.get("OPENSORA_FAST_NO_EXT") == "1", reason="OPENSORA_FAST_NO_EXT=1 install"
 )
 
-TOL = {  # loss (fp32 accumulation, different order) and grads (rounded to the input dtype)
+TOL = {  # grads: rounded to the input dtype, so one ulp of it
     torch.float32: dict(rtol=1e-5, atol=1e-6),
     torch.float64: dict(rtol=1e-6, atol=1e-7),  # upstream computes in fp32 even here
     torch.bfloat16: dict(rtol=1e-2, atol=1e-4),
     torch.float16: dict(rtol=2e-3, atol=1e-5),
 }
+# The loss is an fp32 result in every dtype (the inputs' values are exact in
+# fp32); only the summation order differs from upstream's: ~1e-6 relative at most.
+LOSS_TOL = dict(rtol=1e-5, atol=1e-7)
 DTYPES = list(TOL)
 
 
@@ -77,13 +81,14 @@ def test_parity_with_upstream(dtype, shape, kind):
     if torch.isnan(want[0]):  # a sample with no frame left: NaN, as upstream
         assert torch.isnan(got[0])
     else:
-        torch.testing.assert_close(got[0], want[0].to(got[0].dtype), **TOL[dtype])
+        torch.testing.assert_close(got[0], want[0].to(got[0].dtype), **LOSS_TOL)
     for a, b in zip(got[1:], want[1:]):
         assert a.dtype == dtype
         torch.testing.assert_close(a, b, **TOL[dtype])
 
 
-def test_unmasked_equals_mse_loss_any_shape():
+def test_unmasked_matches_mse_loss_any_shape():
+    # equal up to summation order (both fp32), not bit for bit
     gen = torch.Generator().manual_seed(0)
     for shape in [(4, 100, 64), (2, 3, 5, 7), (6,)]:
         p, t = torch.randn(shape, generator=gen).bfloat16(), torch.randn(shape, generator=gen).bfloat16()
@@ -115,11 +120,29 @@ def test_native_equals_reference_op_including_clamped_ranges():
     torch.testing.assert_close(a, b, rtol=1e-6, atol=0)
 
 
-def test_deterministic():
+def test_deterministic_across_thread_counts():
+    # The same bits whatever torch's thread count: the loss (partials in chunk
+    # order), the gradient, and the unmasked loss (one sample of N elements).
     gen = torch.Generator().manual_seed(3)
     p, t = torch.randn(4, 20000, 64, generator=gen), torch.randn(4, 20000, 64, generator=gen)
     r = torch.tensor([[0, 20000], [100, 19000], [5, 6], [0, 1]])
-    assert torch.equal(ops.masked_mse(p, t, r), ops.masked_mse(p, t, r))
+    g = torch.tensor(1.5)
+
+    def run():
+        return (ops.masked_mse(p, t, r), torch.ops.opensora_fast.masked_mse_backward(g, p, t, r),
+                get_batch_loss(p, t))
+
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            results.append(run())
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a.view(torch.int32), b.view(torch.int32))
 
 
 def test_empty_sample_gives_nan_loss_and_zero_grads_there():
@@ -206,7 +229,8 @@ def test_reference_backend_matches_native(monkeypatch):
     got = loss_and_grads(lambda a, b: get_batch_loss(a, b, m), p, t)
     monkeypatch.setenv("OPENSORA_FAST_BACKEND", "reference")
     want = loss_and_grads(lambda a, b: get_batch_loss(a, b, m), p, t)
-    for a, b in zip(got, want):
+    torch.testing.assert_close(got[0], want[0], **LOSS_TOL)
+    for a, b in zip(got[1:], want[1:]):
         torch.testing.assert_close(a, b, **TOL[torch.bfloat16])
 
 
@@ -215,6 +239,7 @@ def test_bad_inputs(backend, monkeypatch):
     monkeypatch.setenv("OPENSORA_FAST_BACKEND", backend)
     p = torch.zeros(2, 12, 4)
     m = torch.zeros(2, 3, 4, 4)  # 3 * 2 * 2 = 12 tokens with patch 2
+    r2 = torch.tensor([[0, 12], [0, 12]])
     cases = [
         (lambda: get_batch_loss(p, torch.zeros(2, 12, 5)), ValueError, "v_t has shape"),
         (lambda: get_batch_loss(p, p.bfloat16()), TypeError, "v_t has dtype"),
@@ -230,6 +255,13 @@ def test_bad_inputs(backend, monkeypatch):
         (lambda: ops.masked_mse(p, p, torch.zeros(2, 2)), TypeError, "ranges must be int64"),
         (lambda: ops.masked_mse(p, p, torch.zeros(3, 2, dtype=torch.long)), ValueError, "ranges must be [B, 2]"),
         (lambda: ops.masked_mse(p.int(), p.int(), torch.zeros(2, 2, dtype=torch.long)), TypeError, "pred has dtype"),
+        # once "target has shape [0]" (native) and a schema RuntimeError for a list
+        (lambda: ops.masked_mse(p, None, r2), TypeError, "masked_mse: target must be a tensor, got NoneType"),
+        (lambda: ops.masked_mse(None, p, r2), TypeError, "masked_mse: pred must be a tensor, got NoneType"),
+        (lambda: ops.masked_mse(p, p, [[0, 12], [0, 12]]), TypeError, "masked_mse: ranges must be a tensor, got list"),
+        (lambda: ops.masked_mse(p.to_sparse(), p, r2), ValueError, "pred, target and ranges must be dense"),
+        (lambda: ops.loss_ranges(None, 4), TypeError, "loss_ranges: frame_mask must be a tensor, got NoneType"),
+        (lambda: ops.loss_ranges([[0, 1]], 4), TypeError, "loss_ranges: frame_mask must be a tensor, got list"),
     ]
     for fn, exc, text in cases:
         with pytest.raises(exc) as info:
@@ -292,6 +324,19 @@ def test_cuda_no_host_sync_and_graph_capture():
     graph.replay()
     torch.cuda.synchronize()
     torch.testing.assert_close(out, ops.masked_mse(x, t, loss_token_ranges(m)))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.uint16, torch.uint32, torch.uint64, torch.float8_e4m3fn, torch.float8_e8m0fnu, torch.bool])
+def test_cuda_loss_ranges_mask_dtypes_match_the_cpu_reference(dtype):
+    gen = torch.Generator().manual_seed(16)
+    m = (torch.rand(300, 6, generator=gen) < 0.4).float()
+    m[::7, 2] = 2  # not conditioned
+    m = m.to(dtype)
+    for upstream in (True, False):
+        want = reference.loss_ranges(m, 12, upstream)
+        assert torch.equal(ops.loss_ranges(m.cuda(), 12, upstream).cpu(), want)
+        assert torch.equal(ops.loss_ranges(m.t().cuda().t(), 12, upstream).cpu(), want)  # strided
 
 
 WALK_CASES = [  # B, L, D, ranges
@@ -362,7 +407,15 @@ def test_grid_walk_with_70000_samples():
 
 # ---- loss_ranges: get_batch_loss's token ranges in one launch --------------------------
 
-RANGE_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.bool, torch.int64, torch.uint8]
+RANGE_DTYPES = [  # every dtype the check promises (the uint16/32/64 and float8 kernels once missing)
+    torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.bool, torch.int64, torch.int32,
+    torch.int16, torch.int8, torch.uint8, torch.uint16, torch.uint32, torch.uint64, torch.float8_e4m3fn,
+    torch.float8_e4m3fnuz, torch.float8_e5m2, torch.float8_e5m2fnuz, torch.float8_e8m0fnu,
+]
+
+
+def test_range_dtypes_are_the_promised_ones():
+    assert set(RANGE_DTYPES) == MASK_DTYPES
 
 
 @pytest.mark.parametrize("dtype", RANGE_DTYPES, ids=str)
@@ -394,3 +447,169 @@ def test_loss_ranges_rules_by_hand():
     assert ops.loss_ranges(one(1, 1, 0, 0), 10, upstream=False).tolist() == [[20, 40]]
     assert ops.loss_ranges(one(1, 1, 1, 1), 10, upstream=False).tolist() == [[40, 40]]
     assert ops.loss_ranges(one(0, 1, 0, 1), 10, upstream=False).tolist() == [[0, 30]]
+
+
+@pytest.mark.parametrize("backend", ["native", "reference"])
+def test_loss_ranges_hw_limits(backend, monkeypatch):
+    # T * hw must be an int64 (it once wrapped silently on both backends); an hw
+    # beyond int64 is refused by the wrapper as the reference refuses it (it
+    # once met the schema parser's RuntimeError natively).
+    import numpy as np
+
+    monkeypatch.setenv("OPENSORA_FAST_BACKEND", backend)
+    frame = torch.tensor([[0.0, 0.0, 1.0]])  # T = 3, the last frame dropped: [0, 2 * hw)
+    big = (2**63 - 1) // 3
+    assert ops.loss_ranges(frame, big).tolist() == [[0, 2 * big]]
+    assert ops.loss_ranges(torch.zeros(1, 1), 2**63 - 1).tolist() == [[0, 2**63 - 1]]
+    assert ops.loss_ranges(frame, np.int64(5)).tolist() == [[0, 10]]
+    for hw in (big + 1, 2**62, 2**63 - 1, 2**63, 2**64 + 5):
+        with pytest.raises(ValueError) as info:
+            ops.loss_ranges(frame, hw)
+        assert str(info.value) == f"loss_ranges: T * hw = 3 * {hw} does not fit in int64"
+    for hw in (-1, -(2**63) - 1):
+        with pytest.raises(ValueError, match=f"loss_ranges: hw must be >= 0, got {hw}"):
+            ops.loss_ranges(frame, hw)
+    for hw, name in ((4.0, "float"), (True, "bool"), ("4", "str"), (None, "NoneType")):
+        with pytest.raises(TypeError) as info:
+            ops.loss_ranges(frame, hw)
+        assert str(info.value) == f"loss_ranges: hw must be an int, got {name}"
+
+
+@pytest.mark.parametrize("backend", ["native", "reference"])
+def test_unmasked_loss_after_inference_mode_or_a_fake_trace(backend, monkeypatch):
+    # The unmasked path caches its [[0, N]] ranges per size: a validation loss
+    # under inference_mode once cached an inference tensor, and every later
+    # training step of that size failed in backward; a FakeTensorMode trace
+    # cached a FakeTensor, and real calls failed.
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    import opensora_fast.utils.train as train
+
+    monkeypatch.setenv("OPENSORA_FAST_BACKEND", backend)
+    monkeypatch.setattr(train, "_whole_ranges", {})
+    gen = torch.Generator().manual_seed(11)
+    p, t = torch.randn(3, 7, 5, generator=gen), torch.randn(3, 7, 5, generator=gen)
+    with torch.inference_mode():
+        val = get_batch_loss(p, t)
+    assert not any(v.is_inference() for v in train._whole_ranges.values())
+    pg = p.clone().requires_grad_()
+    loss = get_batch_loss(pg, t)
+    loss.backward()
+    torch.testing.assert_close(loss.detach(), val, rtol=0, atol=0)
+    torch.testing.assert_close(pg.grad, 2 * (p - t) / p.numel())
+
+    p2, t2 = torch.randn(2, 9, 4, generator=gen), torch.randn(2, 9, 4, generator=gen)
+    with FakeTensorMode() as mode:
+        fake = get_batch_loss(mode.from_tensor(p2), mode.from_tensor(t2))
+    assert isinstance(fake, FakeTensor)
+    assert all(type(v) is torch.Tensor for v in train._whole_ranges.values())
+    real = get_batch_loss(p2, t2)
+    assert type(real) is torch.Tensor
+    torch.testing.assert_close(real, F.mse_loss(p2, t2), **LOSS_TOL)
+    with FakeTensorMode() as mode:  # and a trace after real calls: no real tensor leaks into it
+        assert isinstance(get_batch_loss(mode.from_tensor(p2), mode.from_tensor(t2)), FakeTensor)
+
+
+@pytest.mark.parametrize("backend", ["native", "reference"])
+def test_inference_mode_target_and_ranges_with_a_pred_that_requires_grad(backend, monkeypatch):
+    # Autograd cannot save an inference tensor: the native Function once failed
+    # where the reference (and upstream, which casts to float first) ran.
+    monkeypatch.setenv("OPENSORA_FAST_BACKEND", backend)
+    gen = torch.Generator().manual_seed(12)
+    p = torch.randn(2, 6, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    t0 = torch.randn(2, 6, 3, generator=gen, dtype=torch.float64)
+    with torch.inference_mode():
+        t = t0.clone()
+        r = ops.loss_ranges(torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 0.0]]), 2)
+    loss = ops.masked_mse(p, t, r)
+    with torch.inference_mode():
+        t.add_(1.0)  # changed after the forward: the gradient is still of the forward's t
+    (gp,) = torch.autograd.grad(loss, p, create_graph=True)
+    (h,) = torch.autograd.grad(gp.sum(), p)  # second order too
+    want = reference.masked_mse(p, t0, r.clone())
+    (want_gp,) = torch.autograd.grad(want, p, create_graph=True)
+    (want_h,) = torch.autograd.grad(want_gp.sum(), p)
+    torch.testing.assert_close(loss, want)
+    torch.testing.assert_close(gp, want_gp)
+    torch.testing.assert_close(h, want_h)
+    with torch.inference_mode():
+        tb = t0.bfloat16()
+    pb = p.detach().bfloat16().requires_grad_()
+    masks = torch.zeros(2, 3, 4, 2)
+    masks[0, 0] = 1
+    for m in (None, masks):
+        get_batch_loss(pb, tb, m).backward()
+        assert pb.grad is not None and torch.isfinite(pb.grad).all()
+        pb.grad = None
+
+
+def _vmap_inputs(dtype=torch.float64):
+    gen = torch.Generator().manual_seed(13)
+    N, B, L, D = 3, 2, 7, 5
+    pb = torch.randn(N, B, L, D, generator=gen, dtype=dtype)
+    tb = torch.randn(N, B, L, D, generator=gen, dtype=dtype)
+    r = torch.tensor([[0, 7], [2, 5]])
+    rb = torch.tensor([[[0, 7], [2, 5]], [[1, 6], [0, 7]], [[3, 4], [0, 2]]])
+    return pb, tb, r, rb
+
+
+@pytest.mark.parametrize("fn", ["wrapper", "raw"])
+def test_vmap_matches_the_reference(fn):
+    # The native op had no vmap rule (torch.func.vmap raised); now each example
+    # runs the native kernels.
+    f = {"wrapper": ops.masked_mse, "raw": torch.ops.opensora_fast.masked_mse}[fn]
+    pb, tb, r, rb = _vmap_inputs()
+    vmap = torch.func.vmap
+    want = torch.stack([reference.masked_mse(pb[i], tb[i], r) for i in range(3)])
+    torch.testing.assert_close(vmap(lambda a, b: f(a, b, r))(pb, tb), want)
+    torch.testing.assert_close(vmap(lambda a, b: f(a, b, r), in_dims=(2, 2))(pb.movedim(0, 2), tb.movedim(0, 2)), want)
+    want_shared = torch.stack([reference.masked_mse(pb[i], tb[0], r) for i in range(3)])
+    torch.testing.assert_close(vmap(lambda a: f(a, tb[0], r))(pb), want_shared)
+    want_rb = torch.stack([reference.masked_mse(pb[i], tb[i], rb[i]) for i in range(3)])
+    torch.testing.assert_close(vmap(f)(pb, tb, rb), want_rb)
+    # per-example gradients: vmap over torch.func.grad
+    got = vmap(torch.func.grad(lambda a, b: f(a, b, r)))(pb, tb)
+    ref = vmap(torch.func.grad(lambda a, b: reference.masked_mse(a, b, r)))(pb, tb)
+    torch.testing.assert_close(got, ref)
+
+
+def test_vmap_of_the_backward_and_loss_ranges_ops():
+    pb, tb, r, _ = _vmap_inputs()
+    gs = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+    got = torch.func.vmap(lambda g, a, b: torch.ops.opensora_fast.masked_mse_backward(g, a, b, r))(gs, pb, tb)
+    for i in range(3):
+        assert torch.equal(got[i], reference.masked_mse_backward(gs[i], pb[i], tb[i], r))
+    gen = torch.Generator().manual_seed(14)
+    mb = (torch.rand(4, 3, 5, generator=gen) < 0.5).float()  # [N, B, T]
+    for upstream in (True, False):
+        got = torch.func.vmap(lambda m: ops.loss_ranges(m, 6, upstream))(mb)
+        assert torch.equal(got, torch.stack([reference.loss_ranges(m, 6, upstream) for m in mb]))
+
+
+def test_forward_over_reverse_and_hessian_match_the_reference():
+    # jvp of grad once raised natively (the backward Function had no jvp).
+    gen = torch.Generator().manual_seed(15)
+    p = torch.randn(2, 5, 3, generator=gen, dtype=torch.float64)
+    t = torch.randn(2, 5, 3, generator=gen, dtype=torch.float64)
+    v, w = torch.randn_like(p), torch.randn_like(t)
+    r = torch.tensor([[0, 5], [1, 3]])
+    for f in (ops.masked_mse, torch.ops.opensora_fast.masked_mse):
+        got = torch.func.jvp(torch.func.grad(lambda a, b: f(a, b, r), argnums=(0, 1)), (p, t), (v, w))
+        want = torch.func.jvp(torch.func.grad(lambda a, b: reference.masked_mse(a, b, r), argnums=(0, 1)), (p, t), (v, w))
+        torch.testing.assert_close(got, want)
+        assert float(got[1][0].abs().sum()) != 0
+    got = torch.func.hessian(lambda a: ops.masked_mse(a, t, r))(p)
+    want = torch.func.hessian(lambda a: reference.masked_mse(a, t, r))(p)
+    torch.testing.assert_close(got, want)
+    got = torch.func.jacfwd(torch.func.jacrev(lambda a: ops.masked_mse(a, t, r)))(p)
+    torch.testing.assert_close(got, want)
+    # forward over reverse through torch.autograd.forward_ad as well
+    import torch.autograd.forward_ad as fwAD
+
+    pg = p.clone().requires_grad_()
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(pg, v)
+        (g,) = torch.autograd.grad(ops.masked_mse(dual, t, r), dual, create_graph=True)
+        tangent = fwAD.unpack_dual(g).tangent
+    want_t = torch.func.jvp(torch.func.grad(lambda a: reference.masked_mse(a, t, r)), (p,), (v,))[1]
+    torch.testing.assert_close(tangent, want_t)

@@ -156,3 +156,50 @@ def test_table_rows_name_real_functions():
             mod = importlib.import_module(ours)
             for name in names:
                 assert callable(getattr(mod, name)), f"{ours}.{name}"
+
+
+UPSTREAM_CKPT = """
+    CALLS = []
+
+    def model_sharding(model, device=None):
+        CALLS.append("model_sharding")
+
+    def model_gathering(model, model_shape_dict, pinned_state_dict):
+        CALLS.append("model_gathering")
+
+    def master_weights_gathering(model, optimizer, pinned_state_dict):
+        CALLS.append("master_weights_gathering")
+
+    def remove_padding(tensor, original_shape):
+        return "upstream remove_padding"
+
+    class CheckpointIO:
+        # as upstream's save: the gathers looked up in this module at call time
+        def save(self, model, ema, optimizer, ema_shape_dict, pinned, master_pinned):
+            master_weights_gathering(model, optimizer, master_pinned)
+            model_gathering(ema, ema_shape_dict, pinned)
+"""
+
+
+def test_default_patch_replaces_the_checkpoint_gathers(fake_opensora, tmp_path):
+    """A plain patch_opensora() swaps model_sharding / model_gathering /
+    master_weights_gathering (not only with ports=True), and upstream's
+    CheckpointIO.save, calling them through its module, then runs ours."""
+    from opensora_fast.utils import ckpt as our_ckpt
+
+    (tmp_path / "opensora/utils/ckpt.py").write_text(textwrap.dedent(UPSTREAM_CKPT))
+    import opensora.utils.ckpt as up_ckpt
+
+    original = up_ckpt.model_gathering
+    patched = opensora_fast.patch_opensora()
+    for name in ("model_sharding", "model_gathering", "master_weights_gathering"):
+        assert f"opensora.utils.ckpt.{name}" in patched
+        assert getattr(up_ckpt, name) is getattr(our_ckpt, name)
+    assert up_ckpt.remove_padding(None, ()) == "upstream remove_padding"  # a plain port: ports=True only
+    save_globals = up_ckpt.CheckpointIO.save.__globals__
+    assert save_globals["model_gathering"] is our_ckpt.model_gathering
+    assert save_globals["master_weights_gathering"] is our_ckpt.master_weights_gathering
+    opensora_fast.unpatch_opensora()
+    assert up_ckpt.model_gathering is original
+    up_ckpt.CheckpointIO().save(None, None, None, None, None, None)
+    assert up_ckpt.CALLS == ["master_weights_gathering", "model_gathering"]

@@ -12,6 +12,7 @@ from torch.utils._pytree import tree_map
 
 from opensora_fast import ops, reference
 from opensora_fast._ext import HAS_NATIVE
+from opensora_fast.ops.unpad import unpad_lists
 
 from helpers import assert_bitwise_equal
 
@@ -112,10 +113,26 @@ def _cases():
         "requires grad": (g, [z(3), torch.zeros(3, requires_grad=True)], [0, 2], [2, 2], [0, 0], [2, 2], RuntimeError,
                           "unpad_: out[1] requires grad and grad mode is on; unpad_ is not differentiable: call it under torch.no_grad()"),
         "sparse": (g, [z(3).to_sparse()], [0], [2], [0], [2], ValueError, "unpad_: out[0] must be a dense (strided) tensor"),
+        "gathered sparse": (g.to_sparse(), [z(3)], [0], [2], [0], [2], ValueError,
+                            "unpad_: gathered must be a dense (strided) tensor"),
+        "nested": (g, [_nested()], [0], [2], [0], [2], ValueError, "unpad_: out[0] must be a dense (strided) tensor"),
+        "gathered nested": (_nested(), [z(3)], [0], [2], [0], [2], ValueError,
+                            "unpad_: gathered must be a dense (strided) tensor"),
     }
 
 
-_NO_FAKE = {"sparse"}
+def _nested():
+    import warnings
+
+    with warnings.catch_warnings():  # "nested tensors are a prototype"
+        warnings.simplefilter("ignore")
+        return torch.nested.nested_tensor([z(6), z(6)])
+
+
+def _snapshot(o):
+    """A copy of a dense CPU out to compare after the error (None for others)."""
+    ok = o.layout == torch.strided and not o.is_nested and o.device.type == "cpu"
+    return o.detach().clone() if ok else None
 
 
 def _raises(fn, exc, text):
@@ -136,19 +153,21 @@ def _fake_call(fn, args):
 @pytest.mark.parametrize("name", list(_cases()))
 def test_unpad_check_contract(name, way):
     g, out, offset, shard, begin, count, exc, text = _cases()[name]
-    before = [o.clone() if o.layout == torch.strided and o.device.type == "cpu" else None for o in out]
+    before = [_snapshot(o) for o in out]
     args = (g, out, offset, shard, begin, count)
     if way == "native":
         msg = _raises(lambda: OP.unpad_(*args), exc, text)
     elif way == "walk":
-        if name == "requires grad":
-            pytest.skip("the private walk op has no autograd rule")
+        if name in ("requires grad", "nested", "gathered nested"):
+            pytest.skip("the private walk op has no autograd rule (nested tensors dispatch to one first)")
         msg = _raises(lambda: OP._unpad_grid_walk(*args), exc, text)
     elif way == "reference":
         msg = _raises(lambda: reference.unpad_(*args), exc, text)
     else:
-        if name in _NO_FAKE:
-            pytest.skip("FakeTensorMode cannot convert this input")
+        if name in ("nested", "gathered nested"):
+            with pytest.raises(RuntimeError, match="NestedTensorImpl doesn't support sizes"):
+                _fake_call(OP.unpad_, args)  # torch's own limit: fails in from_tensor, before the op
+            pytest.skip("FakeTensorMode (torch 2.14) cannot convert a strided nested tensor")
         msg = _raises(lambda: _fake_call(OP.unpad_, args), exc, text)
     for o, b in zip(out, before):
         if b is not None:
@@ -162,6 +181,81 @@ def test_wrapper_rejects_non_tensors(backend, monkeypatch):
     monkeypatch.setenv("OPENSORA_FAST_BACKEND", backend)
     _raises(lambda: ops.unpad_([1.0], [z(1)], [0]), TypeError, "unpad_: gathered must be a tensor, got list")
     _raises(lambda: ops.unpad_(z(1, 1), [None], [0]), TypeError, "unpad_: out[0] must be a tensor, got NoneType")
+
+
+BIG = 2**63 - 1
+
+
+def _overflow_cases():
+    """(dtype, world, numel, shard, begin): shard/begin near 2^63 that pass every
+    check. The old plan doubled them for 16-byte dtypes and the CUDA body formed
+    r * shard for every row: both wrapped and wrote outside out."""
+    return {
+        # 16-byte: 2 * begin wraps to -8 units: 64 bytes before out
+        "c128 begin": (torch.complex128, 1, 1, BIG, BIG - 3),
+        # 16-byte: 2 * shard wraps, row 1 lands 128 bytes after out (the CPU kernel too)
+        "c128 shard": (torch.complex128, 2, 4, 2**62 + 8, 0),
+        # world 3: 2 * shard wraps to -2, row 2 lands 2 elements before out (CUDA body)
+        "f32 row 2": (torch.float32, 3, 2, BIG, 0),
+        "u8 row 2 begin": (torch.uint8, 3, 3, BIG, 1),
+    }
+
+
+@pytest.mark.parametrize("case", list(_overflow_cases()))
+@pytest.mark.parametrize("way", ["native", "walk", "walk small", "reference"])
+def test_huge_shard_and_begin_stay_inside_out(case, way):
+    """Only row 0 (from begin on) lands in out; nothing outside out is written.
+    out sits in the middle of a guard buffer that must stay untouched."""
+    dtype, world, numel, shard, begin = _overflow_cases()[case]
+    gen = torch.Generator().manual_seed(7)
+    gathered = rnd((world, 4), dtype, gen) if dtype.is_complex or dtype.is_floating_point else torch.randint(
+        1, 200, (world, 4), generator=gen).to(dtype)
+    guard = torch.zeros(numel + 16, dtype=dtype)
+    out = guard[8 : 8 + numel]
+    fn = {"native": OP.unpad_, "walk": OP._unpad_grid_walk, "walk small": lambda *a: OP._unpad_grid_walk(*a, 0, 0, True),
+          "reference": reference.unpad_}[way]
+    fn(gathered, [out], [1], [shard], [begin], [3])
+    want = torch.zeros(numel + 16, dtype=dtype)
+    k = min(3, numel - begin) if begin < numel else 0
+    want[8 + begin : 8 + begin + k] = gathered[0, 1 : 1 + k]
+    same_bytes(guard, want, f"{case} {way}")
+
+
+def test_huge_values_through_the_wrapper_defaults_and_lists():
+    """The same calls through ops.unpad_ (the op path users take)."""
+    for case, (dtype, world, numel, shard, begin) in _overflow_cases().items():
+        gathered = torch.ones(world, 4, dtype=dtype)
+        guard = torch.zeros(numel + 16, dtype=dtype)
+        ops.unpad_(gathered, [guard[8 : 8 + numel]], [0], [shard], [begin], [1])
+        assert guard[:8].eq(0).all() and guard[8 + numel :].eq(0).all(), case
+
+
+@pytest.mark.parametrize("backend", ["native", "reference"])
+@pytest.mark.parametrize(
+    "arg,value", [("offset", 2**63), ("shard", 2**64 + 3), ("begin", -(2**63) - 1), ("count", 2**100)]
+)
+def test_values_outside_int64_are_a_value_error(backend, arg, value, monkeypatch):
+    """Natively the schema parser refused these with its own RuntimeError; both
+    backends now say the same ValueError, before any write."""
+    monkeypatch.setenv("OPENSORA_FAST_BACKEND", backend)
+    g = torch.ones(2, 6)
+    lists = dict(offset=[0, 0], shard=[3, 3], begin=[0, 0], count=[3, 3])
+    lists[arg] = [lists[arg][0], value]
+    out = [torch.zeros(5), torch.zeros(5)]
+    text = f"unpad_: {arg}[1] = {value} does not fit in int64"
+    _raises(lambda: ops.unpad_(g, out, **lists), ValueError, text)
+    _raises(lambda: unpad_lists(g, out, lists["offset"], lists["shard"], lists["begin"], lists["count"]), ValueError, text)
+    _raises(lambda: reference.unpad_(g, out, lists["offset"], lists["shard"], lists["begin"], lists["count"]), ValueError, text)
+    assert not any(o.any() for o in out)
+
+
+@pytest.mark.parametrize("backend", ["native", "reference"])
+def test_wrapper_refuses_nested_and_sparse_alike(backend, monkeypatch):
+    monkeypatch.setenv("OPENSORA_FAST_BACKEND", backend)
+    _raises(lambda: ops.unpad_(_nested(), [z(3)], [0]), ValueError, "unpad_: gathered must be a dense (strided) tensor")
+    _raises(lambda: ops.unpad_(z(2, 6).to_sparse(), [z(3)], [0]), ValueError,
+            "unpad_: gathered must be a dense (strided) tensor")
+    _raises(lambda: ops.unpad_(z(2, 6), [_nested()], [0]), ValueError, "unpad_: out[0] must be a dense (strided) tensor")
 
 
 def test_version_bumped_and_no_grad_ok():

@@ -182,3 +182,106 @@ def test_patch_opensora_without_opensora(monkeypatch):
     assert opensora_fast.patch_opensora() == []
     with pytest.raises(ImportError):
         opensora_fast.patch_opensora(strict=True)
+
+
+# ------------------------------------------------- reliability round two (issue 17)
+
+
+class Flat(nn.Module):
+    """1-D parameters only: with world 1 a master shard has its parameter's shape,
+    so the same EMA works with sharded=True (fp32 masters) and sharded=False (bf16 params)."""
+
+    def __init__(self):
+        super().__init__()
+        self.u = nn.Parameter(torch.randn(11))
+        self.v = nn.Parameter(torch.randn(6))
+
+
+def test_switching_sharded_on_one_ema_rederives_the_pairing():
+    torch.manual_seed(3)
+    model = Flat().to(torch.bfloat16)
+    ema = copy.deepcopy(model).requires_grad_(False).float()
+    ema_ref = copy.deepcopy(ema)
+    opt = FakeZero(model, 1, 0)
+    g = torch.Generator().manual_seed(0)
+    opt.step(g)  # masters now differ from the bf16 params
+    for sharded in (True, False, True, False):
+        update_ema(ema, model, opt, decay=0.5, sharded=sharded)
+        reference.update_ema(ema_ref, model, opt, decay=0.5, sharded=sharded)
+        assert_models_equal(ema, ema_ref)
+
+
+class Strided(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.lin = nn.Linear(5, 7)
+        self.cols = nn.Parameter(torch.randn(4, 9))
+
+
+def _strided_pair(layout: str):
+    """(model fp32, ema bf16) whose parameters are not contiguous, upstream-style."""
+    torch.manual_seed(5)
+    model = Strided()
+    ema = copy.deepcopy(model).requires_grad_(False).to(torch.bfloat16)
+    for m in (model, ema) if layout != "ema only" else (ema,):
+        m.conv.weight.data = m.conv.weight.data.contiguous(memory_format=torch.channels_last)
+        m.lin.weight.data = m.lin.weight.data.t().contiguous().t()  # transposed storage
+        # not dense at all: every other column of a wider buffer
+        wide = torch.zeros(4, 18, dtype=m.cols.dtype)
+        wide[:, ::2] = m.cols.data
+        m.cols.data = wide[:, ::2]
+    if layout == "model only":
+        for p in ema.parameters():
+            p.data = p.data.contiguous()
+    return model, ema
+
+
+@pytest.mark.parametrize("backend", ["native", "reference"])
+@pytest.mark.parametrize("layout", ["both", "ema only", "model only"])
+def test_non_contiguous_parameters_run_as_upstream(layout, backend, monkeypatch):
+    monkeypatch.setenv("OPENSORA_FAST_BACKEND", backend)
+    model, ema = _strided_pair(layout)
+    ema_ref = copy.deepcopy(ema)
+    strides = [p.stride() for p in ema.parameters()]
+    for step in range(2):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape))
+        update_ema(ema, model, decay=0.9, sharded=False)
+        reference.update_ema(ema_ref, model, decay=0.9, sharded=False)
+        assert_models_equal(ema, ema_ref)
+    assert [p.stride() for p in ema.parameters()] == strides  # written in place, layout kept
+    # stochastic rounding takes the same paths
+    update_ema(ema, model, decay=0.9, sharded=False, rounding="stochastic")
+
+
+@pytest.mark.parametrize("backend", ["native", "reference"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.int64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("value", [0.9999, 0.2, 1])
+def test_zero_dim_tensor_decay_as_upstream(value, dtype, backend, monkeypatch):
+    monkeypatch.setenv("OPENSORA_FAST_BACKEND", backend)
+    if dtype == torch.int64 and value != 1:
+        pytest.skip("an integer decay tensor holds 0 or 1")
+    model, ema, opt = zero_setup()
+    ema.float()  # an fp32 EMA shows every alpha difference (a bf16 one rounds most away)
+    ema_ref = copy.deepcopy(ema)
+    decay = torch.tensor(value, dtype=dtype)  # 0.2 in bf16/fp16: upstream computes 1 - decay in that dtype
+    update_ema(ema, model, opt, decay=decay)
+    reference.update_ema(ema_ref, model, opt, decay=decay)
+    assert_models_equal(ema, ema_ref)
+
+
+def test_bad_tensor_decay_is_a_type_error():
+    model, ema, opt = zero_setup()
+    before = copy.deepcopy(ema)
+    for decay, text in [
+        (torch.tensor(True), "got a torch.bool tensor of shape []"),
+        (torch.tensor([0.9]), "got a torch.float32 tensor of shape [1]"),
+        (torch.tensor(0.9j), "got a torch.complex64 tensor of shape []"),
+    ]:
+        with pytest.raises(TypeError, match=r"update_ema: decay must be a real number or a 0-dim real tensor, " + text.replace("[", r"\[").replace("]", r"\]")):
+            update_ema(ema, model, opt, decay=decay)
+    with pytest.raises(TypeError, match="decay must be a real number, got bool"):
+        update_ema(ema, model, opt, decay=True)
+    assert_models_equal(ema, before)

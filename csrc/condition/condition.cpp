@@ -4,6 +4,7 @@
 
 #include <numeric>
 
+#include "../host.h"
 #include "../inplace.h"
 #include "condition_ops.h"
 
@@ -14,16 +15,26 @@ namespace {
 bool out_dtype_ok(c10::ScalarType t) {
   return t == c10::kFloat || t == c10::kBFloat16 || t == c10::kHalf || t == c10::kDouble;
 }
+
+bool dense(const at::Tensor& t) { return t.layout() == at::kStrided && !t.is_nested(); }
+
+Span span_of(const at::Tensor& t, bool written, int64_t index) {
+  const uintptr_t start = reinterpret_cast<uintptr_t>(t.const_data_ptr());
+  const uint64_t n = extent_bytes(t.sizes().data(), t.strides().data(), static_cast<size_t>(t.dim()),
+                                  static_cast<int64_t>(t.element_size()));
+  return Span{start, start + static_cast<uintptr_t>(n), written, written ? "cond" : "sources", index};
+}
 }  // namespace
 
 void check_inputs(const char* op, const at::Tensor& out, at::TensorList sources, c10::IntArrayRef plan) {
   const bool cat = std::string(op) == "condition_cat_";
   const char* arg = cat ? "cond" : "z";
+  // first: a nested tensor has no sizes to read (and reports a strided layout)
+  TORCH_CHECK_VALUE(dense(out), op, ": ", arg, " must be a dense (strided) tensor");
   TORCH_CHECK_VALUE(out.dim() == 5 && (!cat || out.size(1) >= 1), op, ": ", arg, " must be ",
                     cat ? "[B, 1 + C, T, H, W]" : "[B, C, T, H, W]", ", got shape ", out.sizes());
   TORCH_CHECK_TYPE(out_dtype_ok(out.scalar_type()), op, ": ", arg,
                    " must be float32, bfloat16, float16 or float64");
-  TORCH_CHECK_VALUE(out.layout() == at::kStrided, op, ": ", arg, " must be a dense (strided) tensor");
   TORCH_CHECK_VALUE(!cat || out.is_contiguous(), op, ": cond must be contiguous");
   TORCH_CHECK(!cat || !out.is_inference() || c10::InferenceMode::is_enabled(), op,
               ": cond is an inference tensor; it can only be written in place inside torch.inference_mode()");
@@ -32,15 +43,26 @@ void check_inputs(const char* op, const at::Tensor& out, at::TensorList sources,
   const int64_t S = static_cast<int64_t>(sources.size());
   for (int64_t i = 0; i < S; ++i) {
     const at::Tensor& s = sources[i];
+    TORCH_CHECK_VALUE(dense(s), op, ": sources[", i, "] must be a dense (strided) tensor");
     TORCH_CHECK_VALUE(s.dim() == 4, op, ": sources[", i, "] must be [C, T, H, W], got shape ", s.sizes());
     TORCH_CHECK_TYPE(out_dtype_ok(s.scalar_type()), op, ": sources[", i,
                      "] must be float32, bfloat16, float16 or float64");
-    TORCH_CHECK_VALUE(s.layout() == at::kStrided, op, ": sources[", i, "] must be a dense (strided) tensor");
     TORCH_CHECK_VALUE(s.device() == out.device(), op, ": sources[", i, "] is on ", s.device(), " but ", arg,
                       " is on ", out.device());
     TORCH_CHECK_VALUE(s.size(0) == C && s.size(2) == H && s.size(3) == W, op, ": sources[", i,
                       "] has shape ", s.sizes(), "; expected [C, *, H, W] = [", C, ", *, ", H, ", ", W, "]");
-    TORCH_CHECK_VALUE(!cat || !s.is_alias_of(out), op, ": sources[", i, "] shares memory with cond");
+  }
+  if (cat && out.device().type() != c10::DeviceType::Meta) {
+    // Address ranges, as ema_update_ and unpad_ compare them: two storages over
+    // one buffer (torch.from_numpy twice) overlap too. A source's range runs
+    // from its first element to the end of its last, whatever its strides.
+    std::vector<Span> spans;
+    spans.reserve(sources.size() + 1);
+    spans.push_back(span_of(out, true, -1));
+    for (int64_t i = 0; i < S; ++i) spans.push_back(span_of(sources[i], false, i));
+    Span a{}, b{};
+    if (find_overlap(std::move(spans), &a, &b))
+      TORCH_CHECK_VALUE(false, op, ": sources[", a.written ? b.index : a.index, "] shares memory with cond");
   }
   TORCH_CHECK_VALUE(plan.size() % kRow == 0, op,
                     ": plan must hold rows of 5 ints (sample, frame, count, source, source_frame), got ",
@@ -84,13 +106,74 @@ struct CatOp {
 };
 using CatKernels = inplace::Kernels<CatOp, at::Tensor&, at::TensorList, c10::IntArrayRef>;
 
+// The ops are not differentiable (their outputs would claim grad that backward
+// never gives the sources): a source that requires grad in grad mode is refused,
+// as opensora_fast/reference/condition.py refuses it.
+void refuse_source_grad(const char* op, at::TensorList sources) {
+  for (size_t i = 0; i < sources.size(); ++i)
+    TORCH_CHECK_VALUE(!sources[i].requires_grad(), op, ": sources[", i, "] requires grad and grad mode is on; ",
+                      op, " is not differentiable: detach the sources or call it under torch.no_grad()");
+}
+
+std::tuple<at::Tensor, at::Tensor> condition_autograd(const at::Tensor& z, at::TensorList sources,
+                                                      c10::IntArrayRef plan) {
+  if (c10::GradMode::is_enabled()) refuse_source_grad("condition", sources);
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("opensora_fast::condition", "")
+                             .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, at::TensorList,
+                                                                       c10::IntArrayRef)>();
+  at::AutoDispatchBelowADInplaceOrView guard;  // fresh outputs, no autograd history
+  return op.call(z, sources, plan);
+}
+
+void cat_autograd(at::Tensor& cond, at::TensorList sources, c10::IntArrayRef plan) {
+  if (c10::GradMode::is_enabled()) {
+    inplace::refuse_grad(CatOp::name, CatOp::arg, cond);
+    refuse_source_grad(CatOp::name, sources);
+  }
+  CatKernels::autograd(cond, sources, plan);
+}
+
+// Backends without a kernel (sparse, nested, other devices): the checks, then
+// "no kernel", so bad input raises what the CPU kernel raises.
+std::tuple<at::Tensor, at::Tensor> condition_fallback(const at::Tensor& z, at::TensorList sources,
+                                                      c10::IntArrayRef plan) {
+  check_inputs("condition", z, sources, plan);
+  TORCH_CHECK_NOT_IMPLEMENTED(false, "condition: no kernel for tensors on ", z.device(),
+                              " (native kernels: cpu, cuda)");
+  return {};
+}
+
+void cat_fallback(at::Tensor& cond, at::TensorList sources, c10::IntArrayRef plan) {
+  check_inputs("condition_cat_", cond, sources, plan);
+  TORCH_CHECK_NOT_IMPLEMENTED(false, "condition_cat_: no kernel for tensors on ", cond.device(),
+                              " (native kernels: cpu, cuda)");
+}
+
 }  // namespace
 
 }  // namespace condition
 }  // namespace opensora_fast
 
 TORCH_LIBRARY_IMPL(opensora_fast, Autograd, m) {
-  m.impl("condition_cat_", &opensora_fast::condition::CatKernels::autograd);
+  m.impl("condition", &opensora_fast::condition::condition_autograd);
+  m.impl("condition_cat_", &opensora_fast::condition::cat_autograd);
+}
+
+TORCH_LIBRARY_IMPL(opensora_fast, CompositeExplicitAutograd, m) {
+  m.impl("condition", &opensora_fast::condition::condition_fallback);
+  m.impl("condition_cat_", &opensora_fast::condition::cat_fallback);
+}
+
+// Nested tensors are no backend of CompositeExplicitAutograd.
+TORCH_LIBRARY_IMPL(opensora_fast, NestedTensorCPU, m) {
+  m.impl("condition", &opensora_fast::condition::condition_fallback);
+  m.impl("condition_cat_", &opensora_fast::condition::cat_fallback);
+}
+
+TORCH_LIBRARY_IMPL(opensora_fast, NestedTensorCUDA, m) {
+  m.impl("condition", &opensora_fast::condition::condition_fallback);
+  m.impl("condition_cat_", &opensora_fast::condition::cat_fallback);
 }
 
 TORCH_LIBRARY_IMPL(opensora_fast, ADInplaceOrView, m) {
@@ -103,4 +186,6 @@ TORCH_LIBRARY_FRAGMENT(opensora_fast, m) {
   m.def(
       "_condition_grid_walk_(Tensor(a!) masks, Tensor(b!) masked, Tensor[] sources, int[] plan, "
       "int max_pieces=0, int max_sources=0, int max_blocks=0, bool small_table=False) -> ()");
+  // make_pieces of a plan (tests: plans past 2^31 frames).
+  m.def("_condition_pieces(int[] plan, int B, int T) -> Tensor");
 }

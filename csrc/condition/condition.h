@@ -54,9 +54,13 @@ OSF_INLINE int64_t source_offset(const Source& s, int64_t e, int64_t HW, int64_t
 
 // A run of frames of one sample: conditioned from `src` (frames f0..) or, with
 // src = -1, unconditioned (mask 0, value 0). Pieces tile [0, T) of every sample.
+// 64-bit: T and a source's frame count can pass 2^31 (expanded or strided
+// sources, long videos of small planes), and the plan is checked in int64.
 struct Piece {
-  int32_t b, t0, n, src, f0;
+  int64_t b, t0, n, f0;
+  int64_t src;
 };
+static_assert(sizeof(Piece) == 40, "Piece: five int64");
 
 // Where the outputs live: mask and data planes are [T, H, W]-contiguous; the
 // batch strides differ between the two-tensor form and the cat form.
@@ -83,11 +87,11 @@ inline std::vector<Piece> make_pieces(const std::vector<int64_t>& plan, int64_t 
     int64_t t = 0;
     for (; k < rows && plan[order[k] * kRow] == b; ++k) {
       const int64_t* r = &plan[order[k] * kRow];
-      if (r[1] > t) out.push_back(Piece{(int32_t)b, (int32_t)t, (int32_t)(r[1] - t), -1, 0});
-      out.push_back(Piece{(int32_t)b, (int32_t)r[1], (int32_t)r[2], (int32_t)r[3], (int32_t)r[4]});
+      if (r[1] > t) out.push_back(Piece{b, t, r[1] - t, 0, -1});
+      out.push_back(Piece{b, r[1], r[2], r[4], r[3]});
       t = r[1] + r[2];
     }
-    if (T > t) out.push_back(Piece{(int32_t)b, (int32_t)t, (int32_t)(T - t), -1, 0});
+    if (T > t) out.push_back(Piece{b, t, T - t, 0, -1});
   }
   return out;
 }
@@ -114,8 +118,8 @@ struct LaunchTableT {
   int32_t block_chunk[MaxBlocks];
   int32_t n_blocks;
 };
-using BigTable = LaunchTableT<128, 512, 2048>;
-using SmallTable = LaunchTableT<12, 64, 320>;
+using BigTable = LaunchTableT<96, 384, 2048>;
+using SmallTable = LaunchTableT<10, 48, 256>;
 static_assert(sizeof(BigTable) + sizeof(Geometry) + sizeof(int) <= 32000, "kernel arguments over 32 KiB");
 static_assert(sizeof(SmallTable) + sizeof(Geometry) + sizeof(int) <= 4000, "kernel arguments over 4 KiB");
 static_assert(BigTable::kMaxPieces <= 32767, "block_piece is int16");
@@ -142,7 +146,7 @@ inline std::vector<Table> plan_launches(const std::vector<Piece>& pieces, const 
     std::fill(local.begin(), local.end(), -1);
   };
   for (const Piece& p : pieces) {
-    const int64_t chunks = ceil_div<int64_t>(static_cast<int64_t>(p.n) * HW, kChunk);
+    const int64_t chunks = ceil_div<int64_t>(p.n * HW, kChunk);
     for (int64_t c = 0; c < chunks; ++c) {
       if (cur == nullptr || cur->n_blocks == max_blocks) open();
       if (c == 0 || cur->n_blocks == 0) {  // the piece enters this table
@@ -173,9 +177,9 @@ OSF_HOST_DEVICE inline void block_body(const Table& tab, const Geometry& g, int 
   const Piece p = tab.piece[tab.block_piece[block]];
   const int64_t HW = g.H * g.W;
   const int64_t lo = static_cast<int64_t>(tab.block_chunk[block]) * kChunk;
-  const int64_t span = static_cast<int64_t>(p.n) * HW;
+  const int64_t span = p.n * HW;
   const int64_t len = span - lo < kChunk ? span - lo : kChunk;
-  const int64_t at = static_cast<int64_t>(p.t0) * HW + lo;  // offset in the [T, H, W] plane
+  const int64_t at = p.t0 * HW + lo;  // offset in the [T, H, W] plane
   if (channel == 0) {
     D* m = static_cast<D*>(g.mask) + p.b * g.mask_bstride + at;
     const D v = p.src >= 0 ? D(1.0f) : D(0.0f);
@@ -189,7 +193,7 @@ OSF_HOST_DEVICE inline void block_body(const Table& tab, const Geometry& g, int 
     return;
   }
   const Source s = tab.src[p.src];
-  const S* in = static_cast<const S*>(s.ptr) + c * s.sc + static_cast<int64_t>(p.f0) * s.sf;
+  const S* in = static_cast<const S*>(s.ptr) + c * s.sc + p.f0 * s.sf;
   if (frames_dense(s, g.H, g.W)) {
     for (int64_t i = thread; i < len; i += nthreads) out[i] = cast_value<D, S>(in[lo + i]);
   } else {

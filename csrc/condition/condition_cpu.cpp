@@ -102,7 +102,7 @@ void run_cpu(const Geometry& g, at::TensorList sources, const std::vector<Piece>
     using D = typename decltype(dt)::type;
     const int64_t esz = sizeof(D);
     for (const Piece& p : pieces) {
-      const int64_t len = static_cast<int64_t>(p.n) * HW, at = static_cast<int64_t>(p.t0) * HW;
+      const int64_t len = p.n * HW, at = p.t0 * HW;
       if (len == 0) continue;
       Task m{static_cast<char*>(g.mask) + (p.b * g.mask_bstride + at) * esz, nullptr, Source{}, len,
              p.src >= 0 ? 1 : 0, true, &run_task<D, float>};
@@ -116,7 +116,7 @@ void run_cpu(const Geometry& g, at::TensorList sources, const std::vector<Piece>
           t.src = source_of(s);
           t.dense = frames_dense(t.src, g.H, g.W);
           t.in = static_cast<const char*>(s.const_data_ptr()) +
-                 (c * t.src.sc + static_cast<int64_t>(p.f0) * t.src.sf) * s.element_size();
+                 (c * t.src.sc + p.f0 * t.src.sf) * s.element_size();
           dispatch_pair(out_dtype, s.scalar_type(), [&](auto, auto st) {
             using S = typename decltype(st)::type;
             t.run = &run_task<D, S>;
@@ -147,12 +147,15 @@ std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& z, at::TensorLi
   const int64_t B = z.size(0), C = z.size(1), T = z.size(2), H = z.size(3), W = z.size(4);
   at::Tensor masks = at::empty({B, 1, T, H, W}, z.options().memory_format(c10::MemoryFormat::Contiguous));
   at::Tensor masked = at::empty({B, C, T, H, W}, z.options().memory_format(c10::MemoryFormat::Contiguous));
+  // nothing to write; and B pieces for a B near 2^63 of empty samples would not fit
+  if (masks.numel() == 0) return {masks, masked};
   run_cpu(geometry(masks, masked), sources, make_pieces(plan_vector(plan), B, T), z.scalar_type());
   return {masks, masked};
 }
 
 void cat_cpu(at::Tensor& cond, at::TensorList sources, c10::IntArrayRef plan) {
   check_inputs("condition_cat_", cond, sources, plan);
+  if (cond.numel() == 0) return;
   run_cpu(cat_geometry(cond), sources, make_pieces(plan_vector(plan), cond.size(0), cond.size(2)),
           cond.scalar_type());
 }
@@ -176,10 +179,28 @@ void walk_tables(const Geometry& g, at::TensorList sources, const std::vector<Pi
   }
 }
 
+// make_pieces of an unchecked plan (tests: pieces past 2^31 frames, which no
+// test could allocate), as [n, 5] int64 rows (sample, frame, count, source,
+// source_frame), source -1 for an unconditioned run.
+at::Tensor pieces_of(c10::IntArrayRef plan, int64_t B, int64_t T) {
+  const std::vector<Piece> pieces = make_pieces(plan_vector(plan), B, T);
+  at::Tensor out = at::empty({static_cast<int64_t>(pieces.size()), kRow}, at::TensorOptions().dtype(at::kLong));
+  int64_t* o = out.data_ptr<int64_t>();
+  for (const Piece& p : pieces) {
+    *o++ = p.b;
+    *o++ = p.t0;
+    *o++ = p.n;
+    *o++ = p.src;
+    *o++ = p.f0;
+  }
+  return out;
+}
+
 void grid_walk(at::Tensor& masks, at::Tensor& masked, at::TensorList sources, c10::IntArrayRef plan,
                int64_t max_pieces, int64_t max_sources, int64_t max_blocks, bool small_table) {
   check_inputs("condition", masked, sources, plan);
   check_planes(masks, masked);
+  if (masks.numel() == 0) return;
   const Geometry g = geometry(masks, masked);
   const std::vector<Piece> pieces = make_pieces(plan_vector(plan), masked.size(0), g.T);
   if (small_table)
@@ -196,4 +217,9 @@ TORCH_LIBRARY_IMPL(opensora_fast, CPU, m) {
   m.impl("condition", &opensora_fast::condition::forward_cpu);
   m.impl("condition_cat_", &opensora_fast::condition::cat_cpu);
   m.impl("_condition_grid_walk_", &opensora_fast::condition::grid_walk);
+}
+
+// No tensor argument: no backend key to dispatch on.
+TORCH_LIBRARY_IMPL(opensora_fast, CompositeExplicitAutograd, m) {
+  m.impl("_condition_pieces", &opensora_fast::condition::pieces_of);
 }

@@ -39,6 +39,20 @@ void walk_fallback(at::TensorList ema, at::TensorList src, double decay, bool st
   fallback_kernel(ema, src, decay, stochastic, seed);
 }
 
+// Lazily negated or conjugated tensors reach these keys before any device
+// kernel; torch's own fallbacks would copy a src silently or refuse an ema with
+// their own words. check_inputs refuses both in ours (a conjugated tensor is
+// complex: the dtype check).
+void lazy_view_kernel(at::TensorList ema, at::TensorList src, double decay, bool, int64_t) {
+  check_inputs(ema, src, decay);
+  TORCH_CHECK_VALUE(false, "ema_update_: a negated or conjugated view reached the kernel");
+}
+
+void walk_lazy_view(at::TensorList ema, at::TensorList src, double decay, bool stochastic, int64_t seed, int64_t,
+                    int64_t, bool) {
+  lazy_view_kernel(ema, src, decay, stochastic, seed);
+}
+
 }  // namespace
 
 void check_inputs(at::TensorList ema, at::TensorList src, double decay) {
@@ -52,12 +66,19 @@ void check_inputs(at::TensorList ema, at::TensorList src, double decay) {
     const at::Tensor& e = ema[i];
     const at::Tensor& s = src[i];
     TORCH_CHECK_VALUE(e.defined() && s.defined(), "ema_update_: ema[", i, "] or src[", i, "] is undefined");
-    TORCH_CHECK_VALUE(e.layout() == at::kStrided && s.layout() == at::kStrided, "ema_update_: ema[", i,
-                      "] and src[", i, "] must be dense (strided) tensors");
+    // A strided nested tensor reports kStrided but has no sizes: refuse it here too.
+    TORCH_CHECK_VALUE(e.layout() == at::kStrided && s.layout() == at::kStrided && !e.is_nested() && !s.is_nested(),
+                      "ema_update_: ema[", i, "] and src[", i, "] must be dense (strided) tensors");
     TORCH_CHECK_TYPE(supported_dtype(e.scalar_type()), "ema_update_: ema[", i, "] has dtype ",
                      dtype_name(e.scalar_type()), "; expected float32, bfloat16 or float16");
     TORCH_CHECK_TYPE(supported_dtype(s.scalar_type()), "ema_update_: src[", i, "] has dtype ",
                      dtype_name(s.scalar_type()), "; expected float32, bfloat16 or float16");
+    // The kernels read raw memory: a lazily negated view would be read (and
+    // written) without its sign.
+    TORCH_CHECK_VALUE(!e.is_neg(), "ema_update_: ema[", i, "] is a negated view (neg bit set, as in x.conj().imag); ",
+                      "pass a tensor without it (.resolve_neg() makes a copy)");
+    TORCH_CHECK_VALUE(!s.is_neg(), "ema_update_: src[", i, "] is a negated view (neg bit set, as in x.conj().imag); ",
+                      "pass a tensor without it (.resolve_neg() makes a copy)");
     TORCH_CHECK_VALUE(e.sizes() == s.sizes(), "ema_update_: ema[", i, "] has shape ", e.sizes(), " but src[",
                       i, "] has shape ", s.sizes());
     TORCH_CHECK_VALUE(e.device() == s.device(), "ema_update_: ema[", i, "] is on ", e.device(), " but src[",
@@ -106,4 +127,23 @@ TORCH_LIBRARY_IMPL(opensora_fast, ADInplaceOrView, m) {
 TORCH_LIBRARY_IMPL(opensora_fast, CompositeExplicitAutograd, m) {
   m.impl("ema_update_", &opensora_fast::ema::fallback_kernel);
   m.impl("_ema_update_grid_walk_", &opensora_fast::ema::walk_fallback);
+}
+
+TORCH_LIBRARY_IMPL(opensora_fast, Negative, m) {
+  m.impl("ema_update_", &opensora_fast::ema::lazy_view_kernel);
+  m.impl("_ema_update_grid_walk_", &opensora_fast::ema::walk_lazy_view);
+}
+
+TORCH_LIBRARY_IMPL(opensora_fast, Conjugate, m) {
+  m.impl("ema_update_", &opensora_fast::ema::lazy_view_kernel);
+  m.impl("_ema_update_grid_walk_", &opensora_fast::ema::walk_lazy_view);
+}
+
+// Strided nested tensors have no dense kernel: the same error as any other layout.
+TORCH_LIBRARY_IMPL(opensora_fast, NestedTensorCPU, m) {
+  m.impl("ema_update_", &opensora_fast::ema::fallback_kernel);
+}
+
+TORCH_LIBRARY_IMPL(opensora_fast, NestedTensorCUDA, m) {
+  m.impl("ema_update_", &opensora_fast::ema::fallback_kernel);
 }

@@ -1,5 +1,6 @@
 // Masked MSE on the CPU, and the CPU walk over the CUDA kernels' grids.
 #include <ATen/Dispatch.h>
+#include <ATen/Dispatch_v2.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -161,11 +162,11 @@ at::Tensor loss_ranges_cpu(const at::Tensor& frame_mask, int64_t hw, bool upstre
   const int64_t B = frame_mask.size(0), T = frame_mask.size(1);
   at::Tensor out = at::empty({B, 2}, frame_mask.options().dtype(at::kLong));
   int64_t* o = out.data_ptr<int64_t>();
-  AT_DISPATCH_ALL_TYPES_AND3(at::kBool, at::kBFloat16, at::kHalf, frame_mask.scalar_type(), "loss_ranges_cpu", [&] {
-    const scalar_t* m = frame_mask.data_ptr<scalar_t>();
+  AT_DISPATCH_V2(frame_mask.scalar_type(), "loss_ranges_cpu", AT_WRAP([&] {
+    const scalar_t* m = frame_mask.const_data_ptr<scalar_t>();
     for (int64_t b = 0; b < B; ++b)
       frame_range(m + b * frame_mask.stride(0), frame_mask.stride(1), T, hw, upstream, o + 2 * b);
-  });
+  }), OSF_MASK_TYPES);
   return out;
 }
 }  // namespace

@@ -3,6 +3,7 @@
 // here reads device memory on the host, so the ops never sync and can be
 // captured in a CUDA graph.
 #include <ATen/Dispatch.h>
+#include <ATen/Dispatch_v2.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
@@ -138,12 +139,12 @@ at::Tensor loss_ranges_cuda(const at::Tensor& frame_mask, int64_t hw, bool upstr
   if (B == 0) return out;
   check_grid(ceil_div<int64_t>(B, 256));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_ALL_TYPES_AND3(at::kBool, at::kBFloat16, at::kHalf, frame_mask.scalar_type(), "loss_ranges_cuda", [&] {
+  AT_DISPATCH_V2(frame_mask.scalar_type(), "loss_ranges_cuda", AT_WRAP([&] {
     loss_ranges_kernel<scalar_t><<<ceil_div<int64_t>(B, 256), 256, 0, stream>>>(
-        frame_mask.data_ptr<scalar_t>(), frame_mask.stride(0), frame_mask.stride(1), B, T, hw, upstream,
+        frame_mask.const_data_ptr<scalar_t>(), frame_mask.stride(0), frame_mask.stride(1), B, T, hw, upstream,
         out.data_ptr<int64_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
+  }), OSF_MASK_TYPES);
   return out;
 }
 

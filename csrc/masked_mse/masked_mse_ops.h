@@ -14,8 +14,15 @@ void check_inputs(const at::Tensor& pred, const at::Tensor& target, const at::Te
 // grad: the incoming gradient of the loss, a real floating 0-dim tensor on pred's device.
 void check_grad(const at::Tensor& grad, const at::Tensor& pred);
 
-// frame_mask: [B, T] (any strides) of a real or bool dtype, T >= 1; hw >= 0.
+// frame_mask: [B, T] (any strides) of a real or bool dtype, T >= 1; hw >= 0
+// with T * hw in int64.
 void check_loss_ranges(const at::Tensor& frame_mask, int64_t hw);
+
+// The frame-mask dtypes of loss_ranges, for AT_DISPATCH_V2 (<ATen/Dispatch_v2.h>);
+// check_loss_ranges accepts exactly these.
+#define OSF_MASK_TYPES                                                                             \
+  AT_EXPAND(AT_INTEGRAL_TYPES_V2), at::kBool, at::kHalf, at::kBFloat16, at::kFloat, at::kDouble, \
+      AT_EXPAND(AT_FLOAT8_TYPES)
 
 // The loss's dtype: fp32, or fp64 for fp64 inputs.
 inline c10::ScalarType acc_dtype(const at::Tensor& pred) {

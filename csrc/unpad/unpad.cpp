@@ -49,7 +49,7 @@ void check_inputs(const at::Tensor& gathered, at::TensorList out, at::IntArrayRe
   TORCH_CHECK_VALUE(offset.size() == n && shard.size() == n && begin.size() == n && count.size() == n,
                     "unpad_: offset, shard, begin and count must each have len(out)=", n, " entries, got ",
                     offset.size(), ", ", shard.size(), ", ", begin.size(), " and ", count.size());
-  TORCH_CHECK_VALUE(gathered.defined() && gathered.layout() == at::kStrided,
+  TORCH_CHECK_VALUE(gathered.defined() && gathered.layout() == at::kStrided && !gathered.is_nested(),
                     "unpad_: gathered must be a dense (strided) tensor");
   TORCH_CHECK_VALUE(gathered.dim() == 2, "unpad_: gathered must be [world, bucket], got shape ", gathered.sizes());
   TORCH_CHECK_VALUE(gathered.size(0) >= 1, "unpad_: gathered must have at least one row (world >= 1), got shape ",
@@ -63,7 +63,7 @@ void check_inputs(const at::Tensor& gathered, at::TensorList out, at::IntArrayRe
   const auto addr = [](const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()); };
   for (size_t i = 0; i < n; ++i) {
     const at::Tensor& o = out[i];
-    TORCH_CHECK_VALUE(o.defined() && o.layout() == at::kStrided, "unpad_: out[", i,
+    TORCH_CHECK_VALUE(o.defined() && o.layout() == at::kStrided && !o.is_nested(), "unpad_: out[", i,
                       "] must be a dense (strided) tensor");
     TORCH_CHECK_TYPE(o.scalar_type() == gathered.scalar_type(), "unpad_: out[", i, "] has dtype ",
                      dtype_name(o.scalar_type()), " but gathered has dtype ", dtype_name(gathered.scalar_type()));
@@ -81,8 +81,9 @@ void check_inputs(const at::Tensor& gathered, at::TensorList out, at::IntArrayRe
                       " + ", count[i], " exceeds shard = ", shard[i]);
     TORCH_CHECK_VALUE(count[i] <= bucket - offset[i], "unpad_: entry ", i, ": offset + count = ", offset[i], " + ",
                       count[i], " exceeds the bucket's ", bucket, " columns");
-    // world * shard >= numel, without overflow.
-    TORCH_CHECK_VALUE(shard[i] >= ceil_div<int64_t>(o.numel(), world), "unpad_: out[", i, "] has ", o.numel(),
+    // world * shard >= numel, without overflow (numel can be near 2^63 on meta).
+    const int64_t need = o.numel() / world + (o.numel() % world != 0);
+    TORCH_CHECK_VALUE(shard[i] >= need, "unpad_: out[", i, "] has ", o.numel(),
                       " elements but world * shard = ", world, " * ", shard[i], " covers fewer");
     if (!meta && o.device().type() != c10::DeviceType::Meta)
       spans.push_back(Span{addr(o), addr(o) + o.nbytes(), true, "out", static_cast<int64_t>(i)});
@@ -119,4 +120,15 @@ TORCH_LIBRARY_IMPL(opensora_fast, ADInplaceOrView, m) {
 TORCH_LIBRARY_IMPL(opensora_fast, CompositeExplicitAutograd, m) {
   m.impl("unpad_", &opensora_fast::unpad::fallback_kernel);
   m.impl("_unpad_grid_walk", &opensora_fast::unpad::walk_fallback);
+}
+
+// Nested tensors are no backend of CompositeExplicitAutograd: without these the
+// dispatcher's NotImplementedError would come before the checks' ValueError.
+TORCH_LIBRARY_IMPL(opensora_fast, NestedTensorCPU, m) {
+  m.impl("unpad_", &opensora_fast::unpad::fallback_kernel);
+  m.impl("_unpad_grid_walk", &opensora_fast::unpad::walk_fallback);
+}
+
+TORCH_LIBRARY_IMPL(opensora_fast, NestedTensorCUDA, m) {
+  m.impl("unpad_", &opensora_fast::unpad::fallback_kernel);
 }

@@ -25,25 +25,33 @@ namespace unpad {
 
 // One entry's geometry, in elements.
 struct Entry {
-  int64_t numel;   // elements of the destination (the unpadded parameter)
-  int64_t shard;   // elements of one rank's shard (row stride in the parameter)
-  int64_t begin;   // first shard column this entry carries
-  int64_t count;   // shard columns this entry carries
-  int64_t offset;  // first bucket column of the entry
+  int64_t numel;     // elements of the destination (the unpadded parameter)
+  int64_t shard;     // elements of one rank's shard (row stride in the parameter)
+  int64_t begin;     // first shard column this entry carries
+  int64_t count;     // shard columns this entry carries
+  int64_t offset;    // first bucket column of the entry
+  int64_t rows = 0;  // leading rows with anything to write (host side: make_plan)
 };
-
-// Destination index of bucket element (r, c) of an entry, or -1 for padding.
-OSF_INLINE int64_t dst_index(int64_t numel, int64_t shard, int64_t begin, int64_t r, int64_t c) {
-  const int64_t j = r * shard + begin + c;
-  return j < numel ? j : -1;
-}
 
 // Elements of row r of an entry that land in the destination (a prefix of the
 // row's count columns: the destination indices of a row are consecutive).
+// shard and begin are caller values up to 2^63 - 1: r * shard + begin is only
+// formed once it is known to be below numel, so it cannot wrap.
 OSF_INLINE int64_t row_valid(const Entry& e, int64_t r) {
-  const int64_t first = r * e.shard + e.begin;
-  const int64_t left = e.numel - first;
-  return left <= 0 ? 0 : (left < e.count ? left : e.count);
+  if (e.begin >= e.numel) return 0;
+  const int64_t room = e.numel - e.begin;            // > 0
+  if (r > 0 && e.shard > (room - 1) / r) return 0;   // r * shard >= room
+  const int64_t left = room - r * e.shard;
+  return left < e.count ? left : e.count;
+}
+
+// Rows of `world` with a non-empty row_valid: they come first (row r starts
+// r * shard further into the parameter). No product can wrap.
+OSF_INLINE int64_t rows_with_data(const Entry& e, int64_t world) {
+  if (e.numel <= 0 || e.count <= 0 || e.begin >= e.numel) return 0;
+  if (e.shard <= 0) return world;  // not reached: count <= shard - begin
+  const int64_t more = (e.numel - 1 - e.begin) / e.shard;  // rows after row 0
+  return more < world - 1 ? more + 1 : world;
 }
 
 // ---------------------------------------------------------------------------
@@ -78,11 +86,11 @@ static_assert(sizeof(BigTable) + 64 <= 32000, "kernel arguments over 32 KiB");
 static_assert(sizeof(SmallTable) + 64 <= 4000, "kernel arguments over 4 KiB");
 
 // Splits the entries into launch tables (the table's limits by default; tests
-// pass smaller ones to exercise the splits). Entries with nothing to write get
-// no block. world: rows of gathered.
+// pass smaller ones to exercise the splits). Rows with nothing to write get no
+// block (Entry::rows).
 template <typename Table>
 inline std::vector<Table> plan_launches(const std::vector<void*>& dst, const std::vector<Entry>& entries,
-                                        int64_t world, int max_entries = 0, int max_blocks = 0) {
+                                        int max_entries = 0, int max_blocks = 0) {
   max_entries = (max_entries > 0 && max_entries < Table::kMaxEntries) ? max_entries : Table::kMaxEntries;
   max_blocks = (max_blocks > 0 && max_blocks < Table::kMaxBlocks) ? max_blocks : Table::kMaxBlocks;
   std::vector<Table> out;
@@ -96,8 +104,9 @@ inline std::vector<Table> plan_launches(const std::vector<void*>& dst, const std
   };
   for (size_t i = 0; i < entries.size(); ++i) {
     const Entry& e = entries[i];
-    if (e.numel == 0 || e.count == 0) continue;
-    const int64_t chunks = world * ceil_div<int64_t>(e.count, kChunk);
+    if (e.rows == 0) continue;
+    // no blocks for the empty rows past the data (row_valid would skip them too)
+    const int64_t chunks = e.rows * ceil_div<int64_t>(e.count, kChunk);
     for (int64_t c = 0; c < chunks; ++c) {
       if (cur == nullptr || cur->n_blocks == max_blocks) open();
       if (c == 0 || cur->n_blocks == 0) {

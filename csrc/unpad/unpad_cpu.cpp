@@ -17,7 +17,7 @@ namespace unpad {
 namespace {
 
 // One row segment: the valid prefix of row r of an entry, a contiguous run in
-// both gathered and the destination (unpad.h row_valid / dst_index).
+// both gathered and the destination (unpad.h row_valid).
 struct Segment {
   const char* src;
   char* dst;
@@ -34,11 +34,9 @@ void forward_cpu(const at::Tensor& gathered, at::TensorList out, at::IntArrayRef
   std::vector<int64_t> start{0};  // byte offsets, segments laid end to end
   for (size_t i = 0; i < p.entries.size(); ++i) {
     const Entry& e = p.entries[i];
-    if (e.numel == 0 || e.count == 0) continue;
-    for (int64_t r = 0; r < p.world; ++r) {
+    for (int64_t r = 0; r < e.rows; ++r) {  // the rows past e.rows are padding only
       const int64_t n = row_valid(e, r);
-      if (n == 0) break;  // later rows start further into the parameter
-      const int64_t j = dst_index(e.numel, e.shard, e.begin, r, 0);
+      const int64_t j = r * e.shard + e.begin;  // < numel: row r has data
       segs.push_back(Segment{base + (r * p.bucket + e.offset) * p.unit, static_cast<char*>(p.dst[i]) + j * p.unit});
       start.push_back(start.back() + n * p.unit);
     }
@@ -60,7 +58,7 @@ void walk_tables(const Plan& p, const void* gathered, int64_t max_entries, int64
   dispatch_unit(p.unit, [&](auto u) {
     using U = decltype(u);
     for (const Table& tab :
-         plan_launches<Table>(p.dst, p.entries, p.world, static_cast<int>(max_entries), static_cast<int>(max_blocks)))
+         plan_launches<Table>(p.dst, p.entries, static_cast<int>(max_entries), static_cast<int>(max_blocks)))
       for (int b = 0; b < tab.n_blocks; ++b)
         for (int t = 0; t < kThreads; ++t)
           unpad_block_body<U>(tab, static_cast<const U*>(gathered), p.bucket, b, t, kThreads);

@@ -27,7 +27,7 @@ template <typename Table>
 void launch(const Plan& p, const void* gathered, cudaStream_t stream) {
   dispatch_unit(p.unit, [&](auto u) {
     using U = decltype(u);
-    for (const Table& tab : plan_launches<Table>(p.dst, p.entries, p.world)) {
+    for (const Table& tab : plan_launches<Table>(p.dst, p.entries)) {
       unpad_kernel<U, Table><<<tab.n_blocks, kThreads, 0, stream>>>(tab, static_cast<const U*>(gathered), p.bucket);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }

@@ -28,16 +28,26 @@ struct Plan {
   std::vector<Entry> entries;
 };
 
+// shard and begin may be anything up to 2^63 - 1 (only count and offset are
+// bounded by a tensor's size), so each entry's rows with data are counted
+// before scaling, and a value is scaled only where it is below a real size:
+// begin < numel when a row has data, shard < numel when two rows do. Values that
+// cannot matter are replaced by numel (a row start past the data).
 inline Plan make_plan(const at::Tensor& gathered, at::TensorList out, at::IntArrayRef offset,
                       at::IntArrayRef shard, at::IntArrayRef begin, at::IntArrayRef count) {
   const int64_t es = static_cast<int64_t>(gathered.element_size());
   const int64_t f = es > 8 ? es / 8 : 1;
-  Plan p{static_cast<int>(es / f), gathered.size(0), gathered.size(1) * f, {}, {}};
+  const int64_t world = gathered.size(0);
+  Plan p{static_cast<int>(es / f), world, gathered.size(1) * f, {}, {}};
   p.dst.reserve(out.size());
   p.entries.reserve(out.size());
   for (size_t i = 0; i < out.size(); ++i) {
-    p.dst.push_back(out[i].numel() ? out[i].data_ptr() : nullptr);
-    p.entries.push_back(Entry{out[i].numel() * f, shard[i] * f, begin[i] * f, count[i] * f, offset[i] * f});
+    const int64_t n = out[i].numel();
+    const int64_t rows = rows_with_data(Entry{n, shard[i], begin[i], count[i], offset[i]}, world);
+    p.dst.push_back(n ? out[i].data_ptr() : nullptr);
+    Entry e{n * f, (rows >= 2 ? shard[i] : n) * f, (rows >= 1 ? begin[i] : n) * f, count[i] * f, offset[i] * f};
+    e.rows = rows;
+    p.entries.push_back(e);
   }
   return p;
 }

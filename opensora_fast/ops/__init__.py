@@ -5,8 +5,9 @@ and its autograd registration."""
 from __future__ import annotations
 
 from .ema import draw_seed, ema_update_
+from .adamw_ema import adamw_ema_
 from .condition import condition, condition_cat_
 from .masked_mse import loss_ranges, masked_mse
 from .unpad import unpad_
 
-__all__ = ["ema_update_", "draw_seed", "masked_mse", "loss_ranges", "condition", "condition_cat_", "unpad_"]
+__all__ = ["ema_update_", "draw_seed", "adamw_ema_", "masked_mse", "loss_ranges", "condition", "condition_cat_", "unpad_"]

@@ -8,6 +8,7 @@ from typing import Sequence
 import torch
 
 from .. import reference
+from ..reference.condition import check_condition_arguments
 from .._ext import HAS_NATIVE, pick
 
 __all__ = ["condition", "condition_cat_"]
@@ -21,16 +22,33 @@ def condition(z: torch.Tensor, sources: Sequence[torch.Tensor], plan: Sequence[i
     return condition_lists(z, list(sources), [int(v) for v in plan])
 
 
+def _call(op: str, fn, out, sources: list, plan: list):
+    try:
+        return fn(out, sources, plan)
+    except RuntimeError as e:
+        # The schema parser refuses a non-tensor or a plan value outside int64
+        # before any check runs: say what the reference says (no cost on success).
+        if "Expected a value of type" in str(e):
+            check_condition_arguments(op, out, sources, plan)
+        raise
+
+
 def condition_lists(z: torch.Tensor, sources: list, plan: list):
     """:func:`condition` for callers whose ``sources`` and ``plan`` already are a
-    list of tensors and a list of ints (no per-call conversion: host time)."""
-    return pick("condition", z.device, reference.condition)(z, sources, plan)
+    list of tensors and a list of ints (no per-call conversion: host time).
+    Not differentiable: sources that require grad are refused in grad mode."""
+    if not isinstance(z, torch.Tensor):
+        raise TypeError(f"condition: z must be a tensor, got {type(z).__name__}")
+    return _call("condition", pick("condition", z.device, reference.condition), z, sources, plan)
 
 
 def condition_cat_(cond: torch.Tensor, sources: Sequence[torch.Tensor], plan: Sequence[int]) -> torch.Tensor:
     """Writes all of ``cond = cat(masks, masks * latent)`` ``[B, 1 + C, T, H, W]`` in
     place from ``plan`` (no ``latent`` tensor is made); returns ``cond``."""
-    pick("condition_cat_", cond.device, reference.condition_cat_)(cond, list(sources), [int(v) for v in plan])
+    if not isinstance(cond, torch.Tensor):
+        raise TypeError(f"condition_cat_: cond must be a tensor, got {type(cond).__name__}")
+    fn = pick("condition_cat_", cond.device, reference.condition_cat_)
+    _call("condition_cat_", fn, cond, list(sources), [int(v) for v in plan])
     return cond
 
 

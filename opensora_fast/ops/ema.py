@@ -68,23 +68,36 @@ def ema_update_(
       requires grad while grad mode is on, or an inference tensor outside
       ``torch.inference_mode()``, is refused (RuntimeError). The op is not
       differentiable.
-    * Bad input (types, length, shape, dtype, device, layout, contiguity, decay
-      outside [0, 1]) raises TypeError/ValueError naming the argument and pair
-      index. Every check runs before anything is written.
+    * Bad input (types, a non-bool ``stochastic``, a bool ``decay`` or ``seed``,
+      length, shape, dtype, device, layout (sparse, nested), negated views,
+      contiguity, decay outside [0, 1]) raises TypeError/ValueError naming the
+      argument and pair index. Every check runs before anything is written.
     """
     ema = list(ema)
     src = list(src)
+    # bool is an int (and "False" is truthy): refuse both rather than guess
     if isinstance(decay, bool) or not isinstance(decay, numbers.Real):
         raise TypeError(f"ema_update_: decay must be a real number, got {type(decay).__name__}")
+    if not isinstance(stochastic, bool):
+        raise TypeError(f"ema_update_: stochastic must be a bool, got {type(stochastic).__name__}")
     decay = float(decay)
-    if stochastic and seed is None:
+    if seed is not None:
+        seed = _as_int64(seed)  # type-checked even when compat mode ignores it
+    elif stochastic:
         seed = draw_seed(generator)
-    seed = _as_int64(seed) if stochastic else 0
+    seed = seed if stochastic else 0
     reference.ema.check_tensor_lists(ema, src)  # in our words, before the schema parser
     first = ema[0] if ema else (src[0] if src else None)
     if first is None:  # nothing to do, but the call is still validated
-        return reference.ema_update_(ema, src, decay, bool(stochastic), seed)
-    pick("ema_update_", first.device, reference.ema_update_)(ema, src, decay, bool(stochastic), seed)
+        return reference.ema_update_(ema, src, decay, stochastic, seed)
+    impl = pick("ema_update_", first.device, reference.ema_update_)
+    try:
+        impl(ema, src, decay, stochastic, seed)
+    except NotImplementedError:
+        # A tensor subclass without this op (e.g. a jagged nested tensor) refused
+        # it at dispatch, before any write: say what the reference says.
+        reference.ema_check_inputs(ema, src, decay)
+        raise
 
 
 if HAS_NATIVE:

@@ -21,10 +21,16 @@ def masked_mse(pred: torch.Tensor, target: torch.Tensor, ranges: torch.Tensor) -
 
     Differentiable in ``pred`` and ``target``: reverse mode to any order
     (``create_graph=True``, ``gradgradcheck``), forward mode (``torch.func.jvp``,
-    ``torch.autograd.forward_ad``) and ``torch.func.grad``:
+    ``torch.autograd.forward_ad``), forward over reverse, and ``torch.func``
+    (``grad``, ``vmap``: one native call per example, ``hessian``):
     ``grad_pred = 2 (pred - target) g / (count_b B)`` inside the range, 0 outside.
+    Inference tensors are accepted as inputs of a graph (copied when saved).
     The result is deterministic (fixed summation order) and costs no host sync.
     """
+    if type(pred) is not torch.Tensor or type(target) is not torch.Tensor or type(ranges) is not torch.Tensor:
+        # non-tensors (None, lists) and tensor subclasses (jagged nested): the
+        # reference's checks, so the error is the one both backends give
+        reference.masked_mse_check_inputs(pred, target, ranges)
     impl = pick("masked_mse", pred.device, reference.masked_mse)
     if impl is reference.masked_mse or torch.compiler.is_compiling():
         return impl(pred, target, ranges)  # compiled: the raw op and its autograd
@@ -37,8 +43,15 @@ def loss_ranges(frame_mask: torch.Tensor, hw: int, upstream: bool = True) -> tor
     == 1): frames ``[start, end)`` times ``hw`` tokens per frame. ``upstream=True``
     drops frame 0 (and T-1) when conditioned and no interior frame is (upstream's
     rule); ``False`` drops the leading and trailing conditioned runs. One launch,
-    no host sync (the reference is about ten small ops)."""
-    return pick("loss_ranges", frame_mask.device, reference.loss_ranges)(frame_mask, int(hw), bool(upstream))
+    no host sync (the reference is about ten small ops). ``hw`` must be an int
+    with ``T * hw`` in int64."""
+    if type(frame_mask) is not torch.Tensor or type(hw) is not int or not 0 <= hw <= _INT64_MAX:
+        # what the schema cannot carry (None, ints beyond int64, numpy ints): the reference's checks
+        hw = reference.check_loss_ranges(frame_mask, hw)
+    return pick("loss_ranges", frame_mask.device, reference.loss_ranges)(frame_mask, hw, bool(upstream))
+
+
+_INT64_MAX = 2**63 - 1
 
 
 def _vjp_of_backward(ctx, v):
@@ -54,6 +67,18 @@ def _vjp_of_backward(ctx, v):
     if need_p or need_t:  # F is linear in (pred - target): F(g, v, 0)
         d_p = reference.masked_mse_backward(grad, v.to(pred.dtype).contiguous(), torch.zeros_like(pred), ranges)
     return d_g, (d_p if need_p else None), (-d_p if need_t else None), None
+
+
+def _save(ctx, inputs, forward_too: bool = False) -> None:
+    """save_for_backward (and save_for_forward) of ``inputs``, the tensors themselves:
+    no copies, except of an inference tensor when a graph is recorded (autograd
+    cannot save one, and a copy keeps the backward right if it is later changed in
+    place inside inference mode)."""
+    if any(ctx.needs_input_grad) and any(map(torch.Tensor.is_inference, inputs)):
+        inputs = tuple(x.clone() if x.is_inference() else x for x in inputs)
+    ctx.save_for_backward(*inputs)
+    if forward_too:
+        ctx.save_for_forward(*inputs)
 
 
 def _old_style(fn: type) -> type:
@@ -107,10 +132,11 @@ if HAS_NATIVE:
             with torch._C._AutoDispatchBelowAutograd():  # straight to the kernel
                 return torch.ops.opensora_fast.masked_mse(pred, target, ranges)
 
+        generate_vmap_rule = True  # the ops' own vmap rules below, through forward/backward/jvp
+
         @staticmethod
         def setup_context(ctx, inputs, output):
-            ctx.save_for_backward(*inputs)  # the inputs themselves: no copies
-            ctx.save_for_forward(*inputs)
+            _save(ctx, inputs, forward_too=True)
 
         @staticmethod
         def backward(ctx, grad):
@@ -148,13 +174,15 @@ if HAS_NATIVE:
         backward = _MaskedMSEFunction.backward
 
     def _raw_autograd(pred, target, ranges):
-        # torch.library cannot register a forward-mode formula for a custom op;
-        # without this check forward mode would silently give a zero tangent.
-        if any(fwAD.unpack_dual(x).tangent is not None for x in (pred, target)):
-            raise RuntimeError(
-                "opensora_fast::masked_mse: forward-mode AD is not supported on the raw op; "
-                "call opensora_fast.ops.masked_mse, which has a jvp"
-            )
+        # torch.library cannot register a forward-mode formula for a custom op,
+        # and under torch.func this kernel sees the transforms' wrapped tensors,
+        # where an autograd.Function (custom_function_call) has no kernel: in
+        # both cases the raw op runs the reference's differentiable math (its
+        # loss equal up to summation order). Plain reverse mode stays native.
+        if torch._C._are_functorch_transforms_active() or any(
+            fwAD.unpack_dual(x).tangent is not None for x in (pred, target)
+        ):
+            return reference.masked_mse(pred, target, ranges)
         return _apply(_RawMaskedMSEFunction, pred, target, ranges)
 
     _lib = torch.library.Library("opensora_fast", "IMPL")  # kept alive: it owns the registration
@@ -164,6 +192,8 @@ if HAS_NATIVE:
         """The native backward op with its own derivative (_vjp_of_backward),
         so the loss is differentiable to any order."""
 
+        generate_vmap_rule = True
+
         @staticmethod
         def forward(grad, pred, target, ranges):
             with torch._C._AutoDispatchBelowAutograd():
@@ -171,9 +201,72 @@ if HAS_NATIVE:
 
         @staticmethod
         def setup_context(ctx, inputs, output):
-            ctx.save_for_backward(*inputs)
+            _save(ctx, inputs, forward_too=True)
 
         backward = staticmethod(_vjp_of_backward)
+
+        @staticmethod
+        def jvp(ctx, d_grad, d_pred, d_target, _d_ranges):
+            # F(g, pred, target) is bilinear in g and (pred - target):
+            # dF = F(dg, pred, target) + F(g, d_pred - d_target, 0)
+            grad, pred, target, ranges = ctx.saved_tensors
+            out = None
+            if d_grad is not None:
+                out = reference.masked_mse_backward(d_grad.to(grad.dtype), pred, target, ranges)
+            d = d_pred if d_target is None else (d_target.neg() if d_pred is None else d_pred - d_target)
+            if d is not None:
+                t = reference.masked_mse_backward(grad, d.to(pred.dtype).contiguous(), torch.zeros_like(pred), ranges)
+                out = t if out is None else out + t
+            return out if out is not None else torch.zeros_like(pred)
+
+    def _per_example(op, out_dim):
+        """A vmap rule for ``op``: one call per example (the ops average over
+        their own batch, so examples cannot share a call), stacked on dim 0."""
+
+        def rule(info, in_dims, *args):
+            cols = [a.movedim(d, 0) if d is not None else None for a, d in zip(args, in_dims)]
+            outs = [op(*(a if c is None else c[i] for a, c in zip(args, cols))) for i in range(info.batch_size)]
+            return torch.stack(outs), out_dim
+
+        return rule
+
+    torch.library.register_vmap("opensora_fast::masked_mse", _per_example(torch.ops.opensora_fast.masked_mse, 0))
+    torch.library.register_vmap(
+        "opensora_fast::masked_mse_backward", _per_example(torch.ops.opensora_fast.masked_mse_backward, 0)
+    )
+
+    @torch.library.register_vmap("opensora_fast::loss_ranges")
+    def _loss_ranges_vmap(info, in_dims, frame_mask, hw, upstream):
+        # samples are independent: the examples' [B, T] masks as one [N*B, T]
+        m = frame_mask.movedim(in_dims[0], 0)
+        out = torch.ops.opensora_fast.loss_ranges(m.reshape(-1, m.shape[-1]), hw, upstream)
+        return out.view(m.shape[0], m.shape[1], 2), 0
+
+    def _njt_refused(check):
+        """A jagged nested tensor reaches its subclass's __torch_dispatch__, which
+        knows no opensora_fast op: raise the reference's error there instead."""
+
+        def rule(cls, func, types, args, kwargs):
+            check(*args)
+            raise AssertionError("unreachable: the check refuses nested tensors")
+
+        return rule
+
+    def _check_backward(grad, pred, target, ranges):
+        reference.masked_mse_check_inputs(pred, target, ranges)
+        reference.masked_mse_check_grad(grad, pred)
+
+    try:
+        from torch.nested._internal.nested_tensor import NestedTensor as _NJT
+    except ImportError:  # a torch without jagged nested tensors: nothing to register
+        _NJT = None
+    if _NJT is not None:
+        for _name, _check in (
+            ("masked_mse", reference.masked_mse_check_inputs),
+            ("masked_mse_backward", _check_backward),
+            ("loss_ranges", lambda m, hw, upstream: reference.check_loss_ranges(m, hw)),
+        ):
+            torch.library.register_torch_dispatch(f"opensora_fast::{_name}", _NJT, _njt_refused(_check))
 
     for _fn in (_MaskedMSEFunction, _RawMaskedMSEFunction, _BackwardFunction):
         _fn._fast = _old_style(_fn)

@@ -8,6 +8,7 @@ import torch
 
 from .._ext import HAS_NATIVE, pick
 from ..reference import unpad as _ref
+from ..reference._checks import is_dense
 
 
 def unpad_(
@@ -39,9 +40,10 @@ def unpad_(
     for i, o in enumerate(out):
         if not isinstance(o, torch.Tensor):
             raise TypeError(f"unpad_: out[{i}] must be a tensor, got {type(o).__name__}")
-    world = int(gathered.shape[0]) if gathered.dim() >= 1 and gathered.shape[0] > 0 else 1
+    dense = is_dense(gathered)  # the op refuses the others; no shape to read here
+    world = int(gathered.shape[0]) if dense and gathered.dim() >= 1 and gathered.shape[0] > 0 else 1
     if shard is None:
-        shard = [-(-o.numel() // world) for o in out]
+        shard = [-(-o.numel() // world) if is_dense(o) else 0 for o in out]
     if begin is None:
         begin = [0] * len(out)
     if count is None:
@@ -54,7 +56,16 @@ def unpad_lists(gathered: torch.Tensor, out: list, offset: list, shard: list, be
     """:func:`unpad_` for callers whose arguments already are a list of tensors
     and lists of ints, all given (no per-entry conversion: host time, ~1100
     entries a bucket for an 11B model). The op checks them all the same."""
-    pick("unpad_", gathered.device, _ref.unpad_)(gathered, out, offset, shard, begin, count)
+    if not isinstance(gathered, torch.Tensor):
+        raise TypeError(f"unpad_: gathered must be a tensor, got {type(gathered).__name__}")
+    try:
+        pick("unpad_", gathered.device, _ref.unpad_)(gathered, out, offset, shard, begin, count)
+    except RuntimeError as e:
+        # The schema parser refuses a non-tensor or a value outside int64 before
+        # any check runs: say what the reference says (no cost on success).
+        if "Expected a value of type" in str(e):
+            _ref.check_arguments(gathered, out, offset, shard, begin, count)
+        raise
 
 
 if HAS_NATIVE:

@@ -16,14 +16,32 @@ class Span(NamedTuple):
     index: int
 
 
-def tensor_span(t: torch.Tensor, written: bool, arg: str, index: int, storages: dict) -> Span | None:
-    """The bytes a contiguous tensor covers. Real tensors: their addresses.
-    Fake tensors have none, so each storage gets its own address range
-    (views of one storage still overlap, distinct storages never do).
-    Meta tensors are skipped, as the native check skips them."""
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
+
+
+def check_int64(op: str, name: str, values: Sequence[int]) -> None:
+    """ValueError naming the first of ``values`` outside int64 (the native ops'
+    schemas take int64 only; their wrappers and the references say this alike)."""
+    for k, v in enumerate(values):
+        if not INT64_MIN <= v <= INT64_MAX:
+            raise ValueError(f"{op}: {name}[{k}] = {v} does not fit in int64")
+
+
+def is_dense(t: torch.Tensor) -> bool:
+    """A strided tensor that is not nested (nested tensors report torch.strided)."""
+    return t.layout == torch.strided and not t.is_nested
+
+
+def tensor_span(t: torch.Tensor, written: bool, arg: str, index: int, storages: dict, *, strided: bool = False) -> Span | None:
+    """The bytes a contiguous tensor covers; with ``strided=True`` those from a
+    strided tensor's first element to the end of its last (csrc/host.h
+    extent_bytes). Real tensors: their addresses. Fake tensors have none, so
+    each storage gets its own address range (views of one storage still
+    overlap, distinct storages never do). Meta tensors are skipped, as the
+    native checks skip them."""
     if t.device.type == "meta":
         return None
-    nbytes = t.numel() * t.element_size()
+    nbytes = extent_bytes(t.shape, t.stride(), t.element_size()) if strided else t.numel() * t.element_size()
     if isinstance(t, torch._subclasses.fake_tensor.FakeTensor):
         key = StorageWeakRef(t.untyped_storage())
         base = storages.setdefault(key, (len(storages) + 1) << 48)
@@ -31,6 +49,14 @@ def tensor_span(t: torch.Tensor, written: bool, arg: str, index: int, storages: 
     else:
         start = t.data_ptr()
     return Span(start, start + nbytes, written, arg, index)
+
+
+def extent_bytes(shape, strides, element_size: int) -> int:
+    """Bytes from a strided tensor's first element to the end of its last
+    (non-negative strides); 0 when it has no element."""
+    if any(int(d) == 0 for d in shape):
+        return 0
+    return (1 + sum((int(d) - 1) * int(st) for d, st in zip(shape, strides))) * element_size
 
 
 def find_overlap(spans: Sequence[Span | None]) -> tuple[Span, Span] | None:

@@ -24,9 +24,35 @@ from typing import Optional, Sequence
 
 import torch
 
+from ._checks import check_int64, find_overlap, is_dense, tensor_span
+
 OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 SRC_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 ROW = 5
+
+
+def check_condition_arguments(op: str, out: torch.Tensor, sources: Sequence[torch.Tensor], plan: Sequence[int]) -> None:
+    """What the native schema takes: tensors, and plan values within int64 (the
+    wrappers raise these where the schema parser would)."""
+    arg = "cond" if op == "condition_cat_" else "z"
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"{op}: {arg} must be a tensor, got {type(out).__name__}")
+    for i, s in enumerate(sources):
+        if not isinstance(s, torch.Tensor):
+            raise TypeError(f"{op}: sources[{i}] must be a tensor, got {type(s).__name__}")
+    check_int64(op, "plan", plan)
+
+
+def check_source_grad(op: str, sources: Sequence[torch.Tensor]) -> None:
+    """The ops are not differentiable: in grad mode a source that requires grad
+    is refused (the native Autograd kernel's check, before the others)."""
+    if torch.is_grad_enabled():
+        for i, s in enumerate(sources):
+            if s.requires_grad:
+                raise ValueError(
+                    f"{op}: sources[{i}] requires grad and grad mode is on; {op} is not differentiable: "
+                    "detach the sources or call it under torch.no_grad()"
+                )
 
 
 def check_condition_inputs(op: str, out: torch.Tensor, sources: Sequence[torch.Tensor], plan: Sequence[int]) -> None:
@@ -36,12 +62,13 @@ def check_condition_inputs(op: str, out: torch.Tensor, sources: Sequence[torch.T
     cat = op == "condition_cat_"
     arg = "cond" if cat else "z"
     want = "[B, 1 + C, T, H, W]" if cat else "[B, C, T, H, W]"
+    check_condition_arguments(op, out, sources, plan)
+    if not is_dense(out):  # first: a nested tensor has no shape to read
+        raise ValueError(f"{op}: {arg} must be a dense (strided) tensor")
     if out.dim() != 5 or (cat and out.shape[1] < 1):
         raise ValueError(f"{op}: {arg} must be {want}, got shape {list(out.shape)}")
     if out.dtype not in OUT_DTYPES:
         raise TypeError(f"{op}: {arg} must be float32, bfloat16, float16 or float64")
-    if out.layout != torch.strided:
-        raise ValueError(f"{op}: {arg} must be a dense (strided) tensor")
     if cat and not out.is_contiguous():
         raise ValueError(f"{op}: cond must be contiguous")
     if cat and out.is_inference() and not torch.is_inference_mode_enabled():
@@ -52,20 +79,27 @@ def check_condition_inputs(op: str, out: torch.Tensor, sources: Sequence[torch.T
     if cat:
         C -= 1
     for i, s in enumerate(sources):
+        if not is_dense(s):
+            raise ValueError(f"{op}: sources[{i}] must be a dense (strided) tensor")
         if s.dim() != 4:
             raise ValueError(f"{op}: sources[{i}] must be [C, T, H, W], got shape {list(s.shape)}")
         if s.dtype not in SRC_DTYPES:
             raise TypeError(f"{op}: sources[{i}] must be float32, bfloat16, float16 or float64")
-        if s.layout != torch.strided:
-            raise ValueError(f"{op}: sources[{i}] must be a dense (strided) tensor")
         if s.device != out.device:
             raise ValueError(f"{op}: sources[{i}] is on {s.device} but {arg} is on {out.device}")
         if s.shape[0] != C or s.shape[2] != H or s.shape[3] != W:
             raise ValueError(
                 f"{op}: sources[{i}] has shape {list(s.shape)}; expected [C, *, H, W] = [{C}, *, {H}, {W}]"
             )
-        if cat and torch._C._is_alias_of(s, out):
-            raise ValueError(f"{op}: sources[{i}] shares memory with cond")
+    if cat and out.device.type != "meta":
+        # address ranges, as ema_update_ and unpad_ (csrc/condition/condition.cpp)
+        storages: dict = {}
+        spans = [tensor_span(out, True, "cond", -1, storages, strided=True)]
+        spans += [tensor_span(s, False, "sources", i, storages, strided=True) for i, s in enumerate(sources)]
+        hit = find_overlap(spans)
+        if hit is not None:
+            src = hit[1] if hit[0].written else hit[0]
+            raise ValueError(f"{op}: sources[{src.index}] shares memory with cond")
     if len(plan) % ROW != 0:
         raise ValueError(
             f"{op}: plan must hold rows of 5 ints (sample, frame, count, source, source_frame), got {len(plan)} ints"
@@ -115,6 +149,8 @@ def _fill(masks: torch.Tensor, masked: torch.Tensor, sources, plan) -> None:
 def condition(z: torch.Tensor, sources: Sequence[torch.Tensor], plan: Sequence[int]):
     """Reference of ``opensora_fast::condition``: ``(masks [B,1,T,H,W], masked [B,C,T,H,W])``
     in z's dtype on z's device (z's values are not read)."""
+    check_condition_arguments("condition", z, sources, plan)
+    check_source_grad("condition", sources)
     check_condition_inputs("condition", z, sources, plan)
     B, C, T, H, W = z.shape
     masks = torch.zeros((B, 1, T, H, W), dtype=z.dtype, device=z.device)
@@ -126,11 +162,13 @@ def condition(z: torch.Tensor, sources: Sequence[torch.Tensor], plan: Sequence[i
 def condition_cat_(cond: torch.Tensor, sources: Sequence[torch.Tensor], plan: Sequence[int]) -> None:
     """Reference of ``opensora_fast::condition_cat_``: writes all of
     ``cond = cat(masks, masks * latent)`` ``[B, 1 + C, T, H, W]`` in place."""
+    check_condition_arguments("condition_cat_", cond, sources, plan)
     if torch.is_grad_enabled() and cond.requires_grad:
         raise RuntimeError(
             "condition_cat_: cond requires grad and grad mode is on; condition_cat_ is not differentiable: "
             "call it under torch.no_grad()"
         )
+    check_source_grad("condition_cat_", sources)
     check_condition_inputs("condition_cat_", cond, sources, plan)
     cond.zero_()
     _fill(cond[:, :1], cond[:, 1:], sources, plan)

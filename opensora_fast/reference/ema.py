@@ -44,12 +44,18 @@ def check_inputs(ema: Sequence[torch.Tensor], src: Sequence[torch.Tensor], decay
         raise ValueError(f"ema_update_: decay must be in [0, 1], got {float(decay)!r}")
     spans, storages = [], {}
     for i, (e, s) in enumerate(zip(ema, src)):
-        if e.layout != torch.strided or s.layout != torch.strided:
+        if e.layout != torch.strided or s.layout != torch.strided or e.is_nested or s.is_nested:
             raise ValueError(f"ema_update_: ema[{i}] and src[{i}] must be dense (strided) tensors")
         if e.dtype not in _FLOATS:
             raise TypeError(f"ema_update_: ema[{i}] has dtype {e.dtype}; expected float32, bfloat16 or float16")
         if s.dtype not in _FLOATS:
             raise TypeError(f"ema_update_: src[{i}] has dtype {s.dtype}; expected float32, bfloat16 or float16")
+        for name, t in (("ema", e), ("src", s)):
+            if t.is_neg():  # checked before any pair is written (upstream's mul_ would refuse it midway)
+                raise ValueError(
+                    f"ema_update_: {name}[{i}] is a negated view (neg bit set, as in x.conj().imag); "
+                    "pass a tensor without it (.resolve_neg() makes a copy)"
+                )
         if e.shape != s.shape:
             raise ValueError(
                 f"ema_update_: ema[{i}] has shape {shape_str(e.shape)} but src[{i}] has shape {shape_str(s.shape)}"

@@ -3,6 +3,8 @@
 order."""
 from __future__ import annotations
 
+import operator
+
 import torch
 
 from ._checks import shape_str
@@ -10,12 +12,17 @@ from ._checks import shape_str
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
+def _dense(t: torch.Tensor) -> bool:
+    """Strided and not nested (a strided-layout nested tensor has no sizes)."""
+    return t.layout == torch.strided and not t.is_nested
+
+
 def check_inputs(pred: torch.Tensor, target: torch.Tensor, ranges: torch.Tensor) -> None:
     """The native op's checks, in its order and with its messages (csrc/masked_mse/masked_mse.cpp)."""
     for name, t in (("pred", pred), ("target", target), ("ranges", ranges)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"masked_mse: {name} must be a tensor, got {type(t).__name__}")
-    if pred.layout != torch.strided or target.layout != torch.strided or ranges.layout != torch.strided:
+    if not (_dense(pred) and _dense(target) and _dense(ranges)):
         raise ValueError("masked_mse: pred, target and ranges must be dense (strided) tensors")
     if pred.dim() != 3:
         raise ValueError(f"masked_mse: pred must be [B, L, D], got shape {shape_str(pred.shape)}")
@@ -41,7 +48,9 @@ def check_inputs(pred: torch.Tensor, target: torch.Tensor, ranges: torch.Tensor)
 
 def check_grad(grad: torch.Tensor, pred: torch.Tensor) -> None:
     """The native backward's check of the incoming gradient."""
-    if grad.layout != torch.strided:
+    if not isinstance(grad, torch.Tensor):
+        raise TypeError(f"masked_mse_backward: grad must be a tensor, got {type(grad).__name__}")
+    if not _dense(grad):
         raise ValueError("masked_mse_backward: grad must be a dense (strided) tensor")
     if grad.dim() != 0:
         raise ValueError(f"masked_mse_backward: grad must be a scalar (0-dim), got shape {shape_str(grad.shape)}")
@@ -55,21 +64,49 @@ def check_grad(grad: torch.Tensor, pred: torch.Tensor) -> None:
 
 check_mse_inputs = check_inputs  # the name used before the per-op layout
 
+_INT64_MAX = 2**63 - 1
 
-def check_loss_ranges(frame_mask: torch.Tensor, hw: int) -> None:
-    """The native loss_ranges op's checks, in its order and with its messages."""
+# Frame-mask dtypes loss_ranges reads, on both backends (csrc: OSF_MASK_TYPES):
+# every real and bool dtype torch can compare with 1 (not the sub-byte or bits ones).
+MASK_DTYPES = frozenset(
+    [torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.uint16, torch.uint32]
+    + [torch.uint64, torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.float8_e5m2]
+    + [torch.float8_e5m2fnuz, torch.float8_e4m3fn, torch.float8_e4m3fnuz, torch.float8_e8m0fnu]
+)
+
+
+def _as_int(hw) -> int:
+    """hw as an int (anything with __index__, a SymInt when traced); a bool or a float is refused."""
+    if isinstance(hw, torch.SymInt):
+        return hw
+    if not isinstance(hw, bool):
+        try:
+            return operator.index(hw)
+        except TypeError:
+            pass
+    raise TypeError(f"loss_ranges: hw must be an int, got {type(hw).__name__}")
+
+
+def check_loss_ranges(frame_mask: torch.Tensor, hw: int) -> int:
+    """The native loss_ranges op's checks, in its order and with its messages;
+    returns ``hw`` as an int."""
     if not isinstance(frame_mask, torch.Tensor):
         raise TypeError(f"loss_ranges: frame_mask must be a tensor, got {type(frame_mask).__name__}")
-    if frame_mask.layout != torch.strided:
+    if not _dense(frame_mask):
         raise ValueError("loss_ranges: frame_mask must be a dense (strided) tensor")
     if frame_mask.dim() != 2:
         raise ValueError(f"loss_ranges: frame_mask must be [B, T], got shape {shape_str(frame_mask.shape)}")
-    if frame_mask.is_complex():
+    if frame_mask.dtype not in MASK_DTYPES:
         raise TypeError(f"loss_ranges: frame_mask has dtype {frame_mask.dtype}; expected a real or bool dtype")
-    if frame_mask.shape[1] < 1:
+    T = frame_mask.shape[1]
+    if T < 1:
         raise ValueError("loss_ranges: frame_mask has no frames (T=0)")
+    hw = _as_int(hw)
     if hw < 0:
         raise ValueError(f"loss_ranges: hw must be >= 0, got {hw}")
+    if T * hw > _INT64_MAX:  # the last range ends at T * hw
+        raise ValueError(f"loss_ranges: T * hw = {T} * {hw} does not fit in int64")
+    return hw
 
 
 def loss_ranges(frame_mask: torch.Tensor, hw: int, upstream: bool) -> torch.Tensor:
@@ -78,7 +115,7 @@ def loss_ranges(frame_mask: torch.Tensor, hw: int, upstream: bool) -> torch.Tens
     frame 0 (and frame T-1) is dropped when conditioned and no interior frame
     is; else the leading and trailing runs of conditioned frames are dropped.
     Tensor ops on the mask's device, no host sync."""
-    check_loss_ranges(frame_mask, hw)
+    hw = check_loss_ranges(frame_mask, hw)
     m = frame_mask == 1
     T = m.shape[1]
     if upstream:

@@ -15,11 +15,30 @@ from typing import Sequence
 
 import torch
 
-from ._checks import find_overlap, shape_str, tensor_span
+from ._checks import check_int64, find_overlap, is_dense, shape_str, tensor_span
 
 
 def _name(span) -> str:
     return span.arg if span.index < 0 else f"{span.arg}[{span.index}]"
+
+
+def check_arguments(
+    gathered: torch.Tensor,
+    out: Sequence[torch.Tensor],
+    offset: Sequence[int],
+    shard: Sequence[int],
+    begin: Sequence[int],
+    count: Sequence[int],
+) -> None:
+    """What the native schema takes: tensors, and ints within int64 (the
+    wrapper raises these where the schema parser would)."""
+    if not isinstance(gathered, torch.Tensor):
+        raise TypeError(f"unpad_: gathered must be a tensor, got {type(gathered).__name__}")
+    for i, o in enumerate(out):
+        if not isinstance(o, torch.Tensor):
+            raise TypeError(f"unpad_: out[{i}] must be a tensor, got {type(o).__name__}")
+    for name, values in (("offset", offset), ("shard", shard), ("begin", begin), ("count", count)):
+        check_int64("unpad_", name, values)
 
 
 def check_inputs(
@@ -32,11 +51,7 @@ def check_inputs(
 ) -> None:
     """The native op's checks, in its order and with its messages
     (csrc/unpad/unpad.cpp). Nothing is written by a call that fails one."""
-    if not isinstance(gathered, torch.Tensor):
-        raise TypeError(f"unpad_: gathered must be a tensor, got {type(gathered).__name__}")
-    for i, o in enumerate(out):
-        if not isinstance(o, torch.Tensor):
-            raise TypeError(f"unpad_: out[{i}] must be a tensor, got {type(o).__name__}")
+    check_arguments(gathered, out, offset, shard, begin, count)
     if torch.is_grad_enabled():
         for i, o in enumerate(out):
             if o.requires_grad:
@@ -50,7 +65,7 @@ def check_inputs(
             f"unpad_: offset, shard, begin and count must each have len(out)={n} entries, got "
             f"{len(offset)}, {len(shard)}, {len(begin)} and {len(count)}"
         )
-    if gathered.layout != torch.strided:
+    if not is_dense(gathered):
         raise ValueError("unpad_: gathered must be a dense (strided) tensor")
     if gathered.dim() != 2:
         raise ValueError(f"unpad_: gathered must be [world, bucket], got shape {shape_str(gathered.shape)}")
@@ -64,7 +79,7 @@ def check_inputs(
     cuda_src = gathered.device.type == "cuda"
     spans, storages = [], {}
     for i, o in enumerate(out):
-        if o.layout != torch.strided:
+        if not is_dense(o):
             raise ValueError(f"unpad_: out[{i}] must be a dense (strided) tensor")
         if o.dtype != gathered.dtype:
             raise TypeError(f"unpad_: out[{i}] has dtype {o.dtype} but gathered has dtype {gathered.dtype}")

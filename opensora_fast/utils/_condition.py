@@ -16,8 +16,7 @@ import torch
 
 from .. import ops
 from ..ops.condition import condition_lists
-from ..reference.condition import OUT_DTYPES, SRC_DTYPES, _drop_v2v
-from ..reference.condition import add_noise_to_ref as _add_noise_to_ref
+from ..reference.condition import OUT_DTYPES, SRC_DTYPES
 
 logger = logging.getLogger("opensora_fast")
 
@@ -35,10 +34,34 @@ __all__ = [
 ]
 
 
-def add_noise_to_ref(masked_ref: torch.Tensor, masks: torch.Tensor, t: float, sigma_min: float = 1e-5):
+def add_noise_to_ref(masked_ref: torch.Tensor, masks: torch.Tensor, t: float, sigma_min: float = 1e-5) -> torch.Tensor:
     """``masks * ((1 - (1 - sigma_min) t) masked_ref + t noise)``, noise from
-    ``torch.randn_like`` (same draws as upstream)."""
-    return _add_noise_to_ref(masked_ref, masks, t, sigma_min)
+    ``torch.randn_like(masked_ref)`` (same draws as upstream). Bit-identical to
+    upstream: the keep factor is a Python float, then two scalar products and
+    one add, unfused (a fused ``add(alpha=t)`` would round differently)."""
+    keep = 1 - (1 - sigma_min) * t
+    noise = torch.randn_like(masked_ref)
+    return masks * (masked_ref * keep + noise * t)
+
+
+def _needs_grad(sources: list) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in sources)
+
+
+def _condition_with_grad(shape, dtype: torch.dtype, device, sources: list, plan: list, via=None):
+    """Upstream's differentiable result where a source requires grad in grad mode
+    (an encoder that is not frozen): the op is not differentiable and refuses
+    such sources, so the frames are copied with autograd-tracked slice writes.
+    ``via``: the buffer dtype upstream copies through first (inference: fp32)."""
+    B, C, T, H, W = shape
+    masks = torch.zeros((B, 1, T, H, W), dtype=dtype, device=device)
+    masked = torch.zeros((B, C, T, H, W), dtype=dtype, device=device)
+    for k in range(0, len(plan), 5):
+        b, t0, n, s, f0 = plan[k : k + 5]
+        masks[b, :, t0 : t0 + n] = 1
+        frames = sources[s][:, f0 : f0 + n]
+        masked[b, :, t0 : t0 + n] = (frames if via is None else frames.to(via)).to(dtype)
+    return masks, masked
 
 
 class _Sources:
@@ -157,7 +180,10 @@ def prepare_inference_condition(
             raise ValueError(msg % (missing, mask_cond))
         logger.warning(msg, missing, mask_cond)  # formatted only where a handler takes it
     zz = z if out_dtype == z.dtype else z.new_empty((1,) * 5, dtype=out_dtype).expand(B, C, T, H, W)
-    masks, masked = condition_lists(zz, srcs.tensors, plan)
+    if _needs_grad(srcs.tensors):
+        masks, masked = _condition_with_grad(zz.shape, out_dtype, z.device, srcs.tensors, plan, torch.float32)
+    else:
+        masks, masked = condition_lists(zz, srcs.tensors, plan)
     if out_dtype != z.dtype:  # integer/complex z: upstream's fp32 buffers, then .to(z.dtype)
         masks, masked = masks.to(z.dtype), masked.to(z.dtype)
     return masks, masked
@@ -187,9 +213,12 @@ def _chunk(n: int, sample: torch.Tensor, max_batch: Optional[int]) -> int:
 
 
 def _encode_batched(model_ae, inputs: torch.Tensor, max_batch: Optional[int]) -> list[torch.Tensor]:
-    """model_ae.encode over ``inputs`` in chunks (see :func:`_chunk`)."""
+    """model_ae.encode over ``inputs`` in chunks (see :func:`_chunk`); an empty
+    batch is encoded once as is (upstream's empty result, in the encoder's dtype)."""
     n = inputs.shape[0]
-    step = _chunk(n, inputs[0] if n else inputs, max_batch)
+    if n == 0:
+        return [model_ae.encode(inputs)]
+    step = _chunk(n, inputs[0], max_batch)
     return [model_ae.encode(inputs[lo : lo + step]) for lo in range(0, n, max(step, 1))]
 
 
@@ -199,9 +228,26 @@ def _latent_config(model_ae, x):
     return C, T, H, W
 
 
+_V2V_SHORT = ("v2v_head", "v2v_tail")
+_V2V_EASY = ("v2v_head_easy", "v2v_tail_easy")
+
+
+def _modes_for_length(condition_config: dict, T: int, short: int, long: int) -> dict:
+    """A copy of ``condition_config`` without the v2v modes upstream removes for
+    T latent frames: all four at ``T <= short``, the two easy ones at
+    ``T <= long`` (exact key names only, as upstream's pops)."""
+    out = {}
+    for mode, weight in condition_config.items():
+        if mode in _V2V_SHORT and not T > short:
+            continue
+        if mode in _V2V_EASY and not (T > short and T > long):
+            continue
+        out[mode] = weight
+    return out
+
+
 def _draw_modes(condition_config: dict, B: int, short: int, long: int, T: int, who: str) -> list[str]:
-    config = dict(condition_config)  # never the caller's dict (upstream pops from it)
-    _drop_v2v(config, T, short, long)
+    config = _modes_for_length(condition_config, T, short, long)  # never the caller's dict
     if B == 0:
         return []
     if not config:
@@ -266,6 +312,9 @@ def _assemble(x, model_ae, B, C, T, H, W, x0_groups, ref_groups, segments, max_b
                 f"{who}: the {key} encode of sample {i} has {frames} latent frames; the condition needs {n}"
             )
         plan += [i, t0, n, s, f0]
+    if _needs_grad(srcs.tensors):
+        masks, masked = _condition_with_grad((B, C, T, H, W), x.dtype, x.device, srcs.tensors, plan)
+        return x_0, torch.cat([masks, masked], dim=1)
     cond = torch.empty((B, 1 + C, T, H, W), dtype=x.dtype, device=x.device)
     if x.dtype in OUT_DTYPES:
         ops.condition_cat_(cond, srcs.tensors, plan)

@@ -148,12 +148,54 @@ def read_image_from_path(path, transform=None, transform_name="center", num_fram
 
 
 def read_video_frames(path: str) -> torch.Tensor:
-    """All frames of the first video stream as uint8 ``[T, 3, H, W]``."""
+    """The frames of the first video stream as uint8 ``[T, 3, H, W]``, by the
+    rules of upstream's decoder (``torchvision.io.read_video``, ``pts_unit="sec"``):
+    metadata that does not decode is ignored; one frame per timestamp (the last
+    decoded wins), in timestamp order; frames with a negative timestamp are
+    dropped; a decode error keeps the frames decoded before it. Frames without a
+    timestamp are dropped too (upstream raises TypeError on them).
+
+    Where these rules leave nothing (upstream's empty clip: every frame has a
+    negative or no timestamp), every decoded frame is returned in decode order
+    instead, and a warning says so. A file with no video frames at all raises
+    ValueError."""
     av = _av()
-    with av.open(path) as container:
-        frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    kept: dict[int, np.ndarray] = {}  # pts >= 0 -> the last frame decoded at it
+    untimed: list[np.ndarray] = []  # the others, in decode order, needed only while kept is empty
+    decoded, error = 0, None
+    with av.open(path, metadata_errors="ignore") as container:
+        if not container.streams.video:
+            raise ValueError(f"{path!r} holds no video stream")
+        try:
+            for frame in container.decode(video=0):
+                decoded += 1
+                pts = frame.pts
+                if pts is not None and pts >= 0:
+                    kept[pts] = frame.to_ndarray(format="rgb24")
+                    untimed.clear()
+                elif not kept:
+                    untimed.append(frame.to_ndarray(format="rgb24"))
+        except av.error.FFmpegError as e:  # as upstream: keep what decoded before the error
+            error = e
+    if error is not None:
+        logger.warning("%r: decoding stopped after %d frames: %s; using the frames decoded so far", path, decoded, error)
+    if kept:
+        frames = [kept[pts] for pts in sorted(kept)]
+        if len(frames) != decoded:
+            logger.info(
+                "%r: %d of %d decoded frames dropped (repeated, negative or missing timestamps), as upstream",
+                path, decoded - len(frames), decoded,
+            )
+    else:
+        frames = untimed
+        if frames:
+            logger.warning(
+                "%r: no frame has a timestamp >= 0, where upstream returns an empty clip; "
+                "using all %d decoded frames in decode order",
+                path, len(frames),
+            )
     if not frames:
-        raise ValueError(f"{path!r} holds no video frames")
+        raise ValueError(f"{path!r} holds no video frames" + (f" ({error})" if error is not None else ""))
     return torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2)
 
 

@@ -9,7 +9,8 @@ exactly as ColossalAI drives it) and the same ``state_dict`` layout.
 Differences from upstream, on purpose:
 
 - ``create_optimizer`` accepts ``cls="AdamW"`` (torch's AdamW, fused on CUDA
-  parameters; a choice for machines without ColossalAI), besides the default
+  parameters; a choice for machines without ColossalAI) and ``cls="FusedAdamW"``
+  (ours: AdamW over fp32 masters that can also step the EMA), besides the default
   ``"HybridAdam"`` which needs ``pip install opensora_fast[colossalai]``.
   Like upstream it pops ``cls`` from the caller's dict.
 - ``create_lr_scheduler`` honours ``initial_lr`` (upstream ignores the argument
@@ -28,7 +29,7 @@ except ImportError:  # pragma: no cover
 
 __all__ = ["create_optimizer", "create_lr_scheduler", "LinearWarmupLR", "CosineAnnealingWarmupLR", "OPTIMIZERS"]
 
-OPTIMIZERS = ("HybridAdam", "AdamW")
+OPTIMIZERS = ("HybridAdam", "AdamW", "FusedAdamW")
 
 
 def _hybrid_adam():
@@ -58,13 +59,29 @@ def _torch_adamw(params, **kwargs) -> torch.optim.Optimizer:
     return cls(params, **kwargs)
 
 
+def _fused_adamw(params, **kwargs) -> torch.optim.Optimizer:
+    """:class:`opensora_fast.optim.FusedAdamW` with HybridAdam's defaults (weight_decay 0)."""
+    from ..optim import FusedAdamW
+
+    if not kwargs.pop("adamw_mode", True):
+        raise ValueError("create_optimizer(cls='FusedAdamW'): adamw_mode=False (Adam with L2 decay) is not supported")
+    if not kwargs.pop("bias_correction", True):
+        raise ValueError("create_optimizer(cls='FusedAdamW'): bias_correction=False is not supported")
+    kwargs.pop("nvme_offload_fraction", None)
+    kwargs.pop("nvme_offload_dir", None)
+    kwargs.setdefault("weight_decay", 0.0)
+    return FusedAdamW(params, **kwargs)
+
+
 def create_optimizer(model: torch.nn.Module, optimizer_config: dict) -> torch.optim.Optimizer:
     """Build the optimizer over ``model``'s trainable parameters.
 
     ``optimizer_config["cls"]`` (popped, default ``"HybridAdam"``) picks the class:
     ``"HybridAdam"`` (ColossalAI, as upstream) or ``"AdamW"`` (``torch.optim.AdamW``,
     ``fused=True`` when every parameter is on CUDA, with HybridAdam's defaults:
-    weight_decay 0, and ``adamw_mode=False`` gives ``torch.optim.Adam``). The rest
+    weight_decay 0, and ``adamw_mode=False`` gives ``torch.optim.Adam``) or
+    ``"FusedAdamW"`` (:class:`opensora_fast.optim.FusedAdamW`: fp32 parameters,
+    e.g. under ZeRO, with an optional attached EMA; weight_decay 0). The rest
     of the dict is passed as keyword arguments (lr, weight_decay, eps, betas, ...).
     """
     name = optimizer_config.pop("cls", "HybridAdam")
@@ -73,6 +90,8 @@ def create_optimizer(model: torch.nn.Module, optimizer_config: dict) -> torch.op
     params = filter(lambda p: p.requires_grad, model.parameters())
     if name == "HybridAdam":
         return _hybrid_adam()(params, **optimizer_config)
+    if name == "FusedAdamW":
+        return _fused_adamw(params, **dict(optimizer_config))
     return _torch_adamw(params, **dict(optimizer_config))
 
 

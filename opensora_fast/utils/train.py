@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from ..ops import ema_update_, masked_mse
 from ..ops.masked_mse import loss_ranges as _loss_ranges
+from ..optim import fused_ema_step_taken
 
 __all__ = ["update_ema", "get_batch_loss", "loss_token_ranges"]
 
@@ -103,6 +104,57 @@ def _derive(ema_model, model, optimizer, sharded, masters) -> _Plan:
     return plan
 
 
+def _f32(x: float) -> float:
+    return float(torch.tensor(x, dtype=torch.float32))
+
+
+def _decay_value(decay):
+    """``decay`` as the float the op takes, and whether upstream's
+    ``add_(src, alpha=1 - decay)`` sees the same alpha as the op's fp32 ``1 - d``.
+    A 0-dim tensor works upstream (``mul_``/``add_`` take it as a number);
+    a bf16/fp16 one computes ``1 - decay`` in its own dtype, which can differ."""
+    if not isinstance(decay, torch.Tensor):
+        return decay, True
+    if decay.dim() != 0 or decay.dtype == torch.bool or decay.is_complex():
+        raise TypeError(
+            f"update_ema: decay must be a real number or a 0-dim real tensor, got a {decay.dtype} tensor "
+            f"of shape {list(decay.shape)}"
+        )
+    d = float(decay)
+    return d, _f32(float(1 - decay)) == _f32(1.0 - d)
+
+
+def _is_dense(t: torch.Tensor) -> bool:
+    """Its elements fill one gap-free block of memory, each once (any dim order)."""
+    expected = 1
+    for size, stride in sorted((d for d in zip(t.shape, t.stride()) if d[0] != 1), key=lambda d: d[1]):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _contiguous_pairs(ema: list, src: list):
+    """Upstream's elementwise ``mul_``/``add_`` take parameters of any strides;
+    the op takes contiguous ones. A pair whose tensors are dense with the same
+    strides (channels_last, transposed) is passed as 1-D views of its memory
+    (elementwise, so the same result); any other pair goes through contiguous
+    copies, written back after the op succeeded. Returns (ema, src, write_back)."""
+    ema, src, back = list(ema), list(src), []
+    for i, (e, s) in enumerate(zip(ema, src)):
+        if e.is_contiguous() and s.is_contiguous():
+            continue
+        if e.shape == s.shape and e.stride() == s.stride() and _is_dense(e) and _is_dense(s):
+            ema[i] = e.as_strided((e.numel(),), (1,))
+            src[i] = s.as_strided((s.numel(),), (1,))
+        else:
+            if not e.is_contiguous():
+                ema[i] = e.contiguous()
+                back.append((e, ema[i]))
+            src[i] = s.contiguous()
+    return ema, src, back
+
+
 @torch.no_grad()
 def update_ema(
     ema_model: torch.nn.Module,
@@ -125,8 +177,9 @@ def update_ema(
     The pairing is derived once and checked every step before reuse: the same
     parameter objects in both models (none replaced, added or deleted, even
     behind ``module._parameters``), the same ``requires_grad`` and dtypes, and
-    each master shard still the one in ``get_working_to_master_map()``; any
-    change re-derives it.
+    each master shard still the one in ``get_working_to_master_map()``, the
+    same ``sharded``; any change re-derives it. As upstream, parameters of any
+    strides (channels_last, transposed, views) and a 0-dim tensor ``decay`` work.
 
     Args beyond upstream (keyword-only):
         rounding: ``"compat"`` (default) rounds like upstream, bit for bit on CPU
@@ -137,6 +190,8 @@ def update_ema(
     """
     if rounding not in _ROUNDING:
         raise ValueError(f"update_ema: rounding must be one of {_ROUNDING}, got {rounding!r}")
+    if fused_ema_step_taken(ema_model, decay, rounding):
+        return  # an attached FusedAdamW stepped it in its last step(): one EMA step per optimizer step
     # fetched only where it exists: an fp32 model needs no master map (upstream never asks)
     has_map = sharded and hasattr(optimizer, "get_working_to_master_map")
     masters = optimizer.get_working_to_master_map() if has_map else None
@@ -144,7 +199,24 @@ def update_ema(
     if plan is None or not plan.still_valid(ema_model, model, masters, bool(sharded)):
         plan = _derive(ema_model, model, optimizer, bool(sharded), masters)
         _plans[ema_model] = plan
-    ema_update_(plan.ema, plan.src, decay, stochastic=rounding == "stochastic", generator=generator)
+    value, same_alpha = _decay_value(decay)
+    if not same_alpha and rounding == "compat":  # a bf16/fp16 tensor decay: upstream's own two ops
+        for e, s in zip(plan.ema, plan.src):
+            e.mul_(decay).add_(s, alpha=1 - decay)
+        return
+    decay = value
+    stochastic = rounding == "stochastic"
+    try:
+        ema_update_(plan.ema, plan.src, decay, stochastic=stochastic, generator=generator)
+    except ValueError:
+        # Checked before any write, so nothing was written. Non-contiguous
+        # parameters run as upstream runs them; anything else re-raises.
+        if all(t.is_contiguous() for t in plan.ema) and all(t.is_contiguous() for t in plan.src):
+            raise
+        ema, src, back = _contiguous_pairs(plan.ema, plan.src)
+        ema_update_(ema, src, decay, stochastic=stochastic, generator=generator)
+        for dst, tmp in back:
+            dst.copy_(tmp)
 
 
 _EXCLUDE = ("upstream", "conditioned")
@@ -208,19 +280,38 @@ def _whole_range(device: torch.device, n: int) -> torch.Tensor:
     stream): the unmasked loss then launches nothing but the loss kernels.
     Read-only. Per stream, because its fill and its memory are ordered on the
     stream that made it."""
+    if not _cacheable():
+        return _new_whole_range(device, n)
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
     key = (device, n, stream)
     r = _whole_ranges.get(key)
     if r is None:
-        r = torch.zeros((1, 2), dtype=torch.int64, device=device)
-        r[:, 1].fill_(n)  # a fill on the device: no host-to-device copy
-        # Not kept when traced or captured: a captured fill has not run yet.
+        r = _new_whole_range(device, n)
+        # Not kept when captured (a captured fill has not run yet), nor an
+        # inference tensor (inference mode: autograd could not save it later).
         capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-        if not (capturing or torch.compiler.is_compiling()):
+        if not (capturing or r.is_inference()):
             if len(_whole_ranges) >= 64:  # a run sees a few sizes; never grow without bound
                 _whole_ranges.clear()
             _whole_ranges[key] = r
     return r
+
+
+def _new_whole_range(device: torch.device, n: int) -> torch.Tensor:
+    r = torch.zeros((1, 2), dtype=torch.int64, device=device)
+    r[:, 1].fill_(n)  # a fill on the device: no host-to-device copy
+    return r
+
+
+def _cacheable() -> bool:
+    """Whether _whole_range may read or keep its cache here: not while traced
+    (compile, a fake or other dispatch mode: its tensors are not real, and real
+    ones are foreign inputs to it) nor under a torch.func transform."""
+    return not (
+        torch.compiler.is_compiling()
+        or torch._C._len_torch_dispatch_stack() > 0
+        or torch._C._are_functorch_transforms_active()
+    )
 
 
 def get_batch_loss(
@@ -233,9 +324,11 @@ def get_batch_loss(
 ) -> torch.Tensor:
     """Upstream's flow-matching loss in one fused pass (forward and backward).
 
-    Same results as ``opensora.utils.train.get_batch_loss``: without masks the
-    mean of ``(pred - v_t)^2`` over everything (= ``F.mse_loss(pred.float(),
-    v_t.float())``); with masks ``[B, T, H, W]`` (or ``[B, 1, T, H, W]``, which
+    Same results as ``opensora.utils.train.get_batch_loss`` up to fp32 rounding:
+    without masks the mean of ``(pred - v_t)^2`` over everything, accumulated in
+    fp32 as ``F.mse_loss(pred.float(), v_t.float())`` is but in another (fixed)
+    summation order, so the two differ by ~1e-7 to ~2e-6 relative, not bit for
+    bit; with masks ``[B, T, H, W]`` (or ``[B, 1, T, H, W]``, which
     upstream rejects) the mean over samples of each sample's mean over its kept
     frames (see :func:`loss_token_ranges`), for packed ``[B, L, D]`` inputs.
     Accumulates in fp32 without fp32 copies of the inputs, no host sync.
@@ -257,7 +350,7 @@ def get_batch_loss(
         if model_pred.numel() == 0:  # upstream's mean over nothing: NaN (fp32), with a graph
             return F.mse_loss(model_pred.float(), v_t.float(), reduction="mean")
         # Every element counts once: the global mean, as one sample of N elements
-        # (the same sum and division as upstream's F.mse_loss, and any N launches).
+        # (fp32 sum over all N, one division, as F.mse_loss; any N launches).
         pred3, target3 = model_pred.reshape(1, -1, 1), v_t.reshape(1, -1, 1)
         return masked_mse(pred3.contiguous(), target3.contiguous(), _whole_range(pred3.device, pred3.shape[1])).float()
     if model_pred.dim() != 3:
