@@ -35,7 +35,20 @@ What differs from upstream (each on purpose):
   last, then renamed. A directory named ``epoch*-global_step*`` with a
   ``running_states.json`` is complete; ``load`` refuses anything else and
   ``rm_checkpoints`` ignores it. ``rm_checkpoints`` removes ``running_states.json``
-  first, so a removal cut short never leaves a loadable half checkpoint.
+  first, so a removal cut short never leaves a loadable half checkpoint; it
+  lists ``save_dir`` (upstream globbed it: ``exp[12]`` matched ``exp1``).
+  ``epoch`` and ``actual_update_step`` name the directory: non-negative ints only.
+* **Checksums**: a CRC-32 of every file (computed while writing it where we
+  write it) is recorded under ``"checksums"`` in ``running_states.json``;
+  ``load`` checks the files it reads first (``verify=False`` skips it), so a
+  flipped bit is a ValueError naming the file, not silently wrong weights.
+* **Failures**: a failed background write is raised by ``_sync_io`` /
+  ``close`` and by the next ``save``; one never asked for is logged and makes
+  the interpreter exit with status 1 (:mod:`._ckpt_exit`). In a process group
+  a failure on any rank, before or inside the gathers, raises on every rank
+  (one small ``all_reduce`` agrees on success before each collective step),
+  and the gathers refuse ranks passing different ``bucket_bytes`` or
+  ``collective``.
 * **Loading**: ``.pt``/``.pth`` with ``weights_only=True`` unless
   ``weights_only=False`` is passed for a trusted legacy file; safetensors
   errors name the file; ``rename_keys`` applies to both formats.
@@ -60,7 +73,6 @@ import shutil
 import struct
 import sys
 import threading
-from glob import glob
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence
 
 import torch
@@ -68,6 +80,8 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from ..ops.unpad import unpad_lists
+from . import _ckpt_exit, _ckpt_files, _ckpt_state
+from ._ckpt_agree import agree as _agree_ranks, agree_exception as _agree_exception
 from .logger import log_message
 
 __all__ = [
@@ -114,11 +128,6 @@ def _dist_on() -> bool:
 
 def _rank() -> int:
     return dist.get_rank() if _dist_on() else 0
-
-
-def _barrier() -> None:
-    if _dist_on():
-        dist.barrier()
 
 
 def _show_progress(progress: Optional[bool]) -> bool:
@@ -207,24 +216,26 @@ def load_json(file_path: str) -> dict:
         return json.load(f)
 
 
-def _fsync(path: str) -> None:
-    """fsync a file or a directory (a directory: so a rename in it is durable)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+_fsync = _ckpt_files.fsync_path
 
 
 def save_json(data, file_path: str):
     """Save ``data`` as indented JSON; written to a temporary name, fsynced
-    and renamed, so the file is either the old one or the whole new one."""
+    and renamed, so the file is either the old one or the whole new one (a
+    write that fails leaves the old one and no temporary file)."""
     tmp = f"{file_path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=4)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, file_path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=4)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, file_path)
+    except BaseException:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        raise
 
 
 # ----------------------------------------------------------------- bucketed gather
@@ -284,16 +295,24 @@ def _bucket_cols(bucket_bytes, world: int, dtype: torch.dtype, fn: str) -> int:
     return cols
 
 
-def _agree(ok: bool, message: str, device: torch.device, group) -> None:
-    """Every rank of ``group`` raises when any rank found bad input, so no rank
-    is left waiting in a collective. This rank's own message when it has one."""
-    if _dist_on():
-        flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
-        if int(flag.item()) == 0 and ok:
-            raise RuntimeError(f"{message.split(':', 1)[0]}: another rank refused the call (see its error)")
-    if not ok:
-        raise ValueError(message)
+_COLLECTIVES = ("auto", "gather", "all_gather")
+
+
+def _gather_options(fn: str, groups, bucket_bytes, collective, staging) -> tuple:
+    """Checks the options against every (group, dtype) before anything moves;
+    returns (the problem or None, the values every rank must pass alike)."""
+    try:
+        if staging is not None and not isinstance(staging, bool):
+            raise TypeError(f"{fn}: staging must be None or a bool, got {type(staging).__name__}")
+        if collective not in _COLLECTIVES:
+            raise ValueError(f"{fn}: collective must be 'auto', 'gather' or 'all_gather', got {collective!r}")
+        _bucket_cols(bucket_bytes, 1, torch.uint8, fn)  # the type, even with nothing to gather
+        for group, dtype in groups:
+            _bucket_cols(bucket_bytes, dist.get_world_size(group), dtype, fn)
+    except (TypeError, ValueError) as e:
+        return e, {}
+    bb = DEFAULT_BUCKET_BYTES if bucket_bytes is None else bucket_bytes
+    return None, {"bucket_bytes": bb, "collective": _COLLECTIVES.index(collective)}
 
 
 # all_gather_into_tensor was renamed all_gather_single (torch 2.13+ warns on the old name)
@@ -574,14 +593,11 @@ def model_gathering(
     groups: Dict[tuple, List[_Item]] = {}
     problem = None
     names = set()
-    device = None
     world_group = dist.group.WORLD
     # Per-parameter host time counts here (an 11B model has ~1100 parameters and
     # the first collective waits for this loop): one lookup of each thing.
     for name, param in model.named_parameters():
         names.add(name)
-        if device is None:
-            device = param.device
         if problem is not None:
             continue
         if name not in model_shape_dict:
@@ -611,7 +627,10 @@ def model_gathering(
             problem = _check_dst(fn, k, v.shape, v.dtype, pinned_state_dict)
             if problem:
                 break
-    _agree(problem is None, problem or "", device or torch.device("cpu"), None)
+    values = {}
+    if problem is None:
+        problem, values = _gather_options(fn, groups, bucket_bytes, collective, staging)
+    _agree_ranks(fn, problem, values=values)
     _run_grouped(fn, groups, bucket_bytes=bucket_bytes, collective=collective, progress=progress, staging=staging)
     if rank == 0:
         with torch.no_grad():
@@ -641,13 +660,11 @@ def master_weights_gathering(
     w2m = optimizer.get_working_to_master_map()
     groups: Dict[tuple, List[_Item]] = {}
     problem = None
-    device = None
     for name, param in model.named_parameters():
         master = w2m.get(id(param)) if hasattr(w2m, "get") else w2m[id(param)]
         if master is None:
             problem = problem or f"{fn}: the optimizer has no master weight for parameter {name!r}"
             continue
-        device = master.device if device is None else device
         pg = optimizer.param_to_pg[param]
         world = dist.get_world_size(pg)
         n = param.numel()
@@ -661,7 +678,10 @@ def master_weights_gathering(
         if problem is None:
             dst = pinned_state_dict[name] if rank == 0 else None
             groups.setdefault((pg, master.dtype), []).append(_Item(name, master, n, dst))
-    _agree(problem is None, problem or "", device or torch.device("cpu"), None)
+    values = {}
+    if problem is None:
+        problem, values = _gather_options(fn, groups, bucket_bytes, collective, staging)
+    _agree_ranks(fn, problem, values=values)
     _run_grouped(fn, groups, bucket_bytes=bucket_bytes, collective=collective, progress=progress, staging=staging)
     dist.barrier()
 
@@ -714,9 +734,10 @@ _ST_DTYPES = {
 }
 
 
-def _write_safetensors(path: str, tensors: Dict[str, torch.Tensor], show: bool = False) -> None:
+def _write_safetensors(path: str, tensors: Dict[str, torch.Tensor], show: bool = False) -> str:
     """Writes ``tensors`` (CPU, contiguous) as a safetensors file, streaming
-    each tensor's bytes from its buffer (no serialised copy), then fsyncs."""
+    each tensor's bytes from its buffer (no serialised copy), then fsyncs.
+    Returns the file's checksum, computed from the bytes as they are written."""
     names = sorted(tensors)
     header, pos = {}, 0
     for k in names:
@@ -729,7 +750,8 @@ def _write_safetensors(path: str, tensors: Dict[str, torch.Tensor], show: bool =
     header["__metadata__"] = {"format": "pt"}
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * ((-len(blob)) % 8)
-    with open(path, "wb") as f:
+    with open(path, "wb") as raw:
+        f = _ckpt_files.ChecksumWriter(raw)
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
         for k in _progress(names, len(names), os.path.basename(path), show):
@@ -739,8 +761,9 @@ def _write_safetensors(path: str, tensors: Dict[str, torch.Tensor], show: bool =
             _phase("tensor")
         f.flush()
         _phase("flushed")
-        os.fsync(f.fileno())
+        os.fsync(raw.fileno())
     _phase("fsynced")
+    return f.checksum()
 
 
 def _tensornvme_save():
@@ -755,26 +778,32 @@ def _tensornvme_save():
     return save
 
 
-def _write_file(path: str, tensors: Dict[str, torch.Tensor], show: bool, save=None) -> None:
-    """One checkpoint file: through ``save`` (:func:`_tensornvme_save`'s) when given, else our writer."""
+def _write_file(path: str, tensors: Dict[str, torch.Tensor], show: bool, save=None) -> str:
+    """One checkpoint file: through ``save`` (:func:`_tensornvme_save`'s) when
+    given (its checksum then read back), else our writer. Returns the checksum."""
     if save is None:
-        _write_safetensors(path, tensors, show)
-        return
+        return _write_safetensors(path, tensors, show)
     writer = save(path, tensors)
     if writer is not None:  # upstream's contract: an AsyncFileWriter to synchronize()
         writer.synchronize()
     _phase("flushed")
     _fsync(path)
     _phase("fsynced")
+    return _ckpt_files.file_checksum(path)
 
 
 class _Job:
-    """One checkpoint's rank-0 file work: write the files, running_states.json
-    last, fsync, rename the temporary directory to its final name."""
+    """One checkpoint's rank-0 file work: write the files, fsync and checksum
+    every file in the temporary directory (``sums``: those already written,
+    relative path -> checksum), running_states.json (with the checksums) last,
+    fsync, rename the temporary directory to its final name. A failure is
+    kept for :meth:`wait`; one nobody waits for is reported at exit
+    (:mod:`._ckpt_exit`)."""
 
-    def __init__(self, tmp_dir, final_dir, files, running_states, show):
+    def __init__(self, tmp_dir, final_dir, files, running_states, show, sums=None):
         self.tmp_dir, self.final_dir = tmp_dir, final_dir
         self.files, self.running_states, self.show = files, running_states, show
+        self.sums: Dict[str, str] = dict(sums or {})
         self.error: Optional[BaseException] = None
         self.thread: Optional[threading.Thread] = None
 
@@ -782,8 +811,10 @@ class _Job:
         try:
             save = _tensornvme_save()  # looked up once per checkpoint
             for path, tensors in self.files:
-                _write_file(os.path.join(self.tmp_dir, path), tensors, self.show, save)
-            save_json(self.running_states, os.path.join(self.tmp_dir, _COMPLETE))
+                self.sums[path] = _write_file(os.path.join(self.tmp_dir, path), tensors, self.show, save)
+            _ckpt_files.sync_tree(self.tmp_dir, self.sums)  # the Booster's and other ranks' files
+            states = dict(self.running_states, checksums=dict(sorted(self.sums.items())))
+            save_json(states, os.path.join(self.tmp_dir, _COMPLETE))
             _phase("states")
             _fsync(self.tmp_dir)
             _phase("dir-fsynced")
@@ -791,20 +822,33 @@ class _Job:
             _phase("renamed")
             _fsync(os.path.dirname(self.final_dir) or ".")
             _phase("done")
-        except BaseException as e:  # reported by _sync_io
+        except BaseException as e:  # reported by wait(), or at exit
             self.error = e
+            if os.path.isdir(self.tmp_dir):  # not renamed: free the space (a full disk, most likely)
+                shutil.rmtree(self.tmp_dir, ignore_errors=True)
+        else:
+            _ckpt_exit.untrack(self)
 
     def start(self):
+        _ckpt_exit.track(self)
         self.thread = threading.Thread(target=self.run, name="opensora_fast-ckpt-writer", daemon=False)
         self.thread.start()
 
-    def wait(self):
+    def join(self):
         if self.thread is not None:
             self.thread.join()
             self.thread = None
+
+    def failure_message(self) -> str:
+        return f"CheckpointIO: writing {self.final_dir} failed: {type(self.error).__name__}: {self.error}"
+
+    def wait(self):
+        self.join()
         if self.error is not None:
-            e, self.error = self.error, None
-            raise RuntimeError(f"CheckpointIO: writing {self.final_dir} failed: {e}") from e
+            e, msg = self.error, self.failure_message()
+            self.error = None
+            _ckpt_exit.untrack(self)
+            raise RuntimeError(f"{msg} (the checkpoint was not written; the previous ones are intact)") from e
 
 
 def _is_complete(path: str) -> bool:
@@ -854,6 +898,54 @@ def _needs_colossalai(what: str):
         raise ImportError(f"{what} needs colossalai: pip install opensora_fast[colossalai]") from e
 
 
+def _check_target(fn: str, final: str) -> None:
+    """A checkpoint is never overwritten, nor saved over a stray directory."""
+    if not os.path.exists(final):
+        return
+    if _is_complete(final):
+        try:
+            held = load_json(os.path.join(final, _COMPLETE))
+        except Exception:
+            held = {}
+        raise FileExistsError(
+            f"{fn}: {final} already holds a complete checkpoint (step {held.get('step')}, "
+            f"global_step {held.get('global_step')}); refusing to overwrite it"
+        )
+    raise FileExistsError(f"{fn}: {final} exists but is not a complete checkpoint (no {_COMPLETE}); remove it first")
+
+
+def _save_plain_parts(tmp: str, model, optimizer, lr_scheduler) -> Dict[str, str]:
+    """Rank 0 without a Booster: the model as safetensors, the optimizer and
+    lr scheduler states with torch.save; each fsynced. Returns their checksums."""
+    sums: Dict[str, str] = {}
+    if model is not None:
+        sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        sums["model.safetensors"] = _write_safetensors(os.path.join(tmp, "model.safetensors"), sd)
+    if optimizer is not None:
+        sums["optimizer.pt"] = _ckpt_files.torch_save_synced(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
+    if lr_scheduler is not None:
+        sums["lr_scheduler.pt"] = _ckpt_files.torch_save_synced(
+            lr_scheduler.state_dict(), os.path.join(tmp, "lr_scheduler.pt"))
+    return sums
+
+
+def _save_booster_parts(booster, tmp: str, model, optimizer, lr_scheduler, lora: bool) -> None:
+    """Every rank: the Booster's (sharded) model, LoRA, optimizer and lr
+    scheduler, written synchronously inside the temporary directory (fsynced
+    and checksummed by the writer job before the rename)."""
+    if model is not None:
+        sub = os.path.join(tmp, "lora" if lora else "model")
+        os.makedirs(sub, exist_ok=True)
+        if lora:
+            booster.save_lora_as_pretrained(model, sub)
+        else:
+            booster.save_model(model, sub, shard=True, use_safetensors=True, size_per_shard=4096)
+    if optimizer is not None:
+        booster.save_optimizer(optimizer, os.path.join(tmp, "optimizer"), shard=True, size_per_shard=4096)
+    if lr_scheduler is not None:
+        booster.save_lr_scheduler(lr_scheduler, os.path.join(tmp, "lr_scheduler"))
+
+
 class CheckpointIO:
     """Open-Sora's CheckpointIO: ``save``/``load`` of model, EMA, optimizer,
     master weights, lr scheduler, sampler and running states, with the EMA and
@@ -870,16 +962,23 @@ class CheckpointIO:
         self.master_pinned_state_dict: Optional[Dict[str, torch.Tensor]] = None
 
     def _sync_io(self):
-        """Waits until the previous save's files are written and renamed."""
+        """Waits until the previous save's files are written and renamed;
+        raises RuntimeError if that write failed (once: the failure is then
+        reported)."""
         job, self.writer = self.writer, None
         if job is not None:
             job.wait()
 
+    def close(self) -> None:
+        """Waits for the last background write, raising its failure (as
+        :meth:`_sync_io`). Call it before a script ends."""
+        self._sync_io()
+
     def __del__(self):
         try:
             self._sync_io()
-        except Exception:
-            pass
+        except Exception as e:  # nobody to raise to: logged, and the exit status will say so
+            _ckpt_exit.swallowed(f"{e} (found when the CheckpointIO was dropped)")
 
     @staticmethod
     def _pinned_dict(entries) -> Dict[str, torch.Tensor]:
@@ -898,22 +997,20 @@ class CheckpointIO:
         return {k: v.view(shape) for (k, shape, _), v in zip(entries, views)}
 
     def _prepare_pinned_state_dict(self, ema: nn.Module, ema_shape_dict: dict):
-        if self.pinned_state_dict is None and _rank() == 0:
-            entries = []
-            for name, p in ema.named_parameters():
-                if name not in ema_shape_dict:
-                    raise ValueError(f"CheckpointIO.save: ema_shape_dict has no entry for parameter {name!r}")
-                entries.append((name, ema_shape_dict[name], p.dtype))
-            names = {e[0] for e in entries}
-            entries += [(k, v.shape, v.dtype) for k, v in ema.state_dict(keep_vars=True).items() if k not in names]
-            self.pinned_state_dict = self._pinned_dict(entries)
+        """Rank 0: host buffers for the EMA, reused while they still fit it."""
+        if _rank() == 0:
+            entries = _ckpt_state.ema_entries("CheckpointIO.save", ema, ema_shape_dict)
+            if not _ckpt_state.fits(self.pinned_state_dict, entries):
+                self.pinned_state_dict = None  # the old buffers go before the new ones are pinned
+                self.pinned_state_dict = self._pinned_dict(entries)
 
     def _prepare_master_pinned_state_dict(self, model: nn.Module, optimizer):
-        if self.master_pinned_state_dict is None and _rank() == 0:
-            w2m = optimizer.get_working_to_master_map()
-            self.master_pinned_state_dict = self._pinned_dict(
-                (n, p.shape, w2m[id(p)].dtype) for n, p in model.named_parameters()
-            )
+        """Rank 0: host buffers for the master weights, reused while they fit."""
+        if _rank() == 0:
+            entries = _ckpt_state.master_entries(model, optimizer)
+            if not _ckpt_state.fits(self.master_pinned_state_dict, entries):
+                self.master_pinned_state_dict = None
+                self.master_pinned_state_dict = self._pinned_dict(entries)
 
     def save(
         self,
@@ -938,102 +1035,91 @@ class CheckpointIO:
         and return that path. Every rank must call it. Returns once the EMA and
         master weights are in pinned host memory; with ``async_io`` the files are
         written (and the directory appears under its final name) in the
-        background — ``_sync_io()`` waits; the next save waits too."""
-        self._sync_io()
+        background — ``_sync_io()`` waits; the next save waits too, and raises
+        if that write failed. A failure on any rank raises on every rank."""
+        fn = "CheckpointIO.save"
         rank = _rank()
-        final = os.path.join(save_dir, f"epoch{epoch}-global_step{actual_update_step}")
-        tmp = _partial_name(final)
-        if os.path.exists(final):
-            if _is_complete(final):
-                try:
-                    held = load_json(os.path.join(final, _COMPLETE))
-                except Exception:
-                    held = {}
-                raise FileExistsError(
-                    f"CheckpointIO.save: {final} already holds a complete checkpoint (step {held.get('step')}, "
-                    f"global_step {held.get('global_step')}); refusing to overwrite it"
-                )
-            raise FileExistsError(
-                f"CheckpointIO.save: {final} exists but is not a complete checkpoint (no {_COMPLETE}); "
-                "remove it first"
-            )
-        if rank == 0:
-            if os.path.exists(tmp):
-                shutil.rmtree(tmp)  # left by a save that was killed
-            os.makedirs(tmp)
-            _phase("mkdir")
-        _barrier()
-        if model is not None:
-            if booster is None:
-                if lora:
-                    _needs_colossalai("CheckpointIO.save(lora=True)")
-                if rank == 0:
-                    sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-                    _write_safetensors(os.path.join(tmp, "model.safetensors"), sd)
-            elif not lora:
-                os.makedirs(os.path.join(tmp, "model"), exist_ok=True)
-                booster.save_model(
-                    model, os.path.join(tmp, "model"), shard=True, use_safetensors=True, size_per_shard=4096
-                )
-            else:
-                os.makedirs(os.path.join(tmp, "lora"), exist_ok=True)
-                booster.save_lora_as_pretrained(model, os.path.join(tmp, "lora"))
-        files = []
-        if optimizer is not None:
-            if booster is None:
-                if rank == 0:
-                    torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
-            else:
-                booster.save_optimizer(optimizer, os.path.join(tmp, "optimizer"), shard=True, size_per_shard=4096)
-            if include_master_weights:
-                self._prepare_master_pinned_state_dict(model, optimizer)
-                master_weights_gathering(
-                    model, optimizer, self.master_pinned_state_dict, bucket_bytes=self.bucket_bytes, progress=self.progress
-                )
-                if rank == 0:
-                    files.append(("master.safetensors", self.master_pinned_state_dict))
-        if lr_scheduler is not None:
-            if booster is None:
-                if rank == 0:
-                    torch.save(lr_scheduler.state_dict(), os.path.join(tmp, "lr_scheduler.pt"))
-            else:
-                booster.save_lr_scheduler(lr_scheduler, os.path.join(tmp, "lr_scheduler"))
-        if ema is not None:
-            if ema_shape_dict is None:
-                raise ValueError("CheckpointIO.save: ema_shape_dict is required with ema (record_model_param_shape)")
-            self._prepare_pinned_state_dict(ema, ema_shape_dict)
-            if _dist_on():
-                model_gathering(
-                    ema, ema_shape_dict, self.pinned_state_dict, bucket_bytes=self.bucket_bytes, progress=self.progress
-                )
-            else:  # one process: the EMA is whole (model_sharding needs a process group)
-                with torch.no_grad():
-                    for k, v in ema.state_dict().items():
-                        self.pinned_state_dict[k].copy_(v.reshape(self.pinned_state_dict[k].shape))
+        made: List[str] = []  # rank 0: the temporary directory, once made (removed if the save fails)
+        failure = final = tmp = states = None
+        sums: Dict[str, str] = {}
+        # 1. local work: checks, rank 0's plain files and host buffers
+        try:
+            self._sync_io()
+            states = _ckpt_state.check_counters(fn, epoch=epoch, step=step, global_step=global_step,
+                                                batch_size=batch_size, actual_update_step=actual_update_step)
+            final = os.path.join(save_dir, f"epoch{states['epoch']}-global_step{states['actual_update_step']}")
+            tmp = _partial_name(final)
+            _check_target(fn, final)
+            if ema is not None and ema_shape_dict is None:
+                raise ValueError(f"{fn}: ema_shape_dict is required with ema (record_model_param_shape)")
+            if model is not None and booster is None and lora:
+                _needs_colossalai("CheckpointIO.save(lora=True)")
             if rank == 0:
-                files.insert(0, ("ema.safetensors", self.pinned_state_dict))
-        if rank == 0 and sampler is not None:
-            # only for VariableVideoBatchSampler
-            torch.save(sampler.state_dict(step), os.path.join(tmp, "sampler"))
-        _barrier()  # every rank's part is in tmp before rank 0 renames it
-        if rank == 0:
-            running_states = {
-                "epoch": epoch,
-                "step": step,
-                "global_step": global_step,
-                "batch_size": batch_size,
-                "actual_update_step": actual_update_step,
-            }
-            job = _Job(tmp, final, files, running_states, _show_progress(self.progress))
-            if async_io:
-                job.start()
+                if os.path.exists(tmp):
+                    shutil.rmtree(tmp)  # left by a save that was killed
+                os.makedirs(tmp)
+                made.append(tmp)
+                _phase("mkdir")
+                if booster is None:
+                    sums = _save_plain_parts(tmp, model, optimizer, lr_scheduler)
+                if sampler is not None:  # only for VariableVideoBatchSampler
+                    sums["sampler"] = _ckpt_files.torch_save_synced(sampler.state_dict(step),
+                                                                    os.path.join(tmp, "sampler"))
+                if ema is not None:
+                    self._prepare_pinned_state_dict(ema, ema_shape_dict)
+                if optimizer is not None and include_master_weights:
+                    self._prepare_master_pinned_state_dict(model, optimizer)
+        except Exception as e:
+            failure = e
+        self._agree(fn, failure, made)
+        # 2. the collectives: the Booster's parts, the gathers
+        try:
+            if booster is not None:
+                _save_booster_parts(booster, tmp, model, optimizer, lr_scheduler, lora)
+            if optimizer is not None and include_master_weights:
+                master_weights_gathering(model, optimizer, self.master_pinned_state_dict,
+                                         bucket_bytes=self.bucket_bytes, progress=self.progress)
+            if ema is not None:
+                if _dist_on():
+                    model_gathering(
+                        ema, ema_shape_dict, self.pinned_state_dict, bucket_bytes=self.bucket_bytes,
+                        progress=self.progress,
+                    )
+                else:  # one process: the EMA is whole (model_sharding needs a process group)
+                    _ckpt_state.copy_whole_ema(fn, ema, self.pinned_state_dict)
+        except Exception as e:
+            failure = e
+        self._agree(fn, failure, made)
+        # 3. rank 0 writes the rest (in the background with async_io) and renames
+        try:
+            if rank == 0:
+                files = []
+                if ema is not None:
+                    files.append(("ema.safetensors", self.pinned_state_dict))
+                if optimizer is not None and include_master_weights:
+                    files.append(("master.safetensors", self.master_pinned_state_dict))
+                job = _Job(tmp, final, files, states, _show_progress(self.progress), sums)
                 self.writer = job
-            else:
-                job.run()
-                self.writer = job
-                self._sync_io()
-        _barrier()
+                if async_io:
+                    job.start()
+                else:
+                    job.run()
+                    self._sync_io()
+        except Exception as e:
+            failure = e
+        self._agree(fn, failure, made if not async_io else [])
         return final
+
+    @staticmethod
+    def _agree(fn: str, failure: Optional[BaseException], made: List[str]) -> None:
+        """Raises on every rank when any rank failed; rank 0 then removes the
+        temporary directory it made."""
+        try:
+            _agree_exception(fn, failure)
+        except BaseException:
+            for d in made:
+                shutil.rmtree(d, ignore_errors=True)
+            raise
 
     def load(
         self,
@@ -1046,9 +1132,37 @@ class CheckpointIO:
         sampler=None,
         strict: bool = False,
         include_master_weights: bool = False,
+        *,
+        verify: bool = True,
     ) -> tuple:
         """Load a complete checkpoint; returns ``(epoch, step)``. A directory
-        without running_states.json (a save cut short) is refused."""
+        without running_states.json (a save cut short) is refused. With
+        ``verify`` (the default) every file to be read is first checked
+        against the checksum recorded at save time (a checkpoint written
+        before checksums, or by upstream, has none to check): a damaged file
+        is a ValueError naming it, raised before anything is loaded. A
+        failure on any rank raises on every rank."""
+        fn = "CheckpointIO.load"
+        failure = running_states = None
+        try:
+            running_states = self._open_checkpoint(load_dir)
+            if verify:
+                parts = _parts_read(model, ema, optimizer, lr_scheduler, sampler, include_master_weights)
+                _ckpt_files.verify(fn, load_dir, running_states.get("checksums"), parts)
+        except Exception as e:
+            failure = e
+        _agree_exception(fn, failure)
+        try:
+            self._load_parts(booster, load_dir, model, ema, optimizer, lr_scheduler, sampler, strict,
+                             include_master_weights)
+        except Exception as e:
+            failure = e
+        _agree_exception(fn, failure)
+        return (running_states["epoch"], running_states["step"])
+
+    @staticmethod
+    def _open_checkpoint(load_dir: str) -> dict:
+        """The running states of a complete checkpoint (refuses anything else)."""
         if not os.path.isdir(load_dir):
             raise FileNotFoundError(f"CheckpointIO.load: checkpoint directory {load_dir} does not exist")
         base = os.path.basename(os.path.normpath(load_dir))
@@ -1058,6 +1172,12 @@ class CheckpointIO:
                 "finish)"
             )
         running_states = load_json(os.path.join(load_dir, _COMPLETE))
+        if not isinstance(running_states, dict):
+            raise ValueError(f"CheckpointIO.load: {os.path.join(load_dir, _COMPLETE)} is not a JSON object")
+        return running_states
+
+    @staticmethod
+    def _load_parts(booster, load_dir, model, ema, optimizer, lr_scheduler, sampler, strict, include_master_weights):
         if model is not None:
             plain = os.path.join(load_dir, "model.safetensors")
             if booster is None or os.path.isfile(plain):
@@ -1096,8 +1216,22 @@ class CheckpointIO:
                 booster.load_lr_scheduler(lr_scheduler, os.path.join(load_dir, "lr_scheduler"))
         if sampler is not None:
             sampler.load_state_dict(_torch_load(os.path.join(load_dir, "sampler")))
-        _barrier()
-        return (running_states["epoch"], running_states["step"])
+
+
+def _parts_read(model, ema, optimizer, lr_scheduler, sampler, include_master_weights) -> List[str]:
+    """The checkpoint files (or folders) a load with these arguments reads."""
+    parts: List[str] = []
+    if model is not None:
+        parts += ["model.safetensors", "model.pt", "model"]
+    if ema is not None:
+        parts += ["ema.safetensors", "ema.pt"]
+    if optimizer is not None:
+        parts += ["optimizer.pt", "optimizer"] + (["master.safetensors"] if include_master_weights else [])
+    if lr_scheduler is not None:
+        parts += ["lr_scheduler.pt", "lr_scheduler"]
+    if sampler is not None:
+        parts.append("sampler")
+    return parts
 
 
 # ----------------------------------------------------------------- loading
@@ -1137,6 +1271,8 @@ def print_load_warning(missing: list, unexpected: list) -> None:
 
 
 def _rename(ckpt: dict, rename_keys: Optional[dict]) -> dict:
+    """Upstream's rule: the first old key of ``rename_keys`` found anywhere in
+    a checkpoint key (not only at its start) is replaced, every occurrence."""
     if rename_keys is None:
         return ckpt
     out = {}
@@ -1191,13 +1327,16 @@ def load_checkpoint(
 
 def rm_checkpoints(save_dir: str, keep_n_latest: int = 0):
     """Keep the ``keep_n_latest`` newest complete checkpoints in ``save_dir``
-    (by epoch, then step); empty the older ones except their ``eval`` folder.
-    Incomplete directories are neither counted nor touched. Rank 0 only."""
+    (by epoch, then step, as numbers); empty the older ones except their
+    ``eval`` folder. Incomplete directories are neither counted nor touched.
+    Rank 0 only. ``save_dir`` is listed, not globbed (upstream's glob read
+    ``exp[12]`` as a pattern and emptied ``exp1``'s checkpoints)."""
     if keep_n_latest <= 0 or _rank() != 0:
         return
     found = []
-    for f in glob(os.path.join(save_dir, "epoch*-global_step*")):
-        m = _CKPT_RE.search(os.path.basename(f))
+    for name in os.listdir(save_dir):
+        m = _CKPT_RE.fullmatch(name)
+        f = os.path.join(save_dir, name)
         if m and _is_complete(f):
             found.append((tuple(map(int, m.groups())), f))
     found.sort(reverse=True)
@@ -1206,9 +1345,12 @@ def rm_checkpoints(save_dir: str, keep_n_latest: int = 0):
         # whenever the removal is cut short.
         os.remove(os.path.join(f, _COMPLETE))
         _fsync(f)
-        for item in glob(os.path.join(f, "*")):
+        for name in os.listdir(f):
+            if name.startswith("."):  # upstream's glob("*") leaves hidden entries
+                continue
+            item = os.path.join(f, name)
             if os.path.isdir(item):
-                if os.path.basename(item) != "eval":
+                if name != "eval":
                     shutil.rmtree(item)
             else:
                 os.remove(item)
