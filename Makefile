@@ -1,5 +1,5 @@
 # Two set-up commands on a fresh machine:
-#   make bench   the side-by-side benchmark table (the main job)
+#   make bench   the side-by-side benchmark table, then the end-to-end demo (the main job)
 #   make test    the test suite (what CI runs, via .ci/run)
 #   make wheels / make sdist / make test-wheel   cluster wheels (README "Wheels")
 # Each creates .venv with the pinned torch when missing, builds the extension
@@ -54,7 +54,8 @@ bench: $(EXT_STAMP)
 	@rm -rf $(BENCH_JSON) && mkdir -p $(BENCH_JSON); rc=0; for f in benchmarks/bench_*.py; do \
 	  $(PY) -m pytest -q $$f -o python_files='bench_*.py' -p no:cacheprovider --benchmark-disable-gc \
 	    --benchmark-columns=median,iqr,rounds --benchmark-json=$(BENCH_JSON)/$$(basename $$f .py).json || rc=1; \
-	done; $(PY) -m benchmarks.collect $(BENCH_JSON) || rc=1; exit $$rc
+	done; $(PY) -m benchmarks.collect $(BENCH_JSON) || rc=1; \
+	$(PY) -m opensora_fast demo --out benchmarks/results || rc=1; exit $$rc
 
 info: $(EXT_STAMP)
 	$(PY) -m opensora_fast info

@@ -71,7 +71,7 @@ def inference_case(request):
     who = "sample 2 without a reference (logged)" if missing else "every sample with a reference"
     group = f"prepare_inference_condition {mode}, [{B},{C},{T},{H},{W}] bf16, {who}, {dev.type}"
     # the results agree bit for bit (tests/test_condition_dropins.py); check once more here
-    a, b = ours.prepare_inference_condition(z, mode, refs), reference.prepare_inference_condition(z, mode, refs)
+    a, b = ours.prepare_inference_condition(z, mode, refs), reference.upstream.condition.prepare_inference_condition(z, mode, refs)
     assert all(torch.equal(x.cpu(), y.cpu()) for x, y in zip(a, b))
     return group, mode, z, refs, nbytes, dev
 
@@ -83,7 +83,7 @@ def test_inference_copy(benchmark, inference_case):
 
 def test_inference_upstream(benchmark, inference_case):
     group, mode, z, refs, nbytes, dev = inference_case
-    run(benchmark, lambda: reference.prepare_inference_condition(z, mode, refs), group=group,
+    run(benchmark, lambda: reference.upstream.condition.prepare_inference_condition(z, mode, refs), group=group,
         impl="upstream (CPU fp32 buffers)", role="baseline", nbytes=nbytes, rounds=INF_ROUNDS)
 
 
@@ -130,7 +130,7 @@ def _train_step(fn, x, vae, **kw):
 
 def test_train_upstream(benchmark, train_case):
     group, x, vae, nbytes = train_case
-    run(benchmark, _train_step(reference.prepare_visual_condition_causal, x, vae), group=group,
+    run(benchmark, _train_step(reference.upstream.condition.prepare_visual_condition_causal, x, vae), group=group,
         impl="upstream (per-sample encodes)", role="baseline", nbytes=nbytes)
 
 

@@ -37,7 +37,7 @@ def test_copy(benchmark, shard):
 
 def test_upstream_loop(benchmark, shard):
     group, ema, src, nbytes, dev = shard
-    run(benchmark, lambda: reference.ema_update_(ema, src, DECAY), group=group,
+    run(benchmark, lambda: reference.ema.ema_update_(ema, src, DECAY), group=group,
         impl="upstream loop (mul_/add_)", role="baseline", nbytes=nbytes)
 
 
@@ -89,7 +89,7 @@ OVERHEAD = "update_ema per-step overhead, 1082 params x 64 elements"
 
 def test_update_ema_overhead_upstream(benchmark, tiny_model):
     model, ema, opt = tiny_model
-    run(benchmark, lambda: reference.update_ema(ema, model, opt), group=OVERHEAD,
+    run(benchmark, lambda: reference.upstream.train.update_ema(ema, model, opt), group=OVERHEAD,
         impl="upstream update_ema", role="baseline", nbytes=1082 * 64 * 8)
 
 

@@ -44,12 +44,12 @@ def _fwd_bwd(loss_fn, pred, target, masks):
 
 def _plain_pytorch(pred, target, masks):
     if masks is None:
-        return reference.masked_mse(pred, target, torch.tensor([[0, pred.shape[1]]] * pred.shape[0], device=pred.device))
-    return reference.masked_mse(pred, target, loss_token_ranges(masks))
+        return reference.masked_mse.masked_mse(pred, target, torch.tensor([[0, pred.shape[1]]] * pred.shape[0], device=pred.device))
+    return reference.masked_mse.masked_mse(pred, target, loss_token_ranges(masks))
 
 
 IMPLS = {
-    "upstream get_batch_loss": ("baseline", reference.get_batch_loss),
+    "upstream get_batch_loss": ("baseline", reference.upstream.train.get_batch_loss),
     "plain PyTorch, token mask": ("alternative", _plain_pytorch),
     "opensora_fast get_batch_loss": ("ours", get_batch_loss),
 }

@@ -37,15 +37,18 @@ if [[ ${STATUS[build]} == pass* ]]; then
     STATUS[memcheck]="FAIL (no compute-sanitizer)"
   fi
   bench() {  # one process per file, as make bench: each starts from the same process state
-    local rc=0 f; : > "$OUT/bench.log"
+    local rc=0 f; : > "$OUT/bench.log"; mkdir -p "$OUT/bench-json"
     for f in benchmarks/bench_*.py; do
       OSF_BENCH_DEVICE=cuda OSF_BENCH_WORLD=${OSF_BENCH_WORLD:-8} OSF_BENCH_ROUNDS=${OSF_BENCH_ROUNDS:-20} \
         $PY -m pytest -q "$f" -o python_files='bench_*.py' -p no:cacheprovider \
-        --benchmark-disable-gc --benchmark-columns=median,iqr,rounds >> "$OUT/bench.log" 2>&1 || { rc=1; echo "FAILED: $f"; }
+        --benchmark-disable-gc --benchmark-columns=median,iqr,rounds --benchmark-json="$OUT/bench-json/$(basename "$f" .py).json" \
+        >> "$OUT/bench.log" 2>&1 || { rc=1; echo "FAILED: $f"; }
     done
     sed -n '/^checkpoint path on/,/segments, staging=False/p' "$OUT/bench.log"
     sed -n '/^opensora_fast benchmarks/,/^x base/p' "$OUT/bench.log"
     PYTHONPATH=. $PY -m benchmarks.diagnostics.gpu_breakdown || rc=1
+    $PY -m benchmarks.collect "$OUT/bench-json" --out "$OUT" || rc=1
+    $PY -m opensora_fast demo --size gpu --device cuda --out "$OUT" --no-progress || rc=1
     return $rc
   }
   step bench bench

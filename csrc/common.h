@@ -2,7 +2,9 @@
 // torch/extension.h so that .cu files stay cheap to compile.
 #pragma once
 
+#include <c10/core/ScalarType.h>
 #include <c10/util/BFloat16.h>
+#include <c10/util/Exception.h>
 #include <c10/util/Half.h>
 
 #include <cmath>
@@ -153,6 +155,37 @@ template <typename T>
 struct Tag {
   using type = T;
 };
+
+// Calls f(Tag<A>{}, Tag<B>{}) for a pair of floating dtypes (a, b): fp32, bf16,
+// fp16, and fp64 where WithDouble (so an op without fp64 instantiates no fp64
+// kernel). The op's checks refused every other dtype: the error, worded
+// "<op>: unsupported <b_name> dtype ...", is internal.
+template <bool WithDouble, typename F>
+inline void dispatch_float_pair(c10::ScalarType a, c10::ScalarType b, const char* op, const char* a_name,
+                                const char* b_name, F&& f) {
+  const auto on_b = [&](auto at) {
+    switch (b) {
+      case c10::ScalarType::Float: return f(at, Tag<float>{});
+      case c10::ScalarType::BFloat16: return f(at, Tag<c10::BFloat16>{});
+      case c10::ScalarType::Half: return f(at, Tag<c10::Half>{});
+      case c10::ScalarType::Double:
+        if constexpr (WithDouble) return f(at, Tag<double>{});
+        break;
+      default: break;
+    }
+    TORCH_CHECK(false, op, ": unsupported ", b_name, " dtype ", b);
+  };
+  switch (a) {
+    case c10::ScalarType::Float: return on_b(Tag<float>{});
+    case c10::ScalarType::BFloat16: return on_b(Tag<c10::BFloat16>{});
+    case c10::ScalarType::Half: return on_b(Tag<c10::Half>{});
+    case c10::ScalarType::Double:
+      if constexpr (WithDouble) return on_b(Tag<double>{});
+      break;
+    default: break;
+  }
+  TORCH_CHECK(false, op, ": unsupported ", a_name, " dtype ", a);
+}
 
 // Vector of N elements for 16-byte (or narrower) loads and stores.
 template <typename T, int N>

@@ -13,6 +13,7 @@
 
 #include <c10/util/Exception.h>
 
+#include <cstddef>
 #include <cstdint>
 #include <vector>
 
@@ -39,6 +40,15 @@ struct LaunchTable {
   Extra extra;
   static_assert(MaxEntries <= 32767, "block_entry is int16");
 };
+
+// Kernel argument budgets (bytes) of the big and small tables, and what a
+// launch of multi_tensor_kernel passes: the table, the op's Args, and y_base.
+constexpr size_t kBigArgBytes = 32000;
+constexpr size_t kSmallArgBytes = 4000;
+template <typename Table, typename Args>
+constexpr size_t kernel_arg_bytes() {
+  return sizeof(Table) + sizeof(Args) + sizeof(int);
+}
 
 // Smaller limits than a table's own (tests use them to exercise every split); 0
 // keeps the table's.

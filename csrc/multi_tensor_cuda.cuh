@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include "multi_tensor.h"
@@ -46,9 +47,17 @@ inline bool use_small_tables(bool small_suffices = false) {
 }
 
 // Calls f(Tag<Big>{}) or f(Tag<Small>{}) as use_small_tables decides.
-template <typename Big, typename Small, typename F>
-inline void with_table(bool small_suffices, F&& f) {
-  if (use_small_tables(small_suffices))
+// small_suffices: a bool, or a callable returning one, called only when the
+// big tables are possible (so an op's planning for the answer costs nothing
+// where it cannot matter).
+template <typename Big, typename Small, typename Suffices, typename F>
+inline void with_table(Suffices&& small_suffices, F&& f) {
+  bool small;
+  if constexpr (std::is_invocable_r<bool, Suffices>::value)
+    small = use_small_tables() || small_suffices();
+  else
+    small = use_small_tables(small_suffices);
+  if (small)
     f(Tag<Small>{});
   else
     f(Tag<Big>{});

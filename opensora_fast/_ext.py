@@ -16,11 +16,12 @@ from typing import Any
 
 import torch
 
+from ._version import __version__
+
 logger = logging.getLogger("opensora_fast")
 
 _BACKENDS = ("auto", "native", "reference")
 
-from ._version import __version__  # noqa: E402
 
 class BuildMismatchError(ImportError):
     """opensora_fast._C was built for another torch (major.minor) or CUDA major."""

@@ -43,10 +43,10 @@ def strided_source(C, Ts, H, W, dtype, gen, kind=0, device="cpu"):
 def run_both(op, out, sources, plan):
     """(native result, reference result) for "condition" or "condition_cat_"."""
     if op == "condition":
-        return OPS.condition(out, sources, plan), reference.condition(out, sources, plan)
+        return OPS.condition(out, sources, plan), reference.condition.condition(out, sources, plan)
     a, b = out.clone(), out.clone()
     OPS.condition_cat_(a, sources, plan)
-    reference.condition_cat_(b, sources, plan)
+    reference.condition.condition_cat_(b, sources, plan)
     return (a,), (b,)
 
 
@@ -128,7 +128,7 @@ def test_grid_walk_matches_reference(limits):
     z = torch.empty(B, C, T, H, W, dtype=torch.float16)
     srcs = [strided_source(C, 5, H, W, dt, gen, k % 3) for k, dt in enumerate([torch.float32, torch.bfloat16, torch.float64, torch.float32])]
     plan = [0, 0, 2, 0, 0, 0, 4, 1, 3, 1, 2, 3, 2, 1, 2, 2, 0, 1, 3, 4, 1, 4, 1, 1, 0]
-    want = reference.condition(z, srcs, plan)
+    want = reference.condition.condition(z, srcs, plan)
     for cat in (False, True):
         got = walk(z, srcs, plan, cat, **limits)
         for g, w in zip(got, want):
@@ -200,7 +200,7 @@ def _call(way, op, out, sources, plan):
     if way == "native":
         getattr(OPS, op)(out, sources, plan)
     elif way == "reference":
-        getattr(reference, op)(out, sources, plan)
+        getattr(reference.condition, op)(out, sources, plan)
     else:
         with FakeTensorMode() as mode:
             # from_tensor keeps aliasing between fakes made from views of one storage
@@ -285,7 +285,7 @@ def test_cat_source_sharing_bytes_through_another_storage():
     cond = torch.from_numpy(buf)[: 2 * 4 * 4 * 5 * 6].view(2, 4, 4, 5, 6)
     inside = torch.from_numpy(buf)[600 : 600 + 360].view(3, 4, 5, 6)  # another storage, cond's bytes
     assert not torch._C._is_alias_of(inside, cond)
-    for fn in (OPS.condition_cat_, reference.condition_cat_, ops.condition_cat_):
+    for fn in (OPS.condition_cat_, reference.condition.condition_cat_, ops.condition_cat_):
         with pytest.raises(ValueError) as info:
             fn(cond, [torch.ones(3, 4, 5, 6), inside], [0, 0, 1, 1, 0])
         assert str(info.value).split("\n")[0] == "condition_cat_: sources[1] shares memory with cond"
@@ -293,15 +293,15 @@ def test_cat_source_sharing_bytes_through_another_storage():
     # the last element of a strided source reaches into cond by one element
     edge = torch.from_numpy(buf)[959 : 959 + 360].view(3, 4, 5, 6)  # its first element is cond's last
     assert edge.data_ptr() == cond[-1, -1, -1, -1, -1:].data_ptr()
-    for fn in (OPS.condition_cat_, reference.condition_cat_):
+    for fn in (OPS.condition_cat_, reference.condition.condition_cat_):
         with pytest.raises(ValueError, match=r"sources\[0\] shares memory with cond"):
             fn(cond, [edge], [0, 0, 1, 0, 0])
     # one storage, disjoint ranges: accepted, the same result both ways
     whole = torch.randn(2 * 4 * 4 * 5 * 6 + 360)
     c1 = whole[:960].view(2, 4, 4, 5, 6)
     src = whole[960:].view(3, 4, 5, 6)
-    want = torch.cat(reference.condition(torch.empty(2, 3, 4, 5, 6), [src.clone()], [1, 1, 3, 0, 1]), 1)
-    for fn in (OPS.condition_cat_, reference.condition_cat_):
+    want = torch.cat(reference.condition.condition(torch.empty(2, 3, 4, 5, 6), [src.clone()], [1, 1, 3, 0, 1]), 1)
+    for fn in (OPS.condition_cat_, reference.condition.condition_cat_):
         c1.fill_(7)
         fn(c1, [src], [1, 1, 3, 0, 1])
         same(c1, want, str(fn))
@@ -316,7 +316,7 @@ def test_sources_that_require_grad_are_refused_alike(op):
     srcs = [torch.ones(3, 4, 5, 6), torch.randn(3, 4, 5, 6, requires_grad=True)]
     message = (f"{op}: sources[1] requires grad and grad mode is on; {op} is not differentiable: "
                "detach the sources or call it under torch.no_grad()")
-    for name, fn in (("native", getattr(OPS, op)), ("reference", getattr(reference, op)), ("wrapper", getattr(ops, op))):
+    for name, fn in (("native", getattr(OPS, op)), ("reference", getattr(reference.condition, op)), ("wrapper", getattr(ops, op))):
         cond = torch.zeros(2, 4, 4, 5, 6)
         with pytest.raises(ValueError) as info:
             fn(z, srcs, plan) if op == "condition" else fn(cond, srcs, plan)
@@ -340,7 +340,7 @@ def test_z_that_requires_grad_gives_plain_outputs():
     """z's values are not read: the outputs carry no autograd history on either
     backend (natively they claimed requires_grad)."""
     z = torch.zeros(2, 3, 4, 5, 6, requires_grad=True)
-    for fn in (OPS.condition, reference.condition):
+    for fn in (OPS.condition, reference.condition.condition):
         masks, masked = fn(z, [torch.ones(3, 4, 5, 6)], [0, 0, 1, 0, 0])
         assert not masks.requires_grad and not masked.requires_grad and masked.grad_fn is None
 
@@ -369,14 +369,14 @@ def test_huge_frame_counts_through_the_op():
     src = torch.randn(2, 1, 3, 4).expand(2, 2**32 + 3, 3, 4)
     z = torch.empty(1, 2, 3, 3, 4)
     plan = [0, 1, 2, 0, 2**32 + 1]
-    for fn in (OPS.condition, reference.condition):
+    for fn in (OPS.condition, reference.condition.condition):
         masks, masked = fn(z, [src], plan)
         same(masked[0, :, 1:], src[:, :2].contiguous())
         assert masks[0, 0, :, 0, 0].tolist() == [0, 1, 1]
     with pytest.raises(ValueError, match=r"source_frame 4294967297, count 3 do not fit in sources\[0\] with 4294967299 frames"):
         OPS.condition(torch.empty(1, 2, 4, 3, 4), [src], [0, 1, 3, 0, 2**32 + 1])
     empty = torch.empty(2**20, 2, 2**40, 0, 4)  # no element: returned before any piece is made
-    for fn in (OPS.condition, reference.condition):
+    for fn in (OPS.condition, reference.condition.condition):
         masks, masked = fn(empty, [src[:, :, :0]], [5, 2**40 - 2, 2, 0, 2**32])
         assert masks.shape == (2**20, 1, 2**40, 0, 4) and masked.numel() == 0
 
@@ -386,7 +386,7 @@ def test_in_place_rules_like_torch():
     in grad mode and an inference tensor outside inference mode: native and
     reference alike (same type, same message), nothing written."""
     src, plan = [torch.ones(3, 4, 5, 6)], [0, 0, 1, 0, 0]
-    for fn in (OPS.condition_cat_, reference.condition_cat_):
+    for fn in (OPS.condition_cat_, reference.condition.condition_cat_):
         cond = torch.zeros(2, 4, 4, 5, 6)
         v = cond._version
         fn(cond, src, plan)
@@ -398,7 +398,7 @@ def test_in_place_rules_like_torch():
             fn(inf, src, plan)
         assert inf[0, 1, 0].all()
     msgs = {}
-    for name, fn in (("native", OPS.condition_cat_), ("reference", reference.condition_cat_)):
+    for name, fn in (("native", OPS.condition_cat_), ("reference", reference.condition.condition_cat_)):
         g = torch.zeros(2, 4, 4, 5, 6, requires_grad=True)
         with pytest.raises(RuntimeError) as e1:
             fn(g, src, plan)
@@ -434,7 +434,7 @@ def test_nan_is_canonical(dtype):
         raw = torch.tensor(vals * 6, dtype=torch.int64).to(it).view(sdt).reshape(1, 4, 1, 6)
         raw[0, 0, 0, :3] = torch.tensor([-0.0, 1.5, float("inf")]).to(sdt)
         z = torch.empty(1, 1, 4, 1, 6, dtype=dtype)
-        (masks, got), want = OPS.condition(z, [raw], [0, 0, 4, 0, 0]), reference.condition(z, [raw], [0, 0, 4, 0, 0])
+        (masks, got), want = OPS.condition(z, [raw], [0, 0, 4, 0, 0]), reference.condition.condition(z, [raw], [0, 0, 4, 0, 0])
         same(got, want[1], f"{dtype}<-{sdt}")
         nan_bits = bits(canonical_nan(dtype, "cpu").reshape(1))
         isnan = got.isnan()
@@ -471,7 +471,7 @@ def test_torch_compile_fullgraph():
         return masks, masked, cond
 
     masks, masked, cond = f(z, srcs[0])
-    want = reference.condition(z, srcs, plan)
+    want = reference.condition.condition(z, srcs, plan)
     same(masks, want[0])
     same(masked, want[1])
     same(cond, torch.cat(want, 1))
@@ -538,7 +538,7 @@ def problems(draw):
 @given(problems(), st.sampled_from([dict(), dict(max_pieces=1, max_sources=1, max_blocks=2)]))
 def test_property_native_and_walk_vs_reference(problem, limits):
     z, srcs, plan = problem
-    want = reference.condition(z, srcs, plan)
+    want = reference.condition.condition(z, srcs, plan)
     got = OPS.condition(z, srcs, plan)
     for g, w in zip(got, want):
         same(g, w, "native")
@@ -566,7 +566,7 @@ def test_cuda_matches_reference(out_dtype):
     assert [s.stride() for s in srcs] == [s.stride() for s in dsrcs] and dsrcs[1].storage_offset() > 0
     plan = [0, 0, 9, 0, 1, 1, 0, 1, 1, 0, 1, 8, 1, 2, 9, 2, 2, 3, 3, 4, 2, 6, 2, 1, 0]
     z = torch.empty(B, C, T, H, W, dtype=out_dtype)
-    want = reference.condition(z, srcs, plan)
+    want = reference.condition.condition(z, srcs, plan)
     got = OPS.condition(z.cuda(), dsrcs, plan)
     for g, w in zip(got, want):
         assert g.device.type == "cuda"
@@ -588,7 +588,7 @@ def test_cuda_long_plans_match_reference(B):
     for i in range(B):
         plan += [i, i % T, 1, i % 3, i % 2]
     z = torch.empty(B, C, T, H, W, dtype=torch.float16)
-    want = reference.condition(z, srcs, plan)
+    want = reference.condition.condition(z, srcs, plan)
     got = OPS.condition(z.cuda(), [s.cuda() for s in srcs], plan)
     for g, w in zip(got, want):
         same(g, w, "cuda")
@@ -614,7 +614,7 @@ def test_cuda_inference_no_host_sync():
         torch.cuda.set_sync_debug_mode(0)
     for (mode, r), (masks, masked) in zip(cases, got):
         cpu_refs = [None if x is None else [t.cpu() for t in x] for x in r]
-        want = reference.prepare_inference_condition(z.cpu(), mode, cpu_refs)
+        want = reference.upstream.condition.prepare_inference_condition(z.cpu(), mode, cpu_refs)
         same(masks, want[0])
         same(masked, want[1])
 
@@ -628,7 +628,7 @@ def test_cuda_device_mismatch_and_cpu_refs():
         OPS.condition(z, [torch.zeros(3, 4, 5, 6)], [0, 0, 1, 0, 0])
     refs = [[torch.randn(3, 4, 5, 6)], [torch.randn(3, 4, 5, 6)]]  # on the CPU: copied once each
     got = prepare_inference_condition(z, "i2v_loop", refs)
-    want = reference.prepare_inference_condition(z.cpu(), "i2v_loop", refs)
+    want = reference.upstream.condition.prepare_inference_condition(z.cpu(), "i2v_loop", refs)
     for g, w in zip(got, want):
         assert g.device == z.device
         same(g, w)
@@ -646,7 +646,7 @@ def test_cuda_graph_capture_and_side_stream():
         OPS.condition_cat_(cond, src, plan)
     torch.cuda.current_stream().wait_stream(side)
     z = torch.empty(B, C, T, H, W)
-    same(cond, torch.cat(reference.condition(z, [src[0].cpu()], plan), 1), "side stream")
+    same(cond, torch.cat(reference.condition.condition(z, [src[0].cpu()], plan), 1), "side stream")
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         OPS.condition_cat_(cond, src, plan)
@@ -654,4 +654,4 @@ def test_cuda_graph_capture_and_side_stream():
     src[0].mul_(2)  # the replay reads the source's current values
     graph.replay()
     torch.cuda.synchronize()
-    same(cond, torch.cat(reference.condition(z, [src[0].cpu()], plan), 1), "graph replay")
+    same(cond, torch.cat(reference.condition.condition(z, [src[0].cpu()], plan), 1), "graph replay")

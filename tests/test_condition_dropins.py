@@ -13,8 +13,8 @@ import torch
 from opensora_fast import reference
 from opensora_fast.utils import _condition as dropin
 
-# the module itself: opensora_fast.reference.condition as an attribute is the op
-ref_condition = importlib.import_module("opensora_fast.reference.condition")
+# the upstream port module (reference.upstream.condition)
+ref_condition = importlib.import_module("opensora_fast.reference.upstream.condition")
 
 from condition_helpers import ToyVAE, videos
 from helpers import assert_bitwise_equal
@@ -58,14 +58,14 @@ def test_inference_parity_every_mode(mode, dtype, causal):
         refs = make_refs(B, C, H, W, Tr, gen, none_at, rdt, two)
         got = dropin.prepare_inference_condition(z, mode, refs, causal)
         try:
-            want = reference.prepare_inference_condition(z, mode, refs, causal)
+            want = reference.upstream.condition.prepare_inference_condition(z, mode, refs, causal)
         except RuntimeError:
             # upstream crashes when the v2v window k exceeds T < T'; ours takes the
             # first (head) / last (tail) T frames: what upstream does with them trimmed
             k = (16 if mode.endswith("_easy") else 8) + int(causal)
             assert mode.startswith("v2v") and T < k < Tr + 1
             cut = [None if r is None else [x[:, :T] if "head" in mode else x[:, -T:] for x in r] for r in refs]
-            want = reference.prepare_inference_condition(z, mode, cut, causal)
+            want = reference.upstream.condition.prepare_inference_condition(z, mode, cut, causal)
         assert_same(got, want, f"{mode} T={T}")
         if T > 1 and mode != "t2v" and len(none_at) < B:
             assert got[0].any(), "some frame must be conditioned"
@@ -76,11 +76,11 @@ def test_inference_b1_and_t2v_without_refs():
     refs = [[torch.randn(4, 9, 3, 3)]]
     for mode in MODES:
         assert_same(dropin.prepare_inference_condition(z, mode, refs),
-                    reference.prepare_inference_condition(z, mode, refs), mode)
+                    reference.upstream.condition.prepare_inference_condition(z, mode, refs), mode)
     m, mz = dropin.prepare_inference_condition(z, "t2v", None)  # upstream: TypeError here
     assert m.dtype == torch.bfloat16 and not m.any() and not mz.any() and mz.shape == z.shape
     with pytest.raises(TypeError):
-        reference.prepare_inference_condition(z, "t2v", None)
+        reference.upstream.condition.prepare_inference_condition(z, "t2v", None)
 
 
 def test_inference_ref_views_and_strides():
@@ -89,7 +89,7 @@ def test_inference_ref_views_and_strides():
     refs = [[big], [big.transpose(2, 3).contiguous().transpose(2, 3)]]
     for mode in MODES[1:]:
         assert_same(dropin.prepare_inference_condition(z, mode, refs, True),
-                    reference.prepare_inference_condition(z, mode, refs, True), mode)
+                    reference.upstream.condition.prepare_inference_condition(z, mode, refs, True), mode)
 
 
 def test_inference_missing_reference_falls_back_and_logs(caplog, capsys):
@@ -98,7 +98,7 @@ def test_inference_missing_reference_falls_back_and_logs(caplog, capsys):
     with caplog.at_level(logging.WARNING, logger="opensora_fast"):
         got = dropin.prepare_inference_condition(z, "i2v_head", refs)
     assert sum("no reference for sample(s) [1, 2]" in r.getMessage() for r in caplog.records) == 1
-    assert_same(got, reference.prepare_inference_condition(z, "i2v_head", refs), "fallback")
+    assert_same(got, reference.upstream.condition.prepare_inference_condition(z, "i2v_head", refs), "fallback")
     with pytest.raises(ValueError, match=r"sample\(s\) \[1, 2\]"):
         dropin.prepare_inference_condition(z, "i2v_head", refs, strict=True)
 
@@ -128,12 +128,12 @@ def test_add_noise_to_ref_same_draws():
     torch.manual_seed(3)
     a = dropin.add_noise_to_ref(x, m, 0.3)
     torch.manual_seed(3)
-    b = reference.add_noise_to_ref(x, m, 0.3)
+    b = reference.upstream.condition.add_noise_to_ref(x, m, 0.3)
     assert_bitwise_equal(a, b)
     assert not torch.equal(a, m * x)
 
 
-ADD_NOISE_IMPLS = [pytest.param(dropin.add_noise_to_ref, id="dropin"), pytest.param(reference.add_noise_to_ref, id="reference")]
+ADD_NOISE_IMPLS = [pytest.param(dropin.add_noise_to_ref, id="dropin"), pytest.param(reference.upstream.condition.add_noise_to_ref, id="reference")]
 
 
 @pytest.mark.parametrize("add_noise", ADD_NOISE_IMPLS)
@@ -165,7 +165,7 @@ def test_add_noise_to_ref_formula_written_out(add_noise, t, sigma_min, want, mon
 
 def test_add_noise_to_ref_default_sigma_min():
     x, m = torch.ones(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
-    for fn in (dropin.add_noise_to_ref, reference.add_noise_to_ref):
+    for fn in (dropin.add_noise_to_ref, reference.upstream.condition.add_noise_to_ref):
         torch.manual_seed(0)
         noise = torch.randn_like(x)
         torch.manual_seed(0)
@@ -208,7 +208,7 @@ def test_causal_parity(dtype, F):
     x = videos(B, F, 8, 6, dtype, seed=F)
     for seed in range(3):
         (x0, cond), (x0_r, cond_r), calls, calls_r, cfg_r = run_both(
-            dropin.prepare_visual_condition_causal, reference.prepare_visual_condition_causal,
+            dropin.prepare_visual_condition_causal, reference.upstream.condition.prepare_visual_condition_causal,
             x, CONFIG, lambda: ToyVAE(causal=True), seed)
         assert x0.dtype == x0_r.dtype and x0.device == x0_r.device
         assert_bitwise_equal(x0, x0_r, f"x_0 F={F}")
@@ -277,7 +277,7 @@ def test_uncausal_parity(pad, F):
     x = videos(B, F, 6, 8, torch.float32, seed=F)
     for seed in range(3):
         (x0, cond), (x0_r, cond_r), calls, calls_r, _ = run_both(
-            dropin.prepare_visual_condition_uncausal, reference.prepare_visual_condition_uncausal,
+            dropin.prepare_visual_condition_uncausal, reference.upstream.condition.prepare_visual_condition_uncausal,
             x, CONFIG, lambda: ToyVAE(causal=False), seed, pad=pad)
         assert_bitwise_equal(x0, x0_r, f"x_0 F={F}")
         assert_bitwise_equal(cond, cond_r, f"cond F={F}")
@@ -288,7 +288,7 @@ def test_uncausal_parity(pad, F):
 def test_uncausal_bf16_model_fp16_video():
     x = videos(5, 40, 4, 4, torch.float16, seed=1)
     (x0, cond), (x0_r, cond_r), *_ = run_both(
-        dropin.prepare_visual_condition_uncausal, reference.prepare_visual_condition_uncausal,
+        dropin.prepare_visual_condition_uncausal, reference.upstream.condition.prepare_visual_condition_uncausal,
         x, CONFIG, lambda: ToyVAE(causal=False, dtype=torch.bfloat16), 5, pad=True)
     assert_bitwise_equal(x0, x0_r)
     assert_bitwise_equal(cond, cond_r)
@@ -336,7 +336,7 @@ BOUNDARIES = [
 def test_v2v_thresholds_reference(causal, F, T, want):
     vae = ToyVAE(causal=causal)
     assert vae.get_latent_size((F, 4, 4))[0] == T
-    fn = reference.prepare_visual_condition_causal if causal else reference.prepare_visual_condition_uncausal
+    fn = reference.upstream.condition.prepare_visual_condition_causal if causal else reference.upstream.condition.prepare_visual_condition_uncausal
     cfg = dict(CONFIG)
     random.seed(0)
     fn(videos(1, F, 4, 4), cfg, vae)
@@ -364,7 +364,7 @@ def test_v2v_thresholds_dropin(causal, F, T, want):
 def test_training_empty_batch(impl, causal, F):
     """B = 0, as upstream: empty tensors (an image batch still goes through one
     encode, whose dtype x_0 keeps; a video's x_0 is in x's dtype)."""
-    mod = dropin if impl == "dropin" else reference
+    mod = dropin if impl == "dropin" else reference.upstream.condition
     fn = mod.prepare_visual_condition_causal if causal else mod.prepare_visual_condition_uncausal
     vae = ToyVAE(causal=causal, dtype=torch.bfloat16)
     x = videos(0, F, 8, 8)
@@ -387,7 +387,7 @@ F64_THROUGH_F32 = [0.3333333432674408, 1.0, 0.0, float("inf")]
 def test_inference_fp64_refs_go_through_fp32(impl, zdtype):
     """Upstream copies references into fp32 buffers, then casts to z's dtype: an
     fp64 reference is rounded to fp32 even for an fp64 z."""
-    fn = (dropin if impl == "dropin" else reference).prepare_inference_condition
+    fn = (dropin if impl == "dropin" else reference.upstream.condition).prepare_inference_condition
     z = torch.zeros(1, 1, 3, 1, 4, dtype=zdtype)
     ref = torch.tensor(F64_VALUES, dtype=torch.float64).view(1, 1, 1, 4)
     masks, masked = fn(z, "i2v_head", [[ref]])
@@ -422,7 +422,7 @@ class PassVAE(torch.nn.Module):
 def test_training_fp64_latents_not_rounded(impl, causal):
     """Training keeps the encoder's fp64 latents as they are (upstream assigns them
     into x.dtype buffers: no fp32 on the way)."""
-    mod = dropin if impl == "dropin" else reference
+    mod = dropin if impl == "dropin" else reference.upstream.condition
     fn = mod.prepare_visual_condition_causal if causal else mod.prepare_visual_condition_uncausal
     x = torch.zeros(2, 3, 9, 1, 4, dtype=torch.float64)
     x[:, 1, 0, 0] = torch.tensor(F64_VALUES, dtype=torch.float64)
@@ -442,7 +442,7 @@ def test_training_fp64_latents_not_rounded(impl, causal):
 def test_inference_refs_that_require_grad_give_upstreams_gradients():
     """The op refuses sources that require grad; the drop-in then takes an
     autograd-tracked path, with upstream's values and gradients."""
-    ref_impl = importlib.import_module("opensora_fast.reference.condition")
+    ref_impl = importlib.import_module("opensora_fast.reference.upstream.condition")
     from opensora_fast.utils.inference import prepare_inference_condition
 
     g = torch.Generator().manual_seed(7)
@@ -461,7 +461,7 @@ def test_inference_refs_that_require_grad_give_upstreams_gradients():
 
 
 def test_training_encoder_that_requires_grad_gives_gradients():
-    ref_impl = importlib.import_module("opensora_fast.reference.condition")
+    ref_impl = importlib.import_module("opensora_fast.reference.upstream.condition")
     from opensora_fast.utils.train import prepare_visual_condition_causal
 
     cfg = {"i2v_head": 0.5, "i2v_loop": 0.5}

@@ -11,7 +11,7 @@ from PIL import Image
 
 from opensora_fast import reference
 from opensora_fast.utils import _condition as dropin
-from opensora_fast.utils import _media
+from opensora_fast.datasets import _media
 
 from condition_helpers import ToyVAE
 from helpers import assert_bitwise_equal
@@ -166,7 +166,7 @@ def test_collect_references_images_parity_and_batching(tmp_path, cond_type):
     refs = [paths[0], "", f"{paths[1]};{paths[2]}", paths[3]]
     ours_vae, ref_vae = ToyVAE(), ToyVAE()
     got = dropin.collect_references_batch(refs, cond_type, ours_vae, (8, 12))
-    want = reference.collect_references_batch(refs, cond_type, ref_vae, (8, 12))
+    want = reference.upstream.condition.collect_references_batch(refs, cond_type, ref_vae, (8, 12))
     assert got[1] is None and want[1] is None
     for g, w in zip(got, want):
         if w is None:
@@ -184,7 +184,7 @@ def test_collect_references_video_parity(tmp_path, cond_type, causal):
     refs = [str(tmp_path / "a.mp4"), str(tmp_path / "b.mp4")]
     ours_vae, ref_vae = ToyVAE(), ToyVAE()
     got = dropin.collect_references_batch(refs, cond_type, ours_vae, (8, 8), is_causal=causal)
-    want = reference.collect_references_batch(refs, cond_type, ref_vae, (8, 8), is_causal=causal)
+    want = reference.upstream.condition.collect_references_batch(refs, cond_type, ref_vae, (8, 8), is_causal=causal)
     for g, w in zip(got, want):
         assert_bitwise_equal(g[0], w[0], cond_type)
     assert len(ours_vae.calls) == 1 and len(ref_vae.calls) == 2

@@ -91,7 +91,7 @@ def _ema_call(way, ema, src, decay):
     if way == "native":
         return OP.ema_update_(ema, src, decay)
     if way == "reference":
-        return reference.ema_update_(ema, src, decay)
+        return reference.ema.ema_update_(ema, src, decay)
     return _fake_call(lambda e, s: OP.ema_update_(e, s, decay), (ema, src))
 
 
@@ -134,7 +134,7 @@ def _mse_call(way, pred, target, ranges):
     if way == "native":
         return OP.masked_mse(pred, target, ranges)
     if way == "reference":
-        return reference.masked_mse(pred, target, ranges)
+        return reference.masked_mse.masked_mse(pred, target, ranges)
     return _fake_call(OP.masked_mse, (pred, target, ranges))
 
 
@@ -155,12 +155,12 @@ def test_nested_inputs_refused_alike(backend, monkeypatch):
     r = torch.tensor([[0, 5], [1, 3]])
     dense = "masked_mse: pred, target and ranges must be dense (strided) tensors"
     for x in (nt, njt):
-        for fn in (OP.masked_mse, reference.masked_mse, ops.masked_mse):
+        for fn in (OP.masked_mse, reference.masked_mse.masked_mse, ops.masked_mse):
             _raises(lambda: fn(x, x, r), ValueError, dense)
-    for fn in (OP.masked_mse_backward, reference.masked_mse_backward):
+    for fn in (OP.masked_mse_backward, reference.masked_mse.masked_mse_backward):
         _raises(lambda: fn(torch.tensor(1.0), nt, nt, r), ValueError, dense)
     frame = torch.nested.nested_tensor([z(3), z(3)])
-    for fn in (lambda: OP.loss_ranges(frame, 4, True), lambda: reference.loss_ranges(frame, 4, True),
+    for fn in (lambda: OP.loss_ranges(frame, 4, True), lambda: reference.masked_mse.loss_ranges(frame, 4, True),
                lambda: ops.loss_ranges(frame, 4)):
         _raises(fn, ValueError, "loss_ranges: frame_mask must be a dense (strided) tensor")
 
@@ -192,7 +192,7 @@ def _ranges_call(way, frame, hw):
     if way == "native":
         return OP.loss_ranges(frame, hw, True)
     if way == "reference":
-        return reference.loss_ranges(frame, hw, True)
+        return reference.masked_mse.loss_ranges(frame, hw, True)
     return _fake_call(lambda f: OP.loss_ranges(f, hw, True), (frame,))
 
 
@@ -221,7 +221,7 @@ def test_masked_mse_backward_check_contract(name, way):
     fns = {
         "native": lambda: OP.masked_mse_backward(grad, p, t, r),
         "walk": lambda: OP._masked_mse_grid_walk(grad, p, t, r),  # segfaulted on a wrong grad shape
-        "reference": lambda: reference.masked_mse_backward(grad, p, t, r),
+        "reference": lambda: reference.masked_mse.masked_mse_backward(grad, p, t, r),
         "fake": lambda: _fake_call(OP.masked_mse_backward, (grad, p, t, r)),
     }
     msg = _raises(fns[way], exc, text)
@@ -277,7 +277,7 @@ def test_sources_may_alias_each_other():
     a, b = torch.zeros(10), torch.zeros(10)
     OP.ema_update_([a, b], [s, s], 0.5)
     ref = [torch.zeros(10), torch.zeros(10)]
-    reference.ema_update_(ref, [s, s], 0.5)
+    reference.ema.ema_update_(ref, [s, s], 0.5)
     assert_bitwise_equal(a, ref[0])
     assert_bitwise_equal(b, ref[1])
 
@@ -285,10 +285,10 @@ def test_sources_may_alias_each_other():
 def test_reference_writes_nothing_when_a_later_pair_is_bad():
     e0, big = torch.ones(4), torch.ones(20)
     with pytest.raises(ValueError):
-        reference.ema_update_([e0, big[0:10]], [torch.zeros(4), big[5:15]], 0.5)
+        reference.ema.ema_update_([e0, big[0:10]], [torch.zeros(4), big[5:15]], 0.5)
     assert bool((e0 == 1).all())
     with pytest.raises(RuntimeError):
-        reference.ema_update_([e0, _inference(3)], [torch.zeros(4), torch.zeros(3)], 0.5)
+        reference.ema.ema_update_([e0, _inference(3)], [torch.zeros(4), torch.zeros(3)], 0.5)
     assert bool((e0 == 1).all())
 
 
@@ -298,7 +298,7 @@ def test_seed_beyond_int63_and_negative_seeds():
     for seed in (2**63, 2**64 - 1, -5, 2**70 + 3):
         a, b = x.clone(), x.clone()
         ops.ema_update_([a], [s], 0.9, stochastic=True, seed=seed)
-        reference.ema_update_([b], [s], 0.9, True, ops.ema._as_int64(seed))
+        reference.ema.ema_update_([b], [s], 0.9, True, ops.ema._as_int64(seed))
         assert_bitwise_equal(a, b, f"seed {seed}")
     c = x.clone()
     ops.ema_update_([c], [s], 0.9, stochastic=False, seed=2**64 + 1)  # ignored in compat mode
@@ -311,7 +311,7 @@ def test_nan_written_as_one_canonical_pattern_on_both_backends(dtype, stochastic
     s = torch.tensor([1.0, 2.0, float("nan"), -float("inf"), float("inf"), 3.0])
     a, b = e.clone(), e.clone()
     OP.ema_update_([a], [s], 0.5, stochastic, 7)
-    reference.ema_update_([b], [s], 0.5, stochastic, 7)
+    reference.ema.ema_update_([b], [s], 0.5, stochastic, 7)
     assert_bitwise_equal(a, b)
     nan = reference.ema.canonical_nan_(torch.tensor([float("nan")], dtype=dtype))
     assert int(a.isnan().sum()) == 5  # inf - inf is NaN too
@@ -328,7 +328,7 @@ def test_reference_ignores_nan_and_inf_outside_the_ranges():
         p[0, 0] = float("nan")
         p[0, 5] = float("inf")
         p[1, 3] = float("nan")
-    for fn in (reference.masked_mse, OP.masked_mse, ops.masked_mse):
+    for fn in (reference.masked_mse.masked_mse, OP.masked_mse, ops.masked_mse):
         loss = fn(p, t, r)
         (g,) = torch.autograd.grad(loss, p)
         assert torch.isfinite(loss), fn
@@ -361,7 +361,7 @@ def test_forward_mode_on_the_wrapper_and_on_the_raw_op():
     r[2, 1] = 7
     dp, dt = torch.randn_like(p), torch.randn_like(t)
     _, tangent = torch.func.jvp(lambda a, b: ops.masked_mse(a, b, r), (p.detach(), t.detach()), (dp, dt))
-    _, want = torch.func.jvp(lambda a, b: reference.masked_mse(a, b, r), (p.detach(), t.detach()), (dp, dt))
+    _, want = torch.func.jvp(lambda a, b: reference.masked_mse.masked_mse(a, b, r), (p.detach(), t.detach()), (dp, dt))
     torch.testing.assert_close(tangent, want)
     assert float(tangent) != 0
     # torch.autograd.forward_ad (no functorch transform: the old-style Function's jvp)
@@ -371,13 +371,13 @@ def test_forward_mode_on_the_wrapper_and_on_the_raw_op():
         out = ops.masked_mse(fwAD.make_dual(p.detach(), dp), fwAD.make_dual(t.detach(), dt), r)
         torch.testing.assert_close(fwAD.unpack_dual(out).tangent, want)
     g = torch.func.grad(lambda a: ops.masked_mse(a, t.detach(), r))(p.detach())
-    (want_g,) = torch.autograd.grad(reference.masked_mse(p, t, r), p)
+    (want_g,) = torch.autograd.grad(reference.masked_mse.masked_mse(p, t, r), p)
     torch.testing.assert_close(g, want_g)
     # the raw op: forward mode (torch.func and forward_ad) through the reference's math
     # (it once raised; silently zero tangents before that)
     _, raw = torch.func.jvp(lambda a, b: OP.masked_mse(a, b, r), (p.detach(), t.detach()), (dp, dt))
     torch.testing.assert_close(raw, want)
-    _, want_p = torch.func.jvp(lambda a: reference.masked_mse(a, t.detach(), r), (p.detach(),), (dp,))
+    _, want_p = torch.func.jvp(lambda a: reference.masked_mse.masked_mse(a, t.detach(), r), (p.detach(),), (dp,))
     with fwAD.dual_level():
         out = OP.masked_mse(fwAD.make_dual(p.detach(), dp), t.detach(), r)
         torch.testing.assert_close(fwAD.unpack_dual(out).tangent, want_p)
@@ -390,14 +390,14 @@ def test_reference_backward_is_the_native_backward_bit_for_bit():
         p, t, r = _mse_inputs(dtype)
         for g in (torch.tensor(1.0), torch.tensor(2.5), torch.tensor(-0.3, dtype=torch.float64)):
             a = OP.masked_mse_backward(g, p.detach(), t.detach(), r)
-            b = reference.masked_mse_backward(g, p.detach(), t.detach(), r)
+            b = reference.masked_mse.masked_mse_backward(g, p.detach(), t.detach(), r)
             assert_bitwise_equal(a, b, f"{dtype} g={g}")
 
 
 def test_get_batch_loss_edge_inputs_match_upstream():
     empty = torch.zeros(0, 4, 8)
     got = get_batch_loss(empty, empty)
-    want = reference.get_batch_loss(empty, empty)
+    want = reference.upstream.train.get_batch_loss(empty, empty)
     assert got.dtype == want.dtype == torch.float32 and torch.isnan(got) and torch.isnan(want)
     p64, t64 = torch.randn(2, 8, 4, dtype=torch.float64), torch.randn(2, 8, 4, dtype=torch.float64)
     assert get_batch_loss(p64, t64).dtype == torch.float32  # upstream casts to float first
@@ -431,7 +431,7 @@ def _check_against_reference(model, ema, opt):
 
     ema_ref = copy.deepcopy(ema)
     update_ema(ema, model, opt, decay=0.5)
-    reference.update_ema(ema_ref, model, opt, decay=0.5)
+    reference.upstream.train.update_ema(ema_ref, model, opt, decay=0.5)
     for (n, a), (_, b) in zip(ema.named_parameters(), ema_ref.named_parameters()):
         assert_bitwise_equal(a.detach(), b.detach(), n)
 

@@ -45,7 +45,7 @@ def test_ema_vs_upstream_on_cuda_within_documented_tolerance(edt, sdt):
     ops.ema_update_([mine], [s], 0.999)
     theirs.mul_(0.999).add_(s, alpha=1 - 0.999)  # torch's own CUDA kernels
     ref = e.cpu()  # and the CPU reference on copies of the inputs
-    reference.ema_update_([ref], [s.cpu()], 0.999)
+    reference.ema.ema_update_([ref], [s.cpu()], 0.999)
     assert_ema_matches_reference(mine, ref, s, 0.999, edt == sdt and edt != torch.float32)
     if edt == sdt and edt != torch.float32:  # torch CUDA keeps alpha in fp32 here
         bound = torch.finfo(edt).eps * (theirs.float().abs() + (0.001 * s.float()).abs()) + torch.finfo(edt).tiny
@@ -61,7 +61,7 @@ def test_ema_side_stream_graph_capture_and_no_sync():
     # bf16 ema, fp32 src: the reference is bitwise here (no same-dtype add quirk)
     src_cpu = [s.cpu() for s in src]
     want = [e.cpu() for e in ema]
-    reference.ema_update_(want, src_cpu, 0.99)
+    reference.ema.ema_update_(want, src_cpu, 0.99)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -84,7 +84,7 @@ def test_ema_side_stream_graph_capture_and_no_sync():
     OP.ema_update_(eager, src, 0.99)
     torch.cuda.synchronize()
     for _ in range(2):  # the expected two steps, on the CPU
-        reference.ema_update_(want, src_cpu, 0.99)
+        reference.ema.ema_update_(want, src_cpu, 0.99)
     for a, b, w in zip(ema, eager, want):
         assert_bitwise_equal(a, w, "graph replay vs CPU reference")
         assert_bitwise_equal(b, w, "eager vs CPU reference")
@@ -138,7 +138,7 @@ def test_loss_with_100k_samples():
     got = get_batch_loss(x, x * 0.5)
     torch.testing.assert_close(got, torch.nn.functional.mse_loss(x, x * 0.5))
     # fp32 accumulation on both sides: only the summation order differs
-    want = reference.get_batch_loss(x.cpu(), x.cpu() * 0.5)
+    want = reference.upstream.train.get_batch_loss(x.cpu(), x.cpu() * 0.5)
     torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-6)
 
 
@@ -150,8 +150,8 @@ def test_loss_side_stream_and_graph_capture():
     # CPU anchors on copies of the inputs: the walk of the GPU's grid (bit for
     # bit) and the reference (fp32 sums in another order: close)
     walk_loss, walk_grad = OP._masked_mse_grid_walk(one, p.cpu(), t.cpu(), r.cpu())
-    ref_loss = reference.masked_mse(p.cpu(), t.cpu(), r.cpu())
-    assert_bitwise_equal(walk_grad, reference.masked_mse_backward(one, p.cpu(), t.cpu(), r.cpu()))
+    ref_loss = reference.masked_mse.masked_mse(p.cpu(), t.cpu(), r.cpu())
+    assert_bitwise_equal(walk_grad, reference.masked_mse.masked_mse_backward(one, p.cpu(), t.cpu(), r.cpu()))
     torch.testing.assert_close(walk_loss, ref_loss, rtol=1e-5, atol=1e-6)
     want = OP.masked_mse(p, t, r)
     assert_bitwise_equal(want, walk_loss, "eager vs CPU walk")
@@ -318,4 +318,4 @@ def test_loss_ranges_cuda_equals_cpu_without_sync():
             for up, r in zip((True, False), got):
                 assert r.device.type == "cuda"
                 assert torch.equal(r.cpu(), OP.loss_ranges(m, 7, up)), (dtype, T, up)
-                assert torch.equal(r.cpu(), reference.loss_ranges(m, 7, up)), (dtype, T, up)
+                assert torch.equal(r.cpu(), reference.masked_mse.loss_ranges(m, 7, up)), (dtype, T, up)

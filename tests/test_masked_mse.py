@@ -75,7 +75,7 @@ def test_parity_with_upstream(dtype, shape, kind):
     gen = torch.Generator().manual_seed(zlib.crc32(repr((shape, kind)).encode()))
     p, t = inputs(B, T, H, W, D, dtype, gen)
     masks = make_masks(kind, B, T, H, W, gen) if kind else None
-    want = loss_and_grads(lambda a, b: reference.get_batch_loss(a, b, masks), p, t)
+    want = loss_and_grads(lambda a, b: reference.upstream.train.get_batch_loss(a, b, masks), p, t)
     got = loss_and_grads(lambda a, b: get_batch_loss(a, b, masks), p, t)
     assert got[0].dtype == torch.float32  # as upstream, which casts to float first (fp64 too)
     if torch.isnan(want[0]):  # a sample with no frame left: NaN, as upstream
@@ -110,13 +110,13 @@ def test_native_equals_reference_op_including_clamped_ranges():
     t = torch.randn(B, L, D, generator=gen, requires_grad=True)
     ranges = torch.tensor([[0, L], [-5, 3], [4000, 20000], [10, 5], [L, L + 3], [1, 8999]])
     got = loss_and_grads(lambda a, b: ops.masked_mse(a, b, ranges), p, t)
-    want = loss_and_grads(lambda a, b: reference.masked_mse(a, b, ranges), p, t)
+    want = loss_and_grads(lambda a, b: reference.masked_mse.masked_mse(a, b, ranges), p, t)
     assert torch.isnan(got[0]) and torch.isnan(want[0])  # samples 3 and 4 are empty
     for a, b in zip(got[1:], want[1:]):
         torch.testing.assert_close(a, b)
     ok = torch.tensor([[0, L], [-5, 3], [4000, 20000], [1, 8999]])
     a = ops.masked_mse(p[[0, 1, 2, 5]].detach(), t[[0, 1, 2, 5]].detach(), ok)
-    b = reference.masked_mse(p[[0, 1, 2, 5]].detach(), t[[0, 1, 2, 5]].detach(), ok)
+    b = reference.masked_mse.masked_mse(p[[0, 1, 2, 5]].detach(), t[[0, 1, 2, 5]].detach(), ok)
     torch.testing.assert_close(a, b, rtol=1e-6, atol=0)
 
 
@@ -152,7 +152,7 @@ def test_empty_sample_gives_nan_loss_and_zero_grads_there():
     masks[0] = 1  # T=1 and its only frame is conditioned: nothing left
     loss = get_batch_loss(p, t, masks)
     assert torch.isnan(loss)
-    assert torch.isnan(reference.get_batch_loss(p, t, masks))
+    assert torch.isnan(reference.upstream.train.get_batch_loss(p, t, masks))
     gp, = torch.autograd.grad(loss, [p])
     assert torch.all(gp[0] == 0) and torch.isfinite(gp).all()
     # the other sample's gradient is what it would be with the empty sample counted in B
@@ -279,7 +279,7 @@ def test_cuda_parity(dtype):
     B, T, H, W, D = 4, 9, 12, 14, 64
     p, t = inputs(B, T, H, W, D, dtype, gen)
     m = make_masks("mixed", B, T, H, W, gen)
-    want = loss_and_grads(lambda a, b: reference.get_batch_loss(a, b, m), p, t)
+    want = loss_and_grads(lambda a, b: reference.upstream.train.get_batch_loss(a, b, m), p, t)
     pc = p.detach().cuda().requires_grad_()
     tc = t.detach().cuda().requires_grad_()
     got = loss_and_grads(lambda a, b: get_batch_loss(a, b, m.cuda()), pc, tc)
@@ -334,7 +334,7 @@ def test_cuda_loss_ranges_mask_dtypes_match_the_cpu_reference(dtype):
     m[::7, 2] = 2  # not conditioned
     m = m.to(dtype)
     for upstream in (True, False):
-        want = reference.loss_ranges(m, 12, upstream)
+        want = reference.masked_mse.loss_ranges(m, 12, upstream)
         assert torch.equal(ops.loss_ranges(m.cuda(), 12, upstream).cpu(), want)
         assert torch.equal(ops.loss_ranges(m.t().cuda().t(), 12, upstream).cpu(), want)  # strided
 
@@ -361,7 +361,7 @@ def test_grid_walk_matches_cpu_kernel_and_reference(dtype, case):
     cpu_loss = torch.ops.opensora_fast.masked_mse(p, t, ranges)
     cpu_grad = torch.ops.opensora_fast.masked_mse_backward(g, p, t, ranges)
     assert torch.equal(grad, cpu_grad)  # elementwise: same formula, bit for bit
-    ref = reference.masked_mse(p, t, ranges)
+    ref = reference.masked_mse.masked_mse(p, t, ranges)
     for x in (loss, cpu_loss):
         if torch.isnan(ref):
             assert torch.isnan(x)
@@ -401,7 +401,7 @@ def test_grid_walk_with_70000_samples():
     ranges[3::4, 0] = 1
     loss, grad = torch.ops.opensora_fast._masked_mse_grid_walk(torch.tensor(1.0), p, t, ranges)
     # 70,000 sample means added in order in fp32 (the CPU's order): ~1e-5 relative
-    torch.testing.assert_close(loss, reference.masked_mse(p, t, ranges), rtol=1e-4, atol=0)
+    torch.testing.assert_close(loss, reference.masked_mse.masked_mse(p, t, ranges), rtol=1e-4, atol=0)
     assert torch.equal(grad, torch.ops.opensora_fast.masked_mse_backward(torch.tensor(1.0), p, t, ranges))
 
 
@@ -432,7 +432,7 @@ def test_loss_ranges_native_equals_reference(dtype, T):
         for upstream in (True, False):
             for hw in (0, 1, 6):
                 got = ops.loss_ranges(frame, hw, upstream)
-                want = reference.loss_ranges(frame, hw, upstream)
+                want = reference.masked_mse.loss_ranges(frame, hw, upstream)
                 assert got.dtype == torch.int64 and torch.equal(got, want), (dtype, T, upstream, hw)
                 assert bool((got[:, 1] >= got[:, 0]).all())
 
@@ -483,7 +483,7 @@ def test_unmasked_loss_after_inference_mode_or_a_fake_trace(backend, monkeypatch
     # cached a FakeTensor, and real calls failed.
     from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
-    import opensora_fast.utils.train as train
+    import opensora_fast.utils._loss as train
 
     monkeypatch.setenv("OPENSORA_FAST_BACKEND", backend)
     monkeypatch.setattr(train, "_whole_ranges", {})
@@ -526,7 +526,7 @@ def test_inference_mode_target_and_ranges_with_a_pred_that_requires_grad(backend
         t.add_(1.0)  # changed after the forward: the gradient is still of the forward's t
     (gp,) = torch.autograd.grad(loss, p, create_graph=True)
     (h,) = torch.autograd.grad(gp.sum(), p)  # second order too
-    want = reference.masked_mse(p, t0, r.clone())
+    want = reference.masked_mse.masked_mse(p, t0, r.clone())
     (want_gp,) = torch.autograd.grad(want, p, create_graph=True)
     (want_h,) = torch.autograd.grad(want_gp.sum(), p)
     torch.testing.assert_close(loss, want)
@@ -560,16 +560,16 @@ def test_vmap_matches_the_reference(fn):
     f = {"wrapper": ops.masked_mse, "raw": torch.ops.opensora_fast.masked_mse}[fn]
     pb, tb, r, rb = _vmap_inputs()
     vmap = torch.func.vmap
-    want = torch.stack([reference.masked_mse(pb[i], tb[i], r) for i in range(3)])
+    want = torch.stack([reference.masked_mse.masked_mse(pb[i], tb[i], r) for i in range(3)])
     torch.testing.assert_close(vmap(lambda a, b: f(a, b, r))(pb, tb), want)
     torch.testing.assert_close(vmap(lambda a, b: f(a, b, r), in_dims=(2, 2))(pb.movedim(0, 2), tb.movedim(0, 2)), want)
-    want_shared = torch.stack([reference.masked_mse(pb[i], tb[0], r) for i in range(3)])
+    want_shared = torch.stack([reference.masked_mse.masked_mse(pb[i], tb[0], r) for i in range(3)])
     torch.testing.assert_close(vmap(lambda a: f(a, tb[0], r))(pb), want_shared)
-    want_rb = torch.stack([reference.masked_mse(pb[i], tb[i], rb[i]) for i in range(3)])
+    want_rb = torch.stack([reference.masked_mse.masked_mse(pb[i], tb[i], rb[i]) for i in range(3)])
     torch.testing.assert_close(vmap(f)(pb, tb, rb), want_rb)
     # per-example gradients: vmap over torch.func.grad
     got = vmap(torch.func.grad(lambda a, b: f(a, b, r)))(pb, tb)
-    ref = vmap(torch.func.grad(lambda a, b: reference.masked_mse(a, b, r)))(pb, tb)
+    ref = vmap(torch.func.grad(lambda a, b: reference.masked_mse.masked_mse(a, b, r)))(pb, tb)
     torch.testing.assert_close(got, ref)
 
 
@@ -578,12 +578,12 @@ def test_vmap_of_the_backward_and_loss_ranges_ops():
     gs = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
     got = torch.func.vmap(lambda g, a, b: torch.ops.opensora_fast.masked_mse_backward(g, a, b, r))(gs, pb, tb)
     for i in range(3):
-        assert torch.equal(got[i], reference.masked_mse_backward(gs[i], pb[i], tb[i], r))
+        assert torch.equal(got[i], reference.masked_mse.masked_mse_backward(gs[i], pb[i], tb[i], r))
     gen = torch.Generator().manual_seed(14)
     mb = (torch.rand(4, 3, 5, generator=gen) < 0.5).float()  # [N, B, T]
     for upstream in (True, False):
         got = torch.func.vmap(lambda m: ops.loss_ranges(m, 6, upstream))(mb)
-        assert torch.equal(got, torch.stack([reference.loss_ranges(m, 6, upstream) for m in mb]))
+        assert torch.equal(got, torch.stack([reference.masked_mse.loss_ranges(m, 6, upstream) for m in mb]))
 
 
 def test_forward_over_reverse_and_hessian_match_the_reference():
@@ -595,11 +595,11 @@ def test_forward_over_reverse_and_hessian_match_the_reference():
     r = torch.tensor([[0, 5], [1, 3]])
     for f in (ops.masked_mse, torch.ops.opensora_fast.masked_mse):
         got = torch.func.jvp(torch.func.grad(lambda a, b: f(a, b, r), argnums=(0, 1)), (p, t), (v, w))
-        want = torch.func.jvp(torch.func.grad(lambda a, b: reference.masked_mse(a, b, r), argnums=(0, 1)), (p, t), (v, w))
+        want = torch.func.jvp(torch.func.grad(lambda a, b: reference.masked_mse.masked_mse(a, b, r), argnums=(0, 1)), (p, t), (v, w))
         torch.testing.assert_close(got, want)
         assert float(got[1][0].abs().sum()) != 0
     got = torch.func.hessian(lambda a: ops.masked_mse(a, t, r))(p)
-    want = torch.func.hessian(lambda a: reference.masked_mse(a, t, r))(p)
+    want = torch.func.hessian(lambda a: reference.masked_mse.masked_mse(a, t, r))(p)
     torch.testing.assert_close(got, want)
     got = torch.func.jacfwd(torch.func.jacrev(lambda a: ops.masked_mse(a, t, r)))(p)
     torch.testing.assert_close(got, want)
@@ -611,5 +611,5 @@ def test_forward_over_reverse_and_hessian_match_the_reference():
         dual = fwAD.make_dual(pg, v)
         (g,) = torch.autograd.grad(ops.masked_mse(dual, t, r), dual, create_graph=True)
         tangent = fwAD.unpack_dual(g).tangent
-    want_t = torch.func.jvp(torch.func.grad(lambda a: reference.masked_mse(a, t, r)), (p,), (v,))[1]
+    want_t = torch.func.jvp(torch.func.grad(lambda a: reference.masked_mse.masked_mse(a, t, r)), (p,), (v,))[1]
     torch.testing.assert_close(tangent, want_t)

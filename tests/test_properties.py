@@ -135,7 +135,7 @@ def _outcome(fn, call: EmaCall):
 @given(ema_calls())
 def test_ema_native_equals_reference(call):
     nat = _outcome(OP.ema_update_, call)
-    ref = _outcome(reference.ema_update_, call)
+    ref = _outcome(reference.ema.ema_update_, call)
     assert nat[:2] == ref[:2]
     # an injected alias reaches the op and is refused; nothing else is
     assert (nat[0] is not None) == call.refused, nat[:2]
@@ -211,7 +211,7 @@ def test_loss_ranges_native_equals_reference(B, T, hw, dtype, upstream, seed, st
     if not dtype.is_floating_point:
         vals = torch.nan_to_num(vals, nan=3.0)
     frame = vals.to(dtype)[:, ::step]
-    assert torch.equal(OP.loss_ranges(frame, hw, upstream), reference.loss_ranges(frame, hw, upstream))
+    assert torch.equal(OP.loss_ranges(frame, hw, upstream), reference.masked_mse.loss_ranges(frame, hw, upstream))
 
 
 def _mse_tol(dtype: torch.dtype) -> dict:
@@ -235,18 +235,18 @@ def test_masked_mse_native_equals_reference(call, gscale):
     tol = _mse_tol(p.dtype)
     empty = [bool(min(L, max(0, int(e))) <= min(L, max(0, int(s)))) for s, e in ranges.tolist()]
     loss = OP.masked_mse(p, t, ranges)
-    want = reference.masked_mse(p, t, ranges)
+    want = reference.masked_mse.masked_mse(p, t, ranges)
     assert loss.dtype == want.dtype == acc
     _assert_loss_close(loss, want, B == 0 or any(empty), tol, "mean")
     # each sample on its own: one empty sample's NaN would hide the others in the mean
     for b in range(B):
         one = (p[b : b + 1], t[b : b + 1], ranges[b : b + 1])
-        _assert_loss_close(OP.masked_mse(*one), reference.masked_mse(*one), empty[b], tol, f"sample {b}")
+        _assert_loss_close(OP.masked_mse(*one), reference.masked_mse.masked_mse(*one), empty[b], tol, f"sample {b}")
         walked = OP._masked_mse_grid_walk(torch.tensor(1.0), *one)[0]
-        _assert_loss_close(walked, reference.masked_mse(*one), empty[b], tol, f"walk {b}")
+        _assert_loss_close(walked, reference.masked_mse.masked_mse(*one), empty[b], tol, f"walk {b}")
     g = torch.tensor(gscale)
     # the gradient is elementwise with the same roundings: bit for bit
-    assert_bitwise_equal(OP.masked_mse_backward(g, p, t, ranges), reference.masked_mse_backward(g, p, t, ranges))
+    assert_bitwise_equal(OP.masked_mse_backward(g, p, t, ranges), reference.masked_mse.masked_mse_backward(g, p, t, ranges))
     wl, wg = OP._masked_mse_grid_walk(g, p, t, ranges)
     _assert_loss_close(wl, want, B == 0 or any(empty), tol, "walk")
     assert_bitwise_equal(wg, OP.masked_mse_backward(g, p, t, ranges))
@@ -293,11 +293,11 @@ def test_masked_loss_matches_upstream_formula(batch):
     p, t, masks = batch
     tol = _mse_tol(p.dtype)  # both accumulate in fp32 (upstream calls .float() first)
     got = get_batch_loss(p, t, masks)
-    want = reference.get_batch_loss(p, t, masks)
+    want = reference.upstream.train.get_batch_loss(p, t, masks)
     torch.testing.assert_close(got, want.float(), equal_nan=True, **tol)
     # each sample on its own, so a NaN (an empty sample) cannot hide the others
     for b in range(p.shape[0]):
         one = (p[b : b + 1], t[b : b + 1], masks[b : b + 1])
-        w = reference.get_batch_loss(*one)
+        w = reference.upstream.train.get_batch_loss(*one)
         event(f"upstream formula: {'NaN' if w.isnan() else 'finite'} sample")
         torch.testing.assert_close(get_batch_loss(*one), w.float(), equal_nan=True, **tol)

@@ -162,7 +162,7 @@ def test_unpad_check_contract(name, way):
             pytest.skip("the private walk op has no autograd rule (nested tensors dispatch to one first)")
         msg = _raises(lambda: OP._unpad_grid_walk(*args), exc, text)
     elif way == "reference":
-        msg = _raises(lambda: reference.unpad_(*args), exc, text)
+        msg = _raises(lambda: reference.unpad.unpad_(*args), exc, text)
     else:
         if name in ("nested", "gathered nested"):
             with pytest.raises(RuntimeError, match="NestedTensorImpl doesn't support sizes"):
@@ -172,7 +172,7 @@ def test_unpad_check_contract(name, way):
     for o, b in zip(out, before):
         if b is not None:
             assert_bitwise_equal(o.detach(), b.detach(), f"{name}: written before the error")
-    other = _raises(lambda: reference.unpad_(*_cases()[name][:6]), exc, text)
+    other = _raises(lambda: reference.unpad.unpad_(*_cases()[name][:6]), exc, text)
     assert msg == other  # the ways say exactly the same thing
 
 
@@ -213,7 +213,7 @@ def test_huge_shard_and_begin_stay_inside_out(case, way):
     guard = torch.zeros(numel + 16, dtype=dtype)
     out = guard[8 : 8 + numel]
     fn = {"native": OP.unpad_, "walk": OP._unpad_grid_walk, "walk small": lambda *a: OP._unpad_grid_walk(*a, 0, 0, True),
-          "reference": reference.unpad_}[way]
+          "reference": reference.unpad.unpad_}[way]
     fn(gathered, [out], [1], [shard], [begin], [3])
     want = torch.zeros(numel + 16, dtype=dtype)
     k = min(3, numel - begin) if begin < numel else 0
@@ -245,7 +245,7 @@ def test_values_outside_int64_are_a_value_error(backend, arg, value, monkeypatch
     text = f"unpad_: {arg}[1] = {value} does not fit in int64"
     _raises(lambda: ops.unpad_(g, out, **lists), ValueError, text)
     _raises(lambda: unpad_lists(g, out, lists["offset"], lists["shard"], lists["begin"], lists["count"]), ValueError, text)
-    _raises(lambda: reference.unpad_(g, out, lists["offset"], lists["shard"], lists["begin"], lists["count"]), ValueError, text)
+    _raises(lambda: reference.unpad.unpad_(g, out, lists["offset"], lists["shard"], lists["begin"], lists["count"]), ValueError, text)
     assert not any(o.any() for o in out)
 
 
@@ -288,7 +288,7 @@ def test_all_backends_restore_the_params(dtype, world):
             ("native", OP.unpad_),
             ("walk", OP._unpad_grid_walk),
             ("walk small tables", lambda *a: OP._unpad_grid_walk(*a, 2, 3, True)),
-            ("reference", reference.unpad_),
+            ("reference", reference.unpad.unpad_),
         ]:
             # a split param gets one entry per piece, all writing into one tensor
             outs = [torch.full_like(p, 7) for p in params]
@@ -405,7 +405,7 @@ def test_native_walk_reference_agree(call):
     params, gathered, idx, off, sh, bg, ct, corrupt = call
     results = [
         _outcome(f, params, idx, gathered, off, sh, bg, ct)
-        for f in (OP.unpad_, OP._unpad_grid_walk, reference.unpad_)
+        for f in (OP.unpad_, OP._unpad_grid_walk, reference.unpad.unpad_)
     ]
     (o0, e0) = results[0]
     for o, e in results[1:]:

@@ -68,7 +68,7 @@ def test_sharded_matches_reference_over_steps():
     for decay in (0.9, 0.99, 0.9999):
         opt.step(g)
         update_ema(ema, model, opt, decay=decay)
-        reference.update_ema(ema_ref, model, opt, decay=decay)
+        reference.upstream.train.update_ema(ema_ref, model, opt, decay=decay)
         assert_models_equal(ema, ema_ref)
     # skipped: pos_embed and params without requires_grad; the rest moved
     assert torch.equal(ema.pos_embed, before.pos_embed)
@@ -89,7 +89,7 @@ def test_unsharded_mixed_dtypes_matches_reference():
             for p in model.parameters():
                 p.add_(torch.randn_like(p))
         update_ema(ema, model, decay=0.99, sharded=False)
-        reference.update_ema(ema_ref, model, decay=0.99, sharded=False)
+        reference.upstream.train.update_ema(ema_ref, model, decay=0.99, sharded=False)
         assert_models_equal(ema, ema_ref)
 
 
@@ -97,7 +97,7 @@ def test_pairing_follows_changed_parameters():
     model, ema, opt = zero_setup()
     ema_ref = copy.deepcopy(ema)
     update_ema(ema, model, opt, decay=0.9)
-    reference.update_ema(ema_ref, model, opt, decay=0.9)
+    reference.upstream.train.update_ema(ema_ref, model, opt, decay=0.9)
     # 1) `.data` reassigned in place of the same Parameter objects
     for e in (ema, ema_ref):
         e.b.bias.data = e.b.bias.data + 1
@@ -108,12 +108,12 @@ def test_pairing_follows_changed_parameters():
     opt._map[id(model.a.bias)] = shard(model.a.bias.detach().float(), 3, 1)
     for _ in range(2):
         update_ema(ema, model, opt, decay=0.9)
-        reference.update_ema(ema_ref, model, opt, decay=0.9)
+        reference.upstream.train.update_ema(ema_ref, model, opt, decay=0.9)
         assert_models_equal(ema, ema_ref)
     # 4) a new optimizer (new master map object)
     opt2 = FakeZero(model, 3, 1)
     update_ema(ema, model, opt2, decay=0.9)
-    reference.update_ema(ema_ref, model, opt2, decay=0.9)
+    reference.upstream.train.update_ema(ema_ref, model, opt2, decay=0.9)
     assert_models_equal(ema, ema_ref)
 
 
@@ -141,7 +141,7 @@ def test_fp32_model_sharded_with_a_plain_optimizer():
     ema_ref = copy.deepcopy(ema)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     update_ema(ema, model, opt, decay=0.9)
-    reference.update_ema(ema_ref, model, opt, decay=0.9)
+    reference.upstream.train.update_ema(ema_ref, model, opt, decay=0.9)
     assert_models_equal(ema, ema_ref)
 
 
@@ -207,7 +207,7 @@ def test_switching_sharded_on_one_ema_rederives_the_pairing():
     opt.step(g)  # masters now differ from the bf16 params
     for sharded in (True, False, True, False):
         update_ema(ema, model, opt, decay=0.5, sharded=sharded)
-        reference.update_ema(ema_ref, model, opt, decay=0.5, sharded=sharded)
+        reference.upstream.train.update_ema(ema_ref, model, opt, decay=0.5, sharded=sharded)
         assert_models_equal(ema, ema_ref)
 
 
@@ -249,7 +249,7 @@ def test_non_contiguous_parameters_run_as_upstream(layout, backend, monkeypatch)
             for p in model.parameters():
                 p.add_(torch.randn(p.shape))
         update_ema(ema, model, decay=0.9, sharded=False)
-        reference.update_ema(ema_ref, model, decay=0.9, sharded=False)
+        reference.upstream.train.update_ema(ema_ref, model, decay=0.9, sharded=False)
         assert_models_equal(ema, ema_ref)
     assert [p.stride() for p in ema.parameters()] == strides  # written in place, layout kept
     # stochastic rounding takes the same paths
@@ -268,7 +268,7 @@ def test_zero_dim_tensor_decay_as_upstream(value, dtype, backend, monkeypatch):
     ema_ref = copy.deepcopy(ema)
     decay = torch.tensor(value, dtype=dtype)  # 0.2 in bf16/fp16: upstream computes 1 - decay in that dtype
     update_ema(ema, model, opt, decay=decay)
-    reference.update_ema(ema_ref, model, opt, decay=decay)
+    reference.upstream.train.update_ema(ema_ref, model, opt, decay=decay)
     assert_models_equal(ema, ema_ref)
 
 

@@ -294,48 +294,17 @@ void lazy_view(const Call& c) {
 
 void walk_lazy_view(const Call& c, int64_t, int64_t, bool) { lazy_view(c); }
 
-// The lists the op writes, for the autograd rule and the version counters.
-template <typename F>
-void for_written(const Call& c, F&& f) {
-  f("params", c.params);
-  f("exp_avgs", c.exp_avgs);
-  f("exp_avg_sqs", c.exp_avg_sqs);
-  f("max_exp_avg_sqs", c.max_exp_avg_sqs);
-  f("steps", c.steps);
-  f("ema", c.ema);
-}
-
-template <typename Sig>
-struct Redispatch;
-
-// torch's in-place rules (inplace.h), over the op's six written lists.
-template <typename... A>
-struct Redispatch<void(A...)> {
-  static c10::TypedOperatorHandle<void(A...)> handle() {
-    static const auto op =
-        c10::Dispatcher::singleton().findSchemaOrThrow("opensora_fast::adamw_ema_", "").template typed<void(A...)>();
-    return op;
-  }
-  static void autograd(A... a) {
-    if (c10::GradMode::is_enabled())
-      for_written(Call{a...}, [](const char* name, at::TensorList ts) { inplace::refuse_grad("adamw_ema_", name, ts); });
-    at::AutoDispatchBelowAutograd guard;
-    handle().call(a...);
-  }
-  static void inplace(A... a) {
-    {
-      at::AutoDispatchBelowADInplaceOrView guard;
-      handle().call(a...);
-    }
-    for_written(Call{a...}, [](const char*, at::TensorList ts) { inplace::bump(ts); });
-  }
+// torch's in-place rules (inplace.h) over the op's six written lists: params,
+// exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, ema.
+struct AdamwEmaOp {
+  static constexpr const char* qualified = "opensora_fast::adamw_ema_";
 };
-
-using OpSig = void(at::TensorList, at::TensorList, at::TensorList, at::TensorList, at::TensorList, at::TensorList,
-                   at::IntArrayRef, at::ArrayRef<double>, at::ArrayRef<double>, at::ArrayRef<double>,
-                   at::ArrayRef<double>, at::ArrayRef<double>, at::IntArrayRef, at::IntArrayRef, at::TensorList,
-                   at::TensorList, double, bool, int64_t);
-using Kernels = Redispatch<OpSig>;
+using Kernels = inplace::Kernels<
+    AdamwEmaOp, inplace::Written<0, 2, 3, 4, 5, 14>,
+    void(at::TensorList, at::TensorList, at::TensorList, at::TensorList, at::TensorList, at::TensorList,
+         at::IntArrayRef, at::ArrayRef<double>, at::ArrayRef<double>, at::ArrayRef<double>, at::ArrayRef<double>,
+         at::ArrayRef<double>, at::IntArrayRef, at::IntArrayRef, at::TensorList, at::TensorList, double, bool,
+         int64_t)>;
 
 }  // namespace
 
@@ -365,12 +334,9 @@ TORCH_LIBRARY_FRAGMENT(opensora_fast, m) {
 
 namespace osf_aw = opensora_fast::adamw_ema;
 
-TORCH_LIBRARY_IMPL(opensora_fast, Autograd, m) { m.impl("adamw_ema_", &osf_aw::Kernels::autograd); }
-
-TORCH_LIBRARY_IMPL(opensora_fast, ADInplaceOrView, m) { m.impl("adamw_ema_", &osf_aw::Kernels::inplace); }
+OSF_REGISTER_INPLACE(adamw_ema_, osf_aw::Kernels, &osf_aw::as_op<&osf_aw::fallback>)
 
 TORCH_LIBRARY_IMPL(opensora_fast, CompositeExplicitAutograd, m) {
-  m.impl("adamw_ema_", &osf_aw::as_op<&osf_aw::fallback>);
   m.impl("_adamw_ema_grid_walk_", &osf_aw::as_walk_op<&osf_aw::walk_fallback>);
 }
 

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "../cpu_isa.h"
+#include "../parallel_spans.h"
 
 #ifdef OSF_AVX2_PATH
 #include <immintrin.h>
@@ -159,17 +160,9 @@ void forward_cpu(const Call& c) {
       }
     });
   }
-  const size_t n = jobs.size();
-  if (start[n] == 0) return;
-  // One parallel pass over all elements; a task may span entries.
-  at::parallel_for(0, start[n], kGrain, [&](int64_t begin, int64_t end) {
-    size_t i = std::upper_bound(start.begin(), start.end(), begin) - start.begin() - 1;
-    for (; i < n && start[i] < end; ++i) {
-      const int64_t lo = std::max(begin, start[i]) - start[i];
-      const int64_t hi = std::min(end, start[i + 1]) - start[i];
-      if (hi > lo) jobs[i].fn(*jobs[i].en, *jobs[i].a, lo, hi - lo);
-    }
-  });
+  // One parallel pass over all elements of all entries.
+  for_each_span(start, kGrain,
+                [&](size_t i, int64_t lo, int64_t hi) { jobs[i].fn(*jobs[i].en, *jobs[i].a, lo, hi - lo); });
 }
 
 template <typename Table>

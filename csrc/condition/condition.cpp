@@ -98,14 +98,6 @@ void check_inputs(const char* op, const at::Tensor& out, at::TensorList sources,
 
 namespace {
 
-struct CatOp {
-  static constexpr const char* qualified = "opensora_fast::condition_cat_";
-  static constexpr const char* name = "condition_cat_";
-  static constexpr const char* arg = "cond";
-  static constexpr size_t written = 0;
-};
-using CatKernels = inplace::Kernels<CatOp, at::Tensor&, at::TensorList, c10::IntArrayRef>;
-
 // The ops are not differentiable (their outputs would claim grad that backward
 // never gives the sources): a source that requires grad in grad mode is refused,
 // as opensora_fast/reference/condition.py refuses it.
@@ -114,6 +106,16 @@ void refuse_source_grad(const char* op, at::TensorList sources) {
     TORCH_CHECK_VALUE(!sources[i].requires_grad(), op, ": sources[", i, "] requires grad and grad mode is on; ",
                       op, " is not differentiable: detach the sources or call it under torch.no_grad()");
 }
+
+// condition_cat_ writes cond; its sources are refused after it.
+struct CatOp {
+  static constexpr const char* qualified = "opensora_fast::condition_cat_";
+  static void refuse_inputs(at::Tensor&, at::TensorList sources, c10::IntArrayRef) {
+    refuse_source_grad("condition_cat_", sources);
+  }
+};
+using CatKernels =
+    inplace::Kernels<CatOp, inplace::Written<0>, void(at::Tensor&, at::TensorList, c10::IntArrayRef)>;
 
 std::tuple<at::Tensor, at::Tensor> condition_autograd(const at::Tensor& z, at::TensorList sources,
                                                       c10::IntArrayRef plan) {
@@ -124,14 +126,6 @@ std::tuple<at::Tensor, at::Tensor> condition_autograd(const at::Tensor& z, at::T
                                                                        c10::IntArrayRef)>();
   at::AutoDispatchBelowADInplaceOrView guard;  // fresh outputs, no autograd history
   return op.call(z, sources, plan);
-}
-
-void cat_autograd(at::Tensor& cond, at::TensorList sources, c10::IntArrayRef plan) {
-  if (c10::GradMode::is_enabled()) {
-    inplace::refuse_grad(CatOp::name, CatOp::arg, cond);
-    refuse_source_grad(CatOp::name, sources);
-  }
-  CatKernels::autograd(cond, sources, plan);
 }
 
 // Backends without a kernel (sparse, nested, other devices): the checks, then
@@ -157,13 +151,13 @@ void cat_fallback(at::Tensor& cond, at::TensorList sources, c10::IntArrayRef pla
 
 TORCH_LIBRARY_IMPL(opensora_fast, Autograd, m) {
   m.impl("condition", &opensora_fast::condition::condition_autograd);
-  m.impl("condition_cat_", &opensora_fast::condition::cat_autograd);
 }
 
 TORCH_LIBRARY_IMPL(opensora_fast, CompositeExplicitAutograd, m) {
   m.impl("condition", &opensora_fast::condition::condition_fallback);
-  m.impl("condition_cat_", &opensora_fast::condition::cat_fallback);
 }
+
+OSF_REGISTER_INPLACE(condition_cat_, opensora_fast::condition::CatKernels, &opensora_fast::condition::cat_fallback)
 
 // Nested tensors are no backend of CompositeExplicitAutograd.
 TORCH_LIBRARY_IMPL(opensora_fast, NestedTensorCPU, m) {
@@ -174,10 +168,6 @@ TORCH_LIBRARY_IMPL(opensora_fast, NestedTensorCPU, m) {
 TORCH_LIBRARY_IMPL(opensora_fast, NestedTensorCUDA, m) {
   m.impl("condition", &opensora_fast::condition::condition_fallback);
   m.impl("condition_cat_", &opensora_fast::condition::cat_fallback);
-}
-
-TORCH_LIBRARY_IMPL(opensora_fast, ADInplaceOrView, m) {
-  m.impl("condition_cat_", &opensora_fast::condition::CatKernels::inplace);
 }
 
 TORCH_LIBRARY_FRAGMENT(opensora_fast, m) {

@@ -4,7 +4,7 @@
 //
 // This header holds the one scalar rule (cast_value), the addressing of a source
 // element (source_offset), the "pieces" that tile every (sample, frame) of the
-// output, and the GPU launch geometry with its per-thread body (block_body), a
+// output, and the GPU launch geometry with its per-thread body (Body), a
 // plain host/device function of (block, channel, thread), so the CPU can walk
 // the whole grid (op _condition_grid_walk_) and compare with the reference.
 #pragma once
@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "../common.h"
+#include "../multi_tensor.h"
 
 namespace opensora_fast {
 namespace condition {
@@ -97,110 +98,107 @@ inline std::vector<Piece> make_pieces(const std::vector<int64_t>& plan, int64_t 
 }
 
 // ---------------------------------------------------------------------------
-// GPU launch geometry. grid = (n_blocks, 1 + C): blockIdx.y 0 writes the mask
-// plane, y = 1 + c the data plane of channel c; blockIdx.x is one chunk of
-// kChunk elements of one piece. The tables travel as a kernel argument: the big
-// one under 32 KiB (CUDA >= 12.1 toolkit and driver, sm_70+), the small one
-// under 4 KiB (any CUDA; cuda_launch.cuh picks at run time); longer plans take
+// GPU launch geometry over the shared launch core (multi_tensor.h): the
+// table's entries are pieces, its Extra the sources they read. grid = (n_blocks,
+// 1 + C): y 0 writes the mask plane, y = 1 + c the data plane of channel c;
+// blockIdx.x is one chunk of kChunk elements of one piece. Longer plans take
 // several launches.
 constexpr int64_t kChunk = 8192;
 constexpr int kThreads = 256;
 static_assert(kThreads % 32 == 0 && kThreads <= 1024, "kThreads: whole warps, at most 1024");
 
-template <int MaxSources, int MaxPieces, int MaxBlocks>
-struct LaunchTableT {
+// A table's sources; its pieces' src index this list.
+template <int MaxSources>
+struct SourceList {
   static constexpr int kMaxSources = MaxSources;
-  static constexpr int kMaxPieces = MaxPieces;
-  static constexpr int kMaxBlocks = MaxBlocks;
   Source src[MaxSources];
-  Piece piece[MaxPieces];
-  int16_t block_piece[MaxBlocks];
-  int32_t block_chunk[MaxBlocks];
-  int32_t n_blocks;
+  int32_t n;
 };
-using BigTable = LaunchTableT<96, 384, 2048>;
-using SmallTable = LaunchTableT<10, 48, 256>;
-static_assert(sizeof(BigTable) + sizeof(Geometry) + sizeof(int) <= 32000, "kernel arguments over 32 KiB");
-static_assert(sizeof(SmallTable) + sizeof(Geometry) + sizeof(int) <= 4000, "kernel arguments over 4 KiB");
-static_assert(BigTable::kMaxPieces <= 32767, "block_piece is int16");
 
-// Splits pieces (all with sources of one dtype, or unconditioned) into tables of
-// at most max_pieces pieces, max_sources sources and max_blocks blocks (the
-// compile-time limits by default; tests pass small ones to exercise every split).
-template <typename Table>
-inline std::vector<Table> plan_launches(const std::vector<Piece>& pieces, const std::vector<Source>& sources,
-                                        int64_t HW, int max_pieces = 0, int max_sources = 0, int max_blocks = 0) {
-  const auto limit = [](int v, int cap) { return (v > 0 && v < cap) ? v : cap; };
-  max_pieces = limit(max_pieces, Table::kMaxPieces);
-  max_sources = limit(max_sources, Table::kMaxSources);
-  max_blocks = limit(max_blocks, Table::kMaxBlocks);
-  std::vector<Table> out;
-  Table* cur = nullptr;  // built in place in `out`: the table is large
-  int np = 0, ns = 0;
-  std::vector<int> local(sources.size(), -1);
-  auto open = [&]() {
-    out.emplace_back();
-    cur = &out.back();
-    cur->n_blocks = 0;
-    np = ns = 0;
-    std::fill(local.begin(), local.end(), -1);
-  };
-  for (const Piece& p : pieces) {
-    const int64_t chunks = ceil_div<int64_t>(p.n * HW, kChunk);
-    for (int64_t c = 0; c < chunks; ++c) {
-      if (cur == nullptr || cur->n_blocks == max_blocks) open();
-      if (c == 0 || cur->n_blocks == 0) {  // the piece enters this table
-        const bool need_src = p.src >= 0 && local[p.src] < 0;
-        if (np == max_pieces || (need_src && ns == max_sources)) open();
-        Piece q = p;
-        if (p.src >= 0) {
-          if (local[p.src] < 0) {
-            cur->src[ns] = sources[p.src];
-            local[p.src] = ns++;
-          }
-          q.src = local[p.src];
-        }
-        cur->piece[np++] = q;
+using Args = Geometry;
+using BigTable = LaunchTable<Piece, 384, 2048, SourceList<96>>;
+using SmallTable = LaunchTable<Piece, 48, 256, SourceList<10>>;
+static_assert(kernel_arg_bytes<BigTable, Args>() <= kBigArgBytes, "kernel arguments over 32 KiB");
+static_assert(kernel_arg_bytes<SmallTable, Args>() <= kSmallArgBytes, "kernel arguments over 4 KiB");
+
+inline int64_t blocks_of(const Piece& p, int64_t HW) { return ceil_div<int64_t>(p.n * HW, kChunk); }
+
+// plan_launches' admission of a piece: its source joins the table's list
+// unless already there (the piece then gets the source's index in the list);
+// refused when the list is full. max_sources: a smaller limit (tests), 0: none.
+class AdmitSources {
+ public:
+  AdmitSources(const std::vector<Source>& sources, int64_t max_sources)
+      : sources_(sources), max_sources_(max_sources), local_(sources.size(), -1) {}
+
+  template <typename Table>
+  bool operator()(Table& tab, const Piece& p) {
+    constexpr int cap = decltype(tab.extra)::kMaxSources;
+    const int max = (max_sources_ > 0 && max_sources_ < cap) ? static_cast<int>(max_sources_) : cap;
+    if (tab.n_entries == 0) std::fill(local_.begin(), local_.end(), -1);  // a fresh table
+    Piece q = p;
+    if (p.src >= 0) {
+      int& at = local_[p.src];
+      if (at < 0) {
+        if (tab.extra.n == max) return false;
+        tab.extra.src[tab.extra.n] = sources_[p.src];
+        at = tab.extra.n++;
       }
-      cur->block_piece[cur->n_blocks] = static_cast<int16_t>(np - 1);
-      cur->block_chunk[cur->n_blocks] = static_cast<int32_t>(c);
-      ++cur->n_blocks;
+      q.src = at;
     }
+    tab.entry[tab.n_entries] = q;
+    return true;
   }
-  return out;
+
+ private:
+  const std::vector<Source>& sources_;
+  int64_t max_sources_;
+  std::vector<int> local_;  // call's source index -> index in the current table, -1: not there
+};
+
+// Splits pieces (all with sources of one dtype, or unconditioned) into tables
+// (the tables' limits unless `lim` or max_sources is smaller: tests).
+template <typename Table>
+inline std::vector<Table> plan_tables(const std::vector<Piece>& pieces, const std::vector<Source>& sources,
+                                      int64_t HW, TableLimits lim = {}, int64_t max_sources = 0) {
+  return plan_launches<Table>(pieces, [&](size_t i) { return blocks_of(pieces[i], HW); }, lim,
+                              AdmitSources(sources, max_sources));
 }
 
 // What thread `thread` (of nthreads) of block (block, channel) does.
-template <typename D, typename S, typename Table>
-OSF_HOST_DEVICE inline void block_body(const Table& tab, const Geometry& g, int block, int channel,
-                                       int thread, int nthreads) {
-  const Piece p = tab.piece[tab.block_piece[block]];
-  const int64_t HW = g.H * g.W;
-  const int64_t lo = static_cast<int64_t>(tab.block_chunk[block]) * kChunk;
-  const int64_t span = p.n * HW;
-  const int64_t len = span - lo < kChunk ? span - lo : kChunk;
-  const int64_t at = p.t0 * HW + lo;  // offset in the [T, H, W] plane
-  if (channel == 0) {
-    D* m = static_cast<D*>(g.mask) + p.b * g.mask_bstride + at;
-    const D v = p.src >= 0 ? D(1.0f) : D(0.0f);
-    for (int64_t i = thread; i < len; i += nthreads) m[i] = v;
-    return;
+template <typename D, typename S>
+struct Body {
+  template <typename Table>
+  static OSF_HOST_DEVICE void run(const Table& tab, const Geometry& g, int block, int channel, int thread,
+                                  int nthreads) {
+    const Piece p = tab.entry[tab.block_entry[block]];
+    const int64_t HW = g.H * g.W;
+    const int64_t lo = static_cast<int64_t>(tab.block_chunk[block]) * kChunk;
+    const int64_t span = p.n * HW;
+    const int64_t len = span - lo < kChunk ? span - lo : kChunk;
+    const int64_t at = p.t0 * HW + lo;  // offset in the [T, H, W] plane
+    if (channel == 0) {
+      D* m = static_cast<D*>(g.mask) + p.b * g.mask_bstride + at;
+      const D v = p.src >= 0 ? D(1.0f) : D(0.0f);
+      for (int64_t i = thread; i < len; i += nthreads) m[i] = v;
+      return;
+    }
+    const int64_t c = channel - 1;
+    D* out = static_cast<D*>(g.data) + p.b * g.data_bstride + c * g.T * HW + at;
+    if (p.src < 0) {
+      for (int64_t i = thread; i < len; i += nthreads) out[i] = D(0.0f);
+      return;
+    }
+    const Source s = tab.extra.src[p.src];
+    const S* in = static_cast<const S*>(s.ptr) + c * s.sc + p.f0 * s.sf;
+    if (frames_dense(s, g.H, g.W)) {
+      for (int64_t i = thread; i < len; i += nthreads) out[i] = cast_value<D, S>(in[lo + i]);
+    } else {
+      for (int64_t i = thread; i < len; i += nthreads)
+        out[i] = cast_value<D, S>(in[source_offset(s, lo + i, HW, g.W)]);
+    }
   }
-  const int64_t c = channel - 1;
-  D* out = static_cast<D*>(g.data) + p.b * g.data_bstride + c * g.T * HW + at;
-  if (p.src < 0) {
-    for (int64_t i = thread; i < len; i += nthreads) out[i] = D(0.0f);
-    return;
-  }
-  const Source s = tab.src[p.src];
-  const S* in = static_cast<const S*>(s.ptr) + c * s.sc + p.f0 * s.sf;
-  if (frames_dense(s, g.H, g.W)) {
-    for (int64_t i = thread; i < len; i += nthreads) out[i] = cast_value<D, S>(in[lo + i]);
-  } else {
-    for (int64_t i = thread; i < len; i += nthreads)
-      out[i] = cast_value<D, S>(in[source_offset(s, lo + i, HW, g.W)]);
-  }
-}
+};
 
 }  // namespace condition
 }  // namespace opensora_fast

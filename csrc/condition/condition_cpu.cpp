@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "../cpu_isa.h"
+#include "../parallel_spans.h"
 #include "condition.h"
 #include "condition_ops.h"
 
@@ -127,17 +128,8 @@ void run_cpu(const Geometry& g, at::TensorList sources, const std::vector<Piece>
       }
     }
   });
-  const int64_t total = start.back();
-  if (total == 0) return;
-  // One parallel pass over all elements of all tasks; a chunk may span tasks.
-  at::parallel_for(0, total, kGrain, [&](int64_t begin, int64_t end) {
-    size_t i = std::upper_bound(start.begin(), start.end(), begin) - start.begin() - 1;
-    for (; i < tasks.size() && start[i] < end; ++i) {
-      const int64_t lo = std::max(begin, start[i]) - start[i];
-      const int64_t hi = std::min(end, start[i + 1]) - start[i];
-      if (hi > lo) tasks[i].run(tasks[i], lo, hi, HW, g.W);
-    }
-  });
+  // One parallel pass over all elements of all tasks.
+  for_each_span(start, kGrain, [&](size_t i, int64_t lo, int64_t hi) { tasks[i].run(tasks[i], lo, hi, HW, g.W); });
 }
 
 namespace {
@@ -161,20 +153,17 @@ void cat_cpu(at::Tensor& cond, at::TensorList sources, c10::IntArrayRef plan) {
 }
 
 // The CUDA path's grouping, planning and per-thread body over every (launch,
-// block, channel, thread) in turn, with the real block size.
+// channel, block, thread) in turn, with the real block size.
 template <typename Table>
 void walk_tables(const Geometry& g, at::TensorList sources, const std::vector<Piece>& pieces,
-                 c10::ScalarType out_dtype, int64_t max_pieces, int64_t max_sources, int64_t max_blocks) {
+                 c10::ScalarType out_dtype, TableLimits lim, int64_t max_sources) {
   const std::vector<Source> srcs = sources_of(sources);
   for (const Group& grp : group_by_dtype(pieces, sources)) {
     dispatch_pair(out_dtype, grp.src_dtype, [&](auto dt, auto st) {
       using D = typename decltype(dt)::type;
       using S = typename decltype(st)::type;
-      for (const Table& tab : plan_launches<Table>(grp.pieces, srcs, g.H * g.W, static_cast<int>(max_pieces),
-                                                   static_cast<int>(max_sources), static_cast<int>(max_blocks)))
-        for (int b = 0; b < tab.n_blocks; ++b)
-          for (int64_t y = 0; y < 1 + g.C; ++y)
-            for (int t = 0; t < kThreads; ++t) block_body<D, S>(tab, g, b, static_cast<int>(y), t, kThreads);
+      walk_grid<Body<D, S>>(plan_tables<Table>(grp.pieces, srcs, g.H * g.W, lim, max_sources), g, kThreads,
+                            1 + g.C);
     });
   }
 }
@@ -203,10 +192,11 @@ void grid_walk(at::Tensor& masks, at::Tensor& masked, at::TensorList sources, c1
   if (masks.numel() == 0) return;
   const Geometry g = geometry(masks, masked);
   const std::vector<Piece> pieces = make_pieces(plan_vector(plan), masked.size(0), g.T);
+  const TableLimits lim{max_pieces, max_blocks};
   if (small_table)
-    walk_tables<SmallTable>(g, sources, pieces, masked.scalar_type(), max_pieces, max_sources, max_blocks);
+    walk_tables<SmallTable>(g, sources, pieces, masked.scalar_type(), lim, max_sources);
   else
-    walk_tables<BigTable>(g, sources, pieces, masked.scalar_type(), max_pieces, max_sources, max_blocks);
+    walk_tables<BigTable>(g, sources, pieces, masked.scalar_type(), lim, max_sources);
 }
 
 }  // namespace

@@ -6,6 +6,7 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <utility>
 #include <vector>
 
 #include "condition.h"
@@ -21,22 +22,7 @@ void check_inputs(const char* op, const at::Tensor& out, at::TensorList sources,
 // Calls f(Tag<D>{}, Tag<S>{}) for an (output, source) dtype pair (both checked).
 template <typename F>
 inline void dispatch_pair(c10::ScalarType d, c10::ScalarType s, F&& f) {
-  auto on_src = [&](auto dtag) {
-    switch (s) {
-      case c10::ScalarType::Float: return f(dtag, Tag<float>{});
-      case c10::ScalarType::BFloat16: return f(dtag, Tag<c10::BFloat16>{});
-      case c10::ScalarType::Half: return f(dtag, Tag<c10::Half>{});
-      case c10::ScalarType::Double: return f(dtag, Tag<double>{});
-      default: TORCH_CHECK(false, "condition: unsupported source dtype ", s);
-    }
-  };
-  switch (d) {
-    case c10::ScalarType::Float: return on_src(Tag<float>{});
-    case c10::ScalarType::BFloat16: return on_src(Tag<c10::BFloat16>{});
-    case c10::ScalarType::Half: return on_src(Tag<c10::Half>{});
-    case c10::ScalarType::Double: return on_src(Tag<double>{});
-    default: TORCH_CHECK(false, "condition: unsupported output dtype ", d);
-  }
+  dispatch_float_pair<true>(d, s, "condition", "output", "source", std::forward<F>(f));
 }
 
 inline Source source_of(const at::Tensor& s) {

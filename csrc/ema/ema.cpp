@@ -19,11 +19,9 @@ bool supported_dtype(c10::ScalarType t) {
 
 struct EmaOp {
   static constexpr const char* qualified = "opensora_fast::ema_update_";
-  static constexpr const char* name = "ema_update_";
-  static constexpr const char* arg = "ema";
-  static constexpr size_t written = 0;
 };
-using EmaKernels = inplace::Kernels<EmaOp, at::TensorList, at::TensorList, double, bool, int64_t>;
+using EmaKernels =
+    inplace::Kernels<EmaOp, inplace::Written<0>, void(at::TensorList, at::TensorList, double, bool, int64_t)>;
 
 // Every other backend, and a call with no tensors at all (which the dispatcher
 // cannot route to a device): validate, then do nothing (empty) or say which
@@ -116,16 +114,9 @@ TORCH_LIBRARY_FRAGMENT(opensora_fast, m) {
       "int seed=0, int max_tensors=0, int max_blocks=0, bool small_table=False) -> ()");
 }
 
-TORCH_LIBRARY_IMPL(opensora_fast, Autograd, m) {
-  m.impl("ema_update_", &opensora_fast::ema::EmaKernels::autograd);
-}
-
-TORCH_LIBRARY_IMPL(opensora_fast, ADInplaceOrView, m) {
-  m.impl("ema_update_", &opensora_fast::ema::EmaKernels::inplace);
-}
+OSF_REGISTER_INPLACE(ema_update_, opensora_fast::ema::EmaKernels, &opensora_fast::ema::fallback_kernel)
 
 TORCH_LIBRARY_IMPL(opensora_fast, CompositeExplicitAutograd, m) {
-  m.impl("ema_update_", &opensora_fast::ema::fallback_kernel);
   m.impl("_ema_update_grid_walk_", &opensora_fast::ema::walk_fallback);
 }
 

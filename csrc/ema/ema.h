@@ -2,9 +2,10 @@
 //
 // This header is the single source of the arithmetic and of the GPU launch
 // geometry. The CPU kernel and the CUDA kernel both call ema_compat /
-// ema_stochastic, and the CUDA kernel's per-thread body (ema_block_body) is a
-// plain host/device function of (block, thread) so a CPU test can walk the
-// whole grid (op _ema_update_grid_walk_) and compare with the reference.
+// ema_stochastic, and the CUDA kernel's per-thread body (Body, over the shared
+// launch core) is a plain host/device function of (block, thread) so a CPU
+// test can walk the whole grid (op _ema_update_grid_walk_) and compare with
+// the reference.
 #pragma once
 
 #include <c10/core/ScalarType.h>
@@ -14,9 +15,11 @@
 
 #include <cstdint>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "../common.h"
+#include "../multi_tensor.h"
 
 namespace opensora_fast {
 namespace ema {
@@ -125,20 +128,7 @@ inline Params make_params(double decay, bool stochastic, int64_t seed) {
 // fp32, bf16 and fp16 on either side (check_inputs rejected the rest).
 template <typename F>
 inline void dispatch_pair(c10::ScalarType e, c10::ScalarType s, F&& f) {
-  auto on_src = [&](auto etag) {
-    switch (s) {
-      case c10::ScalarType::Float: return f(etag, Tag<float>{});
-      case c10::ScalarType::BFloat16: return f(etag, Tag<c10::BFloat16>{});
-      case c10::ScalarType::Half: return f(etag, Tag<c10::Half>{});
-      default: TORCH_CHECK(false, "ema_update_: unsupported src dtype ", s);
-    }
-  };
-  switch (e) {
-    case c10::ScalarType::Float: return on_src(Tag<float>{});
-    case c10::ScalarType::BFloat16: return on_src(Tag<c10::BFloat16>{});
-    case c10::ScalarType::Half: return on_src(Tag<c10::Half>{});
-    default: TORCH_CHECK(false, "ema_update_: unsupported ema dtype ", e);
-  }
+  dispatch_float_pair<false>(e, s, "ema_update_", "ema", "src", std::forward<F>(f));
 }
 
 template <typename E, typename S>
@@ -148,75 +138,29 @@ OSF_INLINE E ema_one(E e, S s, const Params& p, uint64_t index) {
 }
 
 // ---------------------------------------------------------------------------
-// GPU launch geometry: multi-tensor launches whose tensor table travels as a
-// kernel argument. Each block owns one chunk of kChunk elements of one tensor.
-// Two table sizes: the big one uses up to 32 KiB of kernel arguments (CUDA
-// runtime and driver >= 12.1, sm_70+), so the 1082-tensor shard list of the 11B
-// model takes two or three launches; the small one fits the classic 4 KiB
-// limit and is used with an older toolkit or driver.
+// GPU launch geometry over the shared launch core (multi_tensor.h): each block
+// owns one chunk of kChunk elements of one tensor. The big table (CUDA runtime
+// and driver >= 12.1) takes the 1082-tensor shard list of the 11B model in two
+// or three launches; the small one fits the classic 4 KiB.
 constexpr int64_t kChunk = 32768;  // a multiple of every vector width
 constexpr int kThreads = 512;
 static_assert(kThreads % 32 == 0 && kThreads <= 1024, "kThreads: whole warps, at most 1024");
 
-template <int MaxTensors, int MaxBlocks>
-struct LaunchTable {
-  static constexpr int kMaxTensors = MaxTensors;
-  static constexpr int kMaxBlocks = MaxBlocks;
-  void* ema[MaxTensors];
-  const void* src[MaxTensors];
-  int64_t numel[MaxTensors];
-  int64_t index_base[MaxTensors];  // global element index of element 0
-  int16_t block_tensor[MaxBlocks];
-  int32_t block_chunk[MaxBlocks];
-  int32_t n_blocks;
+// One (ema, src) pair of a launch.
+struct Entry {
+  void* ema;
+  const void* src;
+  int64_t numel;
+  int64_t index_base;  // global element index of element 0
 };
-using BigTable = LaunchTable<256, 2048>;
-using SmallTable = LaunchTable<36, 320>;
-static_assert(sizeof(BigTable) + sizeof(Params) <= 32000, "kernel arguments over 32 KiB");
-static_assert(sizeof(SmallTable) + sizeof(Params) <= 4000, "kernel arguments over 4 KiB");
-static_assert(BigTable::kMaxTensors <= 32767 && BigTable::kMaxBlocks <= 65535, "block_tensor is int16");
 
-// Splits a list of same-dtype-pair tensors into launch tables of at most
-// max_tensors tensors and max_blocks blocks (the table's own limits by default;
-// tests pass small ones to exercise both splits). Zero-size tensors get no block.
-template <typename Table>
-inline std::vector<Table> plan_launches(const std::vector<void*>& ema, const std::vector<const void*>& src,
-                                        const std::vector<int64_t>& numel,
-                                        const std::vector<int64_t>& index_base, int max_tensors = 0,
-                                        int max_blocks = 0) {
-  max_tensors = (max_tensors > 0 && max_tensors < Table::kMaxTensors) ? max_tensors : Table::kMaxTensors;
-  max_blocks = (max_blocks > 0 && max_blocks < Table::kMaxBlocks) ? max_blocks : Table::kMaxBlocks;
-  std::vector<Table> out;
-  // The table is large: build each in place in `out`, never on the stack.
-  Table* cur = nullptr;
-  int nt = 0;
-  auto open = [&]() {
-    out.emplace_back();
-    cur = &out.back();
-    cur->n_blocks = 0;
-    nt = 0;
-  };
-  for (size_t i = 0; i < ema.size(); ++i) {
-    if (numel[i] == 0) continue;
-    const int64_t chunks = ceil_div<int64_t>(numel[i], kChunk);
-    for (int64_t c = 0; c < chunks; ++c) {
-      if (cur == nullptr || cur->n_blocks == max_blocks) open();
-      // A tensor enters the table on its first chunk of this launch.
-      if (c == 0 || cur->n_blocks == 0) {
-        if (nt == max_tensors) open();
-        cur->ema[nt] = ema[i];
-        cur->src[nt] = src[i];
-        cur->numel[nt] = numel[i];
-        cur->index_base[nt] = index_base[i];
-        ++nt;
-      }
-      cur->block_tensor[cur->n_blocks] = static_cast<int16_t>(nt - 1);
-      cur->block_chunk[cur->n_blocks] = static_cast<int32_t>(c);
-      ++cur->n_blocks;
-    }
-  }
-  return out;
-}
+using Args = Params;
+using BigTable = LaunchTable<Entry, 256, 2048>;
+using SmallTable = LaunchTable<Entry, 36, 320>;
+static_assert(kernel_arg_bytes<BigTable, Args>() <= kBigArgBytes, "kernel arguments over 32 KiB");
+static_assert(kernel_arg_bytes<SmallTable, Args>() <= kSmallArgBytes, "kernel arguments over 4 KiB");
+
+inline int64_t blocks_of(const Entry& e) { return ceil_div<int64_t>(e.numel, kChunk); }
 
 // Vector width: 16-byte accesses for the wider of the two element types.
 template <typename E, typename S>
@@ -227,34 +171,37 @@ constexpr int vec_width() {
 // What thread `thread` of block `block` does (nthreads = blockDim.x). The math
 // is elementwise, so the access width (16-byte vectors when both pointers are
 // aligned, single elements otherwise) never changes a result.
-template <typename E, typename S, typename Table>
-OSF_HOST_DEVICE inline void ema_block_body(const Table& tab, const Params& p, int block, int thread,
-                                           int nthreads) {
-  constexpr int V = vec_width<E, S>();
-  const int t = tab.block_tensor[block];
-  const int64_t lo = static_cast<int64_t>(tab.block_chunk[block]) * kChunk;
-  const int64_t n = (tab.numel[t] - lo < kChunk) ? tab.numel[t] - lo : kChunk;
-  E* e = static_cast<E*>(tab.ema[t]) + lo;
-  const S* s = static_cast<const S*>(tab.src[t]) + lo;
-  const uint64_t base = static_cast<uint64_t>(tab.index_base[t] + lo);
+template <typename E, typename S>
+struct Body {
+  template <typename Table>
+  static OSF_HOST_DEVICE void run(const Table& tab, const Params& p, int block, int /*y*/, int thread,
+                                  int nthreads) {
+    constexpr int V = vec_width<E, S>();
+    const Entry& en = tab.entry[tab.block_entry[block]];
+    const int64_t lo = static_cast<int64_t>(tab.block_chunk[block]) * kChunk;
+    const int64_t n = (en.numel - lo < kChunk) ? en.numel - lo : kChunk;
+    E* e = static_cast<E*>(en.ema) + lo;
+    const S* s = static_cast<const S*>(en.src) + lo;
+    const uint64_t base = static_cast<uint64_t>(en.index_base + lo);
 
-  // lo is a multiple of V, so the chunk is aligned exactly when the tensor is.
-  const bool aligned = reinterpret_cast<uintptr_t>(e) % (sizeof(E) * V) == 0 &&
-                       reinterpret_cast<uintptr_t>(s) % (sizeof(S) * V) == 0;
-  int64_t done = 0;
-  if (aligned) {
-    const int64_t nvec = n / V;
-    for (int64_t v = thread; v < nvec; v += nthreads) {
-      VecN<E, V> ev = reinterpret_cast<const VecN<E, V>*>(e)[v];
-      const VecN<S, V> sv = reinterpret_cast<const VecN<S, V>*>(s)[v];
-      OSF_UNROLL
-      for (int k = 0; k < V; ++k) ev.v[k] = ema_one(ev.v[k], sv.v[k], p, base + v * V + k);
-      reinterpret_cast<VecN<E, V>*>(e)[v] = ev;
+    // lo is a multiple of V, so the chunk is aligned exactly when the tensor is.
+    const bool aligned = reinterpret_cast<uintptr_t>(e) % (sizeof(E) * V) == 0 &&
+                         reinterpret_cast<uintptr_t>(s) % (sizeof(S) * V) == 0;
+    int64_t done = 0;
+    if (aligned) {
+      const int64_t nvec = n / V;
+      for (int64_t v = thread; v < nvec; v += nthreads) {
+        VecN<E, V> ev = reinterpret_cast<const VecN<E, V>*>(e)[v];
+        const VecN<S, V> sv = reinterpret_cast<const VecN<S, V>*>(s)[v];
+        OSF_UNROLL
+        for (int k = 0; k < V; ++k) ev.v[k] = ema_one(ev.v[k], sv.v[k], p, base + v * V + k);
+        reinterpret_cast<VecN<E, V>*>(e)[v] = ev;
+      }
+      done = nvec * V;
     }
-    done = nvec * V;
+    for (int64_t i = done + thread; i < n; i += nthreads) e[i] = ema_one(e[i], s[i], p, base + i);
   }
-  for (int64_t i = done + thread; i < n; i += nthreads) e[i] = ema_one(e[i], s[i], p, base + i);
-}
+};
 
 }  // namespace ema
 }  // namespace opensora_fast

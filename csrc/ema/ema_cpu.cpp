@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "../cpu_isa.h"
+#include "../parallel_spans.h"
 #include "ema.h"
 #include "ema_ops.h"
 
@@ -60,29 +61,19 @@ void forward_cpu(at::TensorList ema, at::TensorList src, double decay, bool stoc
       jobs[i] = Job{ema[i].data_ptr(), src[i].data_ptr(), &span<E, S>, make_params<E, S>(decay, stochastic, seed)};
     });
   }
-  if (start[n] == 0) return;
-  // One parallel pass over all elements of all pairs; a task may span pairs.
-  at::parallel_for(0, start[n], kGrain, [&](int64_t begin, int64_t end) {
-    size_t i = std::upper_bound(start.begin(), start.end(), begin) - start.begin() - 1;
-    for (; i < n && start[i] < end; ++i) {
-      const int64_t lo = std::max(begin, start[i]) - start[i];
-      const int64_t hi = std::min(end, start[i + 1]) - start[i];
-      if (hi > lo) jobs[i].fn(jobs[i].e, jobs[i].s, lo, hi - lo, jobs[i].p, start[i]);
-    }
+  // One parallel pass over all elements of all pairs.
+  for_each_span(start, kGrain, [&](size_t i, int64_t lo, int64_t hi) {
+    jobs[i].fn(jobs[i].e, jobs[i].s, lo, hi - lo, jobs[i].p, start[i]);
   });
 }
 
 template <typename Table>
-void walk_tables(const DtypeGroup& g, double decay, bool stochastic, int64_t seed, int64_t max_tensors,
-                 int64_t max_blocks) {
+void walk_group(const DtypeGroup& g, double decay, bool stochastic, int64_t seed, TableLimits lim) {
   dispatch_pair(g.ema_dtype, g.src_dtype, [&](auto et, auto st) {
     using E = typename decltype(et)::type;
     using S = typename decltype(st)::type;
-    const Params p = make_params<E, S>(decay, stochastic, seed);
-    for (const Table& tab : plan_launches<Table>(g.ema, g.src, g.numel, g.index_base, static_cast<int>(max_tensors),
-                                                 static_cast<int>(max_blocks)))
-      for (int b = 0; b < tab.n_blocks; ++b)
-        for (int t = 0; t < kThreads; ++t) ema_block_body<E, S>(tab, p, b, t, kThreads);
+    const auto tables = plan_launches<Table>(g.entries, [&](size_t i) { return blocks_of(g.entries[i]); }, lim);
+    walk_grid<Body<E, S>>(tables, make_params<E, S>(decay, stochastic, seed), kThreads);
   });
 }
 
@@ -91,11 +82,12 @@ void walk_tables(const DtypeGroup& g, double decay, bool stochastic, int64_t see
 void grid_walk(at::TensorList ema, at::TensorList src, double decay, bool stochastic, int64_t seed,
                int64_t max_tensors, int64_t max_blocks, bool small_table) {
   check_inputs(ema, src, decay);
+  const TableLimits lim{max_tensors, max_blocks};
   for (const DtypeGroup& g : group_by_dtype(ema, src)) {
     if (small_table)
-      walk_tables<SmallTable>(g, decay, stochastic, seed, max_tensors, max_blocks);
+      walk_group<SmallTable>(g, decay, stochastic, seed, lim);
     else
-      walk_tables<BigTable>(g, decay, stochastic, seed, max_tensors, max_blocks);
+      walk_group<BigTable>(g, decay, stochastic, seed, lim);
   }
 }
 

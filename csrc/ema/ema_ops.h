@@ -8,6 +8,8 @@
 #include <algorithm>
 #include <vector>
 
+#include "ema.h"
+
 namespace opensora_fast {
 namespace ema {
 
@@ -17,13 +19,12 @@ namespace ema {
 void check_inputs(at::TensorList ema, at::TensorList src, double decay);
 
 // The pairs of one (ema dtype, src dtype) combination, in call order, as the
-// GPU launch planner wants them. index_base: position of each pair's first
-// element in the whole call (pairs laid end to end), for stochastic rounding.
+// GPU launch planner wants them. Entry::index_base: position of each pair's
+// first element in the whole call (pairs laid end to end), for stochastic
+// rounding. Empty pairs are left out.
 struct DtypeGroup {
   c10::ScalarType ema_dtype, src_dtype;
-  std::vector<void*> ema;
-  std::vector<const void*> src;
-  std::vector<int64_t> numel, index_base;
+  std::vector<Entry> entries;
 };
 
 inline std::vector<DtypeGroup> group_by_dtype(at::TensorList ema, at::TensorList src) {
@@ -36,11 +37,8 @@ inline std::vector<DtypeGroup> group_by_dtype(at::TensorList ema, at::TensorList
       auto g = std::find_if(groups.begin(), groups.end(), [&](const DtypeGroup& x) {
         return x.ema_dtype == e && x.src_dtype == s;
       });
-      if (g == groups.end()) g = groups.insert(groups.end(), DtypeGroup{e, s, {}, {}, {}, {}});
-      g->ema.push_back(ema[i].data_ptr());
-      g->src.push_back(src[i].data_ptr());
-      g->numel.push_back(n);
-      g->index_base.push_back(base);
+      if (g == groups.end()) g = groups.insert(groups.end(), DtypeGroup{e, s, {}});
+      g->entries.push_back(Entry{ema[i].data_ptr(), src[i].data_ptr(), n, base});
     }
     base += n;
   }

@@ -17,12 +17,10 @@ namespace {
 
 struct UnpadOp {
   static constexpr const char* qualified = "opensora_fast::unpad_";
-  static constexpr const char* name = "unpad_";
-  static constexpr const char* arg = "out";
-  static constexpr size_t written = 1;
 };
-using UnpadKernels = inplace::Kernels<UnpadOp, const at::Tensor&, at::TensorList, at::IntArrayRef, at::IntArrayRef,
-                                      at::IntArrayRef, at::IntArrayRef>;
+using UnpadKernels = inplace::Kernels<UnpadOp, inplace::Written<1>,
+                                      void(const at::Tensor&, at::TensorList, at::IntArrayRef, at::IntArrayRef,
+                                           at::IntArrayRef, at::IntArrayRef)>;
 
 // Any other backend (meta included): validate, then say there is no kernel.
 void fallback_kernel(const at::Tensor& gathered, at::TensorList out, at::IntArrayRef offset, at::IntArrayRef shard,
@@ -109,16 +107,9 @@ TORCH_LIBRARY_FRAGMENT(opensora_fast, m) {
       "int max_entries=0, int max_blocks=0, bool small_table=False) -> ()");
 }
 
-TORCH_LIBRARY_IMPL(opensora_fast, Autograd, m) {
-  m.impl("unpad_", &opensora_fast::unpad::UnpadKernels::autograd);
-}
-
-TORCH_LIBRARY_IMPL(opensora_fast, ADInplaceOrView, m) {
-  m.impl("unpad_", &opensora_fast::unpad::UnpadKernels::inplace);
-}
+OSF_REGISTER_INPLACE(unpad_, opensora_fast::unpad::UnpadKernels, &opensora_fast::unpad::fallback_kernel)
 
 TORCH_LIBRARY_IMPL(opensora_fast, CompositeExplicitAutograd, m) {
-  m.impl("unpad_", &opensora_fast::unpad::fallback_kernel);
   m.impl("_unpad_grid_walk", &opensora_fast::unpad::walk_fallback);
 }
 

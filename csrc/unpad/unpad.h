@@ -9,8 +9,9 @@
 //
 // This header is the single source of that index map and of the GPU launch
 // geometry: the CPU kernel copies row segments with it, and the CUDA kernel's
-// per-thread body (unpad_block_body) is a plain host/device function of
-// (block, thread) so a CPU test walks the whole grid (op _unpad_grid_walk).
+// per-thread body (Body, over the shared launch core) is a plain host/device
+// function of (block, thread) so a CPU test walks the whole grid (op
+// _unpad_grid_walk).
 // A copy: results are bit-exact on every backend.
 #pragma once
 
@@ -19,18 +20,19 @@
 #include <vector>
 
 #include "../common.h"
+#include "../multi_tensor.h"
 
 namespace opensora_fast {
 namespace unpad {
 
-// One entry's geometry, in elements.
+// One entry: its destination and geometry, in elements.
 struct Entry {
-  int64_t numel;     // elements of the destination (the unpadded parameter)
-  int64_t shard;     // elements of one rank's shard (row stride in the parameter)
-  int64_t begin;     // first shard column this entry carries
-  int64_t count;     // shard columns this entry carries
-  int64_t offset;    // first bucket column of the entry
-  int64_t rows = 0;  // leading rows with anything to write (host side: make_plan)
+  void* dst;       // the unpadded parameter
+  int64_t numel;   // elements of the destination
+  int64_t shard;   // elements of one rank's shard (row stride in the parameter)
+  int64_t begin;   // first shard column this entry carries
+  int64_t count;   // shard columns this entry carries
+  int64_t offset;  // first bucket column of the entry
 };
 
 // Elements of row r of an entry that land in the destination (a prefix of the
@@ -55,77 +57,30 @@ OSF_INLINE int64_t rows_with_data(const Entry& e, int64_t world) {
 }
 
 // ---------------------------------------------------------------------------
-// GPU launch geometry. Each block owns up to kChunk consecutive columns of
-// one row of one entry: entry chunk c is row c / per_row, columns from
-// (c % per_row) * kChunk, with per_row = ceil(count / kChunk). One division
-// per block, none per element; reads of a row are coalesced and so are the
-// writes (consecutive destinations); blocks past a row's valid prefix exit.
-// The table travels as a kernel argument (<= 32 KiB with CUDA >= 12.1, a 4 KiB
-// table otherwise), as in the EMA op.
+// GPU launch geometry over the shared launch core (multi_tensor.h). Each block
+// owns up to kChunk consecutive columns of one row of one entry: entry chunk c
+// is row c / per_row, columns from (c % per_row) * kChunk, with per_row =
+// ceil(count / kChunk). One division per block, none per element; reads of a
+// row are coalesced and so are the writes (consecutive destinations); blocks
+// past a row's valid prefix exit.
 constexpr int64_t kChunk = 16384;
 constexpr int kThreads = 256;
 static_assert(kThreads % 32 == 0 && kThreads <= 1024, "kThreads: whole warps, at most 1024");
 
-template <int MaxEntries, int MaxBlocks>
-struct LaunchTable {
-  static constexpr int kMaxEntries = MaxEntries;
-  static constexpr int kMaxBlocks = MaxBlocks;
-  void* dst[MaxEntries];
-  int64_t numel[MaxEntries];
-  int64_t shard[MaxEntries];
-  int64_t begin[MaxEntries];
-  int64_t count[MaxEntries];
-  int64_t offset[MaxEntries];
-  int16_t block_entry[MaxBlocks];
-  int32_t block_chunk[MaxBlocks];
-  int32_t n_blocks;
+// The launch's source, in copy units (unpad_ops.h Plan).
+struct Args {
+  const void* gathered;
+  int64_t bucket;
 };
-using BigTable = LaunchTable<256, 3072>;
-using SmallTable = LaunchTable<32, 256>;
-static_assert(sizeof(BigTable) + 64 <= 32000, "kernel arguments over 32 KiB");
-static_assert(sizeof(SmallTable) + 64 <= 4000, "kernel arguments over 4 KiB");
 
-// Splits the entries into launch tables (the table's limits by default; tests
-// pass smaller ones to exercise the splits). Rows with nothing to write get no
-// block (Entry::rows).
-template <typename Table>
-inline std::vector<Table> plan_launches(const std::vector<void*>& dst, const std::vector<Entry>& entries,
-                                        int max_entries = 0, int max_blocks = 0) {
-  max_entries = (max_entries > 0 && max_entries < Table::kMaxEntries) ? max_entries : Table::kMaxEntries;
-  max_blocks = (max_blocks > 0 && max_blocks < Table::kMaxBlocks) ? max_blocks : Table::kMaxBlocks;
-  std::vector<Table> out;
-  Table* cur = nullptr;
-  int ne = 0;
-  auto open = [&]() {
-    out.emplace_back();
-    cur = &out.back();
-    cur->n_blocks = 0;
-    ne = 0;
-  };
-  for (size_t i = 0; i < entries.size(); ++i) {
-    const Entry& e = entries[i];
-    if (e.rows == 0) continue;
-    // no blocks for the empty rows past the data (row_valid would skip them too)
-    const int64_t chunks = e.rows * ceil_div<int64_t>(e.count, kChunk);
-    for (int64_t c = 0; c < chunks; ++c) {
-      if (cur == nullptr || cur->n_blocks == max_blocks) open();
-      if (c == 0 || cur->n_blocks == 0) {
-        if (ne == max_entries) open();
-        cur->dst[ne] = dst[i];
-        cur->numel[ne] = e.numel;
-        cur->shard[ne] = e.shard;
-        cur->begin[ne] = e.begin;
-        cur->count[ne] = e.count;
-        cur->offset[ne] = e.offset;
-        ++ne;
-      }
-      cur->block_entry[cur->n_blocks] = static_cast<int16_t>(ne - 1);
-      cur->block_chunk[cur->n_blocks] = static_cast<int32_t>(c);
-      ++cur->n_blocks;
-    }
-  }
-  return out;
-}
+using BigTable = LaunchTable<Entry, 256, 3072>;
+using SmallTable = LaunchTable<Entry, 32, 256>;
+static_assert(kernel_arg_bytes<BigTable, Args>() <= kBigArgBytes, "kernel arguments over 32 KiB");
+static_assert(kernel_arg_bytes<SmallTable, Args>() <= kSmallArgBytes, "kernel arguments over 4 KiB");
+
+// Blocks of an entry with `rows` rows of data (rows past the data get none;
+// row_valid would skip them too).
+inline int64_t blocks_of(const Entry& e, int64_t rows) { return rows * ceil_div<int64_t>(e.count, kChunk); }
 
 // Sixteen bytes moved as one (aligned) load or store.
 struct alignas(16) Vec16 {
@@ -135,45 +90,47 @@ struct alignas(16) Vec16 {
 // What thread `thread` of block `block` does (nthreads = blockDim.x). U is an
 // unsigned integer type of the element's size (the copy moves bits); for
 // 16-byte elements the host passes every geometry value doubled and U = uint64.
-template <typename U, typename Table>
-OSF_HOST_DEVICE inline void unpad_block_body(const Table& tab, const U* gathered, int64_t bucket, int block,
-                                             int thread, int nthreads) {
-  const int e = tab.block_entry[block];
-  const Entry en{tab.numel[e], tab.shard[e], tab.begin[e], tab.count[e], tab.offset[e]};
-  const int64_t per_row = ceil_div<int64_t>(en.count, kChunk);
-  const int64_t chunk = tab.block_chunk[block];
-  const int64_t r = chunk / per_row;
-  const int64_t lo = (chunk - r * per_row) * kChunk;
-  const int64_t valid = row_valid(en, r);  // destinations of a row are consecutive
-  const int64_t hi = (valid - lo < kChunk) ? valid : lo + kChunk;
-  if (hi <= lo) return;  // padding only: no pointer is formed past the tensors
-  U* dst = static_cast<U*>(tab.dst[e]) + (r * en.shard + en.begin);
-  const U* src = gathered + (r * bucket + en.offset);
-  // 16-byte stores (from 16-byte loads where the source is co-aligned): a warp
-  // then writes 512 contiguous bytes per instruction, which both HBM and the
-  // PCIe writes into pinned host memory take far better than 2-byte stores.
-  // The elements before dst reaches 16-byte alignment and the tail go one by one.
-  constexpr int64_t kVec = 16 / static_cast<int64_t>(sizeof(U));
-  const uintptr_t misalign = reinterpret_cast<uintptr_t>(dst + lo) & 15u;
-  int64_t head = misalign % sizeof(U) ? hi - lo : static_cast<int64_t>(((16u - misalign) & 15u) / sizeof(U));
-  if (head > hi - lo) head = hi - lo;
-  const int64_t vlo = lo + head;
-  const int64_t nvec = (hi - vlo) / kVec;
-  for (int64_t c = lo + thread; c < vlo; c += nthreads) dst[c] = src[c];
-  Vec16* vdst = reinterpret_cast<Vec16*>(dst + vlo);
-  if ((reinterpret_cast<uintptr_t>(src + vlo) & 15u) == 0) {
-    const Vec16* vsrc = reinterpret_cast<const Vec16*>(src + vlo);
-    for (int64_t v = thread; v < nvec; v += nthreads) vdst[v] = vsrc[v];
-  } else {
-    for (int64_t v = thread; v < nvec; v += nthreads) {
-      Vec16 w;
-      unsigned char* bytes = reinterpret_cast<unsigned char*>(&w);  // char access: no aliasing issue
-      for (int64_t k = 0; k < kVec; ++k) memcpy(bytes + k * sizeof(U), src + vlo + v * kVec + k, sizeof(U));
-      vdst[v] = w;
+template <typename U>
+struct Body {
+  template <typename Table>
+  static OSF_HOST_DEVICE void run(const Table& tab, const Args& a, int block, int /*y*/, int thread,
+                                  int nthreads) {
+    const Entry& en = tab.entry[tab.block_entry[block]];
+    const int64_t per_row = ceil_div<int64_t>(en.count, kChunk);
+    const int64_t chunk = tab.block_chunk[block];
+    const int64_t r = chunk / per_row;
+    const int64_t lo = (chunk - r * per_row) * kChunk;
+    const int64_t valid = row_valid(en, r);  // destinations of a row are consecutive
+    const int64_t hi = (valid - lo < kChunk) ? valid : lo + kChunk;
+    if (hi <= lo) return;  // padding only: no pointer is formed past the tensors
+    U* dst = static_cast<U*>(en.dst) + (r * en.shard + en.begin);
+    const U* src = static_cast<const U*>(a.gathered) + (r * a.bucket + en.offset);
+    // 16-byte stores (from 16-byte loads where the source is co-aligned): a warp
+    // then writes 512 contiguous bytes per instruction, which both HBM and the
+    // PCIe writes into pinned host memory take far better than 2-byte stores.
+    // The elements before dst reaches 16-byte alignment and the tail go one by one.
+    constexpr int64_t kVec = 16 / static_cast<int64_t>(sizeof(U));
+    const uintptr_t misalign = reinterpret_cast<uintptr_t>(dst + lo) & 15u;
+    int64_t head = misalign % sizeof(U) ? hi - lo : static_cast<int64_t>(((16u - misalign) & 15u) / sizeof(U));
+    if (head > hi - lo) head = hi - lo;
+    const int64_t vlo = lo + head;
+    const int64_t nvec = (hi - vlo) / kVec;
+    for (int64_t c = lo + thread; c < vlo; c += nthreads) dst[c] = src[c];
+    Vec16* vdst = reinterpret_cast<Vec16*>(dst + vlo);
+    if ((reinterpret_cast<uintptr_t>(src + vlo) & 15u) == 0) {
+      const Vec16* vsrc = reinterpret_cast<const Vec16*>(src + vlo);
+      for (int64_t v = thread; v < nvec; v += nthreads) vdst[v] = vsrc[v];
+    } else {
+      for (int64_t v = thread; v < nvec; v += nthreads) {
+        Vec16 w;
+        unsigned char* bytes = reinterpret_cast<unsigned char*>(&w);  // char access: no aliasing issue
+        for (int64_t k = 0; k < kVec; ++k) memcpy(bytes + k * sizeof(U), src + vlo + v * kVec + k, sizeof(U));
+        vdst[v] = w;
+      }
     }
+    for (int64_t c = vlo + nvec * kVec + thread; c < hi; c += nthreads) dst[c] = src[c];
   }
-  for (int64_t c = vlo + nvec * kVec + thread; c < hi; c += nthreads) dst[c] = src[c];
-}
+};
 
 }  // namespace unpad
 }  // namespace opensora_fast

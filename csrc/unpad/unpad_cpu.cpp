@@ -8,6 +8,7 @@
 #include <cstring>
 #include <vector>
 
+#include "../parallel_spans.h"
 #include "unpad.h"
 #include "unpad_ops.h"
 
@@ -34,34 +35,24 @@ void forward_cpu(const at::Tensor& gathered, at::TensorList out, at::IntArrayRef
   std::vector<int64_t> start{0};  // byte offsets, segments laid end to end
   for (size_t i = 0; i < p.entries.size(); ++i) {
     const Entry& e = p.entries[i];
-    for (int64_t r = 0; r < e.rows; ++r) {  // the rows past e.rows are padding only
+    for (int64_t r = 0; r < p.rows[i]; ++r) {  // the rows past p.rows[i] are padding only
       const int64_t n = row_valid(e, r);
       const int64_t j = r * e.shard + e.begin;  // < numel: row r has data
-      segs.push_back(Segment{base + (r * p.bucket + e.offset) * p.unit, static_cast<char*>(p.dst[i]) + j * p.unit});
+      segs.push_back(Segment{base + (r * p.bucket + e.offset) * p.unit, static_cast<char*>(e.dst) + j * p.unit});
       start.push_back(start.back() + n * p.unit);
     }
   }
-  if (start.back() == 0) return;
-  // One parallel pass over all bytes of all segments; a task may span segments.
-  at::parallel_for(0, start.back(), kGrainBytes, [&](int64_t lo, int64_t hi) {
-    size_t s = std::upper_bound(start.begin(), start.end(), lo) - start.begin() - 1;
-    for (; s < segs.size() && start[s] < hi; ++s) {
-      const int64_t a = std::max(lo, start[s]) - start[s];
-      const int64_t b = std::min(hi, start[s + 1]) - start[s];
-      if (b > a) std::memcpy(segs[s].dst + a, segs[s].src + a, static_cast<size_t>(b - a));
-    }
+  // One parallel pass over all bytes of all segments.
+  for_each_span(start, kGrainBytes, [&](size_t s, int64_t a, int64_t b) {
+    std::memcpy(segs[s].dst + a, segs[s].src + a, static_cast<size_t>(b - a));
   });
 }
 
 template <typename Table>
-void walk_tables(const Plan& p, const void* gathered, int64_t max_entries, int64_t max_blocks) {
+void walk_tables(const Plan& p, const void* gathered, TableLimits lim) {
   dispatch_unit(p.unit, [&](auto u) {
     using U = decltype(u);
-    for (const Table& tab :
-         plan_launches<Table>(p.dst, p.entries, static_cast<int>(max_entries), static_cast<int>(max_blocks)))
-      for (int b = 0; b < tab.n_blocks; ++b)
-        for (int t = 0; t < kThreads; ++t)
-          unpad_block_body<U>(tab, static_cast<const U*>(gathered), p.bucket, b, t, kThreads);
+    walk_grid<Body<U>>(plan_tables<Table>(p, lim), Args{gathered, p.bucket}, kThreads);
   });
 }
 
@@ -73,10 +64,11 @@ void grid_walk(const at::Tensor& gathered, at::TensorList out, at::IntArrayRef o
   check_inputs(gathered, out, offset, shard, begin, count);
   const Plan p = make_plan(gathered, out, offset, shard, begin, count);
   const void* g = gathered.numel() ? gathered.data_ptr() : nullptr;
+  const TableLimits lim{max_entries, max_blocks};
   if (small_table)
-    walk_tables<SmallTable>(p, g, max_entries, max_blocks);
+    walk_tables<SmallTable>(p, g, lim);
   else
-    walk_tables<BigTable>(p, g, max_entries, max_blocks);
+    walk_tables<BigTable>(p, g, lim);
 }
 
 }  // namespace

@@ -1,4 +1,4 @@
-// Unpad on the GPU: one launch per table planned by unpad.h (one per bucket
+// Unpad on the GPU: one launch per table of the shared launch core (one per bucket
 // unless it holds more than 256 entries or 3072 chunks), on the current
 // stream, no host sync. Destinations may be device memory or pinned host
 // memory (written over the bus by the kernel, no staging copy).
@@ -8,7 +8,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include "../cuda_launch.cuh"
+#include "../multi_tensor_cuda.cuh"
 #include "unpad.h"
 #include "unpad_ops.h"
 
@@ -16,23 +16,6 @@ namespace opensora_fast {
 namespace unpad {
 
 namespace {
-
-template <typename U, typename Table>
-__global__ void __launch_bounds__(kThreads)
-    unpad_kernel(const OSF_GRID_CONSTANT Table tab, const U* __restrict__ gathered, int64_t bucket) {
-  unpad_block_body<U>(tab, gathered, bucket, blockIdx.x, threadIdx.x, blockDim.x);
-}
-
-template <typename Table>
-void launch(const Plan& p, const void* gathered, cudaStream_t stream) {
-  dispatch_unit(p.unit, [&](auto u) {
-    using U = decltype(u);
-    for (const Table& tab : plan_launches<Table>(p.dst, p.entries)) {
-      unpad_kernel<U, Table><<<tab.n_blocks, kThreads, 0, stream>>>(tab, static_cast<const U*>(gathered), p.bucket);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    }
-  });
-}
 
 void forward_cuda(const at::Tensor& gathered, at::TensorList out, at::IntArrayRef offset, at::IntArrayRef shard,
                   at::IntArrayRef begin, at::IntArrayRef count) {
@@ -42,10 +25,14 @@ void forward_cuda(const at::Tensor& gathered, at::TensorList out, at::IntArrayRe
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   // Planning reads only pointers and sizes: no host sync.
   const Plan p = make_plan(gathered, out, offset, shard, begin, count);
-  if (big_kernel_args())
-    launch<BigTable>(p, gathered.data_ptr(), stream);
-  else
-    launch<SmallTable>(p, gathered.data_ptr(), stream);
+  const Args a{gathered.data_ptr(), p.bucket};
+  dispatch_unit(p.unit, [&](auto u) {
+    using U = decltype(u);
+    with_table<BigTable, SmallTable>(false, [&](auto tt) {
+      using Table = typename decltype(tt)::type;
+      launch_tables<Body<U>, kThreads>(plan_tables<Table>(p), a, stream);
+    });
+  });
 }
 
 }  // namespace

@@ -20,12 +20,13 @@ void check_inputs(const at::Tensor& gathered, at::TensorList out, at::IntArrayRe
 
 // The geometry of a checked call in copy units: elements of up to 8 bytes are
 // moved as one unsigned integer of their size; 16-byte elements as two
-// uint64 (every index doubled). unit: bytes of one unit.
+// uint64 (every index doubled). unit: bytes of one unit; rows[i]: the leading
+// rows of entry i with anything to write.
 struct Plan {
   int unit;
   int64_t world, bucket;
-  std::vector<void*> dst;
   std::vector<Entry> entries;
+  std::vector<int64_t> rows;
 };
 
 // shard and begin may be anything up to 2^63 - 1 (only count and offset are
@@ -39,17 +40,23 @@ inline Plan make_plan(const at::Tensor& gathered, at::TensorList out, at::IntArr
   const int64_t f = es > 8 ? es / 8 : 1;
   const int64_t world = gathered.size(0);
   Plan p{static_cast<int>(es / f), world, gathered.size(1) * f, {}, {}};
-  p.dst.reserve(out.size());
   p.entries.reserve(out.size());
+  p.rows.reserve(out.size());
   for (size_t i = 0; i < out.size(); ++i) {
     const int64_t n = out[i].numel();
-    const int64_t rows = rows_with_data(Entry{n, shard[i], begin[i], count[i], offset[i]}, world);
-    p.dst.push_back(n ? out[i].data_ptr() : nullptr);
-    Entry e{n * f, (rows >= 2 ? shard[i] : n) * f, (rows >= 1 ? begin[i] : n) * f, count[i] * f, offset[i] * f};
-    e.rows = rows;
-    p.entries.push_back(e);
+    void* dst = n ? out[i].data_ptr() : nullptr;
+    const int64_t rows = rows_with_data(Entry{dst, n, shard[i], begin[i], count[i], offset[i]}, world);
+    p.entries.push_back(Entry{dst, n * f, (rows >= 2 ? shard[i] : n) * f, (rows >= 1 ? begin[i] : n) * f,
+                              count[i] * f, offset[i] * f});
+    p.rows.push_back(rows);
   }
   return p;
+}
+
+// The launch tables of a plan (the tables' own limits unless `lim` is smaller).
+template <typename Table>
+inline std::vector<Table> plan_tables(const Plan& p, TableLimits lim = {}) {
+  return plan_launches<Table>(p.entries, [&](size_t i) { return blocks_of(p.entries[i], p.rows[i]); }, lim);
 }
 
 // Calls f(U{}) with the unsigned integer type of the plan's unit.

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["save_sample"]
+# media reading for conditioning references (Pillow / PyAV, imported lazily)
+from ._media import read_from_path, rescale_image_by_path
+
+__all__ = ["save_sample", "read_from_path", "rescale_image_by_path"]
 
 
 def _need(module: str, what: str):
@@ -84,9 +87,3 @@ def save_sample(
     if verbose:
         print(f"Saved to {save_path}")
     return save_path
-
-
-# Media reading for conditioning references (Pillow / PyAV, imported lazily).
-from ..utils._media import read_from_path, rescale_image_by_path  # noqa: E402
-
-__all__ += ["read_from_path", "rescale_image_by_path"]

@@ -90,8 +90,8 @@ def upstream_side() -> Side:
 
     from .upstream_ckpt import UpstreamCheckpointIO
 
-    # by module path: the reference package re-exports a function named `condition`
-    rc, rcond, rt = (importlib.import_module(f"opensora_fast.reference.{m}") for m in ("ckpt", "condition", "train"))
+    rc, rcond, rt = (importlib.import_module(f"opensora_fast.reference.{m}")
+                     for m in ("upstream.ckpt", "upstream.condition", "upstream.train"))
 
     return Side("upstream", "upstream-faithful", rt.update_ema, rt.get_batch_loss,
                 rcond.prepare_visual_condition_causal, rcond.prepare_inference_condition, rc.model_sharding,

@@ -2,7 +2,7 @@
 step by step (Booster parts, ``master_weights_gathering`` and ``model_gathering``
 into pinned host buffers made once, ``running_states.json``, the EMA and master
 weights written in the background), with the gathers from
-:mod:`opensora_fast.reference.ckpt`. Upstream hands the background writes to
+:mod:`opensora_fast.reference.upstream.ckpt`. Upstream hands the background writes to
 tensornvme's AsyncFileWriter, which pip cannot install; a thread writing
 safetensors stands in for it. Written from upstream's semantics for the demo."""
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from ..reference import ckpt as ref_ckpt
+from ..reference.upstream import ckpt as ref_ckpt
 
 
 def _pinned(shape, dtype) -> torch.Tensor:

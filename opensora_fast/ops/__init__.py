@@ -1,7 +1,10 @@
 """Public ops: thin wrappers over ``torch.ops.opensora_fast.*`` that fall back to
 the references in :mod:`opensora_fast.reference` (see :mod:`opensora_fast._ext`).
 One module per op: its wrapper, its fake (for torch.compile and meta tensors)
-and its autograd registration."""
+and its autograd registration. The plumbing they share is written once:
+:mod:`._registry` (fake registration, native-or-reference choice, the
+dispatcher's refusals explained) and :mod:`._autograd` (Function plumbing and
+every private torch API the ops use). A new op adds one export line here."""
 from __future__ import annotations
 
 from .ema import draw_seed, ema_update_

@@ -7,7 +7,7 @@ from typing import Optional, Sequence
 import torch
 
 from ..reference import adamw_ema as _ref
-from .._ext import HAS_NATIVE, pick
+from ._registry import explain_dispatch_refusal, has_op, pick, register_fake
 from .ema import _as_int64, draw_seed
 
 
@@ -101,31 +101,16 @@ def adamw_ema_(
     if first is None:  # nothing to update, but the call is still validated
         return _ref.adamw_ema_(*args)
     impl = pick("adamw_ema_", first.device, _ref.adamw_ema_) if _NATIVE else _ref.adamw_ema_
-    try:
-        impl(*args)
-    except NotImplementedError:
-        # A tensor subclass without this op refused it at dispatch, before any
-        # write: say what the reference says.
-        _ref.check_inputs(*args[:-2])
-        raise
+    explain_dispatch_refusal(impl, args, lambda: _ref.check_inputs(*args[:-2]))
 
 
-def _registered() -> bool:
-    """The extension has this op (an extension built before it was added has not)."""
-    try:
-        return HAS_NATIVE and torch._C._dispatch_has_kernel("opensora_fast::adamw_ema_")
-    except RuntimeError:
-        return False
+_NATIVE = has_op("adamw_ema_")  # an extension built before this op: the reference, silently
 
 
-_NATIVE = _registered()
-
-if _NATIVE:
-
-    @torch.library.register_fake("opensora_fast::adamw_ema_")
-    def _adamw_ema_fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, group_sizes, lr, beta1,
-                        beta2, eps, weight_decay, amsgrad, maximize, ema, ema_src, decay, stochastic=False, seed=0):
-        # The kernels' checks, so tracing and meta tensors fail alike.
-        _ref.check_inputs(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, group_sizes, lr, beta1,
-                          beta2, eps, weight_decay, amsgrad, maximize, ema, ema_src, decay)
-        return None
+@register_fake("adamw_ema_")
+def _adamw_ema_fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, group_sizes, lr, beta1,
+                    beta2, eps, weight_decay, amsgrad, maximize, ema, ema_src, decay, stochastic=False, seed=0):
+    # The kernels' checks, so tracing and meta tensors fail alike.
+    _ref.check_inputs(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, group_sizes, lr, beta1,
+                      beta2, eps, weight_decay, amsgrad, maximize, ema, ema_src, decay)
+    return None

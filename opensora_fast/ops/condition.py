@@ -7,11 +7,14 @@ from typing import Sequence
 
 import torch
 
-from .. import reference
-from ..reference.condition import check_condition_arguments
-from .._ext import HAS_NATIVE, pick
+from ..reference import condition as _ref
+from ._registry import explain_schema_refusal, pick, register_fake
 
 __all__ = ["condition", "condition_cat_"]
+
+# The dtypes the op accepts (its contract; the reference keeps its own copy)
+OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+SRC_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 def condition(z: torch.Tensor, sources: Sequence[torch.Tensor], plan: Sequence[int]):
@@ -23,14 +26,9 @@ def condition(z: torch.Tensor, sources: Sequence[torch.Tensor], plan: Sequence[i
 
 
 def _call(op: str, fn, out, sources: list, plan: list):
-    try:
-        return fn(out, sources, plan)
-    except RuntimeError as e:
-        # The schema parser refuses a non-tensor or a plan value outside int64
-        # before any check runs: say what the reference says (no cost on success).
-        if "Expected a value of type" in str(e):
-            check_condition_arguments(op, out, sources, plan)
-        raise
+    return explain_schema_refusal(
+        fn, (out, sources, plan), lambda: _ref.check_condition_arguments(op, out, sources, plan)
+    )
 
 
 def condition_lists(z: torch.Tensor, sources: list, plan: list):
@@ -39,7 +37,7 @@ def condition_lists(z: torch.Tensor, sources: list, plan: list):
     Not differentiable: sources that require grad are refused in grad mode."""
     if not isinstance(z, torch.Tensor):
         raise TypeError(f"condition: z must be a tensor, got {type(z).__name__}")
-    return _call("condition", pick("condition", z.device, reference.condition), z, sources, plan)
+    return _call("condition", pick("condition", z.device, _ref.condition), z, sources, plan)
 
 
 def condition_cat_(cond: torch.Tensor, sources: Sequence[torch.Tensor], plan: Sequence[int]) -> torch.Tensor:
@@ -47,20 +45,19 @@ def condition_cat_(cond: torch.Tensor, sources: Sequence[torch.Tensor], plan: Se
     place from ``plan`` (no ``latent`` tensor is made); returns ``cond``."""
     if not isinstance(cond, torch.Tensor):
         raise TypeError(f"condition_cat_: cond must be a tensor, got {type(cond).__name__}")
-    fn = pick("condition_cat_", cond.device, reference.condition_cat_)
+    fn = pick("condition_cat_", cond.device, _ref.condition_cat_)
     _call("condition_cat_", fn, cond, list(sources), [int(v) for v in plan])
     return cond
 
 
-if HAS_NATIVE and hasattr(torch.ops.opensora_fast, "condition"):
+@register_fake("condition")
+def _condition_fake(z, sources, plan):
+    _ref.check_condition_inputs("condition", z, sources, plan)
+    B, C, T, H, W = z.shape
+    return z.new_empty((B, 1, T, H, W)), z.new_empty((B, C, T, H, W))
 
-    @torch.library.register_fake("opensora_fast::condition")
-    def _condition_fake(z, sources, plan):
-        reference.check_condition_inputs("condition", z, sources, plan)
-        B, C, T, H, W = z.shape
-        return z.new_empty((B, 1, T, H, W)), z.new_empty((B, C, T, H, W))
 
-    @torch.library.register_fake("opensora_fast::condition_cat_")
-    def _condition_cat_fake(cond, sources, plan):
-        reference.check_condition_inputs("condition_cat_", cond, sources, plan)
-        return None
+@register_fake("condition_cat_")
+def _condition_cat_fake(cond, sources, plan):
+    _ref.check_condition_inputs("condition_cat_", cond, sources, plan)
+    return None

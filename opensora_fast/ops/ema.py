@@ -6,8 +6,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from .. import reference
-from .._ext import HAS_NATIVE, pick
+from ..reference import ema as _ref
+from ._registry import explain_dispatch_refusal, pick, register_fake
 
 _U64 = 1 << 64
 
@@ -86,24 +86,16 @@ def ema_update_(
     elif stochastic:
         seed = draw_seed(generator)
     seed = seed if stochastic else 0
-    reference.ema.check_tensor_lists(ema, src)  # in our words, before the schema parser
+    _ref.check_tensor_lists(ema, src)  # in our words, before the schema parser
     first = ema[0] if ema else (src[0] if src else None)
     if first is None:  # nothing to do, but the call is still validated
-        return reference.ema_update_(ema, src, decay, stochastic, seed)
-    impl = pick("ema_update_", first.device, reference.ema_update_)
-    try:
-        impl(ema, src, decay, stochastic, seed)
-    except NotImplementedError:
-        # A tensor subclass without this op (e.g. a jagged nested tensor) refused
-        # it at dispatch, before any write: say what the reference says.
-        reference.ema_check_inputs(ema, src, decay)
-        raise
+        return _ref.ema_update_(ema, src, decay, stochastic, seed)
+    impl = pick("ema_update_", first.device, _ref.ema_update_)
+    explain_dispatch_refusal(impl, (ema, src, decay, stochastic, seed), lambda: _ref.check_inputs(ema, src, decay))
 
 
-if HAS_NATIVE:
-
-    @torch.library.register_fake("opensora_fast::ema_update_")
-    def _ema_update_fake(ema, src, decay, stochastic=False, seed=0):
-        # The kernels' checks, so tracing and meta tensors fail alike.
-        reference.ema_check_inputs(ema, src, decay)
-        return None
+@register_fake("ema_update_")
+def _ema_update_fake(ema, src, decay, stochastic=False, seed=0):
+    # The kernels' checks, so tracing and meta tensors fail alike.
+    _ref.check_inputs(ema, src, decay)
+    return None

@@ -4,8 +4,18 @@ from __future__ import annotations
 import torch
 import torch.autograd.forward_ad as fwAD
 
-from .. import reference
-from .._ext import HAS_NATIVE, pick
+from ..reference import masked_mse as _ref
+from ._autograd import (
+    NestedTensor,
+    apply,
+    below_autograd,
+    functorch_active,
+    njt_refused,
+    old_style,
+    per_example_vmap,
+    save,
+)
+from ._registry import HAS_NATIVE, pick, register_fake
 
 
 def masked_mse(pred: torch.Tensor, target: torch.Tensor, ranges: torch.Tensor) -> torch.Tensor:
@@ -30,11 +40,11 @@ def masked_mse(pred: torch.Tensor, target: torch.Tensor, ranges: torch.Tensor) -
     if type(pred) is not torch.Tensor or type(target) is not torch.Tensor or type(ranges) is not torch.Tensor:
         # non-tensors (None, lists) and tensor subclasses (jagged nested): the
         # reference's checks, so the error is the one both backends give
-        reference.masked_mse_check_inputs(pred, target, ranges)
-    impl = pick("masked_mse", pred.device, reference.masked_mse)
-    if impl is reference.masked_mse or torch.compiler.is_compiling():
+        _ref.check_inputs(pred, target, ranges)
+    impl = pick("masked_mse", pred.device, _ref.masked_mse)
+    if impl is _ref.masked_mse or torch.compiler.is_compiling():
         return impl(pred, target, ranges)  # compiled: the raw op and its autograd
-    return _apply(_MaskedMSEFunction, pred, target, ranges)
+    return apply(_MaskedMSEFunction, pred, target, ranges)
 
 
 def loss_ranges(frame_mask: torch.Tensor, hw: int, upstream: bool = True) -> torch.Tensor:
@@ -47,8 +57,8 @@ def loss_ranges(frame_mask: torch.Tensor, hw: int, upstream: bool = True) -> tor
     with ``T * hw`` in int64."""
     if type(frame_mask) is not torch.Tensor or type(hw) is not int or not 0 <= hw <= _INT64_MAX:
         # what the schema cannot carry (None, ints beyond int64, numpy ints): the reference's checks
-        hw = reference.check_loss_ranges(frame_mask, hw)
-    return pick("loss_ranges", frame_mask.device, reference.loss_ranges)(frame_mask, hw, bool(upstream))
+        hw = _ref.check_loss_ranges(frame_mask, hw)
+    return pick("loss_ranges", frame_mask.device, _ref.loss_ranges)(frame_mask, hw, bool(upstream))
 
 
 _INT64_MAX = 2**63 - 1
@@ -62,64 +72,29 @@ def _vjp_of_backward(ctx, v):
     one = torch.ones((), dtype=grad.dtype, device=grad.device)
     d_g = d_p = None
     if need_g:  # sum(v * F(1, pred, target)), accumulated in fp32/fp64
-        f1 = reference.masked_mse_backward(one, pred, target, ranges)
-        d_g = (v.to(f1.dtype) * f1).sum().to(reference.masked_mse_acc_dtype(pred.dtype)).to(grad.dtype)
+        f1 = _ref.masked_mse_backward(one, pred, target, ranges)
+        d_g = (v.to(f1.dtype) * f1).sum().to(_ref.acc_dtype(pred.dtype)).to(grad.dtype)
     if need_p or need_t:  # F is linear in (pred - target): F(g, v, 0)
-        d_p = reference.masked_mse_backward(grad, v.to(pred.dtype).contiguous(), torch.zeros_like(pred), ranges)
+        d_p = _ref.masked_mse_backward(grad, v.to(pred.dtype).contiguous(), torch.zeros_like(pred), ranges)
     return d_g, (d_p if need_p else None), (-d_p if need_t else None), None
-
-
-def _save(ctx, inputs, forward_too: bool = False) -> None:
-    """save_for_backward (and save_for_forward) of ``inputs``, the tensors themselves:
-    no copies, except of an inference tensor when a graph is recorded (autograd
-    cannot save one, and a copy keeps the backward right if it is later changed in
-    place inside inference mode)."""
-    if any(ctx.needs_input_grad) and any(map(torch.Tensor.is_inference, inputs)):
-        inputs = tuple(x.clone() if x.is_inference() else x for x in inputs)
-    ctx.save_for_backward(*inputs)
-    if forward_too:
-        ctx.save_for_forward(*inputs)
-
-
-def _old_style(fn: type) -> type:
-    """The same Function written the old way (forward(ctx, ...)). Its apply skips
-    the per-call signature binding that a setup_context Function pays (~15 us on a
-    2-core VM, more on slower hosts: it dominated the loss's host time on an H100
-    machine); torch.func needs the setup_context form, so _apply picks per call."""
-
-    def forward(ctx, *args):
-        out = fn.forward(*args)
-        fn.setup_context(ctx, args, out)
-        return out
-
-    body = {"forward": staticmethod(forward), "backward": staticmethod(fn.backward), "__doc__": fn.__doc__}
-    if "jvp" in vars(fn):
-        body["jvp"] = staticmethod(fn.jvp)
-    return type(fn.__name__ + "Fast", (torch.autograd.Function,), body)
-
-
-def _apply(fn: type, *args):
-    if torch._C._are_functorch_transforms_active():
-        return fn.apply(*args)
-    return fn._fast.apply(*args)
 
 
 if HAS_NATIVE:
 
-    @torch.library.register_fake("opensora_fast::masked_mse")
+    @register_fake("masked_mse")
     def _masked_mse_fake(pred, target, ranges):
-        reference.masked_mse_check_inputs(pred, target, ranges)
-        return pred.new_empty((), dtype=reference.masked_mse_acc_dtype(pred.dtype))
+        _ref.check_inputs(pred, target, ranges)
+        return pred.new_empty((), dtype=_ref.acc_dtype(pred.dtype))
 
-    @torch.library.register_fake("opensora_fast::loss_ranges")
+    @register_fake("loss_ranges")
     def _loss_ranges_fake(frame_mask, hw, upstream):
-        reference.check_loss_ranges(frame_mask, hw)
+        _ref.check_loss_ranges(frame_mask, hw)
         return frame_mask.new_empty((frame_mask.shape[0], 2), dtype=torch.int64)
 
-    @torch.library.register_fake("opensora_fast::masked_mse_backward")
+    @register_fake("masked_mse_backward")
     def _masked_mse_backward_fake(grad, pred, target, ranges):
-        reference.masked_mse_check_inputs(pred, target, ranges)
-        reference.masked_mse_check_grad(grad, pred)
+        _ref.check_inputs(pred, target, ranges)
+        _ref.check_grad(grad, pred)
         return torch.empty_like(pred, memory_format=torch.contiguous_format)
 
     class _MaskedMSEFunction(torch.autograd.Function):
@@ -129,14 +104,14 @@ if HAS_NATIVE:
 
         @staticmethod
         def forward(pred, target, ranges):
-            with torch._C._AutoDispatchBelowAutograd():  # straight to the kernel
+            with below_autograd():  # straight to the kernel
                 return torch.ops.opensora_fast.masked_mse(pred, target, ranges)
 
         generate_vmap_rule = True  # the ops' own vmap rules below, through forward/backward/jvp
 
         @staticmethod
         def setup_context(ctx, inputs, output):
-            _save(ctx, inputs, forward_too=True)
+            save(ctx, inputs, forward_too=True)
 
         @staticmethod
         def backward(ctx, grad):
@@ -144,19 +119,19 @@ if HAS_NATIVE:
             want_pred, want_target = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
             if not (want_pred or want_target):
                 return None, None, None
-            if torch.is_grad_enabled() or torch._C._are_functorch_transforms_active():
-                g = _apply(_BackwardFunction, grad, pred, target, ranges)  # a graph of the backward is wanted
+            if torch.is_grad_enabled() or functorch_active():
+                g = apply(_BackwardFunction, grad, pred, target, ranges)  # a graph of the backward is wanted
             else:  # plain backward (no create_graph): the kernel alone, one Python Function less
-                with torch._C._AutoDispatchBelowAutograd():
+                with below_autograd():
                     g = torch.ops.opensora_fast.masked_mse_backward(grad, pred, target, ranges)
             return (g if want_pred else None), (-g if want_target else None), None
 
         @staticmethod
         def jvp(ctx, d_pred, d_target, _d_ranges):
             pred, target, ranges = ctx.saved_tensors
-            acc = reference.masked_mse_acc_dtype(pred.dtype)
+            acc = _ref.acc_dtype(pred.dtype)
             # d loss = sum(F(1, pred, target) * (d_pred - d_target)), all in acc
-            f1 = reference.masked_mse_backward(
+            f1 = _ref.masked_mse_backward(
                 torch.ones((), dtype=acc, device=pred.device), pred.to(acc), target.to(acc), ranges
             )
             tangent = torch.zeros_like(f1)
@@ -179,11 +154,11 @@ if HAS_NATIVE:
         # where an autograd.Function (custom_function_call) has no kernel: in
         # both cases the raw op runs the reference's differentiable math (its
         # loss equal up to summation order). Plain reverse mode stays native.
-        if torch._C._are_functorch_transforms_active() or any(
+        if functorch_active() or any(
             fwAD.unpack_dual(x).tangent is not None for x in (pred, target)
         ):
-            return reference.masked_mse(pred, target, ranges)
-        return _apply(_RawMaskedMSEFunction, pred, target, ranges)
+            return _ref.masked_mse(pred, target, ranges)
+        return apply(_RawMaskedMSEFunction, pred, target, ranges)
 
     _lib = torch.library.Library("opensora_fast", "IMPL")  # kept alive: it owns the registration
     _lib.impl("masked_mse", _raw_autograd, "Autograd")
@@ -196,12 +171,12 @@ if HAS_NATIVE:
 
         @staticmethod
         def forward(grad, pred, target, ranges):
-            with torch._C._AutoDispatchBelowAutograd():
+            with below_autograd():
                 return torch.ops.opensora_fast.masked_mse_backward(grad, pred, target, ranges)
 
         @staticmethod
         def setup_context(ctx, inputs, output):
-            _save(ctx, inputs, forward_too=True)
+            save(ctx, inputs, forward_too=True)
 
         backward = staticmethod(_vjp_of_backward)
 
@@ -212,27 +187,16 @@ if HAS_NATIVE:
             grad, pred, target, ranges = ctx.saved_tensors
             out = None
             if d_grad is not None:
-                out = reference.masked_mse_backward(d_grad.to(grad.dtype), pred, target, ranges)
+                out = _ref.masked_mse_backward(d_grad.to(grad.dtype), pred, target, ranges)
             d = d_pred if d_target is None else (d_target.neg() if d_pred is None else d_pred - d_target)
             if d is not None:
-                t = reference.masked_mse_backward(grad, d.to(pred.dtype).contiguous(), torch.zeros_like(pred), ranges)
+                t = _ref.masked_mse_backward(grad, d.to(pred.dtype).contiguous(), torch.zeros_like(pred), ranges)
                 out = t if out is None else out + t
             return out if out is not None else torch.zeros_like(pred)
 
-    def _per_example(op, out_dim):
-        """A vmap rule for ``op``: one call per example (the ops average over
-        their own batch, so examples cannot share a call), stacked on dim 0."""
-
-        def rule(info, in_dims, *args):
-            cols = [a.movedim(d, 0) if d is not None else None for a, d in zip(args, in_dims)]
-            outs = [op(*(a if c is None else c[i] for a, c in zip(args, cols))) for i in range(info.batch_size)]
-            return torch.stack(outs), out_dim
-
-        return rule
-
-    torch.library.register_vmap("opensora_fast::masked_mse", _per_example(torch.ops.opensora_fast.masked_mse, 0))
+    torch.library.register_vmap("opensora_fast::masked_mse", per_example_vmap(torch.ops.opensora_fast.masked_mse, 0))
     torch.library.register_vmap(
-        "opensora_fast::masked_mse_backward", _per_example(torch.ops.opensora_fast.masked_mse_backward, 0)
+        "opensora_fast::masked_mse_backward", per_example_vmap(torch.ops.opensora_fast.masked_mse_backward, 0)
     )
 
     @torch.library.register_vmap("opensora_fast::loss_ranges")
@@ -242,32 +206,18 @@ if HAS_NATIVE:
         out = torch.ops.opensora_fast.loss_ranges(m.reshape(-1, m.shape[-1]), hw, upstream)
         return out.view(m.shape[0], m.shape[1], 2), 0
 
-    def _njt_refused(check):
-        """A jagged nested tensor reaches its subclass's __torch_dispatch__, which
-        knows no opensora_fast op: raise the reference's error there instead."""
-
-        def rule(cls, func, types, args, kwargs):
-            check(*args)
-            raise AssertionError("unreachable: the check refuses nested tensors")
-
-        return rule
-
     def _check_backward(grad, pred, target, ranges):
-        reference.masked_mse_check_inputs(pred, target, ranges)
-        reference.masked_mse_check_grad(grad, pred)
+        _ref.check_inputs(pred, target, ranges)
+        _ref.check_grad(grad, pred)
 
-    try:
-        from torch.nested._internal.nested_tensor import NestedTensor as _NJT
-    except ImportError:  # a torch without jagged nested tensors: nothing to register
-        _NJT = None
-    if _NJT is not None:
+    if NestedTensor is not None:
         for _name, _check in (
-            ("masked_mse", reference.masked_mse_check_inputs),
+            ("masked_mse", _ref.check_inputs),
             ("masked_mse_backward", _check_backward),
-            ("loss_ranges", lambda m, hw, upstream: reference.check_loss_ranges(m, hw)),
+            ("loss_ranges", lambda m, hw, upstream: _ref.check_loss_ranges(m, hw)),
         ):
-            torch.library.register_torch_dispatch(f"opensora_fast::{_name}", _NJT, _njt_refused(_check))
+            torch.library.register_torch_dispatch(f"opensora_fast::{_name}", NestedTensor, njt_refused(_check))
 
     for _fn in (_MaskedMSEFunction, _RawMaskedMSEFunction, _BackwardFunction):
-        _fn._fast = _old_style(_fn)
-    _lib.impl("masked_mse_backward", lambda *args: _apply(_BackwardFunction, *args), "Autograd")
+        _fn._fast = old_style(_fn)
+    _lib.impl("masked_mse_backward", lambda *args: apply(_BackwardFunction, *args), "Autograd")

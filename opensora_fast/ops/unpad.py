@@ -6,9 +6,9 @@ from typing import Optional, Sequence
 
 import torch
 
-from .._ext import HAS_NATIVE, pick
 from ..reference import unpad as _ref
 from ..reference._checks import is_dense
+from ._registry import explain_schema_refusal, pick, register_fake
 
 
 def unpad_(
@@ -58,19 +58,11 @@ def unpad_lists(gathered: torch.Tensor, out: list, offset: list, shard: list, be
     entries a bucket for an 11B model). The op checks them all the same."""
     if not isinstance(gathered, torch.Tensor):
         raise TypeError(f"unpad_: gathered must be a tensor, got {type(gathered).__name__}")
-    try:
-        pick("unpad_", gathered.device, _ref.unpad_)(gathered, out, offset, shard, begin, count)
-    except RuntimeError as e:
-        # The schema parser refuses a non-tensor or a value outside int64 before
-        # any check runs: say what the reference says (no cost on success).
-        if "Expected a value of type" in str(e):
-            _ref.check_arguments(gathered, out, offset, shard, begin, count)
-        raise
+    args = (gathered, out, offset, shard, begin, count)
+    explain_schema_refusal(pick("unpad_", gathered.device, _ref.unpad_), args, lambda: _ref.check_arguments(*args))
 
 
-if HAS_NATIVE:
-
-    @torch.library.register_fake("opensora_fast::unpad_")
-    def _unpad_fake(gathered, out, offset, shard, begin, count):
-        _ref.check_inputs(gathered, out, offset, shard, begin, count)
-        return None
+@register_fake("unpad_")
+def _unpad_fake(gathered, out, offset, shard, begin, count):
+    _ref.check_inputs(gathered, out, offset, shard, begin, count)
+    return None

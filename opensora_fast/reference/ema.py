@@ -12,6 +12,7 @@ from typing import Sequence
 import torch
 
 from ._checks import find_overlap, shape_str, tensor_span
+from ._nan import canonical_nan_
 
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -86,7 +87,6 @@ def check_inputs(ema: Sequence[torch.Tensor], src: Sequence[torch.Tensor], decay
         )
 
 
-check_ema_inputs = check_inputs  # the name used before the per-op layout
 
 
 def ema_update_(
@@ -119,18 +119,6 @@ def _update(ema, src, decay, stochastic, seed) -> None:
             e.copy_(_round_stochastic(r, u, e.dtype).view(e.shape))
             canonical_nan_(e)
         base += n
-
-
-# The one NaN bit pattern the kernels write (csrc/common.h round_to): positive quiet NaN.
-_CANONICAL_NAN = {torch.float32: 0x7FC00000, torch.bfloat16: 0x7FC0, torch.float16: 0x7E00, torch.float64: 0x7FF8000000000000}
-_INT_VIEW = {2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
-def canonical_nan_(t: torch.Tensor) -> torch.Tensor:
-    """Rewrites every NaN of a floating tensor, in place, as the canonical NaN."""
-    if t.numel() and t.dtype in _CANONICAL_NAN:
-        t.view(_INT_VIEW[t.element_size()]).masked_fill_(t.isnan(), _CANONICAL_NAN[t.dtype])
-    return t
 
 
 def _fma_to_float(x: torch.Tensor, a: float, c: torch.Tensor) -> torch.Tensor:

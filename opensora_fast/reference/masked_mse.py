@@ -62,7 +62,6 @@ def check_grad(grad: torch.Tensor, pred: torch.Tensor) -> None:
         raise ValueError(f"masked_mse_backward: grad is on {grad.device} but pred is on {pred.device}")
 
 
-check_mse_inputs = check_inputs  # the name used before the per-op layout
 
 _INT64_MAX = 2**63 - 1
 

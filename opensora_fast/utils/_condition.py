@@ -16,7 +16,8 @@ import torch
 
 from .. import ops
 from ..ops.condition import condition_lists
-from ..reference.condition import OUT_DTYPES, SRC_DTYPES
+from ..datasets._media import read_from_path
+from ..ops.condition import OUT_DTYPES, SRC_DTYPES
 
 logger = logging.getLogger("opensora_fast")
 
@@ -473,8 +474,6 @@ def collect_references_batch(
     references with the same frame count (chunks of ``max_encode_batch``) instead
     of once per reference. A missing or unreadable file, or a video with too few
     frames, raises naming ``reference_paths[i]``."""
-    from ._media import read_from_path
-
     who = "collect_references_batch"
     kinds = ("v2v", "i2v_head", "i2v_tail", "i2v_loop")
     if not ("v2v" in cond_type or cond_type in kinds):

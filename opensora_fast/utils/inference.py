@@ -1,7 +1,8 @@
 """Drop-in for ``opensora.utils.inference``: prompt files, save paths, sample saving, prompt text helpers.
 
 (The conditioning helpers ``prepare_inference_condition``, ``collect_references_batch``
-and ``add_noise_to_ref`` live in their own module.)
+and ``add_noise_to_ref``, on the native op ``condition``, are written in
+:mod:`._condition` and re-exported here, where upstream keeps them.)
 
 Differences from upstream, on purpose:
 
@@ -29,6 +30,7 @@ import torch
 
 from ..datasets.aspect import get_image_size
 from ..datasets.utils import save_sample
+from ._condition import add_noise_to_ref, collect_references_batch, prepare_inference_condition
 from .logger import log_message
 
 __all__ = [
@@ -42,6 +44,9 @@ __all__ = [
     "ensure_sentence_ends_with_period",
     "add_fps_info_to_text",
     "add_motion_score_to_text",
+    "prepare_inference_condition",
+    "collect_references_batch",
+    "add_noise_to_ref",
 ]
 
 
@@ -255,10 +260,3 @@ def add_motion_score_to_text(
             raise ValueError(f"add_motion_score_to_text: the scorer returned {len(scores)} scores for {len(text)} prompts")
         return [f"{t} {scores[i]}." for i, t in enumerate(text)]
     return [f"{t} {motion_score} motion score." for t in text]
-
-
-# The accelerated conditioning (native op `condition`, csrc/condition/), written
-# in _condition.py; upstream keeps these in opensora.utils.inference.
-from ._condition import add_noise_to_ref, collect_references_batch, prepare_inference_condition  # noqa: E402
-
-__all__ += ["prepare_inference_condition", "collect_references_batch", "add_noise_to_ref"]
