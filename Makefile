@@ -22,7 +22,7 @@ SOURCES := $(shell find csrc -name '*.h' -o -name '*.cpp' -o -name '*.cu') setup
 
 .PHONY: test lint format bench build wheel wheels test-wheel sdist info clean
 
-test: $(EXT_STAMP)
+test: lint $(EXT_STAMP)
 	$(PY) -m pytest -q tests
 
 # Seconds: ruff (check, format --check) over the Python tree, clang-format over csrc/.

@@ -15,6 +15,7 @@ opensora_fast/_build_meta.py (the torch and CUDA it was built against), which
 opensora_fast._ext reads BEFORE loading _C to turn a torch/CUDA mismatch into one
 clear error instead of an undefined-symbol ImportError.
 """
+
 import glob
 import os
 import re
@@ -46,8 +47,10 @@ def _find_cuda_home():
             pass
     candidates.append("/usr/local/cuda")
     for c in candidates:
-        if c and os.path.exists(os.path.join(c, "bin", "nvcc")) and os.path.exists(
-            os.path.join(c, "include", "cuda_runtime.h")
+        if (
+            c
+            and os.path.exists(os.path.join(c, "bin", "nvcc"))
+            and os.path.exists(os.path.join(c, "include", "cuda_runtime.h"))
         ):
             return c
     return None
@@ -131,15 +134,18 @@ def _shared_libstdcxx_args(drivers):
         return []
     for d in drivers:
         try:
-            found = subprocess.run([d, "-print-file-name=libstdc++.so"], capture_output=True, text=True,
-                                   timeout=60).stdout.strip()
+            found = subprocess.run(
+                [d, "-print-file-name=libstdc++.so"], capture_output=True, text=True, timeout=60
+            ).stdout.strip()
         except (OSError, subprocess.SubprocessError):
             continue
         if not os.path.isabs(found):
             loaded = _loaded_libstdcxx()
             if loaded:
-                print(f"opensora_fast: {d} has no shared libstdc++; linking {loaded} (the one torch loaded)",
-                      file=sys.stderr)
+                print(
+                    f"opensora_fast: {d} has no shared libstdc++; linking {loaded} (the one torch loaded)",
+                    file=sys.stderr,
+                )
                 return [loaded]
     return []
 
@@ -229,8 +235,7 @@ def _extensions():
             },
             **kwargs,
         )
-        print(f"opensora_fast: building CPU+CUDA kernels (CUDA_HOME={cuda_home}, archs={archs})",
-              file=sys.stderr)
+        print(f"opensora_fast: building CPU+CUDA kernels (CUDA_HOME={cuda_home}, archs={archs})", file=sys.stderr)
     else:
         ext = CppExtension(
             "opensora_fast._C",

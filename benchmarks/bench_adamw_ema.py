@@ -6,6 +6,7 @@ the EMA attached (one pass), with a copy_ of the same bytes as the roofline.
 Bytes that must move per element: read p, g, m, v and write p, m, v (28, fp32)
 plus read and write a bf16 EMA (4): 32, the same figure for every row, so
 GB/s compare the same work (a separate EMA pass moves 8 more)."""
+
 import math
 import os
 
@@ -36,8 +37,9 @@ def shard():
         p = nn.Parameter(torch.randn(n, generator=g, device=dev))
         p.grad = torch.randn(n, generator=g, device=dev) * 1e-2
         model.register_parameter(f"p{i}", p)
-        ema.register_parameter(f"p{i}", nn.Parameter(torch.randn(n, generator=g, device=dev).bfloat16(),
-                                                     requires_grad=False))
+        ema.register_parameter(
+            f"p{i}", nn.Parameter(torch.randn(n, generator=g, device=dev).bfloat16(), requires_grad=False)
+        )
     total = sum(sizes)
     group = f"adamw+ema fp32 masters, bf16 ema, 1082 tensors, {total / 1e6:.1f}M params (world {WORLD}), {dev.type}"
     return group, model, ema, total * BYTES_PER_ELEMENT, dev
@@ -90,3 +92,22 @@ def test_fused_adamw_attached_ema(benchmark, shard):
     opt.attach_ema(ema, model, decay=DECAY)
     run(benchmark, opt.step, group=group, impl="FusedAdamW, EMA attached (1 pass)", role="ours", nbytes=nbytes)
     opt.detach_ema(ema)
+
+
+def sanitize(device: str) -> None:
+    """Small odd-sized calls for compute-sanitizer (benchmarks/diagnostics/sanitize_ops.py):
+    misaligned sizes, amsgrad and maximize, an attached bf16 EMA in both roundings."""
+    import copy
+
+    g = torch.Generator().manual_seed(0)
+    for amsgrad, maximize, rounding in ((False, False, "compat"), (True, True, "stochastic")):
+        model = nn.Module()
+        for i, n in enumerate([1, 3, 4099, 32768 * 3 + 5] + [17] * 40):
+            model.register_parameter(f"p{i}", nn.Parameter(torch.randn(n, generator=g).to(device)))
+        ema = copy.deepcopy(model).bfloat16().requires_grad_(False)
+        opt = FusedAdamW(model.parameters(), lr=1e-3, weight_decay=0.01, amsgrad=amsgrad, maximize=maximize)
+        opt.attach_ema(ema, model, decay=0.999, rounding=rounding)
+        for _ in range(2):
+            for p in model.parameters():
+                p.grad = torch.randn(p.shape, generator=g).to(device)
+            opt.step()

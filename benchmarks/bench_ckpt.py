@@ -19,6 +19,7 @@ pinned host memory vs a plain device-to-host copy of the same bytes.
 
 Run: ``python -m benchmarks.bench_ckpt`` or through ``make bench``.
 """
+
 from __future__ import annotations
 
 import json
@@ -83,7 +84,7 @@ def _worker(rank, world, port, tmp, out_path):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     from opensora_fast._layouts import flux_mmdit_11b_shapes
-    from opensora_fast.reference import ckpt as ref
+    from opensora_fast.reference.upstream import ckpt as ref
     from opensora_fast.utils import ckpt
 
     shapes = flux_mmdit_11b_shapes(d=D)
@@ -98,7 +99,9 @@ def _worker(rank, world, port, tmp, out_path):
         return {k: torch.empty(shape_dict[k], dtype=torch.bfloat16) for k in shape_dict} if rank == 0 else None
 
     def pinned_master():
-        return {n: torch.empty(p.shape, dtype=torch.float32) for n, p in model.named_parameters()} if rank == 0 else None
+        return (
+            {n: torch.empty(p.shape, dtype=torch.float32) for n, p in model.named_parameters()} if rank == 0 else None
+        )
 
     res = {}
     a, b = pinned_ema(), pinned_ema()
@@ -134,8 +137,17 @@ def _worker(rank, world, port, tmp, out_path):
     for r in range(ROUNDS + 1):  # round 0 allocates the pinned buffers
         dist.barrier()
         t0 = time.perf_counter()
-        io.save(None, os.path.join(tmp, "ours"), ema=ema, epoch=0, step=r, global_step=r, actual_update_step=r,
-                ema_shape_dict=shape_dict, async_io=True)
+        io.save(
+            None,
+            os.path.join(tmp, "ours"),
+            ema=ema,
+            epoch=0,
+            step=r,
+            global_step=r,
+            actual_update_step=r,
+            ema_shape_dict=shape_dict,
+            async_io=True,
+        )
         t1 = time.perf_counter()
         io._sync_io()
         t2 = time.perf_counter()
@@ -175,8 +187,11 @@ def run_cpu() -> list[str]:
         lines.append(f"  {name:<44} {up:10.3f} {ours:9.3f} {up / ours:8.2f}x")
 
     row("model_gathering (EMA)" + ("" if res["ema equal"] else " RESULTS DIFFER"), res["ema upstream"], res["ema ours"])
-    row("master_weights_gathering" + ("" if res["master equal"] else " RESULTS DIFFER"), res["master upstream"],
-        res["master ours"])
+    row(
+        "master_weights_gathering" + ("" if res["master equal"] else " RESULTS DIFFER"),
+        res["master upstream"],
+        res["master ours"],
+    )
     row("EMA checkpoint save: until the loop may go on", res["save upstream"], res["save ours free"])
     row("EMA checkpoint save: until the file is complete", res["save upstream"], res["save ours done"])
     return lines
@@ -221,10 +236,14 @@ def run_gpu() -> list[str]:
             for v in out.values():
                 v.zero_()
             t = timed(lambda o=out, st=staging: ckpt.model_gathering(ema, shape_dict, o, progress=False, staging=st))
-            ok = all(torch.equal(out[k].view(-1), p.detach().cpu()[: out[k].numel()])
-                     for k, p in zip(shape_dict, ema.parameters()))
-            lines.append(f"  model_gathering -> {what:<39} {nbytes / t / 1e9:7.1f} GB/s "
-                         f"({100 * t_copy / t:.0f}% of the copy){'' if ok else ' RESULTS DIFFER'}")
+            ok = all(
+                torch.equal(out[k].view(-1), p.detach().cpu()[: out[k].numel()])
+                for k, p in zip(shape_dict, ema.parameters())
+            )
+            lines.append(
+                f"  model_gathering -> {what:<39} {nbytes / t / 1e9:7.1f} GB/s "
+                f"({100 * t_copy / t:.0f}% of the copy){'' if ok else ' RESULTS DIFFER'}"
+            )
         return lines
     finally:
         dist.destroy_process_group()

@@ -11,6 +11,7 @@ Training: prepare_visual_condition_causal with the tests' toy causal VAE (tcr 4,
 /8 spatial, C=16) at B=8, 65 frames, 64x96 pixels, Open-Sora's stage-1 i2v
 condition_config plus v2v; the encoder is part of the time. Bytes: x read, x_0
 and cond written (nominal)."""
+
 import os
 import random
 import sys
@@ -48,8 +49,11 @@ def on_device_slices(z, mode, refs, causal=True):
     return masks, masked
 
 
-@pytest.fixture(scope="module", params=[("v2v_head", True), ("i2v_loop", True), ("v2v_head", False), ("i2v_loop", False)],
-                ids=["v2v_head-missing", "i2v_loop-missing", "v2v_head-all", "i2v_loop-all"])
+@pytest.fixture(
+    scope="module",
+    params=[("v2v_head", True), ("i2v_loop", True), ("v2v_head", False), ("i2v_loop", False)],
+    ids=["v2v_head-missing", "i2v_loop-missing", "v2v_head-all", "i2v_loop-all"],
+)
 def inference_case(request):
     """missing: sample 2 has no reference (it falls back to t2v, and the call logs
     that once, as upstream prints it); all: every sample has one."""
@@ -64,14 +68,21 @@ def inference_case(request):
         elif mode == "v2v_head":
             refs.append([torch.randn(C, T, H, W, generator=g, device=dev).bfloat16()])
         else:
-            refs.append([torch.randn(C, 1, H, W, generator=g, device=dev).bfloat16(),
-                         torch.randn(C, 1, H, W, generator=g, device=dev).bfloat16()])
+            refs.append(
+                [
+                    torch.randn(C, 1, H, W, generator=g, device=dev).bfloat16(),
+                    torch.randn(C, 1, H, W, generator=g, device=dev).bfloat16(),
+                ]
+            )
     frames = (9 if mode == "v2v_head" else 2) * (B - int(missing))
     nbytes = (B * (1 + C) * T * H * W + frames * C * H * W) * 2
     who = "sample 2 without a reference (logged)" if missing else "every sample with a reference"
     group = f"prepare_inference_condition {mode}, [{B},{C},{T},{H},{W}] bf16, {who}, {dev.type}"
     # the results agree bit for bit (tests/test_condition_dropins.py); check once more here
-    a, b = ours.prepare_inference_condition(z, mode, refs), reference.upstream.condition.prepare_inference_condition(z, mode, refs)
+    a, b = (
+        ours.prepare_inference_condition(z, mode, refs),
+        reference.upstream.condition.prepare_inference_condition(z, mode, refs),
+    )
     assert all(torch.equal(x.cpu(), y.cpu()) for x, y in zip(a, b))
     return group, mode, z, refs, nbytes, dev
 
@@ -83,20 +94,41 @@ def test_inference_copy(benchmark, inference_case):
 
 def test_inference_upstream(benchmark, inference_case):
     group, mode, z, refs, nbytes, dev = inference_case
-    run(benchmark, lambda: reference.upstream.condition.prepare_inference_condition(z, mode, refs), group=group,
-        impl="upstream (CPU fp32 buffers)", role="baseline", nbytes=nbytes, rounds=INF_ROUNDS)
+    run(
+        benchmark,
+        lambda: reference.upstream.condition.prepare_inference_condition(z, mode, refs),
+        group=group,
+        impl="upstream (CPU fp32 buffers)",
+        role="baseline",
+        nbytes=nbytes,
+        rounds=INF_ROUNDS,
+    )
 
 
 def test_inference_on_device_slices(benchmark, inference_case):
     group, mode, z, refs, nbytes, dev = inference_case
-    run(benchmark, lambda: on_device_slices(z, mode, refs), group=group,
-        impl="plain PyTorch on device", role="alternative", nbytes=nbytes, rounds=INF_ROUNDS)
+    run(
+        benchmark,
+        lambda: on_device_slices(z, mode, refs),
+        group=group,
+        impl="plain PyTorch on device",
+        role="alternative",
+        nbytes=nbytes,
+        rounds=INF_ROUNDS,
+    )
 
 
 def test_inference_ours(benchmark, inference_case):
     group, mode, z, refs, nbytes, dev = inference_case
-    run(benchmark, lambda: ours.prepare_inference_condition(z, mode, refs), group=group,
-        impl="opensora_fast (fused op)", role="ours", nbytes=nbytes, rounds=INF_ROUNDS)
+    run(
+        benchmark,
+        lambda: ours.prepare_inference_condition(z, mode, refs),
+        group=group,
+        impl="opensora_fast (fused op)",
+        role="ours",
+        nbytes=nbytes,
+        rounds=INF_ROUNDS,
+    )
 
 
 # ---- training -------------------------------------------------------------------------
@@ -130,28 +162,52 @@ def _train_step(fn, x, vae, **kw):
 
 def test_train_upstream(benchmark, train_case):
     group, x, vae, nbytes = train_case
-    run(benchmark, _train_step(reference.upstream.condition.prepare_visual_condition_causal, x, vae), group=group,
-        impl="upstream (per-sample encodes)", role="baseline", nbytes=nbytes)
+    run(
+        benchmark,
+        _train_step(reference.upstream.condition.prepare_visual_condition_causal, x, vae),
+        group=group,
+        impl="upstream (per-sample encodes)",
+        role="baseline",
+        nbytes=nbytes,
+    )
 
 
 def test_train_ours(benchmark, train_case):
     """The default: the whole batch per encode on a GPU, ~8 MiB chunks on the CPU."""
     group, x, vae, nbytes = train_case
-    run(benchmark, _train_step(ours.prepare_visual_condition_causal, x, vae), group=group,
-        impl="opensora_fast (default encodes)", role="ours", nbytes=nbytes)
+    run(
+        benchmark,
+        _train_step(ours.prepare_visual_condition_causal, x, vae),
+        group=group,
+        impl="opensora_fast (default encodes)",
+        role="ours",
+        nbytes=nbytes,
+    )
 
 
 def test_train_ours_whole_batch(benchmark, train_case):
     """x_0 in one encode everywhere (max_encode_batch=0): on a CPU the toy
     encoder's passes over the whole batch fall out of cache."""
     group, x, vae, nbytes = train_case
-    run(benchmark, _train_step(ours.prepare_visual_condition_causal, x, vae, max_encode_batch=0), group=group,
-        impl="opensora_fast (max_encode_batch=0)", role="ours+", nbytes=nbytes)
+    run(
+        benchmark,
+        _train_step(ours.prepare_visual_condition_causal, x, vae, max_encode_batch=0),
+        group=group,
+        impl="opensora_fast (max_encode_batch=0)",
+        role="ours+",
+        nbytes=nbytes,
+    )
 
 
 @pytest.mark.parametrize("chunk", [1, 2, 4])
 def test_train_ours_chunks(benchmark, train_case, chunk):
     """The chunk-size sweep behind CPU_ENCODE_CHUNK_BYTES (8 MiB: 3 samples here)."""
     group, x, vae, nbytes = train_case
-    run(benchmark, _train_step(ours.prepare_visual_condition_causal, x, vae, max_encode_batch=chunk), group=group,
-        impl=f"opensora_fast (max_encode_batch={chunk})", role="ours+", nbytes=nbytes)
+    run(
+        benchmark,
+        _train_step(ours.prepare_visual_condition_causal, x, vae, max_encode_batch=chunk),
+        group=group,
+        impl=f"opensora_fast (max_encode_batch={chunk})",
+        role="ours+",
+        nbytes=nbytes,
+    )

@@ -1,6 +1,7 @@
 """EMA over a shard of the 11B model (1082 tensors): upstream's per-tensor
 mul_/add_ loop vs torch._foreach_lerp_ vs the fused op, with a copy_ of the
 same bytes as the roofline. OSF_BENCH_WORLD sets the world size (default 96)."""
+
 import os
 
 import pytest
@@ -37,8 +38,14 @@ def test_copy(benchmark, shard):
 
 def test_upstream_loop(benchmark, shard):
     group, ema, src, nbytes, dev = shard
-    run(benchmark, lambda: reference.ema.ema_update_(ema, src, DECAY), group=group,
-        impl="upstream loop (mul_/add_)", role="baseline", nbytes=nbytes)
+    run(
+        benchmark,
+        lambda: reference.ema.ema_update_(ema, src, DECAY),
+        group=group,
+        impl="upstream loop (mul_/add_)",
+        role="baseline",
+        nbytes=nbytes,
+    )
 
 
 def test_foreach_lerp(benchmark, shard):
@@ -53,14 +60,26 @@ def test_foreach_lerp(benchmark, shard):
 
 def test_fused(benchmark, shard):
     group, ema, src, nbytes, dev = shard
-    run(benchmark, lambda: ops.ema_update_(ema, src, DECAY), group=group,
-        impl="opensora_fast (compat)", role="ours", nbytes=nbytes)
+    run(
+        benchmark,
+        lambda: ops.ema_update_(ema, src, DECAY),
+        group=group,
+        impl="opensora_fast (compat)",
+        role="ours",
+        nbytes=nbytes,
+    )
 
 
 def test_fused_stochastic(benchmark, shard):
     group, ema, src, nbytes, dev = shard
-    run(benchmark, lambda: ops.ema_update_(ema, src, DECAY, stochastic=True, seed=1), group=group,
-        impl="opensora_fast (stochastic)", role="ours+", nbytes=nbytes)
+    run(
+        benchmark,
+        lambda: ops.ema_update_(ema, src, DECAY, stochastic=True, seed=1),
+        group=group,
+        impl="opensora_fast (stochastic)",
+        role="ours+",
+        nbytes=nbytes,
+    )
 
 
 class _Zero:
@@ -89,13 +108,25 @@ OVERHEAD = "update_ema per-step overhead, 1082 params x 64 elements"
 
 def test_update_ema_overhead_upstream(benchmark, tiny_model):
     model, ema, opt = tiny_model
-    run(benchmark, lambda: reference.upstream.train.update_ema(ema, model, opt), group=OVERHEAD,
-        impl="upstream update_ema", role="baseline", nbytes=1082 * 64 * 8)
+    run(
+        benchmark,
+        lambda: reference.upstream.train.update_ema(ema, model, opt),
+        group=OVERHEAD,
+        impl="upstream update_ema",
+        role="baseline",
+        nbytes=1082 * 64 * 8,
+    )
 
 
 def test_update_ema_overhead_ours(benchmark, tiny_model):
     from opensora_fast.utils.train import update_ema
 
     model, ema, opt = tiny_model
-    run(benchmark, lambda: update_ema(ema, model, opt), group=OVERHEAD,
-        impl="opensora_fast update_ema", role="ours", nbytes=1082 * 64 * 8)
+    run(
+        benchmark,
+        lambda: update_ema(ema, model, opt),
+        group=OVERHEAD,
+        impl="opensora_fast update_ema",
+        role="ours",
+        nbytes=1082 * 64 * 8,
+    )

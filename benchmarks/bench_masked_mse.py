@@ -2,6 +2,7 @@
 reference vs a vectorised plain-PyTorch version (token mask, no Python loop) vs the
 fused op. Bytes counted: forward reads pred and target, backward reads them again
 and writes grad_pred."""
+
 import pytest
 import torch
 
@@ -44,7 +45,9 @@ def _fwd_bwd(loss_fn, pred, target, masks):
 
 def _plain_pytorch(pred, target, masks):
     if masks is None:
-        return reference.masked_mse.masked_mse(pred, target, torch.tensor([[0, pred.shape[1]]] * pred.shape[0], device=pred.device))
+        return reference.masked_mse.masked_mse(
+            pred, target, torch.tensor([[0, pred.shape[1]]] * pred.shape[0], device=pred.device)
+        )
     return reference.masked_mse.masked_mse(pred, target, loss_token_ranges(masks))
 
 
@@ -63,5 +66,14 @@ def test_loss(benchmark, case, impl):
     step()
     peak = peak_extra_bytes(step, dev)
     grad_mb = pred.numel() * pred.element_size() / 2**20
-    run(benchmark, step, group=group, impl=impl, role=role, nbytes=nbytes,
-        rounds=5, peak_extra_mb=round(peak / 2**20, 1), grad_mb=round(grad_mb, 1))
+    run(
+        benchmark,
+        step,
+        group=group,
+        impl=impl,
+        role=role,
+        nbytes=nbytes,
+        rounds=5,
+        peak_extra_mb=round(peak / 2**20, 1),
+        grad_mb=round(grad_mb, 1),
+    )

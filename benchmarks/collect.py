@@ -3,6 +3,7 @@ into ``benchmarks/results/<machine>-<date>.json`` with the machine, torch, build
 commit, so figures are data and not only a printed table.
 
   python -m benchmarks.collect DIR [--out benchmarks/results]"""
+
 from __future__ import annotations
 
 import argparse

@@ -2,6 +2,7 @@
 callable that synchronises the device at its end (so wall-clock covers the GPU
 work), plus the side-by-side table printed at the end of the run (conftest.py).
 The per-call scripts in benchmarks/diagnostics/ use ``call_us``."""
+
 from __future__ import annotations
 
 import os
@@ -44,8 +45,9 @@ def run(benchmark, fn, *, group: str, impl: str, role: str, nbytes: int, rounds:
     benchmark.pedantic(call, rounds=rounds, warmup_rounds=2, iterations=iterations)
 
 
-def call_us(fn, calls: int = 200, *, batches: int = 1, sync=None, each: bool = False, warmup: int = 10,
-            before=None) -> float:
+def call_us(
+    fn, calls: int = 200, *, batches: int = 1, sync=None, each: bool = False, warmup: int = 10, before=None
+) -> float:
     """Microseconds per call of ``fn`` after ``warmup`` calls. ``each``: the median
     of ``calls`` calls, ``sync`` after each (wall-clock, device work included),
     ``before`` (untimed) ahead of each, e.g. a barrier of a multi-process run.

@@ -1,5 +1,4 @@
 """Prints the side-by-side table after a benchmark run."""
-import os
 
 from benchmarks.common import MIN_ROUND_S, machine
 
@@ -36,8 +35,10 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         w("")
         w(f"[{group}]")
         mem = any("peak_extra_mb" in b.extra_info for b in benches)
-        w(f"  {'impl':<34} {'ms':>9} {'GB/s':>8} {'% copy':>7} {'x base':>7} {'x alt':>7}"
-          + (f" {'peak MB':>8}" if mem else ""))
+        w(
+            f"  {'impl':<34} {'ms':>9} {'GB/s':>8} {'% copy':>7} {'x base':>7} {'x alt':>7}"
+            + (f" {'peak MB':>8}" if mem else "")
+        )
         for b in benches:
             t = b.stats.median
             gbs = b.extra_info["bytes"] / t / 1e9
@@ -52,6 +53,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
             w("  " + ", ".join(f"{k}={v}" for k, v in extra.items()))
     w("")
     w("ms: median over rounds of the time per call (a round: as many synchronised calls as fill")
-    w(f"{MIN_ROUND_S * 1e3:g} ms, at least one); GB/s: bytes that must move / time; % copy: a copy_ of the same bytes / time;")
+    w(
+        f"{MIN_ROUND_S * 1e3:g} ms, at least one); GB/s: bytes that must move / time; % copy: a copy_ of the same bytes / time;"
+    )
     w("x base: speed-up over the upstream-faithful reference; x alt: over the best plain-PyTorch alternative;")
     w("peak MB: extra memory at the peak of one call (CPU: op outputs only; CUDA: allocator peak).")

@@ -165,24 +165,34 @@ inline void dispatch_float_pair(c10::ScalarType a, c10::ScalarType b, const char
                                 const char* b_name, F&& f) {
   const auto on_b = [&](auto at) {
     switch (b) {
-      case c10::ScalarType::Float: return f(at, Tag<float>{});
-      case c10::ScalarType::BFloat16: return f(at, Tag<c10::BFloat16>{});
-      case c10::ScalarType::Half: return f(at, Tag<c10::Half>{});
+      case c10::ScalarType::Float:
+        return f(at, Tag<float>{});
+      case c10::ScalarType::BFloat16:
+        return f(at, Tag<c10::BFloat16>{});
+      case c10::ScalarType::Half:
+        return f(at, Tag<c10::Half>{});
       case c10::ScalarType::Double:
-        if constexpr (WithDouble) return f(at, Tag<double>{});
+        if constexpr (WithDouble)
+          return f(at, Tag<double>{});
         break;
-      default: break;
+      default:
+        break;
     }
     TORCH_CHECK(false, op, ": unsupported ", b_name, " dtype ", b);
   };
   switch (a) {
-    case c10::ScalarType::Float: return on_b(Tag<float>{});
-    case c10::ScalarType::BFloat16: return on_b(Tag<c10::BFloat16>{});
-    case c10::ScalarType::Half: return on_b(Tag<c10::Half>{});
+    case c10::ScalarType::Float:
+      return on_b(Tag<float>{});
+    case c10::ScalarType::BFloat16:
+      return on_b(Tag<c10::BFloat16>{});
+    case c10::ScalarType::Half:
+      return on_b(Tag<c10::Half>{});
     case c10::ScalarType::Double:
-      if constexpr (WithDouble) return on_b(Tag<double>{});
+      if constexpr (WithDouble)
+        return on_b(Tag<double>{});
       break;
-    default: break;
+    default:
+      break;
   }
   TORCH_CHECK(false, op, ": unsupported ", a_name, " dtype ", a);
 }

@@ -19,8 +19,8 @@ namespace opensora_fast {
 
 inline bool cpu_has_avx2() {
 #ifdef OSF_AVX2_PATH
-  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                          __builtin_cpu_supports("f16c");
+  static const bool yes =
+      __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
   return yes;
 #else
   return false;
@@ -46,7 +46,8 @@ OSF_TARGET_AVX2 decltype(auto) avx2(A... a) {
 template <typename Body, typename... A>
 decltype(auto) run(A... a) {
 #ifdef OSF_AVX2_PATH
-  if (cpu_has_avx2()) return avx2<Body>(a...);
+  if (cpu_has_avx2())
+    return avx2<Body>(a...);
 #endif
   return baseline<Body>(a...);
 }

@@ -18,9 +18,12 @@ namespace opensora_fast {
 // A double as Python's repr() writes it (shortest round-trip digits; exponent
 // form below 1e-4 and from 1e16): "0.5", "1.0", "1.0000001", "1e-05", "nan".
 inline std::string py_repr(double x) {
-  if (x != x) return "nan";
-  if (x == 1.0 / 0.0) return "inf";
-  if (x == -1.0 / 0.0) return "-inf";
+  if (x != x)
+    return "nan";
+  if (x == 1.0 / 0.0)
+    return "inf";
+  if (x == -1.0 / 0.0)
+    return "-inf";
   char buf[64];
   auto res = std::to_chars(buf, buf + sizeof(buf), x, std::chars_format::scientific);
   std::string sci(buf, res.ptr);  // e.g. "-1.2345e-05"
@@ -33,10 +36,12 @@ inline std::string py_repr(double x) {
     mant = mant.substr(1);
   }
   for (char c : mant)
-    if (c != '.') digits += c;
+    if (c != '.')
+      digits += c;
   if (exp < -4 || exp >= 16) {
     std::string m = digits.substr(0, 1);
-    if (digits.size() > 1) m += "." + digits.substr(1);
+    if (digits.size() > 1)
+      m += "." + digits.substr(1);
     char e[8];
     std::snprintf(e, sizeof(e), "e%c%02d", exp < 0 ? '-' : '+', exp < 0 ? -exp : exp);
     return sign + m + e;
@@ -72,7 +77,8 @@ struct Span {
 inline uint64_t extent_bytes(const int64_t* sizes, const int64_t* strides, size_t dim, int64_t element_size) {
   uint64_t last = 0;
   for (size_t d = 0; d < dim; ++d) {
-    if (sizes[d] == 0) return 0;
+    if (sizes[d] == 0)
+      return 0;
     last += static_cast<uint64_t>(sizes[d] - 1) * static_cast<uint64_t>(strides[d]);
   }
   return (last + 1) * static_cast<uint64_t>(element_size);
@@ -83,8 +89,7 @@ inline uint64_t extent_bytes(const int64_t* sizes, const int64_t* strides, size_
 // (start, index, written first) order, which opensora_fast/reference/_checks.py follows
 // too. Returns false when all written spans are disjoint from everything.
 inline bool find_overlap(std::vector<Span> spans, Span* a, Span* b) {
-  spans.erase(std::remove_if(spans.begin(), spans.end(), [](const Span& s) { return s.end <= s.start; }),
-              spans.end());
+  spans.erase(std::remove_if(spans.begin(), spans.end(), [](const Span& s) { return s.end <= s.start; }), spans.end());
   std::sort(spans.begin(), spans.end(), [](const Span& x, const Span& y) {
     return std::make_tuple(x.start, x.index, !x.written) < std::make_tuple(y.start, y.index, !y.written);
   });
@@ -97,8 +102,10 @@ inline bool find_overlap(std::vector<Span> spans, Span* a, Span* b) {
       *b = s;
       return true;
     }
-    if (far_all == nullptr || s.end > far_all->end) far_all = &s;
-    if (s.written && (far_written == nullptr || s.end > far_written->end)) far_written = &s;
+    if (far_all == nullptr || s.end > far_all->end)
+      far_all = &s;
+    if (s.written && (far_written == nullptr || s.end > far_written->end))
+      far_written = &s;
   }
   return false;
 }

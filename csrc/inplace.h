@@ -29,7 +29,8 @@ namespace inplace {
 
 // "<op>: <arg>[<index>] requires grad ..." (no index for a single tensor).
 inline void refuse_grad(const char* op, const char* arg, const at::Tensor& t, int64_t index = -1) {
-  if (!t.defined() || !t.requires_grad()) return;
+  if (!t.defined() || !t.requires_grad())
+    return;
   if (index < 0)
     TORCH_CHECK(false, op, ": ", arg, " requires grad and grad mode is on; ", op,
                 " is not differentiable: call it under torch.no_grad()");
@@ -38,15 +39,18 @@ inline void refuse_grad(const char* op, const char* arg, const at::Tensor& t, in
 }
 
 inline void refuse_grad(const char* op, const char* arg, at::TensorList ts) {
-  for (size_t i = 0; i < ts.size(); ++i) refuse_grad(op, arg, ts[i], static_cast<int64_t>(i));
+  for (size_t i = 0; i < ts.size(); ++i)
+    refuse_grad(op, arg, ts[i], static_cast<int64_t>(i));
 }
 
 inline void bump(const at::Tensor& t) {
-  if (t.defined() && !t.is_inference()) t.unsafeGetTensorImpl()->bump_version();
+  if (t.defined() && !t.is_inference())
+    t.unsafeGetTensorImpl()->bump_version();
 }
 
 inline void bump(at::TensorList ts) {
-  for (const at::Tensor& t : ts) bump(t);
+  for (const at::Tensor& t : ts)
+    bump(t);
 }
 
 // The schema positions of the arguments an op writes, e.g. Written<0> or
@@ -80,8 +84,7 @@ struct Kernels<Op, Written<W...>, void(Args...)> {
       const c10::FunctionSchema& s = handle().schema();
       const std::string& q = s.name();
       const size_t colon = q.rfind("::");
-      return std::vector<std::string>{colon == std::string::npos ? q : q.substr(colon + 2),
-                                      s.arguments()[W].name()...};
+      return std::vector<std::string>{colon == std::string::npos ? q : q.substr(colon + 2), s.arguments()[W].name()...};
     }();
     return n;
   }
@@ -91,7 +94,8 @@ struct Kernels<Op, Written<W...>, void(Args...)> {
       const auto all = std::forward_as_tuple(args...);
       size_t k = 0;
       (refuse_grad(names()[0].c_str(), names()[++k].c_str(), std::get<W>(all)), ...);
-      if constexpr (has_input_rule<Op>::value) Op::refuse_inputs(args...);
+      if constexpr (has_input_rule<Op>::value)
+        Op::refuse_inputs(args...);
     }
     at::AutoDispatchBelowAutograd guard;
     handle().call(args...);
@@ -113,7 +117,13 @@ struct Kernels<Op, Written<W...>, void(Args...)> {
 // torch's in-place rules for a mutating op (name unquoted, as in its schema):
 // inplace::Kernels at the Autograd and ADInplaceOrView keys, and `fallback`
 // (the checks, then "no kernel") for every backend without one.
-#define OSF_REGISTER_INPLACE(op_name, KernelsType, fallback)                                         \
-  TORCH_LIBRARY_IMPL(opensora_fast, Autograd, m) { m.impl(#op_name, &KernelsType::autograd); }       \
-  TORCH_LIBRARY_IMPL(opensora_fast, ADInplaceOrView, m) { m.impl(#op_name, &KernelsType::inplace); } \
-  TORCH_LIBRARY_IMPL(opensora_fast, CompositeExplicitAutograd, m) { m.impl(#op_name, fallback); }
+#define OSF_REGISTER_INPLACE(op_name, KernelsType, fallback)        \
+  TORCH_LIBRARY_IMPL(opensora_fast, Autograd, m) {                  \
+    m.impl(#op_name, &KernelsType::autograd);                       \
+  }                                                                 \
+  TORCH_LIBRARY_IMPL(opensora_fast, ADInplaceOrView, m) {           \
+    m.impl(#op_name, &KernelsType::inplace);                        \
+  }                                                                 \
+  TORCH_LIBRARY_IMPL(opensora_fast, CompositeExplicitAutograd, m) { \
+    m.impl(#op_name, fallback);                                     \
+  }

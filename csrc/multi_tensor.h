@@ -89,9 +89,11 @@ inline std::vector<Table> plan_launches(const std::vector<Entry>& entries, Block
     const int64_t n = blocks(i);
     TORCH_CHECK(n >= 0 && n <= INT32_MAX, "internal: an entry of ", n, " blocks");
     for (int64_t c = 0; c < n; ++c) {
-      if (cur == nullptr || cur->n_blocks == max_blocks) open();
+      if (cur == nullptr || cur->n_blocks == max_blocks)
+        open();
       if (c == 0 || cur->n_blocks == 0) {  // the entry enters this table
-        if (cur->n_entries == max_entries) open();
+        if (cur->n_entries == max_entries)
+          open();
         if (!admit(*cur, entries[i])) {
           open();
           TORCH_CHECK(admit(*cur, entries[i]), "internal: an empty launch table refused an entry");
@@ -114,7 +116,8 @@ inline void walk_grid(const std::vector<Table>& tables, const Args& args, int th
   for (const Table& tab : tables)
     for (int64_t y = 0; y < grid_y; ++y)
       for (int b = 0; b < tab.n_blocks; ++b)
-        for (int t = 0; t < threads; ++t) Body::run(tab, args, b, static_cast<int>(y), t, threads);
+        for (int t = 0; t < threads; ++t)
+          Body::run(tab, args, b, static_cast<int>(y), t, threads);
 }
 
 // The private switch that makes every op launch its small (4 KiB) tables even

@@ -72,11 +72,11 @@ __global__ void __launch_bounds__(Threads)
 // Launches every table on `stream`, grid (n_blocks, grid_y) with Threads threads,
 // grid_y split into launches of at most 65535 rows; checks each launch.
 template <typename Body, int Threads, typename Table, typename Args>
-inline void launch_tables(const std::vector<Table>& tables, const Args& args, cudaStream_t stream,
-                          int64_t grid_y = 1) {
+inline void launch_tables(const std::vector<Table>& tables, const Args& args, cudaStream_t stream, int64_t grid_y = 1) {
   constexpr int64_t kMaxGridY = 65535;
   for (const Table& tab : tables) {
-    if (tab.n_blocks == 0) continue;
+    if (tab.n_blocks == 0)
+      continue;
     for (int64_t y0 = 0; y0 < grid_y; y0 += kMaxGridY) {
       const unsigned ny = static_cast<unsigned>(std::min<int64_t>(kMaxGridY, grid_y - y0));
       multi_tensor_kernel<Body, Threads, Table, Args>

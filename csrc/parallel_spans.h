@@ -17,13 +17,15 @@ namespace opensora_fast {
 template <typename F>
 inline void for_each_span(const std::vector<int64_t>& start, int64_t grain, F&& fn) {
   const size_t n = start.size() - 1;
-  if (start[n] == 0) return;
+  if (start[n] == 0)
+    return;
   at::parallel_for(0, start[n], grain, [&](int64_t begin, int64_t end) {
     size_t i = std::upper_bound(start.begin(), start.end(), begin) - start.begin() - 1;
     for (; i < n && start[i] < end; ++i) {
       const int64_t lo = std::max(begin, start[i]) - start[i];
       const int64_t hi = std::min(end, start[i + 1]) - start[i];
-      if (hi > lo) fn(i, lo, hi);
+      if (hi > lo)
+        fn(i, lo, hi);
     }
   });
 }

@@ -20,10 +20,14 @@ namespace {
 std::atomic<bool> g_force_small_tables{false};
 
 // Sets the switch, returns its previous value (tests restore it).
-bool set_force_small_tables(bool on) { return g_force_small_tables.exchange(on); }
+bool set_force_small_tables(bool on) {
+  return g_force_small_tables.exchange(on);
+}
 }  // namespace
 
-bool force_small_tables() { return g_force_small_tables.load(std::memory_order_relaxed); }
+bool force_small_tables() {
+  return g_force_small_tables.load(std::memory_order_relaxed);
+}
 }  // namespace opensora_fast
 
 TORCH_LIBRARY(opensora_fast, m) {

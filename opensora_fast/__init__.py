@@ -5,6 +5,7 @@ Swap ``from opensora.utils.train import update_ema`` for
 :func:`patch_opensora` once, before the training script imports from
 ``opensora.utils``.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -45,24 +46,50 @@ _PORTS: dict[str, tuple[str, list[str]]] = {
     "opensora.utils.inference": (
         "opensora_fast.utils.inference",
         [
-            "create_tmp_csv", "modify_option_to_t2i", "get_save_path_name", "get_names_from_path",
-            "process_and_save", "check_fps_added", "ensure_sentence_ends_with_period",
-            "add_fps_info_to_text", "add_motion_score_to_text",
+            "create_tmp_csv",
+            "modify_option_to_t2i",
+            "get_save_path_name",
+            "get_names_from_path",
+            "process_and_save",
+            "check_fps_added",
+            "ensure_sentence_ends_with_period",
+            "add_fps_info_to_text",
+            "add_motion_score_to_text",
         ],
     ),
     "opensora.utils.train": (
         "opensora_fast.utils.train",
-        ["set_lr", "set_warmup_steps", "set_eps", "setup_device", "create_colossalai_plugin",
-         "dropout_condition", "warmup_ae"],
+        [
+            "set_lr",
+            "set_warmup_steps",
+            "set_eps",
+            "setup_device",
+            "create_colossalai_plugin",
+            "dropout_condition",
+            "warmup_ae",
+        ],
     ),
     "opensora.utils.optimizer": ("opensora_fast.utils.optimizer", ["create_optimizer", "create_lr_scheduler"]),
     "opensora.utils.misc": (
         "opensora_fast.utils.misc",
         [
-            "create_tensorboard_writer", "log_cuda_memory", "log_cuda_max_memory", "get_model_numel",
-            "log_model_params", "format_numel_str", "format_duration", "all_reduce_mean", "all_reduce_sum",
-            "to_tensor", "to_ndarray", "to_torch_dtype", "is_pipeline_enabled", "is_log_process",
-            "get_process_mem", "get_total_mem", "print_mem",
+            "create_tensorboard_writer",
+            "log_cuda_memory",
+            "log_cuda_max_memory",
+            "get_model_numel",
+            "log_model_params",
+            "format_numel_str",
+            "format_duration",
+            "all_reduce_mean",
+            "all_reduce_sum",
+            "to_tensor",
+            "to_ndarray",
+            "to_torch_dtype",
+            "is_pipeline_enabled",
+            "is_log_process",
+            "get_process_mem",
+            "get_total_mem",
+            "print_mem",
         ],
     ),
     "opensora.utils.logger": (
@@ -71,25 +98,54 @@ _PORTS: dict[str, tuple[str, list[str]]] = {
     ),
     "opensora.utils.config": (
         "opensora_fast.utils.config",
-        ["parse_args", "read_config", "parse_configs", "merge_args", "auto_convert", "sync_string",
-         "create_experiment_workspace", "config_to_name", "parse_alias"],
+        [
+            "parse_args",
+            "read_config",
+            "parse_configs",
+            "merge_args",
+            "auto_convert",
+            "sync_string",
+            "create_experiment_workspace",
+            "config_to_name",
+            "parse_alias",
+        ],
     ),
     "opensora.utils.sampling": (
         "opensora_fast.utils.sampling",
-        ["sanitize_sampling_option", "get_oscillation_gs", "time_shift", "get_res_lin_function",
-         "get_schedule", "get_noise", "pack", "unpack", "prepare", "prepare_ids"],
+        [
+            "sanitize_sampling_option",
+            "get_oscillation_gs",
+            "time_shift",
+            "get_res_lin_function",
+            "get_schedule",
+            "get_noise",
+            "pack",
+            "unpack",
+            "prepare",
+            "prepare_ids",
+        ],
     ),
     "opensora.utils.cai": (
         "opensora_fast.utils.cai",
         ["set_group_size", "init_inference_environment", "get_is_saving_process"],
     ),
     "opensora.utils.prompt_refine": (
-        "opensora_fast.utils.prompt_refine", ["image_to_url", "refine_prompt", "refine_prompts"],
+        "opensora_fast.utils.prompt_refine",
+        ["image_to_url", "refine_prompt", "refine_prompts"],
     ),
     "opensora.utils.ckpt": (
         "opensora_fast.utils.ckpt",
-        ["remove_padding", "record_model_param_shape", "load_checkpoint", "rm_checkpoints",
-         "load_master_weights", "save_json", "load_json", "load_from_hf_hub", "print_load_warning"],
+        [
+            "remove_padding",
+            "record_model_param_shape",
+            "load_checkpoint",
+            "rm_checkpoints",
+            "load_master_weights",
+            "save_json",
+            "load_json",
+            "load_from_hf_hub",
+            "print_load_warning",
+        ],
     ),
 }
 

@@ -2,6 +2,7 @@
 ``python -m opensora_fast demo [--size tiny|small|gpu] [--steps N] [--device D] [--out DIR]``:
 the side-by-side training demo. ``python -m opensora_fast run SCRIPT [ARGS...]``:
 patch an installed Open-Sora, then run SCRIPT unchanged (also under ``torchrun -m``)."""
+
 from __future__ import annotations
 
 import argparse
@@ -33,8 +34,10 @@ def run_script(script: str, args: list, quiet: bool = False) -> int:
             names = sorted({p.rsplit(".", 1)[1] for p in patched})
             print(f"opensora_fast: patched {len(patched)} Open-Sora locations ({', '.join(names)})", file=sys.stderr)
         else:
-            print("opensora_fast: nothing patched (no importable opensora.utils module); running the script as is",
-                  file=sys.stderr)
+            print(
+                "opensora_fast: nothing patched (no importable opensora.utils module); running the script as is",
+                file=sys.stderr,
+            )
     sys.argv = [script, *args]
     runpy.run_path(script, run_name="__main__")
     return 0

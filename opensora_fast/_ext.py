@@ -8,6 +8,7 @@ native kernel or the pure-PyTorch reference runs.
 * ``native``: the native kernel or a ``RuntimeError`` saying why it cannot run.
 * ``reference``: always the reference.
 """
+
 from __future__ import annotations
 
 import logging
@@ -148,9 +149,7 @@ def _parse_setting(raw: str | None) -> str:
         return _setting[1]  # read at every op call: parsed once per distinct value
     value = (raw or "auto").strip().lower() or "auto"
     if value not in _BACKENDS:
-        raise ValueError(
-            f"OPENSORA_FAST_BACKEND must be one of {', '.join(_BACKENDS)}; got {value!r}"
-        )
+        raise ValueError(f"OPENSORA_FAST_BACKEND must be one of {', '.join(_BACKENDS)}; got {value!r}")
     _setting = (raw, value)
     return value
 
@@ -195,7 +194,9 @@ def _decide(op: str, device_type: str, setting: str) -> bool:
     else:
         return True
     if setting == "native":
-        raise RuntimeError(f"OPENSORA_FAST_BACKEND=native but opensora_fast.{op} cannot run natively on {device_type}: {why}")
+        raise RuntimeError(
+            f"OPENSORA_FAST_BACKEND=native but opensora_fast.{op} cannot run natively on {device_type}: {why}"
+        )
     _say_once(op, device_type, why)
     return False
 

@@ -1,4 +1,5 @@
 """Parameter layouts of shipped Open-Sora models, for benchmarks and tests."""
+
 from __future__ import annotations
 
 

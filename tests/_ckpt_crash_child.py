@@ -2,6 +2,7 @@
 complete checkpoint of step 1, then for each kill point forks a process that
 saves step 2 and is killed with SIGKILL (at the k-th write phase, or after a
 random delay). Prints one JSON line per kill point."""
+
 import json
 import os
 import random
@@ -14,7 +15,7 @@ import torch
 
 torch.set_num_threads(1)
 
-from opensora_fast.utils import ckpt  # noqa: E402
+from opensora_fast.utils import _ckpt_write, ckpt  # noqa: E402
 
 
 class Ema(torch.nn.Module):
@@ -30,8 +31,17 @@ class Ema(torch.nn.Module):
 def save(root, seed, step):
     ema = Ema(seed)
     io = ckpt.CheckpointIO()
-    io.save(None, root, ema=ema, epoch=0, step=step, global_step=step, actual_update_step=step,
-            ema_shape_dict=ckpt.record_model_param_shape(ema), async_io=True)
+    io.save(
+        None,
+        root,
+        ema=ema,
+        epoch=0,
+        step=step,
+        global_step=step,
+        actual_update_step=step,
+        ema_shape_dict=ckpt.record_model_param_shape(ema),
+        async_io=True,
+    )
     io._sync_io()
 
 
@@ -41,13 +51,13 @@ def main():
     save(base, 1, 1)
     # count the write phases of one save, and time it
     phases = []
-    ckpt._phase_hook = phases.append
+    _ckpt_write.phase_hook = phases.append
     probe = os.path.join(work, "probe")
     shutil.copytree(base, probe)
     t0 = time.perf_counter()
     save(probe, 2, 2)
     took = time.perf_counter() - t0
-    ckpt._phase_hook = None
+    _ckpt_write.phase_hook = None
     points = [("phase", k) for k in range(1, len(phases) + 1)]
     rng = random.Random(1234)
     points += [("time", rng.uniform(0, 1.5 * took)) for _ in range(n_random)]
@@ -65,7 +75,7 @@ def main():
                         if count[0] == at:
                             os.kill(os.getpid(), signal.SIGKILL)
 
-                    ckpt._phase_hook = hook
+                    _ckpt_write.phase_hook = hook
                 save(root, 2, 2)
             finally:
                 os._exit(0)

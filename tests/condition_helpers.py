@@ -1,6 +1,7 @@
 """A tiny deterministic VAE-like encoder for the conditioning tests: only + and *
 (exact IEEE ops, the same in torch's vector and scalar paths), so its output for
 a sample does not depend on the batch it is encoded in, bit for bit."""
+
 from types import SimpleNamespace
 
 import torch

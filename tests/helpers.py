@@ -1,4 +1,5 @@
 """Shared test utilities."""
+
 import math
 
 import torch

@@ -1,16 +1,16 @@
 """AdamW+EMA op: native kernels vs torch's foreach AdamW, the reference, the
 EMA op, and the CUDA body's grid walk."""
+
 import math
 import os
 
 import pytest
 import torch
+from helpers import assert_bitwise_equal, rand
 
 from opensora_fast import ops
 from opensora_fast._ext import HAS_NATIVE
 from opensora_fast.reference import adamw_ema as ref
-
-from helpers import assert_bitwise_equal, rand
 
 pytestmark = pytest.mark.skipif(
     not HAS_NATIVE and os.environ.get("OPENSORA_FAST_NO_EXT") == "1", reason="OPENSORA_FAST_NO_EXT=1 install"
@@ -25,7 +25,10 @@ class Case:
     def __init__(self, groups, ema_dtypes=(), ema_only=(), seed=0, device="cpu"):
         g = torch.Generator().manual_seed(seed)
         self.p, self.g, self.m, self.v, self.vm, self.steps = [], [], [], [], [], []
-        self.sizes, self.hyper = [], {k: [] for k in ("lr", "beta1", "beta2", "eps", "weight_decay", "amsgrad", "maximize")}
+        self.sizes, self.hyper = (
+            [],
+            {k: [] for k in ("lr", "beta1", "beta2", "eps", "weight_decay", "amsgrad", "maximize")},
+        )
         for sizes, h in groups:
             self.sizes.append(len(sizes))
             for k in self.hyper:
@@ -51,7 +54,9 @@ class Case:
     def clone(self):
         c = Case.__new__(Case)
         c.sizes, c.hyper = list(self.sizes), {k: list(v) for k, v in self.hyper.items()}
-        c.p, c.g, c.m, c.v, c.vm, c.steps = ([t.clone() for t in lst] for lst in (self.p, self.g, self.m, self.v, self.vm, self.steps))
+        c.p, c.g, c.m, c.v, c.vm, c.steps = (
+            [t.clone() for t in lst] for lst in (self.p, self.g, self.m, self.v, self.vm, self.steps)
+        )
         c.ema = [t.clone() for t in self.ema]
         # a source that is a param stays that param
         idx = {id(p): i for i, p in enumerate(self.p)}
@@ -60,9 +65,25 @@ class Case:
 
     def args(self, decay=0.999):
         h = self.hyper
-        return (self.p, self.g, self.m, self.v, self.vm, self.steps, self.sizes, h["lr"], h["beta1"], h["beta2"],
-                h["eps"], h["weight_decay"], [int(x) for x in h["amsgrad"]], [int(x) for x in h["maximize"]],
-                self.ema, self.src, decay)
+        return (
+            self.p,
+            self.g,
+            self.m,
+            self.v,
+            self.vm,
+            self.steps,
+            self.sizes,
+            h["lr"],
+            h["beta1"],
+            h["beta2"],
+            h["eps"],
+            h["weight_decay"],
+            [int(x) for x in h["amsgrad"]],
+            [int(x) for x in h["maximize"]],
+            self.ema,
+            self.src,
+            decay,
+        )
 
     def assert_equal(self, other, msg=""):
         for name, a, b in zip(("p", "g", "m", "v", "vm", "steps", "ema", "src"), self.tensors(), other.tensors()):
@@ -71,8 +92,16 @@ class Case:
 
 
 def H(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, amsgrad=False, maximize=False, step=3):
-    return dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
-                maximize=maximize, step=step)
+    return dict(
+        lr=lr,
+        beta1=beta1,
+        beta2=beta2,
+        eps=eps,
+        weight_decay=weight_decay,
+        amsgrad=amsgrad,
+        maximize=maximize,
+        step=step,
+    )
 
 
 HYPERS = {
@@ -92,10 +121,17 @@ def torch_adamw(case: Case):
     lo = 0
     for gi, n in enumerate(case.sizes):
         h = {key: v[gi] for key, v in case.hyper.items()}
-        ps = [torch.nn.Parameter(t) for t in out.p[lo:lo + n]]
-        opt = torch.optim.AdamW(ps, lr=h["lr"], betas=(h["beta1"], h["beta2"]), eps=h["eps"],
-                                weight_decay=h["weight_decay"], amsgrad=h["amsgrad"], maximize=h["maximize"],
-                                foreach=True)
+        ps = [torch.nn.Parameter(t) for t in out.p[lo : lo + n]]
+        opt = torch.optim.AdamW(
+            ps,
+            lr=h["lr"],
+            betas=(h["beta1"], h["beta2"]),
+            eps=h["eps"],
+            weight_decay=h["weight_decay"],
+            amsgrad=h["amsgrad"],
+            maximize=h["maximize"],
+            foreach=True,
+        )
         for j, p in enumerate(ps):
             p.grad = out.g[lo + j]
             st = dict(step=out.steps[lo + j], exp_avg=out.m[lo + j], exp_avg_sq=out.v[lo + j])
@@ -135,12 +171,19 @@ def test_native_cpu_vs_torch_foreach_adamw_and_reference(hyper):
     groups = [(SIZES, HYPERS[hyper]), ([5, 33], dict(HYPERS[hyper], lr=0.02))]
     case = Case(groups, seed=1)
     want, other = torch_adamw(case), case.clone()
-    decayed = [p * torch.tensor(1 - h["lr"] * h["weight_decay"], dtype=torch.float32)
-               for p, h in zip(case.p, [groups[0][1]] * len(SIZES) + [groups[1][1]] * 2)]
+    decayed = [
+        p * torch.tensor(1 - h["lr"] * h["weight_decay"], dtype=torch.float32)
+        for p, h in zip(case.p, [groups[0][1]] * len(SIZES) + [groups[1][1]] * 2)
+    ]
     torch.ops.opensora_fast.adamw_ema_(*case.args())
     ref.adamw_ema_(*other.args())
     case.assert_equal(other, hyper)
-    for name, a, b in (("m", case.m, want.m), ("v", case.v, want.v), ("vm", case.vm, want.vm), ("steps", case.steps, want.steps)):
+    for name, a, b in (
+        ("m", case.m, want.m),
+        ("v", case.v, want.v),
+        ("vm", case.vm, want.vm),
+        ("steps", case.steps, want.steps),
+    ):
         for i, (x, y) in enumerate(zip(a, b)):
             assert_bitwise_equal(x, y, f"{hyper} {name}[{i}]")
     for i, (x, y, d) in enumerate(zip(case.p, want.p, decayed)):
@@ -234,11 +277,29 @@ def _bad_cases():
     def with_(**kw):
         def mutate(c):
             a = list(c.args())
-            names = ["params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "steps", "group_sizes", "lr",
-                     "beta1", "beta2", "eps", "weight_decay", "amsgrad", "maximize", "ema", "ema_src", "decay"]
+            names = [
+                "params",
+                "grads",
+                "exp_avgs",
+                "exp_avg_sqs",
+                "max_exp_avg_sqs",
+                "steps",
+                "group_sizes",
+                "lr",
+                "beta1",
+                "beta2",
+                "eps",
+                "weight_decay",
+                "amsgrad",
+                "maximize",
+                "ema",
+                "ema_src",
+                "decay",
+            ]
             for k, v in kw.items():
                 a[names.index(k)] = v(c) if callable(v) else v
             return a
+
         return mutate
 
     def setp(lst, i, t):
@@ -246,12 +307,18 @@ def _bad_cases():
             x = list(getattr(c, lst))
             x[i] = t(c) if callable(t) else t
             return x
+
         return f_
 
     return [
         ("len grads", with_(grads=lambda c: c.g[:1]), ValueError, "len(params)=2, len(grads)=1"),
         ("group lists", with_(lr=[1e-3, 1e-3]), ValueError, "one value per group"),
-        ("group sizes", with_(group_sizes=[3]), ValueError, "group_sizes must be >= 0 and sum to len(params)=2, got [3]"),
+        (
+            "group sizes",
+            with_(group_sizes=[3]),
+            ValueError,
+            "group_sizes must be >= 0 and sum to len(params)=2, got [3]",
+        ),
         ("max len", with_(max_exp_avg_sqs=lambda c: [f(3)]), ValueError, "max_exp_avg_sqs must have one tensor"),
         ("ema len", with_(ema_src=[]), ValueError, "len(ema)=2 and len(ema_src)=0"),
         ("lr nan", with_(lr=[math.nan]), ValueError, "lr[0] must be finite and >= 0, got nan"),
@@ -261,30 +328,74 @@ def _bad_cases():
         ("beta1 1", with_(beta1=[1.0]), ValueError, "beta1[0] must be in [0, 1), got 1.0"),
         ("beta2 nan", with_(beta2=[math.nan]), ValueError, "beta2[0] must be in [0, 1), got nan"),
         ("decay", with_(decay=1.5), ValueError, "decay must be in [0, 1], got 1.5"),
-        ("bf16 param", with_(params=setp("p", 1, lambda c: c.p[1].bfloat16())), TypeError,
-         "params[1] has dtype torch.bfloat16; expected torch.float32"),
+        (
+            "bf16 param",
+            with_(params=setp("p", 1, lambda c: c.p[1].bfloat16())),
+            TypeError,
+            "params[1] has dtype torch.bfloat16; expected torch.float32",
+        ),
         ("bf16 grad", with_(grads=setp("g", 1, lambda c: c.g[1].bfloat16())), TypeError, "grads[1] has dtype"),
-        ("grad shape", with_(grads=setp("g", 1, lambda c: f(4))), ValueError,
-         "grads[1] has shape [4] but params[1] has shape [5]"),
-        ("m strided", with_(exp_avgs=setp("m", 1, lambda c: torch.zeros(5, 2)[:, 0])), ValueError,
-         "exp_avgs[1] is not contiguous"),
-        ("step dtype", with_(steps=setp("steps", 1, lambda c: torch.tensor(3.0, dtype=torch.float64))), ValueError,
-         "steps[1] must be a float32 tensor of one element on the CPU"),
-        ("ema int", with_(ema=setp("ema", 1, lambda c: f(5, torch.int32))), TypeError,
-         "ema[1] has dtype torch.int32; expected float32, bfloat16 or float16"),
-        ("ema shape", with_(ema=setp("ema", 1, lambda c: f(6, torch.bfloat16))), ValueError,
-         "ema[1] has shape [6] but ema_src[1] has shape [5]"),
-        ("ema src dtype", with_(ema_src=setp("src", 1, lambda c: f(5, torch.bfloat16))), TypeError,
-         "ema_src[1] has dtype torch.bfloat16"),
-        ("meta", with_(grads=setp("g", 1, lambda c: torch.zeros(5, device="meta"))), ValueError,
-         "params[0] is on cpu but grads[1] is on meta"),
-        ("alias m=p", with_(exp_avgs=setp("m", 1, lambda c: c.p[1])), ValueError,
-         "params[1] and exp_avgs[1] overlap in memory"),
+        (
+            "grad shape",
+            with_(grads=setp("g", 1, lambda c: f(4))),
+            ValueError,
+            "grads[1] has shape [4] but params[1] has shape [5]",
+        ),
+        (
+            "m strided",
+            with_(exp_avgs=setp("m", 1, lambda c: torch.zeros(5, 2)[:, 0])),
+            ValueError,
+            "exp_avgs[1] is not contiguous",
+        ),
+        (
+            "step dtype",
+            with_(steps=setp("steps", 1, lambda c: torch.tensor(3.0, dtype=torch.float64))),
+            ValueError,
+            "steps[1] must be a float32 tensor of one element on the CPU",
+        ),
+        (
+            "ema int",
+            with_(ema=setp("ema", 1, lambda c: f(5, torch.int32))),
+            TypeError,
+            "ema[1] has dtype torch.int32; expected float32, bfloat16 or float16",
+        ),
+        (
+            "ema shape",
+            with_(ema=setp("ema", 1, lambda c: f(6, torch.bfloat16))),
+            ValueError,
+            "ema[1] has shape [6] but ema_src[1] has shape [5]",
+        ),
+        (
+            "ema src dtype",
+            with_(ema_src=setp("src", 1, lambda c: f(5, torch.bfloat16))),
+            TypeError,
+            "ema_src[1] has dtype torch.bfloat16",
+        ),
+        (
+            "meta",
+            with_(grads=setp("g", 1, lambda c: torch.zeros(5, device="meta"))),
+            ValueError,
+            "params[0] is on cpu but grads[1] is on meta",
+        ),
+        (
+            "alias m=p",
+            with_(exp_avgs=setp("m", 1, lambda c: c.p[1])),
+            ValueError,
+            "params[1] and exp_avgs[1] overlap in memory",
+        ),
         ("ema=src", with_(ema=setp("ema", 1, lambda c: c.p[1])), ValueError, "overlap in memory"),
-        ("twice twin", with_(ema_src=lambda c: [c.p[0], c.p[0]], ema=lambda c: [c.ema[0], f(3, torch.bfloat16)]),
-         ValueError, "ema_src[0] and ema_src[1] are both params[0]"),
-        ("partial src", with_(ema_src=setp("src", 1, lambda c: c.p[1][:4]),
-                              ema=setp("ema", 1, lambda c: f(4, torch.bfloat16))), ValueError, "overlap in memory"),
+        (
+            "twice twin",
+            with_(ema_src=lambda c: [c.p[0], c.p[0]], ema=lambda c: [c.ema[0], f(3, torch.bfloat16)]),
+            ValueError,
+            "ema_src[0] and ema_src[1] are both params[0]",
+        ),
+        (
+            "partial src",
+            with_(ema_src=setp("src", 1, lambda c: c.p[1][:4]), ema=setp("ema", 1, lambda c: f(4, torch.bfloat16))),
+            ValueError,
+            "overlap in memory",
+        ),
     ]
 
 
@@ -304,8 +415,9 @@ def test_bad_input_same_error_everywhere_nothing_written(bad, backend, monkeypat
         from torch._subclasses.fake_tensor import FakeTensorMode
 
         mode = FakeTensorMode(allow_non_fake_inputs=False)
-        args = [[mode.from_tensor(t) if torch.is_tensor(t) else t for t in a] if isinstance(a, list) else a
-                for a in args]
+        args = [
+            [mode.from_tensor(t) if torch.is_tensor(t) else t for t in a] if isinstance(a, list) else a for a in args
+        ]
         with mode, pytest.raises(exc) as info:
             torch.ops.opensora_fast.adamw_ema_(*args)
     else:
@@ -352,8 +464,12 @@ def _to(case, device):
 @pytest.mark.parametrize("stochastic", [False, True], ids=["compat", "stochastic"])
 def test_cuda_equals_cpu_bitwise(stochastic, small):
     groups = [([1, 3, 4099, 32769, 2**20 + 3] + [64] * 300, HYPERS["amsgrad"]), ([7, 70000], HYPERS["maximize"])]
-    case = Case(groups, ema_dtypes=[torch.bfloat16, torch.float16, torch.float32] * 103,
-                ema_only=[(5000, torch.bfloat16)], seed=8)
+    case = Case(
+        groups,
+        ema_dtypes=[torch.bfloat16, torch.float16, torch.float32] * 103,
+        ema_only=[(5000, torch.bfloat16)],
+        seed=8,
+    )
     gpu = _to(case, "cuda")
     prev = torch.ops.opensora_fast._force_small_tables(small)
     try:

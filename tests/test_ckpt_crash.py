@@ -3,17 +3,16 @@ moments (a forked process per kill point, from one helper that imports torch
 once): the previous checkpoint always loads bit for bit, the new one either
 loads bit for bit or does not exist under a checkpoint name; load refuses the
 partial, rm_checkpoints ignores it, and the next save succeeds."""
+
 import json
 import os
 import subprocess
 import sys
 
 import pytest
-import torch
+from helpers import assert_bitwise_equal
 
 from opensora_fast.utils import ckpt
-
-from helpers import assert_bitwise_equal
 
 sys.path.insert(0, os.path.dirname(__file__))
 from _ckpt_crash_child import Ema  # noqa: E402
@@ -33,7 +32,10 @@ def test_sigkill_at_every_phase_and_random_moments(tmp_path):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run(
         [sys.executable, os.path.join(HERE, "_ckpt_crash_child.py"), str(tmp_path), "12"],
-        capture_output=True, text=True, env=env, timeout=120,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = [json.loads(line) for line in proc.stdout.splitlines()]
@@ -69,8 +71,16 @@ def test_sigkill_at_every_phase_and_random_moments(tmp_path):
     r = next(r for r in runs if r["kind"] == "phase" and r["at"] == 3)
     ema = Ema(2)
     io = ckpt.CheckpointIO()
-    path = io.save(None, r["root"], ema=ema, epoch=0, step=2, global_step=2, actual_update_step=2,
-                   ema_shape_dict=ckpt.record_model_param_shape(ema))
+    path = io.save(
+        None,
+        r["root"],
+        ema=ema,
+        epoch=0,
+        step=2,
+        global_step=2,
+        actual_update_step=2,
+        ema_shape_dict=ckpt.record_model_param_shape(ema),
+    )
     io._sync_io()
     _loads_as(path, 2)
     assert not os.path.exists(os.path.join(r["root"], ".epoch0-global_step2.partial"))

@@ -3,6 +3,7 @@ every case inside it): sharding then gathering returns the original exactly
 and equals the upstream-faithful reference; master weights over two process
 groups; bad input raises on every rank (no rank left in a collective, nothing
 written); CheckpointIO save -> load round trip, bit-exact."""
+
 import os
 import socket
 
@@ -10,11 +11,10 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
-from opensora_fast.reference import ckpt as ref
-from opensora_fast.utils import ckpt
-
 from helpers import assert_bitwise_equal
+
+from opensora_fast.reference.upstream import ckpt as ref
+from opensora_fast.utils import _ckpt_gather, _ckpt_io, ckpt
 
 # (name, shape, dtype): smaller than the world, 0-dim, odd, bf16 and fp32
 SHAPES = [
@@ -126,9 +126,15 @@ def _cases(rank, world, tmp):
             assert_bitwise_equal(pinned[k], v, k)
     # staging=True: whole parameters go through the staging buffer, parameters
     # split across buckets (b.w at 40 bytes per rank) are still written directly
-    for bucket_bytes, collective, staging in ((40 * world, "gather", False), (40 * world, "gather", True),
-                                              (1000, "all_gather", False), (1000, "all_gather", True),
-                                              (1000, "gather", False), (None, "auto", False), (None, "auto", True)):
+    for bucket_bytes, collective, staging in (
+        (40 * world, "gather", False),
+        (40 * world, "gather", True),
+        (1000, "all_gather", False),
+        (1000, "all_gather", True),
+        (1000, "gather", False),
+        (None, "auto", False),
+        (None, "auto", True),
+    ):
         pinned = _pinned_for(shapes, ema) if rank == 0 else None
         if rank == 0:
             for v in pinned.values():
@@ -149,11 +155,11 @@ def _cases(rank, world, tmp):
         # segmented: CheckpointIO's buffers split into 64-byte segments (runs end there)
         for net, order, segment in ((up_net, 1, None), (ema, 1, None), (ema, -1, None), (ema, 1, 64)):
             entries = [(k, v.shape, v.dtype) for k, v in _pinned_for(shapes, net).items()][::order]
-            full_segment, ckpt.PIN_SEGMENT_BYTES = ckpt.PIN_SEGMENT_BYTES, segment or ckpt.PIN_SEGMENT_BYTES
+            full_segment, _ckpt_io.PIN_SEGMENT_BYTES = _ckpt_io.PIN_SEGMENT_BYTES, segment or _ckpt_io.PIN_SEGMENT_BYTES
             try:
                 flat = ckpt.CheckpointIO._pinned_dict(entries)
             finally:
-                ckpt.PIN_SEGMENT_BYTES = full_segment
+                _ckpt_io.PIN_SEGMENT_BYTES = full_segment
             if rank == 0:
                 fp32 = [flat[k] for k in shapes if flat[k].dtype == torch.float32]
                 assert ckpt._side_by_side(fp32 if order == 1 else fp32[::-1]) == (segment is None)
@@ -162,8 +168,9 @@ def _cases(rank, world, tmp):
             ckpt.model_gathering(net, shapes, flat if rank == 0 else None, bucket_bytes=bucket_bytes, staging=staging)
             if rank == 0:
                 for k, v in orig.items():
-                    assert_bitwise_equal(flat[k], v, f"{k} bucket_bytes={bucket_bytes} staging={staging} "
-                                         f"order={order} segment={segment}")
+                    assert_bitwise_equal(
+                        flat[k], v, f"{k} bucket_bytes={bucket_bytes} staging={staging} order={order} segment={segment}"
+                    )
 
     # extra memory within two buckets, every buffer counted, on every rank:
     # packed (upstream-sharded) or side-by-side shards, staged or not
@@ -185,14 +192,16 @@ def _cases(rank, world, tmp):
                 entries = [(k, v.shape, v.dtype) for k, v in _pinned_for(shapes, net).items()]
                 flat = ckpt.CheckpointIO._pinned_dict(entries)
                 rec = Recorder()
-                ckpt.torch = rec
+                _ckpt_gather.torch = rec  # where the gather makes its buffers
                 try:
-                    ckpt.model_gathering(net, shapes, flat if rank == 0 else None, bucket_bytes=bucket_bytes,
-                                         staging=staging)
+                    ckpt.model_gathering(
+                        net, shapes, flat if rank == 0 else None, bucket_bytes=bucket_bytes, staging=staging
+                    )
                 finally:
-                    ckpt.torch = torch
+                    _ckpt_gather.torch = torch
                 # per dtype group (fp32 and bf16 run one after the other)
-                assert rank != 0 or rec.nbytes > 0
+                # world 1: no collective, no bucket, nothing allocated
+                assert rank != 0 or (rec.nbytes > 0) == (world > 1)
                 assert rec.nbytes <= 2 * 2 * bucket_bytes, (rec.nbytes, bucket_bytes, staging, world, rank)
                 if rank == 0:
                     for k, v in orig.items():
@@ -235,8 +244,12 @@ def _cases(rank, world, tmp):
     # bad input: every rank raises, rank 0 names the thing, nothing written
     bad_shapes = dict(shapes)
     bad_shapes["b_w"] = torch.Size([40, 17])
-    _expect_error(lambda: ckpt.model_gathering(ema, bad_shapes, _pinned_for(shapes, ema) if rank == 0 else None),
-                  0, ValueError, "'b_w' has a local shard")  # every rank sees its own shard mismatch
+    _expect_error(
+        lambda: ckpt.model_gathering(ema, bad_shapes, _pinned_for(shapes, ema) if rank == 0 else None),
+        0,
+        ValueError,
+        "'b_w' has a local shard",
+    )  # every rank sees its own shard mismatch
     pinned = _pinned_for(shapes, ema) if rank == 0 else None
     if rank == 0:
         del pinned["b_b"]
@@ -248,7 +261,9 @@ def _cases(rank, world, tmp):
     pinned = _pinned_for(shapes, ema) if rank == 0 else None
     if rank == 0:
         pinned["a_w"] = torch.empty(5, 3, dtype=torch.float64)
-    _expect_error(lambda: ckpt.model_gathering(ema, shapes, pinned), rank, ValueError, "['a_w'] has dtype torch.float64")
+    _expect_error(
+        lambda: ckpt.model_gathering(ema, shapes, pinned), rank, ValueError, "['a_w'] has dtype torch.float64"
+    )
     if rank == 0:
         pinned["a_w"] = torch.empty(3, 5)
     _expect_error(lambda: ckpt.model_gathering(ema, shapes, pinned), rank, ValueError, "['a_w'] has shape [3, 5]")
@@ -258,11 +273,21 @@ def _cases(rank, world, tmp):
     _expect_error(lambda: ckpt.model_gathering(ema, shapes, pinned), rank, ValueError, "['a_w'] is not contiguous")
     if rank == 0:
         pinned["a_w"] = [0.0]
-    _expect_error(lambda: ckpt.model_gathering(ema, shapes, pinned), rank, ValueError, "['a_w'] is a list, not a tensor")
-    _expect_error(lambda: ckpt.model_gathering(ema, shapes, _pinned_for(shapes, ema), bucket_bytes=world * 2 - 1),
-                  0, ValueError, "holds less than one")
-    _expect_error(lambda: ckpt.model_gathering(ema, shapes, _pinned_for(shapes, ema), staging="yes"),
-                  0, TypeError, "staging must be None or a bool")
+    _expect_error(
+        lambda: ckpt.model_gathering(ema, shapes, pinned), rank, ValueError, "['a_w'] is a list, not a tensor"
+    )
+    _expect_error(
+        lambda: ckpt.model_gathering(ema, shapes, _pinned_for(shapes, ema), bucket_bytes=world * 2 - 1),
+        0,
+        ValueError,
+        "holds less than one",
+    )
+    _expect_error(
+        lambda: ckpt.model_gathering(ema, shapes, _pinned_for(shapes, ema), staging="yes"),
+        0,
+        TypeError,
+        "staging must be None or a bool",
+    )
 
     # CheckpointIO round trip: EMA (sharded), master weights, plain model and
     # optimizer, without colossalai; then the loaded EMA re-sharded equals the live one
@@ -273,8 +298,19 @@ def _cases(rank, world, tmp):
     adam.step()
     zero = FakeZero(model, lambda n: dist.group.WORLD)
     io = ckpt.CheckpointIO(bucket_bytes=256)
-    out = io.save(None, tmp, model=opt_model, ema=ema, optimizer=adam, epoch=1, step=5, global_step=9,
-                  actual_update_step=9, ema_shape_dict=shapes, async_io=True)
+    out = io.save(
+        None,
+        tmp,
+        model=opt_model,
+        ema=ema,
+        optimizer=adam,
+        epoch=1,
+        step=5,
+        global_step=9,
+        actual_update_step=9,
+        ema_shape_dict=shapes,
+        async_io=True,
+    )
     io._sync_io()
     dist.barrier()
     assert os.path.basename(out) == "epoch1-global_step9" and os.path.isfile(os.path.join(out, "running_states.json"))
@@ -291,8 +327,18 @@ def _cases(rank, world, tmp):
 
     # master weights through save/load (one ZeRO group, the world)
     io2 = ckpt.CheckpointIO()
-    out2 = io2.save(None, tmp, model=model, optimizer=zero, epoch=1, step=6, global_step=10,
-                    actual_update_step=10, async_io=False, include_master_weights=True)
+    out2 = io2.save(
+        None,
+        tmp,
+        model=model,
+        optimizer=zero,
+        epoch=1,
+        step=6,
+        global_step=10,
+        actual_update_step=10,
+        async_io=False,
+        include_master_weights=True,
+    )
     want = {k: v.clone() for k, v in zero.w2m.items()}
     for v in zero.w2m.values():
         v.fill_(123.0)

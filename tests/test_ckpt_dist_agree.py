@@ -6,6 +6,7 @@ bucket_bytes or collective to the gathers are refused on every rank (no gloo
 abort); the other ranks' error names the function and the failing rank's
 message; every dtype group is checked before anything is written. After each
 failure the ranks are still in step: the next save works."""
+
 import datetime
 import os
 import socket
@@ -15,13 +16,16 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
-from opensora_fast.utils import ckpt
-
 from helpers import assert_bitwise_equal
 
-SHAPES = [("w", (5, 3), torch.bfloat16), ("v", (7,), torch.bfloat16), ("b", (4,), torch.float32),
-          ("c", (), torch.float32)]
+from opensora_fast.utils import _ckpt_write, ckpt
+
+SHAPES = [
+    ("w", (5, 3), torch.bfloat16),
+    ("v", (7,), torch.bfloat16),
+    ("b", (4,), torch.float32),
+    ("c", (), torch.float32),
+]
 FAST = 10.0  # seconds: far below the 60 s process-group timeout set below
 
 
@@ -67,8 +71,9 @@ def _worker(rank, world, port, tmp):
 
 
 def _save(io, tmp, ema, shapes, step, **kw):
-    return io.save(None, tmp, ema=ema, epoch=0, step=step, global_step=step, actual_update_step=step,
-                   ema_shape_dict=shapes, **kw)
+    return io.save(
+        None, tmp, ema=ema, epoch=0, step=step, global_step=step, actual_update_step=step, ema_shape_dict=shapes, **kw
+    )
 
 
 def _cases(rank, world, tmp):
@@ -79,8 +84,10 @@ def _cases(rank, world, tmp):
 
     # --- the gathers: options every rank must share
     pinned = _pinned(shapes, ema) if rank == 0 else None
-    for kw, name in (({"bucket_bytes": 1024 + 8 * rank}, "bucket_bytes"),
-                     ({"collective": "gather" if rank else "all_gather"}, "collective")):
+    for kw, name in (
+        ({"bucket_bytes": 1024 + 8 * rank}, "bucket_bytes"),
+        ({"collective": "gather" if rank else "all_gather"}, "collective"),
+    ):
         t0 = time.monotonic()
         with pytest.raises(ValueError, match=f"model_gathering: the ranks passed different {name}"):
             ckpt.model_gathering(ema, shapes, pinned, **kw)
@@ -91,8 +98,13 @@ def _cases(rank, world, tmp):
     if rank == 0:
         bad = dict(pinned)
         del bad["v"]
-    _fails_everywhere(rank, lambda: ckpt.model_gathering(ema, shapes, bad if rank == 0 else None),
-                      ValueError, "pinned_state_dict has no entry 'v'", "model_gathering: ")
+    _fails_everywhere(
+        rank,
+        lambda: ckpt.model_gathering(ema, shapes, bad if rank == 0 else None),
+        ValueError,
+        "pinned_state_dict has no entry 'v'",
+        "model_gathering: ",
+    )
     # bf16 first (fits), fp32 later (does not): refused before the bf16 group is written
     with pytest.raises(ValueError, match="model_gathering: bucket_bytes=.* holds less than one torch.float32"):
         ckpt.model_gathering(ema, shapes, pinned, bucket_bytes=world * 2)
@@ -113,17 +125,31 @@ def _cases(rank, world, tmp):
     if rank == 0:
         ckpt.CheckpointIO._pinned_dict = staticmethod(cannot_pin)
     try:
-        _fails_everywhere(rank, lambda: _save(io, tmp, ema, shapes, 1), MemoryError, "cannot pin 22 GB",
-                          "CheckpointIO.save: ")
+        _fails_everywhere(
+            rank, lambda: _save(io, tmp, ema, shapes, 1), MemoryError, "cannot pin 22 GB", "CheckpointIO.save: "
+        )
     finally:
         ckpt.CheckpointIO._pinned_dict = staticmethod(real)
     dist.barrier()
     assert not os.listdir(tmp), os.listdir(tmp)  # the temporary directory was removed
     dist.barrier()  # rank 0 makes the next save's directory as soon as it is past the first
     # one rank's bad counter
-    _fails_everywhere(rank, lambda: io.save(None, tmp, ema=ema, epoch=0 if rank != world - 1 else "0/..",
-                                            step=1, actual_update_step=1, ema_shape_dict=shapes),
-                      TypeError, "epoch must be a non-negative int", "CheckpointIO.save: ", failing=world - 1)
+    _fails_everywhere(
+        rank,
+        lambda: io.save(
+            None,
+            tmp,
+            ema=ema,
+            epoch=0 if rank != world - 1 else "0/..",
+            step=1,
+            actual_update_step=1,
+            ema_shape_dict=shapes,
+        ),
+        TypeError,
+        "epoch must be a non-negative int",
+        "CheckpointIO.save: ",
+        failing=world - 1,
+    )
     path = _save(io, tmp, ema, shapes, 1)
     io._sync_io()
     dist.barrier()
@@ -131,16 +157,22 @@ def _cases(rank, world, tmp):
     # --- a background write that fails on rank 0 surfaces on every rank at the next save
     real_write = ckpt._write_safetensors
     if rank == 0:
+
         def disk_full(p, tensors, show=False):
             raise OSError(28, "No space left on device", p)
 
-        ckpt._write_safetensors = disk_full
+        _ckpt_write.write_safetensors = disk_full
     try:
         _save(io, tmp, ema, shapes, 2)
-        _fails_everywhere(rank, lambda: _save(io, tmp, ema, shapes, 3), RuntimeError,
-                          "epoch0-global_step2 failed: OSError", "CheckpointIO.save: ")
+        _fails_everywhere(
+            rank,
+            lambda: _save(io, tmp, ema, shapes, 3),
+            RuntimeError,
+            "epoch0-global_step2 failed: OSError",
+            "CheckpointIO.save: ",
+        )
     finally:
-        ckpt._write_safetensors = real_write
+        _ckpt_write.write_safetensors = real_write
     dist.barrier()
     assert sorted(os.listdir(tmp)) == ["epoch0-global_step1"]
     dist.barrier()  # rank 0 makes the next save's directory as soon as it is past the first
@@ -151,8 +183,13 @@ def _cases(rank, world, tmp):
     # --- a load that fails on one rank fails on every rank
     back = Net(5)
     wrong = torch.nn.Linear(2, 2)
-    _fails_everywhere(rank, lambda: io.load(None, path3, ema=back if rank else wrong, strict=True),
-                      RuntimeError, "Error(s) in loading state_dict", "CheckpointIO.load: ")
+    _fails_everywhere(
+        rank,
+        lambda: io.load(None, path3, ema=back if rank else wrong, strict=True),
+        RuntimeError,
+        "Error(s) in loading state_dict",
+        "CheckpointIO.load: ",
+    )
     for p in (path, path3):
         back = Net(5)
         assert io.load(None, p, ema=back, strict=True) == (0, int(p[-1]))

@@ -7,6 +7,7 @@ line and exit status 1, never 0. The previous checkpoint still loads, and no
 partial directory is left. One interpreter (torch imported once) forks a
 process per scenario; each forked process ends through the normal
 interpreter exit, so its atexit handlers run."""
+
 import json
 import os
 import subprocess
@@ -31,8 +32,16 @@ def _save(io, root, seed, step, n):
     from opensora_fast.utils import ckpt
 
     ema = Ema(seed, n)
-    return io.save(None, root, ema=ema, epoch=0, step=step, global_step=step, actual_update_step=step,
-                   ema_shape_dict=ckpt.record_model_param_shape(ema))
+    return io.save(
+        None,
+        root,
+        ema=ema,
+        epoch=0,
+        step=step,
+        global_step=step,
+        actual_update_step=step,
+        ema_shape_dict=ckpt.record_model_param_shape(ema),
+    )
 
 
 def _scenario(name, root):
@@ -105,8 +114,9 @@ def _loads_as(path, seed, n):
 
 def test_failed_background_write_surfaces(tmp_path):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), str(tmp_path)], capture_output=True, text=True,
-                          env=env, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), str(tmp_path)], capture_output=True, text=True, env=env, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(proc.stdout.splitlines()[-1])
     failed = "writing {}/epoch0-global_step2 failed: OSError: [Errno 27] File too large"
@@ -125,8 +135,9 @@ def test_failed_background_write_surfaces(tmp_path):
         # the previous checkpoint is intact; the failed one left nothing behind
         _loads_as(os.path.join(r["root"], "epoch0-global_step1"), 1, 1000)
         left = sorted(os.listdir(r["root"]))
-        assert left == (["epoch0-global_step1", "epoch0-global_step3"] if name == "next"
-                        else ["epoch0-global_step1"]), left
+        assert left == (
+            ["epoch0-global_step1", "epoch0-global_step3"] if name == "next" else ["epoch0-global_step1"]
+        ), left
     assert "then saved epoch0-global_step3" in got["next"]["log"]
     _loads_as(os.path.join(got["next"]["root"], "epoch0-global_step3"), 3, 1000)
 

@@ -5,16 +5,16 @@ dtype or shapes change; a failed background write raised at _sync_io, close
 and the next save; save_json atomic when the write fails halfway;
 rm_checkpoints by number, on a listed (not globbed) save_dir; rename_keys as
 upstream applies it."""
+
 import json
 import os
 
 import pytest
 import torch
+from helpers import assert_bitwise_equal
 from safetensors.torch import load_file, save_file
 
-from opensora_fast.utils import _ckpt_exit, _ckpt_files, ckpt
-
-from helpers import assert_bitwise_equal
+from opensora_fast.utils import _ckpt_exit, _ckpt_files, _ckpt_write, ckpt
 
 
 class Net(torch.nn.Module):
@@ -48,8 +48,17 @@ def _parts(seed):
 
 
 def _save(io, root, step, parts, **kw):
-    return io.save(None, str(root), epoch=0, step=step, global_step=step, actual_update_step=step,
-                   ema_shape_dict=ckpt.record_model_param_shape(parts["ema"]), **parts, **kw)
+    return io.save(
+        None,
+        str(root),
+        epoch=0,
+        step=step,
+        global_step=step,
+        actual_update_step=step,
+        ema_shape_dict=ckpt.record_model_param_shape(parts["ema"]),
+        **parts,
+        **kw,
+    )
 
 
 def _same(a, b):
@@ -94,15 +103,21 @@ def test_every_file_and_the_directory_are_fsynced_before_the_rename(tmp_path, mo
     # a file renamed into place (save_json) counts when its temporary name was fsynced, then replaced
     moved = {e[2]: e[1] for e in before if e[0] == "replace"}
     names = sorted(os.listdir(final))
-    assert names == ["ema.safetensors", "lr_scheduler.pt", "model.safetensors", "optimizer.pt",
-                     "running_states.json", "sampler"]
+    assert names == [
+        "ema.safetensors",
+        "lr_scheduler.pt",
+        "model.safetensors",
+        "optimizer.pt",
+        "running_states.json",
+        "sampler",
+    ]
     for name in names:
         path = os.path.join(tmp, name)
         assert path in synced or moved.get(path) in synced, f"{name} not fsynced before the rename"
     # the directory after its last entry was made, and its parent after the rename
     last_entry = max(i for i, e in enumerate(before) if e[0] == "replace")
     assert ("fsync", tmp) in before[last_entry:], "the directory was not fsynced before the rename"
-    assert ("fsync", os.path.dirname(final)) in events[done[0]:], "the rename itself was not made durable"
+    assert ("fsync", os.path.dirname(final)) in events[done[0] :], "the rename itself was not made durable"
 
 
 # ----------------------------------------------------------------- checksums
@@ -135,8 +150,9 @@ def test_checksums_recorded_and_a_flipped_bit_is_an_error_naming_the_file(tmp_pa
         io.load(None, path, ema=target)
     _same(target, Net(9))  # nothing loaded
     io.load(None, path, ema=target, verify=False)  # skippable: loads the damaged bytes
-    assert not torch.equal(target.state_dict()["w"], parts["ema"].state_dict()["w"]) or \
-        not torch.equal(target.state_dict()["b"], parts["ema"].state_dict()["b"])
+    assert not torch.equal(target.state_dict()["w"], parts["ema"].state_dict()["w"]) or not torch.equal(
+        target.state_dict()["b"], parts["ema"].state_dict()["b"]
+    )
     # a load that does not read the damaged file is not refused
     io.load(None, path, optimizer=back["optimizer"], sampler=Sampler())
 
@@ -156,20 +172,23 @@ def test_checksums_recorded_and_a_flipped_bit_is_an_error_naming_the_file(tmp_pa
 # ----------------------------------------------------------------- counters
 
 
-@pytest.mark.parametrize("arg, value, exc, text", [
-    ("epoch", "0/../../x", TypeError, "epoch must be a non-negative int, got str"),
-    ("epoch", 1.0, TypeError, "epoch must be a non-negative int, got float"),
-    ("epoch", True, TypeError, "epoch must be a non-negative int, got bool"),
-    ("epoch", None, TypeError, "epoch must be a non-negative int, got NoneType"),
-    ("epoch", -1, ValueError, "epoch must be a non-negative int, got -1"),
-    ("actual_update_step", "7", TypeError, "actual_update_step must be a non-negative int"),
-    ("actual_update_step", -3, ValueError, "actual_update_step must be a non-negative int"),
-    ("step", 2.5, TypeError, "step must be a non-negative int"),
-    ("step", False, TypeError, "step must be a non-negative int, got bool"),
-    ("global_step", "3", TypeError, "global_step must be a non-negative int"),
-    ("batch_size", 0.5, TypeError, "batch_size must be a non-negative int"),
-    ("step", torch.tensor(1.5), TypeError, "step must be a non-negative int"),
-])
+@pytest.mark.parametrize(
+    "arg, value, exc, text",
+    [
+        ("epoch", "0/../../x", TypeError, "epoch must be a non-negative int, got str"),
+        ("epoch", 1.0, TypeError, "epoch must be a non-negative int, got float"),
+        ("epoch", True, TypeError, "epoch must be a non-negative int, got bool"),
+        ("epoch", None, TypeError, "epoch must be a non-negative int, got NoneType"),
+        ("epoch", -1, ValueError, "epoch must be a non-negative int, got -1"),
+        ("actual_update_step", "7", TypeError, "actual_update_step must be a non-negative int"),
+        ("actual_update_step", -3, ValueError, "actual_update_step must be a non-negative int"),
+        ("step", 2.5, TypeError, "step must be a non-negative int"),
+        ("step", False, TypeError, "step must be a non-negative int, got bool"),
+        ("global_step", "3", TypeError, "global_step must be a non-negative int"),
+        ("batch_size", 0.5, TypeError, "batch_size must be a non-negative int"),
+        ("step", torch.tensor(1.5), TypeError, "step must be a non-negative int"),
+    ],
+)
 def test_counters_must_be_integers_nothing_written(tmp_path, arg, value, exc, text):
     root = tmp_path / "exp"
     root.mkdir()
@@ -186,8 +205,17 @@ def test_counters_accept_integer_likes(tmp_path):
 
     ema = Net()
     io = ckpt.CheckpointIO()
-    path = io.save(None, str(tmp_path), ema=ema, epoch=np.int64(2), step=torch.tensor(5), global_step=None,
-                   batch_size=None, actual_update_step=np.int32(7), ema_shape_dict=ckpt.record_model_param_shape(ema))
+    path = io.save(
+        None,
+        str(tmp_path),
+        ema=ema,
+        epoch=np.int64(2),
+        step=torch.tensor(5),
+        global_step=None,
+        batch_size=None,
+        actual_update_step=np.int32(7),
+        ema_shape_dict=ckpt.record_model_param_shape(ema),
+    )
     io._sync_io()
     assert os.path.basename(path) == "epoch2-global_step7"
     states = json.load(open(os.path.join(path, "running_states.json")))
@@ -222,8 +250,9 @@ def test_reused_checkpointio_follows_the_emas_dtype_and_shapes(tmp_path):
     shapes = ckpt.record_model_param_shape(ema)
     ema.b = torch.nn.Parameter(torch.zeros(9))
     with pytest.raises(ValueError, match=r"CheckpointIO.save: the EMA's 'b' has shape \[9\].*records shape \[7\]"):
-        io.save(None, str(tmp_path), ema=ema, epoch=0, step=4, global_step=4, actual_update_step=4,
-                ema_shape_dict=shapes)
+        io.save(
+            None, str(tmp_path), ema=ema, epoch=0, step=4, global_step=4, actual_update_step=4, ema_shape_dict=shapes
+        )
     assert sorted(os.listdir(tmp_path)) == ["epoch0-global_step1", "epoch0-global_step2", "epoch0-global_step3"]
 
 
@@ -243,7 +272,7 @@ def test_failed_background_write_raises_at_sync_close_and_next_save(tmp_path, mo
         failed.set()
         raise OSError(28, "No space left on device", path)
 
-    monkeypatch.setattr(ckpt, "_write_safetensors", disk_full)
+    monkeypatch.setattr(_ckpt_write, "write_safetensors", disk_full)
     _save(io, tmp_path, 2, {"ema": Net(2)})  # returns: the write fails in the background
     with pytest.raises(RuntimeError, match=r"writing .*epoch0-global_step2 failed: OSError: .*No space left"):
         io._sync_io()
@@ -254,7 +283,7 @@ def test_failed_background_write_raises_at_sync_close_and_next_save(tmp_path, mo
     failed.clear()
     _save(io, tmp_path, 4, {"ema": Net(4)})
     assert failed.wait(10)
-    monkeypatch.setattr(ckpt, "_write_safetensors", real)
+    monkeypatch.setattr(_ckpt_write, "write_safetensors", real)
     with pytest.raises(RuntimeError, match=r"epoch0-global_step4 failed"):  # at the next save, which is not made
         _save(io, tmp_path, 5, {"ema": Net(5)})
     assert sorted(os.listdir(tmp_path)) == ["epoch0-global_step1"]  # no partial left behind

@@ -2,17 +2,17 @@
 .pt with weights_only, rename_keys, the hub form offline, sharded directories
 without colossalai), corrupted and truncated files, a pickle that would run
 code, CheckpointIO's refusals and rm_checkpoints."""
+
 import json
 import os
 import pickle
 
 import pytest
 import torch
+from helpers import assert_bitwise_equal
 from safetensors.torch import load_file, save_file
 
-from opensora_fast.utils import ckpt
-
-from helpers import assert_bitwise_equal
+from opensora_fast.utils import _ckpt_io, _ckpt_write, ckpt
 
 
 class Net(torch.nn.Module):
@@ -57,8 +57,12 @@ def test_safetensors_and_pt_round_trip_and_rename_keys(tmp_path):
 
 def test_our_safetensors_writer_is_read_by_safetensors(tmp_path):
     tensors = {
-        "a": torch.randn(3, 5).bfloat16(), "b": torch.tensor(2.5), "c": torch.zeros(0, 4),
-        "d": torch.arange(7, dtype=torch.int64), "e": torch.tensor([True, False]), "f": torch.randn(9).half(),
+        "a": torch.randn(3, 5).bfloat16(),
+        "b": torch.tensor(2.5),
+        "c": torch.zeros(0, 4),
+        "d": torch.arange(7, dtype=torch.int64),
+        "e": torch.tensor([True, False]),
+        "f": torch.randn(9).half(),
     }
     path = str(tmp_path / "x.safetensors")
     ckpt._write_safetensors(path, tensors)
@@ -151,10 +155,17 @@ def test_remove_padding_and_shapes():
 def test_pinned_dict_segments(monkeypatch):
     """CheckpointIO's host buffers: views side by side in segments of at most
     PIN_SEGMENT_BYTES per dtype, in order; a larger tensor gets its own."""
-    monkeypatch.setattr(ckpt, "PIN_SEGMENT_BYTES", 64)
-    entries = [("a", (5, 3), torch.float32), ("b", (), torch.float32), ("h", (7,), torch.bfloat16),
-               ("c", (2,), torch.float32), ("big", (40,), torch.float32), ("d", (3,), torch.float32),
-               ("e", (0,), torch.float32), ("h2", (30,), torch.bfloat16)]
+    monkeypatch.setattr(_ckpt_io, "PIN_SEGMENT_BYTES", 64)
+    entries = [
+        ("a", (5, 3), torch.float32),
+        ("b", (), torch.float32),
+        ("h", (7,), torch.bfloat16),
+        ("c", (2,), torch.float32),
+        ("big", (40,), torch.float32),
+        ("d", (3,), torch.float32),
+        ("e", (0,), torch.float32),
+        ("h2", (30,), torch.bfloat16),
+    ]
     out = ckpt.CheckpointIO._pinned_dict(entries)
     assert list(out) == [k for k, _, _ in entries]
     for k, shape, dt in entries:
@@ -193,8 +204,17 @@ def test_bucket_planning_splits_at_bucket_ends_only():
 
 
 def _save(io, tmp, ema, step, **kw):
-    return io.save(None, str(tmp), ema=ema, epoch=0, step=step, global_step=step, actual_update_step=step,
-                   ema_shape_dict=ckpt.record_model_param_shape(ema), **kw)
+    return io.save(
+        None,
+        str(tmp),
+        ema=ema,
+        epoch=0,
+        step=step,
+        global_step=step,
+        actual_update_step=step,
+        ema_shape_dict=ckpt.record_model_param_shape(ema),
+        **kw,
+    )
 
 
 def test_checkpointio_round_trip_and_refusals(tmp_path):
@@ -235,7 +255,7 @@ def test_sync_io_waits_and_next_save_waits(tmp_path, monkeypatch):
         if phase == "tensor" and not gate.is_set():
             gate.wait(5)
 
-    monkeypatch.setattr(ckpt, "_phase_hook", hook)
+    monkeypatch.setattr(_ckpt_write, "phase_hook", hook)
     io = ckpt.CheckpointIO()
     path = _save(io, tmp_path, Net(1), 1)
     assert not os.path.exists(path)  # save returned while the writer is held
@@ -311,8 +331,16 @@ def test_tensornvme_writer_is_used_when_importable(tmp_path, monkeypatch):
         calls.append(("save", os.path.basename(path)))
         return Writer(path)
 
-    mods = {n: types.ModuleType(n) for n in
-            ("colossalai", "colossalai.utils", "colossalai.utils.safetensors", "tensornvme", "tensornvme.async_file_io")}
+    mods = {
+        n: types.ModuleType(n)
+        for n in (
+            "colossalai",
+            "colossalai.utils",
+            "colossalai.utils.safetensors",
+            "tensornvme",
+            "tensornvme.async_file_io",
+        )
+    }
     mods["colossalai.utils.safetensors"].save = fake_save
     for n, m in mods.items():
         monkeypatch.setitem(sys.modules, n, m)

@@ -2,6 +2,7 @@
 kernel, CUDA grid walked on the CPU, and the CUDA kernel vs the reference, bit for
 bit (the op only copies and converts, so exact); one table of bad inputs checked
 three ways; opcheck; a property-based differential suite."""
+
 import os
 
 import pytest
@@ -118,15 +119,25 @@ def walk(z, srcs, plan, cat=False, **limits):
 
 @pytest.mark.parametrize(
     "limits",
-    [dict(), dict(max_pieces=1), dict(max_sources=1), dict(max_blocks=1), dict(max_pieces=2, max_sources=1, max_blocks=3),
-     dict(small_table=True), dict(small_table=True, max_blocks=2)],
+    [
+        dict(),
+        dict(max_pieces=1),
+        dict(max_sources=1),
+        dict(max_blocks=1),
+        dict(max_pieces=2, max_sources=1, max_blocks=3),
+        dict(small_table=True),
+        dict(small_table=True, max_blocks=2),
+    ],
     ids=str,
 )
 def test_grid_walk_matches_reference(limits):
     gen = torch.Generator().manual_seed(3)
     B, C, T, H, W = 3, 2, 5, 91, 97  # 8827-element planes: a piece of n frames has ~n+1 chunks
     z = torch.empty(B, C, T, H, W, dtype=torch.float16)
-    srcs = [strided_source(C, 5, H, W, dt, gen, k % 3) for k, dt in enumerate([torch.float32, torch.bfloat16, torch.float64, torch.float32])]
+    srcs = [
+        strided_source(C, 5, H, W, dt, gen, k % 3)
+        for k, dt in enumerate([torch.float32, torch.bfloat16, torch.float64, torch.float32])
+    ]
     plan = [0, 0, 2, 0, 0, 0, 4, 1, 3, 1, 2, 3, 2, 1, 2, 2, 0, 1, 3, 4, 1, 4, 1, 1, 0]
     want = reference.condition.condition(z, srcs, plan)
     for cat in (False, True):
@@ -148,48 +159,200 @@ def _bad_cases():
         # (id, op, out, sources, plan, exception, message)
         ("z-4d", "condition", z[0], ok, row, V, "condition: z must be [B, C, T, H, W], got shape [3, 4, 5, 6]"),
         ("z-int", "condition", z.long(), ok, row, T_, "condition: z must be float32, bfloat16, float16 or float64"),
-        ("cond-no-mask-channel", "condition_cat_", cond[:, :0], [], [], V,
-         "condition_cat_: cond must be [B, 1 + C, T, H, W], got shape [2, 0, 4, 5, 6]"),
+        (
+            "cond-no-mask-channel",
+            "condition_cat_",
+            cond[:, :0],
+            [],
+            [],
+            V,
+            "condition_cat_: cond must be [B, 1 + C, T, H, W], got shape [2, 0, 4, 5, 6]",
+        ),
         ("cond-strided", "condition_cat_", cond[..., ::2], [], [], V, "condition_cat_: cond must be contiguous"),
-        ("cond-int", "condition_cat_", cond.int(), ok, row, T_,
-         "condition_cat_: cond must be float32, bfloat16, float16 or float64"),
-        ("src-3d", "condition", z, [ok[0], ok[0][0]], row, V,
-         "condition: sources[1] must be [C, T, H, W], got shape [4, 5, 6]"),
-        ("src-int", "condition", z, [ok[0].to(torch.int32)], row, T_,
-         "condition: sources[0] must be float32, bfloat16, float16 or float64"),
-        ("src-channels", "condition", z, [torch.zeros(4, 4, 5, 6)], row, V,
-         "condition: sources[0] has shape [4, 4, 5, 6]; expected [C, *, H, W] = [3, *, 5, 6]"),
-        ("src-height", "condition", z, [torch.zeros(3, 4, 6, 6)], row, V,
-         "condition: sources[0] has shape [3, 4, 6, 6]; expected [C, *, H, W] = [3, *, 5, 6]"),
-        ("src-width", "condition_cat_", cond, [torch.zeros(3, 4, 5, 5)], row, V,
-         "condition_cat_: sources[0] has shape [3, 4, 5, 5]; expected [C, *, H, W] = [3, *, 5, 6]"),
-        ("src-aliases-cond", "condition_cat_", cond, [cond[0, 1:]], row, V,
-         "condition_cat_: sources[0] shares memory with cond"),
-        ("plan-len", "condition", z, ok, [0, 0, 1, 0], V,
-         "condition: plan must hold rows of 5 ints (sample, frame, count, source, source_frame), got 4 ints"),
-        ("plan-sample-high", "condition", z, ok, row + [2, 0, 1, 0, 0], V, "condition: plan row 1: sample 2 is outside [0, 2)"),
-        ("plan-sample-neg", "condition", z, ok, [-1, 0, 1, 0, 0], V, "condition: plan row 0: sample -1 is outside [0, 2)"),
-        ("plan-count-0", "condition", z, ok, [0, 0, 0, 0, 0], V, "condition: plan row 0: frame 0, count 0 do not fit in T=4"),
-        ("plan-frames-past-T", "condition", z, ok, [1, 2, 3, 0, 0], V, "condition: plan row 0: frame 2, count 3 do not fit in T=4"),
-        ("plan-frame-neg", "condition", z, ok, [1, -1, 1, 0, 0], V, "condition: plan row 0: frame -1, count 1 do not fit in T=4"),
+        (
+            "cond-int",
+            "condition_cat_",
+            cond.int(),
+            ok,
+            row,
+            T_,
+            "condition_cat_: cond must be float32, bfloat16, float16 or float64",
+        ),
+        (
+            "src-3d",
+            "condition",
+            z,
+            [ok[0], ok[0][0]],
+            row,
+            V,
+            "condition: sources[1] must be [C, T, H, W], got shape [4, 5, 6]",
+        ),
+        (
+            "src-int",
+            "condition",
+            z,
+            [ok[0].to(torch.int32)],
+            row,
+            T_,
+            "condition: sources[0] must be float32, bfloat16, float16 or float64",
+        ),
+        (
+            "src-channels",
+            "condition",
+            z,
+            [torch.zeros(4, 4, 5, 6)],
+            row,
+            V,
+            "condition: sources[0] has shape [4, 4, 5, 6]; expected [C, *, H, W] = [3, *, 5, 6]",
+        ),
+        (
+            "src-height",
+            "condition",
+            z,
+            [torch.zeros(3, 4, 6, 6)],
+            row,
+            V,
+            "condition: sources[0] has shape [3, 4, 6, 6]; expected [C, *, H, W] = [3, *, 5, 6]",
+        ),
+        (
+            "src-width",
+            "condition_cat_",
+            cond,
+            [torch.zeros(3, 4, 5, 5)],
+            row,
+            V,
+            "condition_cat_: sources[0] has shape [3, 4, 5, 5]; expected [C, *, H, W] = [3, *, 5, 6]",
+        ),
+        (
+            "src-aliases-cond",
+            "condition_cat_",
+            cond,
+            [cond[0, 1:]],
+            row,
+            V,
+            "condition_cat_: sources[0] shares memory with cond",
+        ),
+        (
+            "plan-len",
+            "condition",
+            z,
+            ok,
+            [0, 0, 1, 0],
+            V,
+            "condition: plan must hold rows of 5 ints (sample, frame, count, source, source_frame), got 4 ints",
+        ),
+        (
+            "plan-sample-high",
+            "condition",
+            z,
+            ok,
+            row + [2, 0, 1, 0, 0],
+            V,
+            "condition: plan row 1: sample 2 is outside [0, 2)",
+        ),
+        (
+            "plan-sample-neg",
+            "condition",
+            z,
+            ok,
+            [-1, 0, 1, 0, 0],
+            V,
+            "condition: plan row 0: sample -1 is outside [0, 2)",
+        ),
+        (
+            "plan-count-0",
+            "condition",
+            z,
+            ok,
+            [0, 0, 0, 0, 0],
+            V,
+            "condition: plan row 0: frame 0, count 0 do not fit in T=4",
+        ),
+        (
+            "plan-frames-past-T",
+            "condition",
+            z,
+            ok,
+            [1, 2, 3, 0, 0],
+            V,
+            "condition: plan row 0: frame 2, count 3 do not fit in T=4",
+        ),
+        (
+            "plan-frame-neg",
+            "condition",
+            z,
+            ok,
+            [1, -1, 1, 0, 0],
+            V,
+            "condition: plan row 0: frame -1, count 1 do not fit in T=4",
+        ),
         ("plan-source", "condition", z, ok, [0, 0, 1, 1, 0], V, "condition: plan row 0: source 1 is outside [0, 1)"),
-        ("plan-source-frames", "condition_cat_", cond, ok, [0, 1, 3, 0, 2], V,
-         "condition_cat_: plan row 0: source_frame 2, count 3 do not fit in sources[0] with 4 frames"),
-        ("plan-overlap", "condition", z, ok, [1, 2, 2, 0, 0, 0, 0, 1, 0, 0, 1, 0, 3, 0, 0], V,
-         "condition: plan rows 0 and 2 overlap (sample 1)"),
-        ("plan-overlap-same-start", "condition", z, ok, [0, 1, 1, 0, 0, 0, 1, 2, 0, 0], V,
-         "condition: plan rows 0 and 1 overlap (sample 0)"),
+        (
+            "plan-source-frames",
+            "condition_cat_",
+            cond,
+            ok,
+            [0, 1, 3, 0, 2],
+            V,
+            "condition_cat_: plan row 0: source_frame 2, count 3 do not fit in sources[0] with 4 frames",
+        ),
+        (
+            "plan-overlap",
+            "condition",
+            z,
+            ok,
+            [1, 2, 2, 0, 0, 0, 0, 1, 0, 0, 1, 0, 3, 0, 0],
+            V,
+            "condition: plan rows 0 and 2 overlap (sample 1)",
+        ),
+        (
+            "plan-overlap-same-start",
+            "condition",
+            z,
+            ok,
+            [0, 1, 1, 0, 0, 0, 1, 2, 0, 0],
+            V,
+            "condition: plan rows 0 and 1 overlap (sample 0)",
+        ),
         # the dispatcher's NotImplementedError came natively before the checks
         ("z-sparse", "condition", z.to_sparse(), ok, row, V, "condition: z must be a dense (strided) tensor"),
-        ("src-sparse", "condition", z, [ok[0].to_sparse()], row, V,
-         "condition: sources[0] must be a dense (strided) tensor"),
-        ("cond-sparse", "condition_cat_", cond.to_sparse(), ok, row, V,
-         "condition_cat_: cond must be a dense (strided) tensor"),
-        ("src-sparse-cat", "condition_cat_", cond, [ok[0].to_sparse()], row, V,
-         "condition_cat_: sources[0] must be a dense (strided) tensor"),
+        (
+            "src-sparse",
+            "condition",
+            z,
+            [ok[0].to_sparse()],
+            row,
+            V,
+            "condition: sources[0] must be a dense (strided) tensor",
+        ),
+        (
+            "cond-sparse",
+            "condition_cat_",
+            cond.to_sparse(),
+            ok,
+            row,
+            V,
+            "condition_cat_: cond must be a dense (strided) tensor",
+        ),
+        (
+            "src-sparse-cat",
+            "condition_cat_",
+            cond,
+            [ok[0].to_sparse()],
+            row,
+            V,
+            "condition_cat_: sources[0] must be a dense (strided) tensor",
+        ),
         # an address range inside cond's (a strided view of it)
-        ("src-strided-inside-cond", "condition_cat_", cond, [cond[1, 1:, :, :, :].transpose(2, 3).transpose(2, 3)], row, V,
-         "condition_cat_: sources[0] shares memory with cond"),
+        (
+            "src-strided-inside-cond",
+            "condition_cat_",
+            cond,
+            [cond[1, 1:, :, :, :].transpose(2, 3).transpose(2, 3)],
+            row,
+            V,
+            "condition_cat_: sources[0] shares memory with cond",
+        ),
     ]
 
 
@@ -236,13 +399,21 @@ def test_nested_inputs_are_a_value_error(backend, monkeypatch):
     internal error; both now the checks' ValueError (FakeTensorMode cannot
     convert a strided nested tensor, so no fake way)."""
     monkeypatch.setenv("OPENSORA_FAST_BACKEND", backend)
-    z, cond, ok, row = torch.zeros(2, 3, 4, 5, 6), torch.zeros(2, 4, 4, 5, 6), [torch.zeros(3, 4, 5, 6)], [0, 0, 1, 0, 0]
+    z, cond, ok, row = (
+        torch.zeros(2, 3, 4, 5, 6),
+        torch.zeros(2, 4, 4, 5, 6),
+        [torch.zeros(3, 4, 5, 6)],
+        [0, 0, 1, 0, 0],
+    )
     nz, ns = _nested((3, 4, 5, 6), (3, 4, 5, 6)), _nested((4, 5, 6), (4, 5, 6))
     cases = [
         (lambda: ops.condition(nz, ok, row), "condition: z must be a dense (strided) tensor"),
         (lambda: ops.condition(z, [ns], row), "condition: sources[0] must be a dense (strided) tensor"),
         (lambda: ops.condition_cat_(nz, ok, row), "condition_cat_: cond must be a dense (strided) tensor"),
-        (lambda: ops.condition_cat_(cond, [ok[0], ns], row), "condition_cat_: sources[1] must be a dense (strided) tensor"),
+        (
+            lambda: ops.condition_cat_(cond, [ok[0], ns], row),
+            "condition_cat_: sources[1] must be a dense (strided) tensor",
+        ),
     ]
     for fn, message in cases:
         with pytest.raises(ValueError) as info:
@@ -258,15 +429,33 @@ def test_non_tensors_and_values_outside_int64(backend, monkeypatch):
     monkeypatch.setenv("OPENSORA_FAST_BACKEND", backend)
     z, cond, ok = torch.zeros(2, 3, 4, 5, 6), torch.zeros(2, 4, 4, 5, 6), [torch.zeros(3, 4, 5, 6)]
     cases = [
-        (lambda: ops.condition(z, [None], [0, 0, 1, 0, 0]), TypeError, "condition: sources[0] must be a tensor, got NoneType"),
-        (lambda: ops.condition_cat_(cond, [ok[0], 1.0], [0, 0, 1, 0, 0]), TypeError,
-         "condition_cat_: sources[1] must be a tensor, got float"),
+        (
+            lambda: ops.condition(z, [None], [0, 0, 1, 0, 0]),
+            TypeError,
+            "condition: sources[0] must be a tensor, got NoneType",
+        ),
+        (
+            lambda: ops.condition_cat_(cond, [ok[0], 1.0], [0, 0, 1, 0, 0]),
+            TypeError,
+            "condition_cat_: sources[1] must be a tensor, got float",
+        ),
         (lambda: ops.condition(None, ok, [0, 0, 1, 0, 0]), TypeError, "condition: z must be a tensor, got NoneType"),
         (lambda: ops.condition_cat_([1.0], ok, []), TypeError, "condition_cat_: cond must be a tensor, got list"),
-        (lambda: ops.condition(z, ok, [0, 0, 1, 0, 2**63]), ValueError, "condition: plan[4] = 9223372036854775808 does not fit in int64"),
-        (lambda: ops.condition_cat_(cond, ok, [0, 0, 1, 0, 0, -(2**63) - 1, 0, 1, 0, 0]), ValueError,
-         "condition_cat_: plan[5] = -9223372036854775809 does not fit in int64"),
-        (lambda: condition_lists(z, ok, [2**64, 0, 1, 0, 0]), ValueError, "condition: plan[0] = 18446744073709551616 does not fit in int64"),
+        (
+            lambda: ops.condition(z, ok, [0, 0, 1, 0, 2**63]),
+            ValueError,
+            "condition: plan[4] = 9223372036854775808 does not fit in int64",
+        ),
+        (
+            lambda: ops.condition_cat_(cond, ok, [0, 0, 1, 0, 0, -(2**63) - 1, 0, 1, 0, 0]),
+            ValueError,
+            "condition_cat_: plan[5] = -9223372036854775809 does not fit in int64",
+        ),
+        (
+            lambda: condition_lists(z, ok, [2**64, 0, 1, 0, 0]),
+            ValueError,
+            "condition: plan[0] = 18446744073709551616 does not fit in int64",
+        ),
     ]
     for fn, exc, message in cases:
         with pytest.raises(Exception) as info:
@@ -314,9 +503,15 @@ def test_sources_that_require_grad_are_refused_alike(op):
     (ValueError naming sources) and run under no_grad, where nothing requires grad."""
     z, plan = torch.zeros(2, 3, 4, 5, 6), [0, 0, 2, 1, 1]
     srcs = [torch.ones(3, 4, 5, 6), torch.randn(3, 4, 5, 6, requires_grad=True)]
-    message = (f"{op}: sources[1] requires grad and grad mode is on; {op} is not differentiable: "
-               "detach the sources or call it under torch.no_grad()")
-    for name, fn in (("native", getattr(OPS, op)), ("reference", getattr(reference.condition, op)), ("wrapper", getattr(ops, op))):
+    message = (
+        f"{op}: sources[1] requires grad and grad mode is on; {op} is not differentiable: "
+        "detach the sources or call it under torch.no_grad()"
+    )
+    for name, fn in (
+        ("native", getattr(OPS, op)),
+        ("reference", getattr(reference.condition, op)),
+        ("wrapper", getattr(ops, op)),
+    ):
         cond = torch.zeros(2, 4, 4, 5, 6)
         with pytest.raises(ValueError) as info:
             fn(z, srcs, plan) if op == "condition" else fn(cond, srcs, plan)
@@ -333,7 +528,9 @@ def test_sources_that_require_grad_are_refused_alike(op):
         fz = mode.from_tensor(z)
         fs = [mode.from_tensor(s) for s in srcs]
         with pytest.raises(ValueError, match="requires grad and grad mode is on"):
-            getattr(OPS, op)(fz, fs, plan) if op == "condition" else OPS.condition_cat_(mode.from_tensor(cond), fs, plan)
+            getattr(OPS, op)(fz, fs, plan) if op == "condition" else OPS.condition_cat_(
+                mode.from_tensor(cond), fs, plan
+            )
 
 
 def test_z_that_requires_grad_gives_plain_outputs():
@@ -357,8 +554,11 @@ def test_pieces_keep_64_bits():
     T = 2**32 + 2
     got = P([1, 2**32, 2, 3, 2**40, 0, 1, 1, 0, 7], 2, T).tolist()
     assert got == [
-        [0, 0, 1, -1, 0], [0, 1, 1, 0, 7], [0, 2, 2**32, -1, 0],
-        [1, 0, 2**32, -1, 0], [1, 2**32, 2, 3, 2**40],
+        [0, 0, 1, -1, 0],
+        [0, 1, 1, 0, 7],
+        [0, 2, 2**32, -1, 0],
+        [1, 0, 2**32, -1, 0],
+        [1, 2**32, 2, 3, 2**40],
     ]
     assert P([], 3, 2**62).tolist() == [[b, 0, 2**62, -1, 0] for b in range(3)]
 
@@ -373,7 +573,9 @@ def test_huge_frame_counts_through_the_op():
         masks, masked = fn(z, [src], plan)
         same(masked[0, :, 1:], src[:, :2].contiguous())
         assert masks[0, 0, :, 0, 0].tolist() == [0, 1, 1]
-    with pytest.raises(ValueError, match=r"source_frame 4294967297, count 3 do not fit in sources\[0\] with 4294967299 frames"):
+    with pytest.raises(
+        ValueError, match=r"source_frame 4294967297, count 3 do not fit in sources\[0\] with 4294967299 frames"
+    ):
         OPS.condition(torch.empty(1, 2, 4, 3, 4), [src], [0, 1, 3, 0, 2**32 + 1])
     empty = torch.empty(2**20, 2, 2**40, 0, 4)  # no element: returned before any piece is made
     for fn in (OPS.condition, reference.condition.condition):
@@ -425,16 +627,21 @@ def test_saved_for_backward_then_written_raises():
 def test_nan_is_canonical(dtype):
     """NaN sources (any sign, payload) come out as the one canonical NaN per dtype,
     from both backends; everything else exact (-0 kept)."""
-    ints = {torch.float32: (torch.int32, [0x7FC00001, -4194304, 0x7F800001, -1]),
-            torch.float64: (torch.int64, [0x7FF8000000000001, -2251799813685248, 0x7FF0000000000001, -1]),
-            torch.bfloat16: (torch.int16, [0x7FC1, -64, 0x7F81, -1]),
-            torch.float16: (torch.int16, [0x7E01, -512, 0x7C01, -1])}
+    ints = {
+        torch.float32: (torch.int32, [0x7FC00001, -4194304, 0x7F800001, -1]),
+        torch.float64: (torch.int64, [0x7FF8000000000001, -2251799813685248, 0x7FF0000000000001, -1]),
+        torch.bfloat16: (torch.int16, [0x7FC1, -64, 0x7F81, -1]),
+        torch.float16: (torch.int16, [0x7E01, -512, 0x7C01, -1]),
+    }
     for sdt in DTYPES:
         it, vals = ints[sdt]
         raw = torch.tensor(vals * 6, dtype=torch.int64).to(it).view(sdt).reshape(1, 4, 1, 6)
         raw[0, 0, 0, :3] = torch.tensor([-0.0, 1.5, float("inf")]).to(sdt)
         z = torch.empty(1, 1, 4, 1, 6, dtype=dtype)
-        (masks, got), want = OPS.condition(z, [raw], [0, 0, 4, 0, 0]), reference.condition.condition(z, [raw], [0, 0, 4, 0, 0])
+        (_masks, got), want = (
+            OPS.condition(z, [raw], [0, 0, 4, 0, 0]),
+            reference.condition.condition(z, [raw], [0, 0, 4, 0, 0]),
+        )
         same(got, want[1], f"{dtype}<-{sdt}")
         nan_bits = bits(canonical_nan(dtype, "cpu").reshape(1))
         isnan = got.isnan()

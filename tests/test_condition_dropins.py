@@ -1,6 +1,7 @@
 """Conditioning drop-ins vs the step-by-step upstream ports (opensora_fast.reference):
 prepare_inference_condition, prepare_visual_condition_causal / _uncausal,
 collect_references_batch, add_noise_to_ref."""
+
 import copy
 import importlib
 import logging
@@ -9,15 +10,14 @@ import zlib
 
 import pytest
 import torch
+from condition_helpers import ToyVAE, videos
+from helpers import assert_bitwise_equal
 
 from opensora_fast import reference
 from opensora_fast.utils import _condition as dropin
 
 # the upstream port module (reference.upstream.condition)
 ref_condition = importlib.import_module("opensora_fast.reference.upstream.condition")
-
-from condition_helpers import ToyVAE, videos
-from helpers import assert_bitwise_equal
 
 MODES = ["t2v", "i2v_head", "i2v_tail", "i2v_loop", "v2v_head", "v2v_tail", "v2v_head_easy", "v2v_tail_easy"]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -75,8 +75,11 @@ def test_inference_b1_and_t2v_without_refs():
     z = torch.randn(1, 4, 9, 3, 3).bfloat16()
     refs = [[torch.randn(4, 9, 3, 3)]]
     for mode in MODES:
-        assert_same(dropin.prepare_inference_condition(z, mode, refs),
-                    reference.upstream.condition.prepare_inference_condition(z, mode, refs), mode)
+        assert_same(
+            dropin.prepare_inference_condition(z, mode, refs),
+            reference.upstream.condition.prepare_inference_condition(z, mode, refs),
+            mode,
+        )
     m, mz = dropin.prepare_inference_condition(z, "t2v", None)  # upstream: TypeError here
     assert m.dtype == torch.bfloat16 and not m.any() and not mz.any() and mz.shape == z.shape
     with pytest.raises(TypeError):
@@ -88,8 +91,11 @@ def test_inference_ref_views_and_strides():
     big = torch.randn(6, 20, 5, 8)[:4, 3:, :, 1:7]  # [4, 17, 5, 6], offset and strided
     refs = [[big], [big.transpose(2, 3).contiguous().transpose(2, 3)]]
     for mode in MODES[1:]:
-        assert_same(dropin.prepare_inference_condition(z, mode, refs, True),
-                    reference.upstream.condition.prepare_inference_condition(z, mode, refs, True), mode)
+        assert_same(
+            dropin.prepare_inference_condition(z, mode, refs, True),
+            reference.upstream.condition.prepare_inference_condition(z, mode, refs, True),
+            mode,
+        )
 
 
 def test_inference_missing_reference_falls_back_and_logs(caplog, capsys):
@@ -109,9 +115,17 @@ def test_inference_missing_reference_falls_back_and_logs(caplog, capsys):
         ("i2v_sideways", None, "unknown mask_cond 'i2v_sideways'"),
         ("i2v_head", None, "needs ref_list"),
         ("t2v", [None], r"len\(ref_list\) is 1 but z has B=2"),
-        ("v2v_head", [[torch.randn(4, 9, 3, 3)], [torch.randn(4, 8, 3, 3)]], r"ref_list\[1\]\[0\] \(sample 1\) has 8 frames; v2v_head needs at least 9"),
+        (
+            "v2v_head",
+            [[torch.randn(4, 9, 3, 3)], [torch.randn(4, 8, 3, 3)]],
+            r"ref_list\[1\]\[0\] \(sample 1\) has 8 frames; v2v_head needs at least 9",
+        ),
         ("v2v_tail_easy", [[torch.randn(4, 17, 3, 3)], [torch.randn(4, 16, 3, 3)]], r"sample 1\) has 16 frames"),
-        ("i2v_head", [[torch.randn(4, 1, 3, 3)], [torch.randn(3, 1, 3, 3)]], r"ref_list\[1\]\[0\] \(sample 1\) has shape \[3, 1, 3, 3\]"),
+        (
+            "i2v_head",
+            [[torch.randn(4, 1, 3, 3)], [torch.randn(3, 1, 3, 3)]],
+            r"ref_list\[1\]\[0\] \(sample 1\) has shape \[3, 1, 3, 3\]",
+        ),
         ("i2v_tail", [[torch.randn(4, 1, 3, 3)], [torch.randn(4, 1, 3, 4)]], r"\(sample 1\) has shape \[4, 1, 3, 4\]"),
         ("i2v_loop", [[torch.randn(4, 2, 3, 3)], []], r"ref_list\[1\] \(sample 1\) is empty"),
         ("i2v_head", [[torch.randn(4, 0, 3, 3)], None], r"\(sample 0\) has 0 frames"),
@@ -133,7 +147,10 @@ def test_add_noise_to_ref_same_draws():
     assert not torch.equal(a, m * x)
 
 
-ADD_NOISE_IMPLS = [pytest.param(dropin.add_noise_to_ref, id="dropin"), pytest.param(reference.upstream.condition.add_noise_to_ref, id="reference")]
+ADD_NOISE_IMPLS = [
+    pytest.param(dropin.add_noise_to_ref, id="dropin"),
+    pytest.param(reference.upstream.condition.add_noise_to_ref, id="reference"),
+]
 
 
 @pytest.mark.parametrize("add_noise", ADD_NOISE_IMPLS)
@@ -174,8 +191,16 @@ def test_add_noise_to_ref_default_sigma_min():
 
 # ---- training -----------------------------------------------------------------------
 
-CONFIG = {"t2v": 1, "i2v_head": 3, "i2v_tail": 2, "i2v_loop": 2, "v2v_head": 1, "v2v_tail": 1,
-          "v2v_head_easy": 1, "v2v_tail_easy": 1}
+CONFIG = {
+    "t2v": 1,
+    "i2v_head": 3,
+    "i2v_tail": 2,
+    "i2v_loop": 2,
+    "v2v_head": 1,
+    "v2v_tail": 1,
+    "v2v_head_easy": 1,
+    "v2v_tail_easy": 1,
+}
 
 
 def run_both(fn_ours, fn_ref, x, config, vae_factory, seed, **kw):
@@ -208,8 +233,13 @@ def test_causal_parity(dtype, F):
     x = videos(B, F, 8, 6, dtype, seed=F)
     for seed in range(3):
         (x0, cond), (x0_r, cond_r), calls, calls_r, cfg_r = run_both(
-            dropin.prepare_visual_condition_causal, reference.upstream.condition.prepare_visual_condition_causal,
-            x, CONFIG, lambda: ToyVAE(causal=True), seed)
+            dropin.prepare_visual_condition_causal,
+            reference.upstream.condition.prepare_visual_condition_causal,
+            x,
+            CONFIG,
+            lambda: ToyVAE(causal=True),
+            seed,
+        )
         assert x0.dtype == x0_r.dtype and x0.device == x0_r.device
         assert_bitwise_equal(x0, x0_r, f"x_0 F={F}")
         assert_bitwise_equal(cond, cond_r, f"cond F={F}")
@@ -256,13 +286,18 @@ def test_cpu_default_chunks_by_bytes(monkeypatch):
     x = videos(B, 69, 4, 4)
     per_sample = x[0].numel() * x.element_size()
     outs = {}
-    for budget, chunk_arg, want in ((3 * per_sample + 1, None, [3, 3, 2]), (per_sample - 1, None, [1] * 8),
-                                    (per_sample - 1, 0, [8]), (1 << 40, None, [8])):
+    for budget, chunk_arg, want in (
+        (3 * per_sample + 1, None, [3, 3, 2]),
+        (per_sample - 1, None, [1] * 8),
+        (per_sample - 1, 0, [8]),
+        (1 << 40, None, [8]),
+    ):
         monkeypatch.setattr(_condition, "CPU_ENCODE_CHUNK_BYTES", budget)
         vae = ToyVAE()
         random.seed(1)
-        outs[(budget, chunk_arg)] = dropin.prepare_visual_condition_causal(x, dict(CONFIG), vae,
-                                                                           max_encode_batch=chunk_arg)
+        outs[(budget, chunk_arg)] = dropin.prepare_visual_condition_causal(
+            x, dict(CONFIG), vae, max_encode_batch=chunk_arg
+        )
         assert [c[0] for c in vae.calls[: len(want)]] == want, (budget, chunk_arg, vae.calls)
     first = next(iter(outs.values()))
     for got in outs.values():
@@ -277,8 +312,14 @@ def test_uncausal_parity(pad, F):
     x = videos(B, F, 6, 8, torch.float32, seed=F)
     for seed in range(3):
         (x0, cond), (x0_r, cond_r), calls, calls_r, _ = run_both(
-            dropin.prepare_visual_condition_uncausal, reference.upstream.condition.prepare_visual_condition_uncausal,
-            x, CONFIG, lambda: ToyVAE(causal=False), seed, pad=pad)
+            dropin.prepare_visual_condition_uncausal,
+            reference.upstream.condition.prepare_visual_condition_uncausal,
+            x,
+            CONFIG,
+            lambda: ToyVAE(causal=False),
+            seed,
+            pad=pad,
+        )
         assert_bitwise_equal(x0, x0_r, f"x_0 F={F}")
         assert_bitwise_equal(cond, cond_r, f"cond F={F}")
         if F > 1:
@@ -288,8 +329,14 @@ def test_uncausal_parity(pad, F):
 def test_uncausal_bf16_model_fp16_video():
     x = videos(5, 40, 4, 4, torch.float16, seed=1)
     (x0, cond), (x0_r, cond_r), *_ = run_both(
-        dropin.prepare_visual_condition_uncausal, reference.upstream.condition.prepare_visual_condition_uncausal,
-        x, CONFIG, lambda: ToyVAE(causal=False, dtype=torch.bfloat16), 5, pad=True)
+        dropin.prepare_visual_condition_uncausal,
+        reference.upstream.condition.prepare_visual_condition_uncausal,
+        x,
+        CONFIG,
+        lambda: ToyVAE(causal=False, dtype=torch.bfloat16),
+        5,
+        pad=True,
+    )
     assert_bitwise_equal(x0, x0_r)
     assert_bitwise_equal(cond, cond_r)
 
@@ -327,8 +374,14 @@ def test_v2v_drop_rule_at_the_boundaries(T, want):
 # (causal, F frames, T latent frames at tcr 4, modes left): causal drops at T <= 32//4+1 = 9
 # and T <= 64//4+1 = 17; uncausal at T <= 32//4 = 8 and T <= 64//4 = 16
 BOUNDARIES = [
-    (True, 33, 9, NO_V2V), (True, 37, 10, NO_EASY), (True, 65, 17, NO_EASY), (True, 69, 18, FULL),
-    (False, 32, 8, NO_V2V), (False, 36, 9, NO_EASY), (False, 64, 16, NO_EASY), (False, 68, 17, FULL),
+    (True, 33, 9, NO_V2V),
+    (True, 37, 10, NO_EASY),
+    (True, 65, 17, NO_EASY),
+    (True, 69, 18, FULL),
+    (False, 32, 8, NO_V2V),
+    (False, 36, 9, NO_EASY),
+    (False, 64, 16, NO_EASY),
+    (False, 68, 17, FULL),
 ]
 
 
@@ -336,7 +389,11 @@ BOUNDARIES = [
 def test_v2v_thresholds_reference(causal, F, T, want):
     vae = ToyVAE(causal=causal)
     assert vae.get_latent_size((F, 4, 4))[0] == T
-    fn = reference.upstream.condition.prepare_visual_condition_causal if causal else reference.upstream.condition.prepare_visual_condition_uncausal
+    fn = (
+        reference.upstream.condition.prepare_visual_condition_causal
+        if causal
+        else reference.upstream.condition.prepare_visual_condition_uncausal
+    )
     cfg = dict(CONFIG)
     random.seed(0)
     fn(videos(1, F, 4, 4), cfg, vae)

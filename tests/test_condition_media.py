@@ -1,5 +1,6 @@
 """collect_references_batch and the media helpers it needs, on small image and
 video files the tests write (the video cases skip only when PyAV is absent)."""
+
 import logging
 import sys
 from fractions import Fraction
@@ -7,14 +8,13 @@ from fractions import Fraction
 import numpy as np
 import pytest
 import torch
+from condition_helpers import ToyVAE
+from helpers import assert_bitwise_equal
 from PIL import Image
 
 from opensora_fast import reference
-from opensora_fast.utils import _condition as dropin
 from opensora_fast.datasets import _media
-
-from condition_helpers import ToyVAE
-from helpers import assert_bitwise_equal
+from opensora_fast.utils import _condition as dropin
 
 
 def write_image(path, w, h, seed=0, solid=None):

@@ -2,19 +2,19 @@
 the fake (FakeTensorMode) raise the same exception type with the same message on
 every bad input, and write nothing. Plus one regression test per finding of the
 hardening review (each failed before its fix)."""
+
 import math
 import os
 
 import pytest
 import torch
+from helpers import assert_bitwise_equal, bits
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._pytree import tree_map
 
 from opensora_fast import ops, reference
 from opensora_fast._ext import HAS_NATIVE
 from opensora_fast.utils.train import get_batch_loss, update_ema
-
-from helpers import assert_bitwise_equal, bits
 
 pytestmark = pytest.mark.skipif(
     not HAS_NATIVE and os.environ.get("OPENSORA_FAST_NO_EXT") == "1", reason="OPENSORA_FAST_NO_EXT=1 install"
@@ -36,26 +36,86 @@ def _ema_cases():
     big = torch.ones(20)
     leaf = torch.zeros(3, requires_grad=True)
     return {
-        "len": ([z(3)], [z(3), z(3)], 0.9, ValueError, "ema_update_: ema and src must have the same length, got len(ema)=1 and len(src)=2"),
+        "len": (
+            [z(3)],
+            [z(3), z(3)],
+            0.9,
+            ValueError,
+            "ema_update_: ema and src must have the same length, got len(ema)=1 and len(src)=2",
+        ),
         "decay>1": ([z(3)], [z(3)], 1.5, ValueError, "ema_update_: decay must be in [0, 1], got 1.5"),
-        "decay just over 1": ([z(3)], [z(3)], 1.0000001, ValueError, "ema_update_: decay must be in [0, 1], got 1.0000001"),
+        "decay just over 1": (
+            [z(3)],
+            [z(3)],
+            1.0000001,
+            ValueError,
+            "ema_update_: decay must be in [0, 1], got 1.0000001",
+        ),
         "decay 2": ([z(3)], [z(3)], 2.0, ValueError, "ema_update_: decay must be in [0, 1], got 2.0"),
         "decay<0": ([z(3)], [z(3)], -1e-05, ValueError, "ema_update_: decay must be in [0, 1], got -1e-05"),
         "decay nan": ([z(3)], [z(3)], math.nan, ValueError, "ema_update_: decay must be in [0, 1], got nan"),
         "empty + bad decay": ([], [], 7.0, ValueError, "ema_update_: decay must be in [0, 1], got 7.0"),
-        "int ema": ([z(3), z(3, dtype=torch.int32)], [z(3), z(3)], 0.9, TypeError, "ema_update_: ema[1] has dtype torch.int32; expected float32, bfloat16 or float16"),
-        "fp64 src": ([z(3), z(3)], [z(3), z(3, dtype=torch.float64)], 0.9, TypeError, "ema_update_: src[1] has dtype torch.float64; expected float32, bfloat16 or float16"),
-        "shape": ([z(3), z(2, 3)], [z(3), z(6)], 0.9, ValueError, "ema_update_: ema[1] has shape [2, 3] but src[1] has shape [6]"),
-        "device": ([z(3), z(3)], [z(3), z(3, device="meta")], 0.9, ValueError, "ema_update_: ema[1] is on cpu but src[1] is on meta"),
+        "int ema": (
+            [z(3), z(3, dtype=torch.int32)],
+            [z(3), z(3)],
+            0.9,
+            TypeError,
+            "ema_update_: ema[1] has dtype torch.int32; expected float32, bfloat16 or float16",
+        ),
+        "fp64 src": (
+            [z(3), z(3)],
+            [z(3), z(3, dtype=torch.float64)],
+            0.9,
+            TypeError,
+            "ema_update_: src[1] has dtype torch.float64; expected float32, bfloat16 or float16",
+        ),
+        "shape": (
+            [z(3), z(2, 3)],
+            [z(3), z(6)],
+            0.9,
+            ValueError,
+            "ema_update_: ema[1] has shape [2, 3] but src[1] has shape [6]",
+        ),
+        "device": (
+            [z(3), z(3)],
+            [z(3), z(3, device="meta")],
+            0.9,
+            ValueError,
+            "ema_update_: ema[1] is on cpu but src[1] is on meta",
+        ),
         "ema strided": ([z(3), z(3, 2)[:, 0]], [z(3), z(3)], 0.9, ValueError, "ema_update_: ema[1] is not contiguous"),
         "src strided": ([z(3), z(3)], [z(3), z(3, 2)[:, 0]], 0.9, ValueError, "ema_update_: src[1] is not contiguous"),
-        "chain alias": ([a, b], [b, c], 0.5, ValueError, "overlap in memory; every ema tensor must share no memory with any other tensor of the call"),
+        "chain alias": (
+            [a, b],
+            [b, c],
+            0.5,
+            ValueError,
+            "overlap in memory; every ema tensor must share no memory with any other tensor of the call",
+        ),
         "same ema twice": ([a, a], [b, c], 0.5, ValueError, "ema_update_: ema[0] and ema[1] overlap in memory"),
         "ema is src": ([z(3), a], [z(3), a], 0.5, ValueError, "ema_update_: ema[1] and src[1] overlap in memory"),
         "overlapping views": ([z(3), big[2:10]], [z(3), big[5:13]], 0.5, ValueError, "overlap in memory"),
-        "inference": ([z(3), _inference(3)], [z(3), z(3)], 0.5, RuntimeError, "ema_update_: ema[1] is an inference tensor; it can only be updated in place inside torch.inference_mode()"),
-        "leaf requires grad": ([z(3), leaf], [z(3), z(3)], 0.5, RuntimeError, "ema_update_: ema[1] requires grad and grad mode is on; ema_update_ is not differentiable: call it under torch.no_grad()"),
-        "sparse": ([z(3), torch.zeros(3).to_sparse()], [z(3), torch.zeros(3).to_sparse()], 0.5, ValueError, "ema_update_: ema[1] and src[1] must be dense (strided) tensors"),
+        "inference": (
+            [z(3), _inference(3)],
+            [z(3), z(3)],
+            0.5,
+            RuntimeError,
+            "ema_update_: ema[1] is an inference tensor; it can only be updated in place inside torch.inference_mode()",
+        ),
+        "leaf requires grad": (
+            [z(3), leaf],
+            [z(3), z(3)],
+            0.5,
+            RuntimeError,
+            "ema_update_: ema[1] requires grad and grad mode is on; ema_update_ is not differentiable: call it under torch.no_grad()",
+        ),
+        "sparse": (
+            [z(3), torch.zeros(3).to_sparse()],
+            [z(3), torch.zeros(3).to_sparse()],
+            0.5,
+            ValueError,
+            "ema_update_: ema[1] and src[1] must be dense (strided) tensors",
+        ),
     }
 
 
@@ -112,15 +172,57 @@ def _mse_cases():
     p, r = z(2, 5, 3), torch.tensor([[0, 5], [1, 3]])
     return {
         "pred 2-D": (z(2, 5), z(2, 5), r, ValueError, "masked_mse: pred must be [B, L, D], got shape [2, 5]"),
-        "target shape": (p, z(2, 5, 4), r, ValueError, "masked_mse: target has shape [2, 5, 4] but pred has shape [2, 5, 3]"),
-        "int pred": (z(2, 5, 3, dtype=torch.int32), z(2, 5, 3, dtype=torch.int32), r, TypeError, "masked_mse: pred has dtype torch.int32; expected float32, bfloat16, float16 or float64"),
-        "target dtype": (p, z(2, 5, 3, dtype=torch.bfloat16), r, TypeError, "masked_mse: target has dtype torch.bfloat16 but pred has dtype torch.float32"),
-        "target device": (p, z(2, 5, 3, device="meta"), r, ValueError, "masked_mse: target is on meta but pred is on cpu"),
+        "target shape": (
+            p,
+            z(2, 5, 4),
+            r,
+            ValueError,
+            "masked_mse: target has shape [2, 5, 4] but pred has shape [2, 5, 3]",
+        ),
+        "int pred": (
+            z(2, 5, 3, dtype=torch.int32),
+            z(2, 5, 3, dtype=torch.int32),
+            r,
+            TypeError,
+            "masked_mse: pred has dtype torch.int32; expected float32, bfloat16, float16 or float64",
+        ),
+        "target dtype": (
+            p,
+            z(2, 5, 3, dtype=torch.bfloat16),
+            r,
+            TypeError,
+            "masked_mse: target has dtype torch.bfloat16 but pred has dtype torch.float32",
+        ),
+        "target device": (
+            p,
+            z(2, 5, 3, device="meta"),
+            r,
+            ValueError,
+            "masked_mse: target is on meta but pred is on cpu",
+        ),
         "ranges dtype": (p, z(2, 5, 3), r.int(), TypeError, "masked_mse: ranges must be int64, got torch.int32"),
         "ranges shape": (p, z(2, 5, 3), r[:1], ValueError, "masked_mse: ranges must be [B, 2] = [2, 2], got [1, 2]"),
-        "pred strided": (z(2, 5, 6)[..., ::2], z(2, 5, 3), r, ValueError, "masked_mse: pred, target and ranges must be contiguous"),
-        "sparse": (z(2, 5, 3).to_sparse(), z(2, 5, 3), r, ValueError, "masked_mse: pred, target and ranges must be dense (strided) tensors"),
-        "inference pred 2-D": (_inference(4).view(2, 2), z(2, 2), r, ValueError, "masked_mse: pred must be [B, L, D], got shape [2, 2]"),
+        "pred strided": (
+            z(2, 5, 6)[..., ::2],
+            z(2, 5, 3),
+            r,
+            ValueError,
+            "masked_mse: pred, target and ranges must be contiguous",
+        ),
+        "sparse": (
+            z(2, 5, 3).to_sparse(),
+            z(2, 5, 3),
+            r,
+            ValueError,
+            "masked_mse: pred, target and ranges must be dense (strided) tensors",
+        ),
+        "inference pred 2-D": (
+            _inference(4).view(2, 2),
+            z(2, 2),
+            r,
+            ValueError,
+            "masked_mse: pred must be [B, L, D], got shape [2, 2]",
+        ),
         "pred None": (None, p, r, TypeError, "masked_mse: pred must be a tensor, got NoneType"),
         "target None": (p, None, r, TypeError, "masked_mse: target must be a tensor, got NoneType"),
         "ranges None": (p, p, None, TypeError, "masked_mse: ranges must be a tensor, got NoneType"),
@@ -160,31 +262,65 @@ def test_nested_inputs_refused_alike(backend, monkeypatch):
     for fn in (OP.masked_mse_backward, reference.masked_mse.masked_mse_backward):
         _raises(lambda: fn(torch.tensor(1.0), nt, nt, r), ValueError, dense)
     frame = torch.nested.nested_tensor([z(3), z(3)])
-    for fn in (lambda: OP.loss_ranges(frame, 4, True), lambda: reference.masked_mse.loss_ranges(frame, 4, True),
-               lambda: ops.loss_ranges(frame, 4)):
+    for fn in (
+        lambda: OP.loss_ranges(frame, 4, True),
+        lambda: reference.masked_mse.loss_ranges(frame, 4, True),
+        lambda: ops.loss_ranges(frame, 4),
+    ):
         _raises(fn, ValueError, "loss_ranges: frame_mask must be a dense (strided) tensor")
 
 
 def _ranges_cases():
     return {
         "3-D": (z(2, 3, 1), 4, ValueError, "loss_ranges: frame_mask must be [B, T], got shape [2, 3, 1]"),
-        "complex": (torch.zeros(2, 3, dtype=torch.complex64), 4, TypeError,
-                    "loss_ranges: frame_mask has dtype torch.complex64; expected a real or bool dtype"),
+        "complex": (
+            torch.zeros(2, 3, dtype=torch.complex64),
+            4,
+            TypeError,
+            "loss_ranges: frame_mask has dtype torch.complex64; expected a real or bool dtype",
+        ),
         "no frames": (z(2, 0), 4, ValueError, "loss_ranges: frame_mask has no frames (T=0)"),
         "negative hw": (z(2, 3), -1, ValueError, "loss_ranges: hw must be >= 0, got -1"),
         "sparse": (z(2, 3).to_sparse(), 4, ValueError, "loss_ranges: frame_mask must be a dense (strided) tensor"),
         "None": (None, 4, TypeError, "loss_ranges: frame_mask must be a tensor, got NoneType"),
         # sub-byte and bits dtypes: no comparison with 1 in torch
-        "uint4": (torch.zeros(2, 3, dtype=torch.uint4), 4, TypeError,
-                  "loss_ranges: frame_mask has dtype torch.uint4; expected a real or bool dtype"),
-        "bits8": (torch.zeros(2, 3, dtype=torch.bits8), 4, TypeError,
-                  "loss_ranges: frame_mask has dtype torch.bits8; expected a real or bool dtype"),
-        "float4": (torch.zeros(2, 3, dtype=torch.float4_e2m1fn_x2), 4, TypeError,
-                   "loss_ranges: frame_mask has dtype torch.float4_e2m1fn_x2; expected a real or bool dtype"),
+        "uint4": (
+            torch.zeros(2, 3, dtype=torch.uint4),
+            4,
+            TypeError,
+            "loss_ranges: frame_mask has dtype torch.uint4; expected a real or bool dtype",
+        ),
+        "bits8": (
+            torch.zeros(2, 3, dtype=torch.bits8),
+            4,
+            TypeError,
+            "loss_ranges: frame_mask has dtype torch.bits8; expected a real or bool dtype",
+        ),
+        "float4": (
+            torch.zeros(2, 3, dtype=torch.float4_e2m1fn_x2),
+            4,
+            TypeError,
+            "loss_ranges: frame_mask has dtype torch.float4_e2m1fn_x2; expected a real or bool dtype",
+        ),
         # T * hw past int64: once silently wrapped ranges on both backends
-        "T*hw > int64": (z(2, 3), 2**62, ValueError, "loss_ranges: T * hw = 3 * 4611686018427387904 does not fit in int64"),
-        "T*hw = int64 max + 1": (z(2, 2), 2**62, ValueError, "loss_ranges: T * hw = 2 * 4611686018427387904 does not fit in int64"),
-        "hw int64 max": (z(2, 2), 2**63 - 1, ValueError, "loss_ranges: T * hw = 2 * 9223372036854775807 does not fit in int64"),
+        "T*hw > int64": (
+            z(2, 3),
+            2**62,
+            ValueError,
+            "loss_ranges: T * hw = 3 * 4611686018427387904 does not fit in int64",
+        ),
+        "T*hw = int64 max + 1": (
+            z(2, 2),
+            2**62,
+            ValueError,
+            "loss_ranges: T * hw = 2 * 4611686018427387904 does not fit in int64",
+        ),
+        "hw int64 max": (
+            z(2, 2),
+            2**63 - 1,
+            ValueError,
+            "loss_ranges: T * hw = 2 * 9223372036854775807 does not fit in int64",
+        ),
     }
 
 
@@ -206,10 +342,22 @@ def test_loss_ranges_check_contract(name, way):
 def _grad_cases():
     return {
         "grad shape": (z(1), ValueError, "masked_mse_backward: grad must be a scalar (0-dim), got shape [1]"),
-        "grad complex": (torch.zeros((), dtype=torch.complex64), TypeError, "masked_mse_backward: grad has dtype torch.complex64; expected float32, bfloat16, float16 or float64"),
-        "grad device": (torch.zeros((), device="meta"), ValueError, "masked_mse_backward: grad is on meta but pred is on cpu"),
+        "grad complex": (
+            torch.zeros((), dtype=torch.complex64),
+            TypeError,
+            "masked_mse_backward: grad has dtype torch.complex64; expected float32, bfloat16, float16 or float64",
+        ),
+        "grad device": (
+            torch.zeros((), device="meta"),
+            ValueError,
+            "masked_mse_backward: grad is on meta but pred is on cpu",
+        ),
         "grad None": (None, TypeError, "masked_mse_backward: grad must be a tensor, got NoneType"),
-        "grad sparse": (torch.tensor(1.0).to_sparse(), ValueError, "masked_mse_backward: grad must be a dense (strided) tensor"),
+        "grad sparse": (
+            torch.tensor(1.0).to_sparse(),
+            ValueError,
+            "masked_mse_backward: grad must be a dense (strided) tensor",
+        ),
     }
 
 

@@ -1,12 +1,12 @@
 """CUDA launch paths, each checked bit for bit against our CPU op or the CPU
 walk of the same grid (issue: CUDA review). Marked `cuda`: skipped without a
 GPU; benchmarks/gpu_check.sh runs them on a lent one."""
+
 import pytest
 import torch
+from helpers import PAIRS, assert_bitwise_equal, assert_ema_matches_reference, rand, shard_sizes
 
 from opensora_fast import ops, reference
-
-from helpers import FLOATS, PAIRS, assert_bitwise_equal, assert_ema_matches_reference, rand, shard_sizes
 
 pytestmark = pytest.mark.cuda
 OP = torch.ops.opensora_fast
@@ -131,7 +131,9 @@ def test_loss_with_100k_samples():
     ranges = torch.tensor([[0, 3], [1, 2]]).repeat(50_000, 1)
     walk_loss, walk_grad = OP._masked_mse_grid_walk(torch.tensor(1.0), p, t, ranges)
     assert_bitwise_equal(OP.masked_mse(p.cuda(), t.cuda(), ranges.cuda()).cpu(), walk_loss)
-    assert_bitwise_equal(OP.masked_mse_backward(torch.tensor(1.0).cuda(), p.cuda(), t.cuda(), ranges.cuda()).cpu(), walk_grad)
+    assert_bitwise_equal(
+        OP.masked_mse_backward(torch.tensor(1.0).cuda(), p.cuda(), t.cuda(), ranges.cuda()).cpu(), walk_grad
+    )
     from opensora_fast.utils.train import get_batch_loss
 
     x = torch.randn(20_000, device="cuda")

@@ -1,6 +1,7 @@
 """``python -m opensora_fast demo``: the tiny size as a smoke test (both runs
 agree, the JSON holds every phase, the chart is a real PNG, a sample is saved),
 and bad input refused before anything is written."""
+
 import glob
 import json
 import os
@@ -20,8 +21,25 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
-    r = subprocess.run([sys.executable, "-m", "opensora_fast", "demo", "--size", "tiny", "--device", "cpu",
-                        "--out", str(out), "--no-progress"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "opensora_fast",
+            "demo",
+            "--size",
+            "tiny",
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+            "--no-progress",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     return r, out
 
 
@@ -44,14 +62,24 @@ def test_tiny_demo_runs_and_both_sides_agree(tiny_run):
     assert agree["ok"]
     assert abs(up["final_loss"] - fast["final_loss"]) <= report.LOSS_RTOL * abs(up["final_loss"])
     assert abs(up["ema_checksum"]["sum"] - fast["ema_checksum"]["sum"]) <= (
-        report.EMA_RTOL * up["ema_checksum"]["abs_sum"])
+        report.EMA_RTOL * up["ema_checksum"]["abs_sum"]
+    )
     assert up["ema_checksum"]["abs_sum"] > 0
     for key in ("utility", "step", "checkpoint", "ema", "loss", "condition"):
         assert key in doc["speedups"]["fast"]
     assert doc["utility_phases"] == list(UTILITY) and doc["goal"]["target"] == 3.0
     # the printed table names every phase and states the goal with the measured figure
-    for phase in ("condition", "forward+loss", "backward", "optimizer", "ema", "checkpoint", "peak memory",
-                  "final loss", "EMA checksum"):
+    for phase in (
+        "condition",
+        "forward+loss",
+        "backward",
+        "optimizer",
+        "ema",
+        "checkpoint",
+        "peak memory",
+        "final loss",
+        "EMA checksum",
+    ):
         assert phase in r.stdout, phase
     assert "Goal:" in r.stdout and ("MET" in r.stdout) and "measured here" in r.stdout
     assert "fused optimizer" in r.stdout or "fused" in doc["runs"]
@@ -79,15 +107,18 @@ def test_tiny_demo_writes_a_chart_and_a_sample(tiny_run):
     assert not leftovers  # no temporary files
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--size", "huge"], "invalid choice: 'huge'"),
-    (["--frobnicate"], "unrecognized arguments: --frobnicate"),
-    (["--steps", "0"], "must be a positive integer"),
-    (["--steps", "two"], "must be a positive integer"),
-    (["--device", "mps"], "the demo runs on cpu or cuda only"),
-    (["--device", "not-a-device"], "is not a device"),
-    (["--device", "cuda:99"], "cuda:99"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--size", "huge"], "invalid choice: 'huge'"),
+        (["--frobnicate"], "unrecognized arguments: --frobnicate"),
+        (["--steps", "0"], "must be a positive integer"),
+        (["--steps", "two"], "must be a positive integer"),
+        (["--device", "mps"], "the demo runs on cpu or cuda only"),
+        (["--device", "not-a-device"], "is not a device"),
+        (["--device", "cuda:99"], "cuda:99"),
+    ],
+)
 def test_bad_arguments_exit_with_a_message(argv, message, tmp_path, capsys):
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as e:
@@ -128,7 +159,9 @@ def test_a_failed_write_leaves_nothing(tmp_path, monkeypatch):
 
 
 def test_the_package_does_not_need_matplotlib():
-    code = ("import sys, opensora_fast, opensora_fast.__main__, opensora_fast.demo.cli, opensora_fast.demo.loop, "
-            "opensora_fast.demo.report; assert 'matplotlib' not in sys.modules, 'imported eagerly'")
+    code = (
+        "import sys, opensora_fast, opensora_fast.__main__, opensora_fast.demo.cli, opensora_fast.demo.loop, "
+        "opensora_fast.demo.report; assert 'matplotlib' not in sys.modules, 'imported eagerly'"
+    )
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr

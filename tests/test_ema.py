@@ -1,15 +1,15 @@
 """EMA op: native kernels vs the upstream formula / the reference."""
+
 import math
 import os
 
 import pytest
 import torch
+from helpers import FLOATS, PAIRS, assert_bitwise_equal, rand, shard_sizes
 
 import opensora_fast
 from opensora_fast import ops, reference
 from opensora_fast._ext import HAS_NATIVE
-
-from helpers import FLOATS, PAIRS, assert_bitwise_equal, rand, shard_sizes
 
 # Only a declared pure-Python install skips; a build that silently failed must fail here.
 pytestmark = pytest.mark.skipif(
@@ -334,20 +334,55 @@ def _lazy_and_layout_cases():
     z = lambda n=1: torch.zeros(n)  # noqa: E731
     nested = lambda: torch.nested.nested_tensor([torch.ones(2), torch.ones(3)])  # noqa: E731
     return [
-        ("neg ema", [z(3), _neg_view()], [z(3), z()], ValueError,
-         "ema_update_: ema[1] is a negated view (neg bit set, as in x.conj().imag); pass a tensor without it"),
-        ("neg src", [z(3), z()], [z(3), _neg_view()], ValueError,
-         "ema_update_: src[1] is a negated view (neg bit set, as in x.conj().imag); pass a tensor without it"),
-        ("conj ema", [z(3), torch.zeros(1, dtype=torch.complex64).conj()], [z(3), z()], TypeError,
-         "ema_update_: ema[1] has dtype torch.complex64; expected float32, bfloat16 or float16"),
-        ("nested ema", [z(3), nested()], [z(3), nested()], ValueError,
-         "ema_update_: ema[1] and src[1] must be dense (strided) tensors"),
-        ("nested src", [z(3), z(5)], [z(3), nested()], ValueError,
-         "ema_update_: ema[1] and src[1] must be dense (strided) tensors"),
-        ("sparse src", [z(3), z(3)], [z(3), z(3).to_sparse()], ValueError,
-         "ema_update_: ema[1] and src[1] must be dense (strided) tensors"),
-        ("csr ema", [z(3), torch.zeros(2, 3).to_sparse_csr()], [z(3), torch.zeros(2, 3)], ValueError,
-         "ema_update_: ema[1] and src[1] must be dense (strided) tensors"),
+        (
+            "neg ema",
+            [z(3), _neg_view()],
+            [z(3), z()],
+            ValueError,
+            "ema_update_: ema[1] is a negated view (neg bit set, as in x.conj().imag); pass a tensor without it",
+        ),
+        (
+            "neg src",
+            [z(3), z()],
+            [z(3), _neg_view()],
+            ValueError,
+            "ema_update_: src[1] is a negated view (neg bit set, as in x.conj().imag); pass a tensor without it",
+        ),
+        (
+            "conj ema",
+            [z(3), torch.zeros(1, dtype=torch.complex64).conj()],
+            [z(3), z()],
+            TypeError,
+            "ema_update_: ema[1] has dtype torch.complex64; expected float32, bfloat16 or float16",
+        ),
+        (
+            "nested ema",
+            [z(3), nested()],
+            [z(3), nested()],
+            ValueError,
+            "ema_update_: ema[1] and src[1] must be dense (strided) tensors",
+        ),
+        (
+            "nested src",
+            [z(3), z(5)],
+            [z(3), nested()],
+            ValueError,
+            "ema_update_: ema[1] and src[1] must be dense (strided) tensors",
+        ),
+        (
+            "sparse src",
+            [z(3), z(3)],
+            [z(3), z(3).to_sparse()],
+            ValueError,
+            "ema_update_: ema[1] and src[1] must be dense (strided) tensors",
+        ),
+        (
+            "csr ema",
+            [z(3), torch.zeros(2, 3).to_sparse_csr()],
+            [z(3), torch.zeros(2, 3)],
+            ValueError,
+            "ema_update_: ema[1] and src[1] must be dense (strided) tensors",
+        ),
     ]
 
 

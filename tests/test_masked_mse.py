@@ -1,4 +1,5 @@
 """Masked per-sample MSE (get_batch_loss): native op vs the upstream port / the reference."""
+
 import os
 import zlib
 
@@ -129,8 +130,7 @@ def test_deterministic_across_thread_counts():
     g = torch.tensor(1.5)
 
     def run():
-        return (ops.masked_mse(p, t, r), torch.ops.opensora_fast.masked_mse_backward(g, p, t, r),
-                get_batch_loss(p, t))
+        return (ops.masked_mse(p, t, r), torch.ops.opensora_fast.masked_mse_backward(g, p, t, r), get_batch_loss(p, t))
 
     threads = torch.get_num_threads()
     try:
@@ -153,7 +153,7 @@ def test_empty_sample_gives_nan_loss_and_zero_grads_there():
     loss = get_batch_loss(p, t, masks)
     assert torch.isnan(loss)
     assert torch.isnan(reference.upstream.train.get_batch_loss(p, t, masks))
-    gp, = torch.autograd.grad(loss, [p])
+    (gp,) = torch.autograd.grad(loss, [p])
     assert torch.all(gp[0] == 0) and torch.isfinite(gp).all()
     # the other sample's gradient is what it would be with the empty sample counted in B
     torch.testing.assert_close(gp[1], 2 * (p[1] - t[1]).detach() / (p[1].numel() * 2))
@@ -327,7 +327,9 @@ def test_cuda_no_host_sync_and_graph_capture():
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("dtype", [torch.uint16, torch.uint32, torch.uint64, torch.float8_e4m3fn, torch.float8_e8m0fnu, torch.bool])
+@pytest.mark.parametrize(
+    "dtype", [torch.uint16, torch.uint32, torch.uint64, torch.float8_e4m3fn, torch.float8_e8m0fnu, torch.bool]
+)
 def test_cuda_loss_ranges_mask_dtypes_match_the_cpu_reference(dtype):
     gen = torch.Generator().manual_seed(16)
     m = (torch.rand(300, 6, generator=gen) < 0.4).float()
@@ -386,8 +388,10 @@ def test_grid_walk_result_independent_of_byte_offset_0_to_15(dtype):
         vp.copy_(p)
         vt.copy_(t)
         got = torch.ops.opensora_fast._masked_mse_grid_walk(g, vp, vt, ranges)
-        assert torch.equal(got[0].view(torch.int64 if dtype == torch.float64 else torch.int32),
-                           base[0].view(torch.int64 if dtype == torch.float64 else torch.int32)), off_bytes
+        assert torch.equal(
+            got[0].view(torch.int64 if dtype == torch.float64 else torch.int32),
+            base[0].view(torch.int64 if dtype == torch.float64 else torch.int32),
+        ), off_bytes
         assert torch.equal(got[1], base[1]), off_bytes
 
 
@@ -408,9 +412,24 @@ def test_grid_walk_with_70000_samples():
 # ---- loss_ranges: get_batch_loss's token ranges in one launch --------------------------
 
 RANGE_DTYPES = [  # every dtype the check promises (the uint16/32/64 and float8 kernels once missing)
-    torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.bool, torch.int64, torch.int32,
-    torch.int16, torch.int8, torch.uint8, torch.uint16, torch.uint32, torch.uint64, torch.float8_e4m3fn,
-    torch.float8_e4m3fnuz, torch.float8_e5m2, torch.float8_e5m2fnuz, torch.float8_e8m0fnu,
+    torch.float32,
+    torch.bfloat16,
+    torch.float16,
+    torch.float64,
+    torch.bool,
+    torch.int64,
+    torch.int32,
+    torch.int16,
+    torch.int8,
+    torch.uint8,
+    torch.uint16,
+    torch.uint32,
+    torch.uint64,
+    torch.float8_e4m3fn,
+    torch.float8_e4m3fnuz,
+    torch.float8_e5m2,
+    torch.float8_e5m2fnuz,
+    torch.float8_e8m0fnu,
 ]
 
 
@@ -595,7 +614,9 @@ def test_forward_over_reverse_and_hessian_match_the_reference():
     r = torch.tensor([[0, 5], [1, 3]])
     for f in (ops.masked_mse, torch.ops.opensora_fast.masked_mse):
         got = torch.func.jvp(torch.func.grad(lambda a, b: f(a, b, r), argnums=(0, 1)), (p, t), (v, w))
-        want = torch.func.jvp(torch.func.grad(lambda a, b: reference.masked_mse.masked_mse(a, b, r), argnums=(0, 1)), (p, t), (v, w))
+        want = torch.func.jvp(
+            torch.func.grad(lambda a, b: reference.masked_mse.masked_mse(a, b, r), argnums=(0, 1)), (p, t), (v, w)
+        )
         torch.testing.assert_close(got, want)
         assert float(got[1][0].abs().sum()) != 0
     got = torch.func.hessian(lambda a: ops.masked_mse(a, t, r))(p)

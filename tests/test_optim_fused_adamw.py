@@ -1,17 +1,17 @@
 """opensora_fast.optim.FusedAdamW: torch AdamW parity, state dicts, the attached
 EMA (plain and under a minimal ZeRO wrapper), bad input."""
+
 import copy
 import math
 
 import pytest
 import torch
+from helpers import assert_bitwise_equal
+from test_adamw_ema import assert_master_close
 from torch import nn
 
 from opensora_fast.optim import FusedAdamW, attach_ema, attached_optimizer, fused_ema_step_taken
 from opensora_fast.utils.train import update_ema
-
-from helpers import assert_bitwise_equal
-from test_adamw_ema import assert_master_close
 
 
 class Net(nn.Module):
@@ -155,7 +155,7 @@ class MiniZero:
         n = -(-t.numel() // self.world)
         flat = torch.zeros(n * self.world, dtype=t.dtype)
         flat[: t.numel()] = t.detach().reshape(-1)
-        return flat[self.rank * n:(self.rank + 1) * n].clone()
+        return flat[self.rank * n : (self.rank + 1) * n].clone()
 
     def get_working_to_master_map(self):
         return self._map
@@ -182,7 +182,7 @@ class MiniZero:
                 lo = self.rank * n
                 flat = p.data.view(-1)
                 k = max(0, min(n, flat.numel() - lo))
-                flat[lo:lo + k].copy_(m[:k].to(p.dtype))
+                flat[lo : lo + k].copy_(m[:k].to(p.dtype))
 
 
 def sharded_ema(model, world=1, rank=0):
@@ -195,7 +195,7 @@ def sharded_ema(model, world=1, rank=0):
             n = -(-p.numel() // world)
             flat = torch.zeros(n * world, dtype=p.dtype)
             flat[: p.numel()] = p.detach().reshape(-1)
-            mod._parameters[name] = nn.Parameter(flat[rank * n:(rank + 1) * n].clone(), requires_grad=False)
+            mod._parameters[name] = nn.Parameter(flat[rank * n : (rank + 1) * n].clone(), requires_grad=False)
     return ema
 
 
@@ -327,13 +327,25 @@ def _same(a, b):
 @pytest.mark.parametrize(
     "bad",
     [
-        ("shape", lambda m, e: setattr(e.a, "bias", nn.Parameter(torch.zeros(36), requires_grad=False)), ValueError,
-         "EMA parameter 'a.bias' has shape [36] but its source has shape [37]"),
-        ("dtype", lambda m, e: setattr(e.a, "bias", nn.Parameter(torch.zeros(37, dtype=torch.int32), requires_grad=False)),
-         TypeError, "EMA parameter 'a.bias' has dtype torch.int32"),
+        (
+            "shape",
+            lambda m, e: setattr(e.a, "bias", nn.Parameter(torch.zeros(36), requires_grad=False)),
+            ValueError,
+            "EMA parameter 'a.bias' has shape [36] but its source has shape [37]",
+        ),
+        (
+            "dtype",
+            lambda m, e: setattr(e.a, "bias", nn.Parameter(torch.zeros(37, dtype=torch.int32), requires_grad=False)),
+            TypeError,
+            "EMA parameter 'a.bias' has dtype torch.int32",
+        ),
         ("missing", lambda m, e: delattr(e.b, "bias"), KeyError, "ema_model has no parameter 'b.bias'"),
-        ("not owned", lambda m, e: setattr(m, "extra", nn.Parameter(torch.zeros(3))), ValueError,
-         "the EMA source of parameter 'extra' is not a parameter of this optimizer"),
+        (
+            "not owned",
+            lambda m, e: setattr(m, "extra", nn.Parameter(torch.zeros(3))),
+            ValueError,
+            "the EMA source of parameter 'extra' is not a parameter of this optimizer",
+        ),
     ],
     ids=lambda b: b[0],
 )
@@ -365,13 +377,16 @@ def test_bad_ema_raises_at_attach_and_at_step_before_any_write(bad):
     _same(before, _snap(model, ema, opt))
 
 
-@pytest.mark.parametrize("key,value,text", [
-    ("lr", math.nan, "lr[0] must be finite and >= 0, got nan"),
-    ("lr", math.inf, "lr[0] must be finite and >= 0, got inf"),
-    ("eps", math.nan, "eps[0] must be finite"),
-    ("weight_decay", -1.0, "weight_decay[0] must be finite and >= 0, got -1.0"),
-    ("betas", (0.9, math.nan), "beta2[0] must be in [0, 1), got nan"),
-])
+@pytest.mark.parametrize(
+    "key,value,text",
+    [
+        ("lr", math.nan, "lr[0] must be finite and >= 0, got nan"),
+        ("lr", math.inf, "lr[0] must be finite and >= 0, got inf"),
+        ("eps", math.nan, "eps[0] must be finite"),
+        ("weight_decay", -1.0, "weight_decay[0] must be finite and >= 0, got -1.0"),
+        ("betas", (0.9, math.nan), "beta2[0] must be in [0, 1), got nan"),
+    ],
+)
 def test_non_finite_hyper_parameters_refused_before_any_write(key, value, text):
     model = Net()
     ema = copy.deepcopy(model)

@@ -1,4 +1,5 @@
 """Package-level behaviour: info CLI, the fallback without the extension."""
+
 import json
 import os
 import subprocess

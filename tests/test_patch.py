@@ -1,5 +1,6 @@
 """patch_opensora() / unpatch_opensora() against a small fake ``opensora`` package
 written to a temporary directory (sys.modules is restored afterwards)."""
+
 import sys
 import textwrap
 import types

@@ -2,20 +2,20 @@
 (and the CUDA grid walks vs the CPU kernels) on random shapes, dtypes, storage
 offsets, aliasing, NaN/Inf, empty and long lists, ranges. Profile "ci" (fixed,
 bounded) by default; ``--hypothesis-profile=long`` for a deeper run."""
+
 import dataclasses
 import os
 from typing import Optional
 
 import pytest
 import torch
+from helpers import FLOATS, assert_bitwise_equal, assert_ema_matches_reference
 from hypothesis import event, given
 from hypothesis import strategies as st
 
 from opensora_fast import reference
 from opensora_fast._ext import HAS_NATIVE
 from opensora_fast.utils.train import get_batch_loss
-
-from helpers import FLOATS, assert_bitwise_equal, assert_ema_matches_reference
 
 pytestmark = pytest.mark.skipif(
     not HAS_NATIVE and os.environ.get("OPENSORA_FAST_NO_EXT") == "1", reason="OPENSORA_FAST_NO_EXT=1 install"
@@ -103,7 +103,7 @@ def ema_calls(draw) -> EmaCall:
             j = draw(st.sampled_from([j for j in range(len(pairs)) if j != i] or [len(pairs)]))
             if j == len(pairs) or (kind != "ema_overlaps_ema" and len(pairs[j][0]) != n) or not len(pairs[j][0]):
                 ev, sv = _values(draw, n, pairs[i][0].dtype, 1), _values(draw, n, pairs[i][2].dtype, 2)
-                pairs[j:j + 1] = [(ev, draw(st.integers(0, 7)), sv, draw(st.integers(0, 7)))]
+                pairs[j : j + 1] = [(ev, draw(st.integers(0, 7)), sv, draw(st.integers(0, 7)))]
         elif kind == "src_is_ema":
             j = draw(st.sampled_from([j for j in live if len(pairs[j][0]) == n]))
         else:
@@ -200,9 +200,13 @@ def mse_calls(draw):
 
 
 @given(
-    st.integers(0, 5), st.integers(1, 9), st.integers(0, 7),
+    st.integers(0, 5),
+    st.integers(1, 9),
+    st.integers(0, 7),
     st.sampled_from([torch.float32, torch.bfloat16, torch.float64, torch.bool, torch.int32]),
-    st.booleans(), st.integers(0, 2**31), st.integers(1, 3),
+    st.booleans(),
+    st.integers(0, 2**31),
+    st.integers(1, 3),
 )
 def test_loss_ranges_native_equals_reference(B, T, hw, dtype, upstream, seed, step):
     # values from {0, 1, 2, NaN}: only 1 is a conditioned frame; a strided view
@@ -246,7 +250,9 @@ def test_masked_mse_native_equals_reference(call, gscale):
         _assert_loss_close(walked, reference.masked_mse.masked_mse(*one), empty[b], tol, f"walk {b}")
     g = torch.tensor(gscale)
     # the gradient is elementwise with the same roundings: bit for bit
-    assert_bitwise_equal(OP.masked_mse_backward(g, p, t, ranges), reference.masked_mse.masked_mse_backward(g, p, t, ranges))
+    assert_bitwise_equal(
+        OP.masked_mse_backward(g, p, t, ranges), reference.masked_mse.masked_mse_backward(g, p, t, ranges)
+    )
     wl, wg = OP._masked_mse_grid_walk(g, p, t, ranges)
     _assert_loss_close(wl, want, B == 0 or any(empty), tol, "walk")
     assert_bitwise_equal(wg, OP.masked_mse_backward(g, p, t, ranges))

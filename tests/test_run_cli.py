@@ -2,6 +2,7 @@
 stand-in ``opensora`` package written to tmp_path, whose helpers raise when they
 run: the user's unchanged script must get ours, also where upstream's own
 CheckpointIO.save calls the gathers through its module."""
+
 import json
 import os
 import subprocess
@@ -113,8 +114,22 @@ def test_run_keeps_the_scripts_exit_status(standin):
 
 def test_run_under_torchrun(standin):
     script, out, env = standin
-    r = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-              "-m", "opensora_fast", "run", str(script), str(out)], env, timeout=180)
+    r = _run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "opensora_fast",
+            "run",
+            str(script),
+            str(out),
+        ],
+        env,
+        timeout=180,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     for rank in (0, 1):
         got = json.loads((out / f"rank{rank}.json").read_text())

@@ -1,10 +1,12 @@
 """The unpad_ op: one contract three ways (raw native op, reference, fake),
 opcheck, the CUDA body walked over its grid on the CPU, and a hypothesis
 differential suite (native vs reference vs grid walk), all bit-exact (a copy)."""
+
 import os
 
 import pytest
 import torch
+from helpers import assert_bitwise_equal
 from hypothesis import given
 from hypothesis import strategies as st
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -14,13 +16,20 @@ from opensora_fast import ops, reference
 from opensora_fast._ext import HAS_NATIVE
 from opensora_fast.ops.unpad import unpad_lists
 
-from helpers import assert_bitwise_equal
-
 pytestmark = pytest.mark.skipif(
     not HAS_NATIVE and os.environ.get("OPENSORA_FAST_NO_EXT") == "1", reason="OPENSORA_FAST_NO_EXT=1 install"
 )
 OP = torch.ops.opensora_fast
-DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int64, torch.uint8, torch.bool, torch.complex128]
+DTYPES = [
+    torch.float32,
+    torch.bfloat16,
+    torch.float16,
+    torch.float64,
+    torch.int64,
+    torch.uint8,
+    torch.bool,
+    torch.complex128,
+]
 
 
 def bucketed(params, world, split=None, gen=None):
@@ -68,7 +77,14 @@ def run(fn, gathered, outs, idx, off, sh, bg, ct):
             rounds.append([])
         rounds[k].append(j)
     for r in rounds or [[]]:
-        fn(gathered, [outs[idx[j]] for j in r], [off[j] for j in r], [sh[j] for j in r], [bg[j] for j in r], [ct[j] for j in r])
+        fn(
+            gathered,
+            [outs[idx[j]] for j in r],
+            [off[j] for j in r],
+            [sh[j] for j in r],
+            [bg[j] for j in r],
+            [ct[j] for j in r],
+        )
 
 
 def rnd(shape, dtype, g):
@@ -89,35 +105,168 @@ def _cases():
     g = z(2, 6)
     big = z(40)
     return {
-        "lengths": (g, [z(3)], [0], [2, 2], [0], [2], ValueError,
-                    "unpad_: offset, shard, begin and count must each have len(out)=1 entries, got 1, 2, 1 and 1"),
-        "gathered 1-D": (z(6), [z(3)], [0], [2], [0], [2], ValueError, "unpad_: gathered must be [world, bucket], got shape [6]"),
-        "no rows": (z(0, 6), [z(3)], [0], [2], [0], [2], ValueError,
-                    "unpad_: gathered must have at least one row (world >= 1), got shape [0, 6]"),
-        "gathered strided": (z(2, 12)[:, ::2], [z(3)], [0], [2], [0], [2], ValueError, "unpad_: gathered is not contiguous"),
-        "dtype": (g, [z(3), z(3, dtype=torch.bfloat16)], [0, 2], [2, 2], [0, 0], [2, 2], TypeError,
-                  "unpad_: out[1] has dtype torch.bfloat16 but gathered has dtype torch.float32"),
-        "device": (g, [z(3), torch.zeros(3, device="meta")], [0, 2], [2, 2], [0, 0], [2, 2], ValueError,
-                   "unpad_: out[1] is on meta but gathered is on cpu (out must be on gathered's device, or in pinned host memory when gathered is on CUDA)"),
+        "lengths": (
+            g,
+            [z(3)],
+            [0],
+            [2, 2],
+            [0],
+            [2],
+            ValueError,
+            "unpad_: offset, shard, begin and count must each have len(out)=1 entries, got 1, 2, 1 and 1",
+        ),
+        "gathered 1-D": (
+            z(6),
+            [z(3)],
+            [0],
+            [2],
+            [0],
+            [2],
+            ValueError,
+            "unpad_: gathered must be [world, bucket], got shape [6]",
+        ),
+        "no rows": (
+            z(0, 6),
+            [z(3)],
+            [0],
+            [2],
+            [0],
+            [2],
+            ValueError,
+            "unpad_: gathered must have at least one row (world >= 1), got shape [0, 6]",
+        ),
+        "gathered strided": (
+            z(2, 12)[:, ::2],
+            [z(3)],
+            [0],
+            [2],
+            [0],
+            [2],
+            ValueError,
+            "unpad_: gathered is not contiguous",
+        ),
+        "dtype": (
+            g,
+            [z(3), z(3, dtype=torch.bfloat16)],
+            [0, 2],
+            [2, 2],
+            [0, 0],
+            [2, 2],
+            TypeError,
+            "unpad_: out[1] has dtype torch.bfloat16 but gathered has dtype torch.float32",
+        ),
+        "device": (
+            g,
+            [z(3), torch.zeros(3, device="meta")],
+            [0, 2],
+            [2, 2],
+            [0, 0],
+            [2, 2],
+            ValueError,
+            "unpad_: out[1] is on meta but gathered is on cpu (out must be on gathered's device, or in pinned host memory when gathered is on CUDA)",
+        ),
         "out strided": (g, [z(2, 2).t()], [0], [2], [0], [2], ValueError, "unpad_: out[0] is not contiguous"),
-        "negative": (g, [z(3)], [-1], [2], [0], [2], ValueError,
-                     "unpad_: entry 0: offset, shard, begin and count must be >= 0, got offset=-1, shard=2, begin=0, count=2"),
-        "past shard": (g, [z(3)], [0], [2], [1], [2], ValueError, "unpad_: entry 0: begin + count = 1 + 2 exceeds shard = 2"),
-        "past bucket": (g, [z(3)], [5], [2], [0], [2], ValueError, "unpad_: entry 0: offset + count = 5 + 2 exceeds the bucket's 6 columns"),
-        "shard too small": (g, [z(5)], [0], [2], [0], [2], ValueError,
-                            "unpad_: out[0] has 5 elements but world * shard = 2 * 2 covers fewer"),
-        "out is gathered": (g, [z(3), g[1, :3]], [0, 2], [2, 2], [0, 0], [2, 2], ValueError,
-                            "unpad_: gathered and out[1] overlap in memory; every out tensor must share no memory with gathered or another out"),
-        "outs overlap": (z(2, 6), [big[0:4], big[2:6]], [0, 2], [2, 2], [0, 0], [2, 2], ValueError,
-                         "unpad_: out[0] and out[1] overlap in memory"),
-        "requires grad": (g, [z(3), torch.zeros(3, requires_grad=True)], [0, 2], [2, 2], [0, 0], [2, 2], RuntimeError,
-                          "unpad_: out[1] requires grad and grad mode is on; unpad_ is not differentiable: call it under torch.no_grad()"),
-        "sparse": (g, [z(3).to_sparse()], [0], [2], [0], [2], ValueError, "unpad_: out[0] must be a dense (strided) tensor"),
-        "gathered sparse": (g.to_sparse(), [z(3)], [0], [2], [0], [2], ValueError,
-                            "unpad_: gathered must be a dense (strided) tensor"),
+        "negative": (
+            g,
+            [z(3)],
+            [-1],
+            [2],
+            [0],
+            [2],
+            ValueError,
+            "unpad_: entry 0: offset, shard, begin and count must be >= 0, got offset=-1, shard=2, begin=0, count=2",
+        ),
+        "past shard": (
+            g,
+            [z(3)],
+            [0],
+            [2],
+            [1],
+            [2],
+            ValueError,
+            "unpad_: entry 0: begin + count = 1 + 2 exceeds shard = 2",
+        ),
+        "past bucket": (
+            g,
+            [z(3)],
+            [5],
+            [2],
+            [0],
+            [2],
+            ValueError,
+            "unpad_: entry 0: offset + count = 5 + 2 exceeds the bucket's 6 columns",
+        ),
+        "shard too small": (
+            g,
+            [z(5)],
+            [0],
+            [2],
+            [0],
+            [2],
+            ValueError,
+            "unpad_: out[0] has 5 elements but world * shard = 2 * 2 covers fewer",
+        ),
+        "out is gathered": (
+            g,
+            [z(3), g[1, :3]],
+            [0, 2],
+            [2, 2],
+            [0, 0],
+            [2, 2],
+            ValueError,
+            "unpad_: gathered and out[1] overlap in memory; every out tensor must share no memory with gathered or another out",
+        ),
+        "outs overlap": (
+            z(2, 6),
+            [big[0:4], big[2:6]],
+            [0, 2],
+            [2, 2],
+            [0, 0],
+            [2, 2],
+            ValueError,
+            "unpad_: out[0] and out[1] overlap in memory",
+        ),
+        "requires grad": (
+            g,
+            [z(3), torch.zeros(3, requires_grad=True)],
+            [0, 2],
+            [2, 2],
+            [0, 0],
+            [2, 2],
+            RuntimeError,
+            "unpad_: out[1] requires grad and grad mode is on; unpad_ is not differentiable: call it under torch.no_grad()",
+        ),
+        "sparse": (
+            g,
+            [z(3).to_sparse()],
+            [0],
+            [2],
+            [0],
+            [2],
+            ValueError,
+            "unpad_: out[0] must be a dense (strided) tensor",
+        ),
+        "gathered sparse": (
+            g.to_sparse(),
+            [z(3)],
+            [0],
+            [2],
+            [0],
+            [2],
+            ValueError,
+            "unpad_: gathered must be a dense (strided) tensor",
+        ),
         "nested": (g, [_nested()], [0], [2], [0], [2], ValueError, "unpad_: out[0] must be a dense (strided) tensor"),
-        "gathered nested": (_nested(), [z(3)], [0], [2], [0], [2], ValueError,
-                            "unpad_: gathered must be a dense (strided) tensor"),
+        "gathered nested": (
+            _nested(),
+            [z(3)],
+            [0],
+            [2],
+            [0],
+            [2],
+            ValueError,
+            "unpad_: gathered must be a dense (strided) tensor",
+        ),
     }
 
 
@@ -208,12 +357,19 @@ def test_huge_shard_and_begin_stay_inside_out(case, way):
     out sits in the middle of a guard buffer that must stay untouched."""
     dtype, world, numel, shard, begin = _overflow_cases()[case]
     gen = torch.Generator().manual_seed(7)
-    gathered = rnd((world, 4), dtype, gen) if dtype.is_complex or dtype.is_floating_point else torch.randint(
-        1, 200, (world, 4), generator=gen).to(dtype)
+    gathered = (
+        rnd((world, 4), dtype, gen)
+        if dtype.is_complex or dtype.is_floating_point
+        else torch.randint(1, 200, (world, 4), generator=gen).to(dtype)
+    )
     guard = torch.zeros(numel + 16, dtype=dtype)
     out = guard[8 : 8 + numel]
-    fn = {"native": OP.unpad_, "walk": OP._unpad_grid_walk, "walk small": lambda *a: OP._unpad_grid_walk(*a, 0, 0, True),
-          "reference": reference.unpad.unpad_}[way]
+    fn = {
+        "native": OP.unpad_,
+        "walk": OP._unpad_grid_walk,
+        "walk small": lambda *a: OP._unpad_grid_walk(*a, 0, 0, True),
+        "reference": reference.unpad.unpad_,
+    }[way]
     fn(gathered, [out], [1], [shard], [begin], [3])
     want = torch.zeros(numel + 16, dtype=dtype)
     k = min(3, numel - begin) if begin < numel else 0
@@ -244,8 +400,14 @@ def test_values_outside_int64_are_a_value_error(backend, arg, value, monkeypatch
     out = [torch.zeros(5), torch.zeros(5)]
     text = f"unpad_: {arg}[1] = {value} does not fit in int64"
     _raises(lambda: ops.unpad_(g, out, **lists), ValueError, text)
-    _raises(lambda: unpad_lists(g, out, lists["offset"], lists["shard"], lists["begin"], lists["count"]), ValueError, text)
-    _raises(lambda: reference.unpad.unpad_(g, out, lists["offset"], lists["shard"], lists["begin"], lists["count"]), ValueError, text)
+    _raises(
+        lambda: unpad_lists(g, out, lists["offset"], lists["shard"], lists["begin"], lists["count"]), ValueError, text
+    )
+    _raises(
+        lambda: reference.unpad.unpad_(g, out, lists["offset"], lists["shard"], lists["begin"], lists["count"]),
+        ValueError,
+        text,
+    )
     assert not any(o.any() for o in out)
 
 
@@ -253,9 +415,14 @@ def test_values_outside_int64_are_a_value_error(backend, arg, value, monkeypatch
 def test_wrapper_refuses_nested_and_sparse_alike(backend, monkeypatch):
     monkeypatch.setenv("OPENSORA_FAST_BACKEND", backend)
     _raises(lambda: ops.unpad_(_nested(), [z(3)], [0]), ValueError, "unpad_: gathered must be a dense (strided) tensor")
-    _raises(lambda: ops.unpad_(z(2, 6).to_sparse(), [z(3)], [0]), ValueError,
-            "unpad_: gathered must be a dense (strided) tensor")
-    _raises(lambda: ops.unpad_(z(2, 6), [_nested()], [0]), ValueError, "unpad_: out[0] must be a dense (strided) tensor")
+    _raises(
+        lambda: ops.unpad_(z(2, 6).to_sparse(), [z(3)], [0]),
+        ValueError,
+        "unpad_: gathered must be a dense (strided) tensor",
+    )
+    _raises(
+        lambda: ops.unpad_(z(2, 6), [_nested()], [0]), ValueError, "unpad_: out[0] must be a dense (strided) tensor"
+    )
 
 
 def test_version_bumped_and_no_grad_ok():
@@ -373,11 +540,15 @@ def calls(draw):
     world = draw(st.integers(1, 5))
     dtype = draw(st.sampled_from(DTYPES))
     k = draw(st.integers(0, 6))
-    sizes = [draw(st.sampled_from([(), (0,), (1,), (2,), (3,), (7,), (4, 5), (world * 3 + 1,), (255,)])) for _ in range(k)]
+    sizes = [
+        draw(st.sampled_from([(), (0,), (1,), (2,), (3,), (7,), (4, 5), (world * 3 + 1,), (255,)])) for _ in range(k)
+    ]
     g = torch.Generator().manual_seed(draw(st.integers(0, 2**31)))
     params = [rnd(s, dtype, g) for s in sizes]
     split = draw(st.sampled_from([None, 1, 2, 5]))
-    gathered, idx, off, sh, bg, ct = bucketed(params, world, split) if params else (torch.zeros(world, 0, dtype=dtype), [], [], [], [], [])
+    gathered, idx, off, sh, bg, ct = (
+        bucketed(params, world, split) if params else (torch.zeros(world, 0, dtype=dtype), [], [], [], [], [])
+    )
     corrupt = bool(params) and draw(st.integers(0, 5)) == 0
     if corrupt:  # corrupt one entry: every backend refuses it alike (or copies the same wrong columns)
         j = draw(st.integers(0, len(idx) - 1))

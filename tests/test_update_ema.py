@@ -1,17 +1,17 @@
 """Drop-in update_ema vs the reference port of upstream's, on a small ZeRO-like setup."""
+
 import copy
 import sys
 import types
 
 import pytest
 import torch
+from helpers import assert_bitwise_equal
 from torch import nn
 
 import opensora_fast
 from opensora_fast import reference
 from opensora_fast.utils.train import update_ema
-
-from helpers import assert_bitwise_equal
 
 
 class Net(nn.Module):
@@ -84,7 +84,7 @@ def test_unsharded_mixed_dtypes_matches_reference():
     ema.b.to(torch.bfloat16)
     ema.a.float()  # (bf16/bf16 pairs are covered with their torch quirk in test_ema.py)
     ema_ref = copy.deepcopy(ema)
-    for step in range(3):
+    for _step in range(3):
         with torch.no_grad():
             for p in model.parameters():
                 p.add_(torch.randn_like(p))
@@ -244,7 +244,7 @@ def test_non_contiguous_parameters_run_as_upstream(layout, backend, monkeypatch)
     model, ema = _strided_pair(layout)
     ema_ref = copy.deepcopy(ema)
     strides = [p.stride() for p in ema.parameters()]
-    for step in range(2):
+    for _step in range(2):
         with torch.no_grad():
             for p in model.parameters():
                 p.add_(torch.randn(p.shape))
@@ -280,7 +280,11 @@ def test_bad_tensor_decay_is_a_type_error():
         (torch.tensor([0.9]), "got a torch.float32 tensor of shape [1]"),
         (torch.tensor(0.9j), "got a torch.complex64 tensor of shape []"),
     ]:
-        with pytest.raises(TypeError, match=r"update_ema: decay must be a real number or a 0-dim real tensor, " + text.replace("[", r"\[").replace("]", r"\]")):
+        with pytest.raises(
+            TypeError,
+            match=r"update_ema: decay must be a real number or a 0-dim real tensor, "
+            + text.replace("[", r"\[").replace("]", r"\]"),
+        ):
             update_ema(ema, model, opt, decay=decay)
     with pytest.raises(TypeError, match="decay must be a real number, got bool"):
         update_ema(ema, model, opt, decay=True)

@@ -1,6 +1,7 @@
 """opensora_fast.utils.config: our mmengine-compatible loader (``_base_``, ``_delete_``),
 merge_args, auto_convert, workspaces, aliases. Expected values follow upstream's
 opensora/utils/config.py and mmengine's Config.fromfile merge rules."""
+
 import ast
 import json
 import sys
@@ -63,7 +64,7 @@ def test_base_inheritance_and_delete(cfg_tree, monkeypatch):
     assert cfg.model.nested.c == 4 and cfg.get("missing", 5) == 5 and cfg.sampling_option.guidance == 7.5
     assert cfg._filename == str(cfg_tree / "child.py") == cfg.filename
     with pytest.raises(AttributeError, match="'nope'"):
-        cfg.nope
+        _ = cfg.nope
 
 
 def test_multilevel_base_and_list_replace(cfg_tree, monkeypatch):
@@ -140,8 +141,30 @@ def ref_auto_convert(value):
 
 @pytest.mark.parametrize(
     "s",
-    ["", "None", "NONE", "true", "False", "0", "-3", "1e-4", "3.5", "inf", "nan", "[1, 2]", "(1,)",
-     "{'a': 1}", "'quoted'", "hello", "256px", "16:9", " 7 ", "1_000", "résumé", "[1, 2"],
+    [
+        "",
+        "None",
+        "NONE",
+        "true",
+        "False",
+        "0",
+        "-3",
+        "1e-4",
+        "3.5",
+        "inf",
+        "nan",
+        "[1, 2]",
+        "(1,)",
+        "{'a': 1}",
+        "'quoted'",
+        "hello",
+        "256px",
+        "16:9",
+        " 7 ",
+        "1_000",
+        "résumé",
+        "[1, 2",
+    ],
 )
 def test_auto_convert_matches_upstream(s):
     got, want = C.auto_convert(s), ref_auto_convert(s)
@@ -172,8 +195,24 @@ def base_cfg():
 def test_merge_args_types_like_upstream():
     cfg = C.merge_args(
         base_cfg(),
-        ["--seed", "7", "--lr", "3", "--name", "12", "--flag", "True", "--new-key", "1.5",
-         "--model.depth", "2", "--model.scale", "3", "--model.sub.width", "none"],
+        [
+            "--seed",
+            "7",
+            "--lr",
+            "3",
+            "--name",
+            "12",
+            "--flag",
+            "True",
+            "--new-key",
+            "1.5",
+            "--model.depth",
+            "2",
+            "--model.scale",
+            "3",
+            "--model.sub.width",
+            "none",
+        ],
     )
     assert cfg.seed == 7 and type(cfg.seed) is int
     assert cfg.lr == 3.0 and type(cfg.lr) is float  # cast to the existing type
@@ -260,9 +299,17 @@ def test_sync_string_not_distributed(monkeypatch):
 
 def test_parse_alias():
     cfg = C.Config(
-        dict(resolution="768px", guidance="5", guidance_img=2, num_steps="30", num_frames=33.0,
-             aspect_ratio="9:16", ckpt_path="c.safetensors", sampling_option=dict(resolution="256px"),
-             model=dict(from_pretrained="a")),
+        dict(
+            resolution="768px",
+            guidance="5",
+            guidance_img=2,
+            num_steps="30",
+            num_frames=33.0,
+            aspect_ratio="9:16",
+            ckpt_path="c.safetensors",
+            sampling_option=dict(resolution="256px"),
+            model=dict(from_pretrained="a"),
+        ),
     )
     out = C.parse_alias(cfg)
     assert out is cfg

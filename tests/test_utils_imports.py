@@ -1,5 +1,6 @@
 """Every module imports with none of the optional extras installed (checked in a
 subprocess that blocks them), the errors that name the extra, and opensora_fast.utils.cai."""
+
 import subprocess
 import sys
 import textwrap
@@ -159,7 +160,9 @@ def test_get_booster_with_fake_colossalai(monkeypatch):
         pass
 
     b = CAI.get_booster(
-        {"plugin_ae": "hybrid", "plugin_config_ae": {"tp_size": 8, "pp_size": 1}, "dtype": "fp16"}, ae=True, policy=Policy
+        {"plugin_ae": "hybrid", "plugin_config_ae": {"tp_size": 8, "pp_size": 1}, "dtype": "fp16"},
+        ae=True,
+        policy=Policy,
     )
     assert isinstance(b, Booster) and b.plugin == "plugin"
     assert made == dict(plugin="hybrid", dtype="fp16", grad_clip=0, tp_size=2, pp_size=1, custom_policy=Policy)

@@ -1,6 +1,7 @@
 """opensora_fast.utils.inference, opensora_fast.datasets (aspect tables, save_sample) and
 opensora_fast.utils.prompt_refine, against ports of upstream (opensora/utils/inference.py,
 opensora/datasets/aspect.py, opensora/utils/prompt_refine.py at 7ad6a96)."""
+
 import csv
 import math
 import os
@@ -19,8 +20,24 @@ from opensora_fast.utils import inference as I
 from opensora_fast.utils import prompt_refine as P
 from opensora_fast.utils.sampling import SamplingOption
 
-EDGE = ["", "   ", "a cat", "a cat.", "a cat. ", "  a cat  ", "done..", "ünïcødé 猫", "24 FPS.", "a 24 FPS.",
-        "a 24 FPS", "a 24 fps.", "x FPS.", "line\nbreak", "tab\t", "ends with ?"]
+EDGE = [
+    "",
+    "   ",
+    "a cat",
+    "a cat.",
+    "a cat. ",
+    "  a cat  ",
+    "done..",
+    "ünïcødé 猫",
+    "24 FPS.",
+    "a 24 FPS.",
+    "a 24 FPS",
+    "a 24 fps.",
+    "x FPS.",
+    "line\nbreak",
+    "tab\t",
+    "ends with ?",
+]
 
 
 # ---------------------------------------------------------------- text helpers (ports of upstream)
@@ -54,7 +71,11 @@ def test_text_helpers_edge_strings(s):
 def test_text_helpers_exact_values():
     assert I.ensure_sentence_ends_with_period("  a cat ") == "a cat."
     assert I.ensure_sentence_ends_with_period("") == "."
-    assert I.add_fps_info_to_text(["a cat", "b 24 FPS.", "c. "], fps=30) == ["a cat. 30 FPS.", "b 24 FPS.", "c. 30 FPS."]
+    assert I.add_fps_info_to_text(["a cat", "b 24 FPS.", "c. "], fps=30) == [
+        "a cat. 30 FPS.",
+        "b 24 FPS.",
+        "c. 30 FPS.",
+    ]
     assert I.add_fps_info_to_text(EDGE, fps=8) == ref_add_fps(EDGE, fps=8)
     assert I.add_fps_info_to_text([]) == []
     assert I.add_motion_score_to_text(["a.", ""], 4) == ["a. 4 motion score.", " 4 motion score."]
@@ -62,7 +83,9 @@ def test_text_helpers_exact_values():
 
 
 def test_motion_score_dynamic(monkeypatch):
-    assert I.add_motion_score_to_text(["a", "b"], "dynamic", scorer=lambda t: [f"{len(x)} motion score" for x in t]) == [
+    assert I.add_motion_score_to_text(
+        ["a", "b"], "dynamic", scorer=lambda t: [f"{len(x)} motion score" for x in t]
+    ) == [
         "a 1 motion score.",
         "b 1 motion score.",
     ]
@@ -84,12 +107,16 @@ def test_get_save_path_name():
     j = os.path.join
     assert I.get_save_path_name("s", "video", name="n", num_sample_pos=0) == j("s", "video", "n")
     assert I.get_save_path_name("s", "video", save_prefix="p_", name="n", num_sample_pos=2) == j("s", "video", "p_n_2")
-    assert I.get_save_path_name("s", "v", fallback_name="prompts", index=7, num_sample_pos=0) == j("s", "v", "prompts_0007")
+    assert I.get_save_path_name("s", "v", fallback_name="prompts", index=7, num_sample_pos=0) == j(
+        "s", "v", "prompts_0007"
+    )
     assert I.get_save_path_name("s", "v", save_prefix="x", fallback_name="f", index=12345, num_sample_pos=1) == j(
         "s", "v", "xf_12345_1"
     )
     # prompt_as_path (vbench): leading/trailing dots stripped, position always appended
-    assert I.get_save_path_name("s", "v", prompt_as_path=True, prompt="..a cat.", num_sample_pos=0) == j("s", "v", "a cat-0")
+    assert I.get_save_path_name("s", "v", prompt_as_path=True, prompt="..a cat.", num_sample_pos=0) == j(
+        "s", "v", "a cat-0"
+    )
     assert I.get_save_path_name("s", "v", name="n") == j("s", "v", "n")  # None position = 0
     with pytest.raises(ValueError, match="fallback_name"):
         I.get_save_path_name("s", "v", name=None, index=None, fallback_name="f", num_sample_pos=0)
@@ -328,7 +355,13 @@ def test_refine_prompt_requests_like_upstream():
     c = FakeClient(["refined"])
     assert P.refine_prompt("  a cat  ", type="t2v", client=c) == "refined"
     kw = c.calls[0]
-    assert (kw["model"], kw["temperature"], kw["top_p"], kw["stream"], kw["max_tokens"]) == ("gpt-4o", 0.01, 0.7, False, 250)
+    assert (kw["model"], kw["temperature"], kw["top_p"], kw["stream"], kw["max_tokens"]) == (
+        "gpt-4o",
+        0.01,
+        0.7,
+        False,
+        250,
+    )
     msgs = kw["messages"]
     assert msgs[0] == {"role": "system", "content": P.sys_prompt_t2v} and len(msgs) == 8
     assert [m["role"] for m in msgs[1:7]] == ["user", "assistant"] * 3

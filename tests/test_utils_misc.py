@@ -1,10 +1,10 @@
 """opensora_fast.utils.misc and .logger against small ports of upstream's semantics
 (opensora/utils/misc.py and logger.py at 7ad6a96)."""
+
 import logging
 import os
 import sys
 import types
-import warnings
 
 import numpy as np
 import pytest
@@ -14,7 +14,6 @@ import torch.multiprocessing as mp
 
 from opensora_fast.utils import logger as L
 from opensora_fast.utils import misc as M
-
 
 # ---------------------------------------------------------------- reference ports
 
@@ -185,7 +184,11 @@ def test_log_message_levels(caplog, capsys):
         L.log_message("a %d", 1)
         L.log_message("b", level="warning")
         L.log_message("c", level="error")
-    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [("INFO", "a 1"), ("WARNING", "b"), ("ERROR", "c")]
+    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
+        ("INFO", "a 1"),
+        ("WARNING", "b"),
+        ("ERROR", "c"),
+    ]
     L.log_message("p", 2, level="print")
     assert capsys.readouterr().out == "p 2\n"
     with pytest.raises(ValueError) as e:
@@ -277,7 +280,9 @@ def test_timer_coordinator_block_all():
 
 def test_nsys_profiler_start_stop(monkeypatch):
     events = []
-    fake = types.SimpleNamespace(cudaProfilerStart=lambda: events.append("start"), cudaProfilerStop=lambda: events.append("stop"))
+    fake = types.SimpleNamespace(
+        cudaProfilerStart=lambda: events.append("start"), cudaProfilerStop=lambda: events.append("stop")
+    )
     monkeypatch.setattr(torch.cuda, "cudart", lambda: fake)
     p = M.NsysProfiler(warmup_steps=2, num_steps=2)
     for _ in range(5):
@@ -315,7 +320,9 @@ def test_memory_helpers(capsys, tmp_path):
     assert out.startswith("[0] pre process memory: ") and "total memory:" in out
     # /proc/meminfo parsing without psutil: psutil's Linux "used" = total - free - buffers - cached - sreclaimable
     mi = tmp_path / "meminfo"
-    mi.write_text("MemTotal: 1000 kB\nMemFree: 100 kB\nBuffers: 50 kB\nCached: 200 kB\nSReclaimable: 30 kB\nShmem: 5 kB\n")
+    mi.write_text(
+        "MemTotal: 1000 kB\nMemFree: 100 kB\nBuffers: 50 kB\nCached: 200 kB\nSReclaimable: 30 kB\nShmem: 5 kB\n"
+    )
     assert M._used_bytes(str(mi)) == (1000 - 100 - 50 - 200 - 30) * 1024
     mi.write_text("MemTotal: 1000 kB\nMemFree: 100 kB\nBuffers: 500 kB\nCached: 500 kB\n")
     assert M._used_bytes(str(mi)) == (1000 - 100) * 1024  # negative -> total - free

@@ -5,6 +5,7 @@ upstream's LinearWarmupLR (opensora/utils/optimizer.py) and ColossalAI's
 CosineAnnealingWarmupLR (colossalai/nn/lr_scheduler/cosine.py + delayed.py:
 WarmupScheduler over torch's CosineAnnealingLR), and with closed forms derived by hand.
 """
+
 import math
 import sys
 import warnings
@@ -15,7 +16,6 @@ from torch.optim.lr_scheduler import CosineAnnealingLR, LRScheduler
 
 from opensora_fast.utils import optimizer as O
 from opensora_fast.utils import train as T
-
 
 # ---------------------------------------------------------------- reference ports
 
@@ -182,7 +182,9 @@ def test_create_lr_scheduler():
     assert O.create_lr_scheduler(opt, 10) is None
     s = O.create_lr_scheduler(opt, 10, epochs=2, warmup_steps=3, use_cosine_scheduler=True)
     assert isinstance(s, O.CosineAnnealingWarmupLR) and s.after_scheduler.T_max == 17
-    s = O.create_lr_scheduler(make_opt(), 10, epochs=2, use_cosine_scheduler=True)  # warmup None -> 0 (upstream crashes)
+    s = O.create_lr_scheduler(
+        make_opt(), 10, epochs=2, use_cosine_scheduler=True
+    )  # warmup None -> 0 (upstream crashes)
     assert s.warmup_epochs == 0 and s.after_scheduler.T_max == 20
     s = O.create_lr_scheduler(make_opt(), 10, warmup_steps=4)
     assert isinstance(s, O.LinearWarmupLR) and s.warmup_steps == 4 and s.initial_lr == 1e-6
@@ -332,8 +334,13 @@ def test_create_colossalai_plugin_with_fake_colossalai(monkeypatch):
     monkeypatch.setattr(M, "_GROUPS", {})
     z = T.create_colossalai_plugin("zero1", "bf16", 1.0, reduce_bucket_size_in_m=64)
     assert isinstance(z, Zero) and z.kw == dict(
-        stage=1, precision="bf16", initial_scale=2**16, max_norm=1.0, overlap_allgather=True,
-        cast_inputs=False, reduce_bucket_size_in_m=64,
+        stage=1,
+        precision="bf16",
+        initial_scale=2**16,
+        max_norm=1.0,
+        overlap_allgather=True,
+        cast_inputs=False,
+        reduce_bucket_size_in_m=64,
     )
     assert M._GROUPS["data"] is dist.group.WORLD
     with pytest.raises(ValueError, match="sequence parallelism"):
@@ -346,8 +353,14 @@ def test_create_colossalai_plugin_with_fake_colossalai(monkeypatch):
     kw = dict(h.kw)
     assert isinstance(kw.pop("custom_policy"), Policy)
     assert kw == dict(
-        precision="fp16", initial_scale=2**16, max_norm=0.5, overlap_allgather=True, tp_size=2,
-        find_unused_parameters=True, zero_bucket_size_in_m=20, enable_metadata_cache=False,
+        precision="fp16",
+        initial_scale=2**16,
+        max_norm=0.5,
+        overlap_allgather=True,
+        tp_size=2,
+        find_unused_parameters=True,
+        zero_bucket_size_in_m=20,
+        enable_metadata_cache=False,
     )
     assert (M._GROUPS["tensor"], M._GROUPS["sequence"], M._GROUPS["data"]) == ("tp", "sp", "dp")
 

@@ -1,5 +1,6 @@
 """opensora_fast.utils.sampling against ports of upstream (opensora/utils/sampling.py at 7ad6a96).
 The pack/unpack port uses reshape/permute, independent of einops."""
+
 import math
 from dataclasses import replace
 
@@ -8,7 +9,6 @@ import torch
 
 from opensora_fast.utils import sampling as S
 from opensora_fast.utils.inference import SamplingMethod
-
 
 # ---------------------------------------------------------------- reference ports
 
@@ -104,7 +104,12 @@ def test_get_schedule(args):
     a = dict(args)
     seq_len = a.pop("seq_len")
     got = S.get_schedule(a.pop("num_steps"), seq_len, a.pop("num_frames"), **a)
-    want = ref_schedule(args["num_steps"], seq_len, args["num_frames"], **{k: v for k, v in args.items() if k not in ("num_steps", "seq_len", "num_frames")})
+    want = ref_schedule(
+        args["num_steps"],
+        seq_len,
+        args["num_frames"],
+        **{k: v for k, v in args.items() if k not in ("num_steps", "seq_len", "num_frames")},
+    )
     assert got == want and len(got) == args["num_steps"] + 1 and got[0] == 1.0 and got[-1] == 0.0
 
 
@@ -211,8 +216,20 @@ def test_distilled_denoiser_matches_euler():
     assert S.DistilledDenoiser().prepare_guidance(["a"], {}, "cpu", torch.float32) == (["a"], {})
 
 
-def ref_i2v_denoise(model, img, timesteps, guidance, guidance_img, masks, masked_ref, text_osci, image_osci,
-                    scale_temporal_osci, patch_size, **kwargs):
+def ref_i2v_denoise(
+    model,
+    img,
+    timesteps,
+    guidance,
+    guidance_img,
+    masks,
+    masked_ref,
+    text_osci,
+    image_osci,
+    scale_temporal_osci,
+    patch_size,
+    **kwargs,
+):
     # upstream's I2VDenoiser.denoise, with its (b, c, t, w, h) naming
     guidance_vec = torch.full((img.shape[0],), guidance, dtype=img.dtype)
     for i, (t_curr, t_prev) in enumerate(zip(timesteps[:-1], timesteps[1:])):
@@ -248,8 +265,18 @@ def test_i2v_denoiser_matches_upstream(osci):
     img = torch.randn(3 * B, n, C * 4, generator=g)
     txt = torch.randn(3 * B, 2, 4, generator=g)
     ts = S.get_schedule(12, n, T)
-    common = dict(timesteps=ts, guidance=7.5, guidance_img=3.0, masks=masks, masked_ref=masked_ref,
-                  text_osci=text_osci, image_osci=image_osci, scale_temporal_osci=temporal, patch_size=2, txt=txt)
+    common = dict(
+        timesteps=ts,
+        guidance=7.5,
+        guidance_img=3.0,
+        masks=masks,
+        masked_ref=masked_ref,
+        text_osci=text_osci,
+        image_osci=image_osci,
+        scale_temporal_osci=temporal,
+        patch_size=2,
+        txt=txt,
+    )
     out = S.I2VDenoiser().denoise(LinModel(), img=img.clone(), sigma_min=1e-5, **common)
     want = ref_i2v_denoise(LinModel(), img.clone(), **common)
     assert out.shape == (B, n, C * 4)
@@ -279,8 +306,12 @@ def test_prepare_api_distilled_end_to_end(monkeypatch):
         def decode(self, x):
             return x[:, :3].repeat_interleave(2, dim=-1).repeat_interleave(2, dim=-2)
 
-    t5 = lambda p, added_tokens, seq_align: torch.zeros(len(p), 3, 8)
-    clip = lambda p: torch.zeros(len(p), 4)
+    def t5(p, added_tokens, seq_align):
+        return torch.zeros(len(p), 3, 8)
+
+    def clip(p):
+        return torch.zeros(len(p), 4)
+
     api = S.prepare_api(Model(), AE(), t5, clip, {})
     opt = S.sanitize_sampling_option(S.SamplingOption(height=64, width=32, num_steps=4, method="distill", seed=5))
     x = api(opt, text=["a", "b"], channel=64)

@@ -10,6 +10,7 @@ torch (plus the test tools), and runs the CPU test suite there against the insta
 package, not the source tree; and the sdist, built and installed with
 --no-build-isolation against the torch already in that environment.
 """
+
 from __future__ import annotations
 
 import os
@@ -120,7 +121,9 @@ def test_import_with_faked_build_version_fails_clearly(tmp_path):
     out = _import_in(site, "import opensora_fast")
     assert out.returncode != 0
     last = out.stderr.strip().splitlines()[-1]
-    assert last.startswith("opensora_fast._ext.BuildMismatchError: opensora_fast 0.1.0+fake was built for torch 2.13.0+cu128 with CUDA 12.8")
+    assert last.startswith(
+        "opensora_fast._ext.BuildMismatchError: opensora_fast 0.1.0+fake was built for torch 2.13.0+cu128 with CUDA 12.8"
+    )
     assert f"this environment has torch {torch.__version__}" in last
     assert "pip install --no-build-isolation" in last
     assert out.stderr.count("Traceback") == 1 and "During handling" not in out.stderr, out.stderr  # one error
@@ -170,7 +173,8 @@ def _run(cmd, **kw):
 
 # Minutes and gigabytes (a torch install): only `make test-wheel` runs these.
 wheel_test = pytest.mark.skipif(
-    os.environ.get("OPENSORA_FAST_TEST_WHEEL") != "1", reason="slow: run by make test-wheel (OPENSORA_FAST_TEST_WHEEL=1)"
+    os.environ.get("OPENSORA_FAST_TEST_WHEEL") != "1",
+    reason="slow: run by make test-wheel (OPENSORA_FAST_TEST_WHEEL=1)",
 )
 
 TEST_TOOLS = ["pytest", "numpy", "hypothesis", "av", "Pillow"]
@@ -223,7 +227,12 @@ def test_wheel_from_clean_clone_in_fresh_venv(clean_clone, fresh_venv, tmp_path)
     wheelhouse = tmp_path / "wheelhouse"
     env = dict(os.environ)
     env.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
-    _run(["bash", clean_clone / "tools" / "build_wheels.sh", wheelhouse, sys.executable], cwd=clean_clone, env=env, timeout=5400)
+    _run(
+        ["bash", clean_clone / "tools" / "build_wheels.sh", wheelhouse, sys.executable],
+        cwd=clean_clone,
+        env=env,
+        timeout=5400,
+    )
     wheels = sorted(wheelhouse.glob("*.whl"))
     assert len(wheels) == 1, wheels
     name = wheels[0].name
@@ -236,7 +245,7 @@ def test_wheel_from_clean_clone_in_fresh_venv(clean_clone, fresh_venv, tmp_path)
     )
     m = re.fullmatch(pattern, name)
     assert m, (name, pattern)
-    tag = m.group(0).split("-")[1][len(opensora_fast.__version__):]  # +cu130torch2.14
+    tag = m.group(0).split("-")[1][len(opensora_fast.__version__) :]  # +cu130torch2.14
     _run([fresh_venv, "-m", "pip", "install", "-q", wheels[0]])  # and its dependencies (einops)
     show = _run([fresh_venv, "-m", "pip", "show", "opensora_fast"]).stdout
     assert f"Version: {opensora_fast.__version__}{tag}" in show, show
@@ -254,7 +263,12 @@ def test_sdist_builds_against_installed_torch(clean_clone, fresh_venv, tmp_path)
     assert sdist.name == f"opensora_fast-{opensora_fast.__version__}.tar.gz"  # no local tag: built later
     _run([fresh_venv, "-m", "pip", "install", "-q", "setuptools>=64", "ninja", "einops>=0.6"])
     env = dict(os.environ, OPENSORA_FAST_NO_CUDA="1", MAX_JOBS=os.environ.get("MAX_JOBS", "2"))
-    _run([fresh_venv, "-m", "pip", "install", "--no-build-isolation", "--no-deps", sdist], cwd=tmp_path, env=env, timeout=3600)
+    _run(
+        [fresh_venv, "-m", "pip", "install", "--no-build-isolation", "--no-deps", sdist],
+        cwd=tmp_path,
+        env=env,
+        timeout=3600,
+    )
     torch_mm = ".".join(torch.__version__.split(".")[:2])
     show = _run([fresh_venv, "-m", "pip", "show", "opensora_fast"]).stdout
     assert f"Version: {opensora_fast.__version__}+cputorch{torch_mm}" in show, show

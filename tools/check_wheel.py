@@ -7,6 +7,7 @@ linux_x86_64 because of exactly those libraries; `show` has no --exclude.
 
     auditwheel show --json W.whl | python tools/check_wheel.py W.whl
 """
+
 import fnmatch
 import json
 import os
@@ -36,7 +37,13 @@ def provided(lib):
 
 unexpected = [lib for lib in external if not provided(lib)]
 ok = sym in plat.split(".") and plat.startswith("manylinux") and not unexpected
-print(f"auditwheel: symbols allow {sym}; wheel tagged {plat}; external libraries {', '.join(external) or 'none'}"
-      + (" (all torch's, not grafted by design)" if not unexpected else f"; NOT provided by torch: {', '.join(unexpected)}"))
+print(
+    f"auditwheel: symbols allow {sym}; wheel tagged {plat}; external libraries {', '.join(external) or 'none'}"
+    + (
+        " (all torch's, not grafted by design)"
+        if not unexpected
+        else f"; NOT provided by torch: {', '.join(unexpected)}"
+    )
+)
 print("auditwheel check:", "OK" if ok else "FAILED")
 sys.exit(0 if ok else 1)

@@ -5,6 +5,7 @@ package needed); setup.py needs torch importable. The sdist carries the plain ve
 (0.1.0): whoever builds it gets the local tag of their own torch and CUDA
 (pip install --no-build-isolation opensora_fast-0.1.0.tar.gz -> 0.1.0+cu130torch2.14).
 """
+
 import os
 import sys
 

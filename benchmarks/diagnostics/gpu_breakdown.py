@@ -2,6 +2,7 @@
 as the benchmarks time it) next to the CUDA kernel time per call (torch.profiler's
 device self-time), so host overhead and kernel time can be told apart.
 Run by gpu_check.sh after the benchmarks:  python -m benchmarks.diagnostics.gpu_breakdown"""
+
 import logging
 
 import torch
@@ -55,8 +56,10 @@ print(f"per-call time split on {torch.cuda.get_device_name()} (us; median wall o
 print(f"  {'call':40s} {'wall':>8s} {'host':>8s} {'kernels':>8s}")
 # every wall and host time before the first profiler session (kernel_us), so no
 # profiler state left in the process can count in them
-times = {name: (call_us(fn, sync=torch.cuda.synchronize, each=True), call_us(fn, sync=torch.cuda.synchronize))
-         for name, fn in cases.items()}
+times = {
+    name: (call_us(fn, sync=torch.cuda.synchronize, each=True), call_us(fn, sync=torch.cuda.synchronize))
+    for name, fn in cases.items()
+}
 for name, fn in cases.items():
     wall, host = times[name]
     print(f"  {name:40s} {wall:8.1f} {host:8.1f} {kernel_us(fn):8.1f}")

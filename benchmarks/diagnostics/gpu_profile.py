@@ -4,6 +4,7 @@ conditioning (with and without its t2v-fallback log line). Prints cProfile's top
 functions and the device timeline of one gather (first device event after the
 call starts, busy time per kind, idle time).
 Run on the device machine after building:  python -m benchmarks.diagnostics.gpu_profile [ckpt]"""
+
 import cProfile
 import io
 import logging
@@ -59,14 +60,19 @@ def timeline(fn):
     kinds = {}
     for e in ev:
         name = e.name
-        kind = ("memcpy " + name.split()[1]) if name.startswith("Memcpy") else (
-            "nccl" if "nccl" in name.lower() else ("unpad" if "unpad" in name.lower() else name[:40]))
+        kind = (
+            ("memcpy " + name.split()[1])
+            if name.startswith("Memcpy")
+            else ("nccl" if "nccl" in name.lower() else ("unpad" if "unpad" in name.lower() else name[:40]))
+        )
         kinds[kind] = kinds.get(kind, 0) + (e.time_range.end - e.time_range.start)
     first = min(e.time_range.start for e in ev) - cpu0
     last = max(e.time_range.end for e in ev) - cpu0
     busy = sum(kinds.values())
-    print(f"    wall {wall:.2f} ms; first device event at {first / 1e3:.2f} ms, last ends {last / 1e3:.2f} ms; "
-          f"device busy {busy / 1e3:.2f} ms in {len(ev)} events")
+    print(
+        f"    wall {wall:.2f} ms; first device event at {first / 1e3:.2f} ms, last ends {last / 1e3:.2f} ms; "
+        f"device busy {busy / 1e3:.2f} ms in {len(ev)} events"
+    )
     for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])[:8]:
         print(f"      {k:44s} {v / 1e3:8.2f} ms")
 
@@ -91,7 +97,11 @@ def ckpt_case():
     print("  plain copy_:")
     timeline(lambda: dst.copy_(src, non_blocking=True))
     flat = ckpt.CheckpointIO._pinned_dict((k, v, torch.bfloat16) for k, v in shape_dict.items())
-    for what, out, staging in (("separate", pinned, False), ("separate", pinned, True), ("CheckpointIO's segments", flat, None)):
+    for what, out, staging in (
+        ("separate", pinned, False),
+        ("separate", pinned, True),
+        ("CheckpointIO's segments", flat, None),
+    ):
         print(f"  model_gathering into {what} pinned, staging={staging}:")
         timeline(lambda: ckpt.model_gathering(ema, shape_dict, out, progress=False, staging=staging))
     print("  model_gathering host profile (cProfile, 3 calls):")
@@ -99,9 +109,12 @@ def ckpt_case():
     print("  the same into CheckpointIO's segments (staged), by cumulative time:")
     top(lambda: ckpt.model_gathering(ema, shape_dict, flat, progress=False), n=24, calls=3, sort="cumulative")
     dsts = list(flat.values())
-    for what, f in (("dist.barrier()", dist.barrier), ("state_dict(keep_vars=True)", lambda: ema.state_dict(keep_vars=True)),
-                    ("_run_starts(segment views)", lambda: ckpt._run_starts(dsts)),
-                    ("model_gathering (segments), wall", lambda: ckpt.model_gathering(ema, shape_dict, flat, progress=False))):
+    for what, f in (
+        ("dist.barrier()", dist.barrier),
+        ("state_dict(keep_vars=True)", lambda: ema.state_dict(keep_vars=True)),
+        ("_run_starts(segment views)", lambda: ckpt._run_starts(dsts)),
+        ("model_gathering (segments), wall", lambda: ckpt.model_gathering(ema, shape_dict, flat, progress=False)),
+    ):
         print(f"  {what:36s} {call_us(f, 5 if 'wall' in what else 20, sync=sync, each=True, warmup=2) / 1e3:8.2f} ms")
     dist.destroy_process_group()
 
@@ -117,8 +130,10 @@ def loss_and_condition():
         top(lambda: torch.autograd.grad(get_batch_loss(pred, target, m), [pred]), n=10, calls=200)
     fwd = lambda: get_batch_loss(pred, target)  # noqa: E731
     print(f"  unmasked forward only: host {call_us(fwd, sync=sync):.1f} us")
-    print(f"  F.mse_loss fwd+bwd: host "
-          f"{call_us(lambda: torch.autograd.grad(torch.nn.functional.mse_loss(pred.float(), target.float()), [pred]), sync=sync):.1f} us")
+    print(
+        f"  F.mse_loss fwd+bwd: host "
+        f"{call_us(lambda: torch.autograd.grad(torch.nn.functional.mse_loss(pred.float(), target.float()), [pred]), sync=sync):.1f} us"
+    )
     z = torch.randn(4, 16, 33, 24, 42, generator=g, device=dev).bfloat16()
     refs = [[torch.randn(16, 33, 24, 42, generator=g, device=dev).bfloat16()] for _ in range(4)]
     refs[2] = None

@@ -6,6 +6,7 @@ dominated on the H100 machine (benchmarks/gpu_breakdown.py). Best of 5 batches o
   python -m benchmarks.diagnostics.host_overhead cuda     the GPU bench's conditioning sizes,
                                               split into stages (Python planning,
                                               the op alone, per source, per row)"""
+
 import logging
 import sys
 
@@ -62,8 +63,11 @@ def stage_cases(dev):
 
     cases = {}
     op = torch.ops.opensora_fast.condition.default
-    for name, mode, refs in (("v2v_head", "v2v_head", vids), ("i2v_loop 1-frame refs", "i2v_loop", imgs),
-                             ("i2v_loop video refs", "i2v_loop", vids)):
+    for name, mode, refs in (
+        ("v2v_head", "v2v_head", vids),
+        ("i2v_loop 1-frame refs", "i2v_loop", imgs),
+        ("i2v_loop video refs", "i2v_loop", vids),
+    ):
         planning(mode, refs)
         zz, srcs, plan = captured["last"]
         one = [0 if k % 5 == 3 else v for k, v in enumerate(plan)]
@@ -84,8 +88,12 @@ if __name__ == "__main__":
     else:
         cases, where = stage_cases(dev), f"{dev}, {torch.cuda.get_device_name() if dev.type == 'cuda' else 'cpu'}"
     sync = torch.cuda.synchronize if dev is not None and dev.type == "cuda" else None
-    print(f"per call, {where}, torch {torch.__version__} (us; host: best of 5 x 2000 calls issued back to back;"
-          " wall: median of 2000 calls with a device sync after each)")
+    print(
+        f"per call, {where}, torch {torch.__version__} (us; host: best of 5 x 2000 calls issued back to back;"
+        " wall: median of 2000 calls with a device sync after each)"
+    )
     print(f"  {'':52s} {'host':>8s} {'wall':>8s}")
     for name, fn in cases.items():
-        print(f"  {name:52s} {call_us(fn, 2000, batches=5, sync=sync):8.1f} {call_us(fn, 2000, sync=sync, each=True):8.1f}")
+        print(
+            f"  {name:52s} {call_us(fn, 2000, batches=5, sync=sync):8.1f} {call_us(fn, 2000, sync=sync, each=True):8.1f}"
+        )

@@ -1,5 +1,10 @@
 """Calls every CUDA op (loss_ranges included) once on small odd shapes, for compute-sanitizer
 (memcheck, racecheck) in benchmarks/gpu_check.sh."""
+
+import glob
+import importlib
+import os
+
 import torch
 
 import opensora_fast  # noqa: F401  (loads the ops)
@@ -21,8 +26,10 @@ for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
     OP.masked_mse_backward(torch.tensor(0.5, device=dev), p, t, r)
     OP.masked_mse(p[:, 1:].contiguous(), t[:, 1:].contiguous(), r.clamp(max=3000))
 for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
-    srcs = [torch.randn(5, 10, 13, 11, generator=g).to(sdt).to(dev)
-            for sdt in (torch.float32, torch.bfloat16, torch.float16, torch.float64)]
+    srcs = [
+        torch.randn(5, 10, 13, 11, generator=g).to(sdt).to(dev)
+        for sdt in (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+    ]
     srcs.append(torch.randn(6, 12, 14, 13, generator=g).to(dev)[1:, 1:11, 1:, :11])  # offset, strided
     plan = [0, 0, 9, 0, 1, 1, 0, 1, 1, 0, 1, 8, 1, 4, 3, 2, 2, 3, 2, 4, 2, 6, 2, 3, 0]
     OP.condition(torch.empty(3, 5, 9, 13, 11, dtype=dtype, device=dev), srcs, plan)
@@ -45,5 +52,10 @@ for dtype in (torch.float32, torch.bfloat16, torch.bool, torch.int64):
         full = (torch.rand(300, T, 3, generator=g) < 0.3).to(dtype).to(dev)
         for upstream in (True, False):
             OP.loss_ranges(full[:, :, 1], 7, upstream)
+# ops added since keep their cases in their own benchmark file: a `sanitize(device)` there
+for path in sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "bench_*.py"))):
+    module = importlib.import_module(f"benchmarks.{os.path.splitext(os.path.basename(path))[0]}")
+    if hasattr(module, "sanitize"):
+        module.sanitize(dev)
 torch.cuda.synchronize()
 print("sanitize_ops: all ops ran")

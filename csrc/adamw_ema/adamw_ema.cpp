@@ -63,19 +63,24 @@ void check_hyper(const char* name, size_t g, double x, bool below_one) {
   }
 }
 
-uintptr_t addr(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()); }
+uintptr_t addr(const at::Tensor& t) {
+  return reinterpret_cast<uintptr_t>(t.data_ptr());
+}
 
 // For each EMA pair, the param its source is (same memory, same size), or -1.
 std::vector<int64_t> fused_sources(const Call& c) {
   std::unordered_map<uintptr_t, int64_t> by_addr;
   for (size_t i = 0; i < c.params.size(); ++i)
-    if (c.params[i].numel() > 0) by_addr.emplace(addr(c.params[i]), static_cast<int64_t>(i));
+    if (c.params[i].numel() > 0)
+      by_addr.emplace(addr(c.params[i]), static_cast<int64_t>(i));
   std::vector<int64_t> of(c.ema_src.size(), -1);
   for (size_t j = 0; j < c.ema_src.size(); ++j) {
     const at::Tensor& s = c.ema_src[j];
-    if (s.numel() == 0) continue;
+    if (s.numel() == 0)
+      continue;
     const auto it = by_addr.find(addr(s));
-    if (it != by_addr.end() && c.params[it->second].numel() == s.numel()) of[j] = it->second;
+    if (it != by_addr.end() && c.params[it->second].numel() == s.numel())
+      of[j] = it->second;
   }
   return of;
 }
@@ -84,18 +89,19 @@ std::vector<int64_t> fused_sources(const Call& c) {
 
 void check_inputs(const Call& c) {
   const size_t n = c.params.size();
-  TORCH_CHECK_VALUE(c.grads.size() == n && c.exp_avgs.size() == n && c.exp_avg_sqs.size() == n && c.steps.size() == n,
-                    "adamw_ema_: grads, exp_avgs, exp_avg_sqs and steps must have one tensor per param, got len(params)=",
-                    n, ", len(grads)=", c.grads.size(), ", len(exp_avgs)=", c.exp_avgs.size(), ", len(exp_avg_sqs)=",
-                    c.exp_avg_sqs.size(), ", len(steps)=", c.steps.size());
+  TORCH_CHECK_VALUE(
+      c.grads.size() == n && c.exp_avgs.size() == n && c.exp_avg_sqs.size() == n && c.steps.size() == n,
+      "adamw_ema_: grads, exp_avgs, exp_avg_sqs and steps must have one tensor per param, got len(params)=", n,
+      ", len(grads)=", c.grads.size(), ", len(exp_avgs)=", c.exp_avgs.size(),
+      ", len(exp_avg_sqs)=", c.exp_avg_sqs.size(), ", len(steps)=", c.steps.size());
   const size_t ng = c.group_sizes.size();
   TORCH_CHECK_VALUE(c.lr.size() == ng && c.beta1.size() == ng && c.beta2.size() == ng && c.eps.size() == ng &&
                         c.weight_decay.size() == ng && c.amsgrad.size() == ng && c.maximize.size() == ng,
                     "adamw_ema_: lr, beta1, beta2, eps, weight_decay, amsgrad and maximize must have one value per "
                     "group, got len(group_sizes)=",
                     ng, ", len(lr)=", c.lr.size(), ", len(beta1)=", c.beta1.size(), ", len(beta2)=", c.beta2.size(),
-                    ", len(eps)=", c.eps.size(), ", len(weight_decay)=", c.weight_decay.size(), ", len(amsgrad)=",
-                    c.amsgrad.size(), ", len(maximize)=", c.maximize.size());
+                    ", len(eps)=", c.eps.size(), ", len(weight_decay)=", c.weight_decay.size(),
+                    ", len(amsgrad)=", c.amsgrad.size(), ", len(maximize)=", c.maximize.size());
   int64_t total = 0;
   bool sizes_ok = true;
   for (int64_t s : c.group_sizes) {
@@ -108,9 +114,10 @@ void check_inputs(const Call& c) {
   for (size_t g = 0; g < ng; ++g) {
     TORCH_CHECK_VALUE(c.amsgrad[g] == 0 || c.amsgrad[g] == 1, "adamw_ema_: amsgrad[", g, "] must be 0 or 1, got ",
                       c.amsgrad[g]);
-    TORCH_CHECK_VALUE(c.maximize[g] == 0 || c.maximize[g] == 1, "adamw_ema_: maximize[", g,
-                      "] must be 0 or 1, got ", c.maximize[g]);
-    if (c.amsgrad[g]) n_ams += static_cast<size_t>(c.group_sizes[g]);
+    TORCH_CHECK_VALUE(c.maximize[g] == 0 || c.maximize[g] == 1, "adamw_ema_: maximize[", g, "] must be 0 or 1, got ",
+                      c.maximize[g]);
+    if (c.amsgrad[g])
+      n_ams += static_cast<size_t>(c.group_sizes[g]);
   }
   TORCH_CHECK_VALUE(c.max_exp_avg_sqs.size() == n_ams,
                     "adamw_ema_: max_exp_avg_sqs must have one tensor per param of the amsgrad groups (", n_ams,
@@ -127,7 +134,8 @@ void check_inputs(const Call& c) {
   }
   TORCH_CHECK_VALUE(c.decay >= 0.0 && c.decay <= 1.0, "adamw_ema_: decay must be in [0, 1], got ", py_repr(c.decay));
 
-  if (n == 0 && c.ema.empty()) return;
+  if (n == 0 && c.ema.empty())
+    return;
   const at::Tensor& first = n > 0 ? c.params[0] : c.ema[0];
   const char* first_name = n > 0 ? "params" : "ema";
   // Undefined first tensors are named by check_tensor below; the device test needs a defined one.
@@ -160,7 +168,8 @@ void check_inputs(const Call& c) {
     check_tensor("ema_src", j, s, false, false, s, "ema_src", j, first, first_name);
     check_tensor("ema", j, c.ema[j], true, true, s, "ema_src", j, first, first_name);
   }
-  if (first.device().type() == c10::DeviceType::Meta) return;
+  if (first.device().type() == c10::DeviceType::Meta)
+    return;
 
   // Written memory must not alias anything else of the call (the kernels run
   // tensors and elements in no fixed order), except that an EMA's source may
@@ -168,7 +177,8 @@ void check_inputs(const Call& c) {
   const std::vector<int64_t> fused = fused_sources(c);
   std::vector<int64_t> twin(n, -1);
   for (size_t j = 0; j < fused.size(); ++j) {
-    if (fused[j] < 0) continue;
+    if (fused[j] < 0)
+      continue;
     TORCH_CHECK_VALUE(twin[fused[j]] < 0, "adamw_ema_: ema_src[", twin[fused[j]], "] and ema_src[", j,
                       "] are both params[", fused[j], "]; a param has at most one EMA twin");
     twin[fused[j]] = static_cast<int64_t>(j);
@@ -184,15 +194,18 @@ void check_inputs(const Call& c) {
     span(c.exp_avgs[q], true, "exp_avgs", q);
     span(c.exp_avg_sqs[q], true, "exp_avg_sqs", q);
   }
-  for (size_t q = 0; q < c.max_exp_avg_sqs.size(); ++q) span(c.max_exp_avg_sqs[q], true, "max_exp_avg_sqs", q);
-  for (size_t q = 0; q < n; ++q) span(c.steps[q], true, "steps", q);
+  for (size_t q = 0; q < c.max_exp_avg_sqs.size(); ++q)
+    span(c.max_exp_avg_sqs[q], true, "max_exp_avg_sqs", q);
+  for (size_t q = 0; q < n; ++q)
+    span(c.steps[q], true, "steps", q);
   for (size_t j = 0; j < c.ema.size(); ++j) {
     span(c.ema[j], true, "ema", j);
-    if (fused[j] < 0) span(c.ema_src[j], false, "ema_src", j);
+    if (fused[j] < 0)
+      span(c.ema_src[j], false, "ema_src", j);
   }
   Span a{}, b{};
-  TORCH_CHECK_VALUE(!find_overlap(std::move(spans), &a, &b), "adamw_ema_: ", a.arg, "[", a.index, "] and ", b.arg,
-                    "[", b.index,
+  TORCH_CHECK_VALUE(!find_overlap(std::move(spans), &a, &b), "adamw_ema_: ", a.arg, "[", a.index, "] and ", b.arg, "[",
+                    b.index,
                     "] overlap in memory; a written tensor must share no memory with any other tensor of the call "
                     "(an ema_src may be one of the params)");
 }
@@ -260,15 +273,19 @@ std::vector<EntryGroup> prepare(const Call& c) {
   std::vector<EntryGroup> groups;
   const auto group_of = [&](c10::ScalarType t) -> EntryGroup& {
     for (EntryGroup& x : groups)
-      if (x.ema_dtype == t) return x;
+      if (x.ema_dtype == t)
+        return x;
     groups.push_back(EntryGroup{t, {}});
     return groups.back();
   };
   for (size_t q = 0; q < entries.size(); ++q)
-    if (entries[q].numel > 0 && dtype[q] != c10::ScalarType::Undefined) group_of(dtype[q]).entries.push_back(entries[q]);
+    if (entries[q].numel > 0 && dtype[q] != c10::ScalarType::Undefined)
+      group_of(dtype[q]).entries.push_back(entries[q]);
   for (size_t q = 0; q < entries.size(); ++q) {
-    if (entries[q].numel == 0 || dtype[q] != c10::ScalarType::Undefined) continue;
-    if (groups.empty()) groups.push_back(EntryGroup{c10::ScalarType::Float, {}});
+    if (entries[q].numel == 0 || dtype[q] != c10::ScalarType::Undefined)
+      continue;
+    if (groups.empty())
+      groups.push_back(EntryGroup{c10::ScalarType::Float, {}});
     groups.front().entries.push_back(entries[q]);
   }
   return groups;
@@ -285,26 +302,29 @@ void fallback(const Call& c) {
                               (c.params.empty() ? c.ema[0] : c.params[0]).device(), " (native kernels: cpu, cuda)");
 }
 
-void walk_fallback(const Call& c, int64_t, int64_t, bool) { fallback(c); }
+void walk_fallback(const Call& c, int64_t, int64_t, bool) {
+  fallback(c);
+}
 
 void lazy_view(const Call& c) {
   check_inputs(c);
   TORCH_CHECK_VALUE(false, "adamw_ema_: a negated or conjugated view reached the kernel");
 }
 
-void walk_lazy_view(const Call& c, int64_t, int64_t, bool) { lazy_view(c); }
+void walk_lazy_view(const Call& c, int64_t, int64_t, bool) {
+  lazy_view(c);
+}
 
 // torch's in-place rules (inplace.h) over the op's six written lists: params,
 // exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, ema.
 struct AdamwEmaOp {
   static constexpr const char* qualified = "opensora_fast::adamw_ema_";
 };
-using Kernels = inplace::Kernels<
-    AdamwEmaOp, inplace::Written<0, 2, 3, 4, 5, 14>,
-    void(at::TensorList, at::TensorList, at::TensorList, at::TensorList, at::TensorList, at::TensorList,
-         at::IntArrayRef, at::ArrayRef<double>, at::ArrayRef<double>, at::ArrayRef<double>, at::ArrayRef<double>,
-         at::ArrayRef<double>, at::IntArrayRef, at::IntArrayRef, at::TensorList, at::TensorList, double, bool,
-         int64_t)>;
+using Kernels = inplace::Kernels<AdamwEmaOp, inplace::Written<0, 2, 3, 4, 5, 14>,
+                                 void(at::TensorList, at::TensorList, at::TensorList, at::TensorList, at::TensorList,
+                                      at::TensorList, at::IntArrayRef, at::ArrayRef<double>, at::ArrayRef<double>,
+                                      at::ArrayRef<double>, at::ArrayRef<double>, at::ArrayRef<double>, at::IntArrayRef,
+                                      at::IntArrayRef, at::TensorList, at::TensorList, double, bool, int64_t)>;
 
 }  // namespace
 

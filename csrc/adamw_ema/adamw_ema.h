@@ -70,8 +70,8 @@ struct Hyper {
   float wd_factor;  // 1 - lr * weight_decay
   float lerp_w;     // torch's lerp coefficient: w = 1 - beta1 when w < 0.5, else w - 1
   float beta2;
-  float sq_w;       // 1 - beta2
-  float bc2_sqrt;   // sqrt(1 - beta2^step)
+  float sq_w;      // 1 - beta2
+  float bc2_sqrt;  // sqrt(1 - beta2^step)
   float eps;
   float step_size;  // -lr / (1 - beta1^step)
   uint32_t sign;    // 0x80000000 with maximize (the gradient's sign flipped), else 0
@@ -106,8 +106,8 @@ struct Entry {
   const float* g;
   float* m;
   float* v;
-  float* vmax;      // amsgrad only
-  void* ema;        // dtype: the table's E
+  float* vmax;  // amsgrad only
+  void* ema;    // dtype: the table's E
   int64_t numel;
   int64_t ema_base;  // stochastic rounding index of element 0 (EMA pairs laid end to end)
   Hyper h;
@@ -127,7 +127,9 @@ using SmallTable = LaunchTable<Entry, 16, 360>;
 static_assert(sizeof(BigTable) + sizeof(Args) <= 32000, "kernel arguments over 32 KiB");
 static_assert(sizeof(SmallTable) + sizeof(Args) <= 4000, "kernel arguments over 4 KiB");
 
-inline int64_t blocks_of(const Entry& e) { return ceil_div<int64_t>(e.numel, kChunk); }
+inline int64_t blocks_of(const Entry& e) {
+  return ceil_div<int64_t>(e.numel, kChunk);
+}
 
 // One element of an entry: the AdamW step (when it has a gradient), then the
 // EMA from the fresh master (when it has a twin).
@@ -141,9 +143,11 @@ OSF_INLINE void element(const Entry& en, const Args& a, float* p, const float* g
     p[i] = pv;
     m[i] = mv;
     v[i] = vv;
-    if (vm != nullptr) vm[i] = vmv;
+    if (vm != nullptr)
+      vm[i] = vmv;
   }
-  if (e != nullptr) e[i] = ema::ema_one<E, float>(e[i], pv, a, index);
+  if (e != nullptr)
+    e[i] = ema::ema_one<E, float>(e[i], pv, a, index);
 }
 
 template <typename T>
@@ -171,8 +175,9 @@ struct Body {
 
     // lo is a multiple of kVec, so the chunk is aligned exactly when the tensors are.
     constexpr int64_t fb = sizeof(float) * kVec;
-    const bool aligned = aligned_to(p, fb) && (g == nullptr || (aligned_to(g, fb) && aligned_to(m, fb) &&
-                                                                 aligned_to(v, fb) && (vm == nullptr || aligned_to(vm, fb)))) &&
+    const bool aligned = aligned_to(p, fb) &&
+                         (g == nullptr || (aligned_to(g, fb) && aligned_to(m, fb) && aligned_to(v, fb) &&
+                                           (vm == nullptr || aligned_to(vm, fb)))) &&
                          (e == nullptr || aligned_to(e, static_cast<int64_t>(sizeof(E)) * kVec));
     int64_t done = 0;
     if (aligned) {
@@ -186,24 +191,29 @@ struct Body {
           FV mv = reinterpret_cast<const FV*>(m)[k];
           FV vv = reinterpret_cast<const FV*>(v)[k];
           FV xv{};
-          if (vm != nullptr) xv = reinterpret_cast<const FV*>(vm)[k];
+          if (vm != nullptr)
+            xv = reinterpret_cast<const FV*>(vm)[k];
           OSF_UNROLL
-          for (int j = 0; j < kVec; ++j) adamw_one(pv.v[j], gv.v[j], mv.v[j], vv.v[j], xv.v[j], en.h);
+          for (int j = 0; j < kVec; ++j)
+            adamw_one(pv.v[j], gv.v[j], mv.v[j], vv.v[j], xv.v[j], en.h);
           reinterpret_cast<FV*>(p)[k] = pv;
           reinterpret_cast<FV*>(m)[k] = mv;
           reinterpret_cast<FV*>(v)[k] = vv;
-          if (vm != nullptr) reinterpret_cast<FV*>(vm)[k] = xv;
+          if (vm != nullptr)
+            reinterpret_cast<FV*>(vm)[k] = xv;
         }
         if (e != nullptr) {
           EV ev = reinterpret_cast<const EV*>(e)[k];
           OSF_UNROLL
-          for (int j = 0; j < kVec; ++j) ev.v[j] = ema::ema_one<E, float>(ev.v[j], pv.v[j], a, base + k * kVec + j);
+          for (int j = 0; j < kVec; ++j)
+            ev.v[j] = ema::ema_one<E, float>(ev.v[j], pv.v[j], a, base + k * kVec + j);
           reinterpret_cast<EV*>(e)[k] = ev;
         }
       }
       done = nvec * kVec;
     }
-    for (int64_t i = done + thread; i < n; i += nthreads) element<E>(en, a, p, g, m, v, vm, e, i, base + i);
+    for (int64_t i = done + thread; i < n; i += nthreads)
+      element<E>(en, a, p, g, m, v, vm, e, i, base + i);
   }
 };
 
@@ -211,10 +221,14 @@ struct Body {
 template <typename F>
 inline void dispatch_ema(c10::ScalarType t, F&& f) {
   switch (t) {
-    case c10::ScalarType::Float: return f(Tag<float>{});
-    case c10::ScalarType::BFloat16: return f(Tag<c10::BFloat16>{});
-    case c10::ScalarType::Half: return f(Tag<c10::Half>{});
-    default: TORCH_CHECK(false, "adamw_ema_: unsupported ema dtype ", t);
+    case c10::ScalarType::Float:
+      return f(Tag<float>{});
+    case c10::ScalarType::BFloat16:
+      return f(Tag<c10::BFloat16>{});
+    case c10::ScalarType::Half:
+      return f(Tag<c10::Half>{});
+    default:
+      TORCH_CHECK(false, "adamw_ema_: unsupported ema dtype ", t);
   }
 }
 

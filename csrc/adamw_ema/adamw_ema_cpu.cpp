@@ -35,7 +35,8 @@ OSF_ALWAYS_INLINE void adam_scalar(float* __restrict p, const float* __restrict 
   for (int64_t i = 0; i < n; ++i) {
     float x = Ams ? vm[i] : 0.0f;
     adamw_one(p[i], g[i], m[i], v[i], x, h);
-    if (Ams) vm[i] = x;
+    if (Ams)
+      vm[i] = x;
   }
 }
 
@@ -76,10 +77,12 @@ OSF_TARGET_AVX2 inline void adam_avx2(float* __restrict p, const float* __restri
 template <typename E, bool Stoch>
 OSF_ALWAYS_INLINE void ema_loop(E* __restrict e, const float* __restrict p, int64_t n, const Args& a, uint64_t base) {
   if (Stoch) {
-    for (int64_t i = 0; i < n; ++i) e[i] = ema::ema_stochastic<E, float>(e[i], p[i], a.decay, a.alpha, a.seed, base + i);
+    for (int64_t i = 0; i < n; ++i)
+      e[i] = ema::ema_stochastic<E, float>(e[i], p[i], a.decay, a.alpha, a.seed, base + i);
   } else {
     const float d = a.decay, al = a.alpha;
-    for (int64_t i = 0; i < n; ++i) e[i] = ema::ema_compat<E, float>(e[i], p[i], d, al);
+    for (int64_t i = 0; i < n; ++i)
+      e[i] = ema::ema_compat<E, float>(e[i], p[i], d, al);
   }
 }
 
@@ -123,16 +126,20 @@ OSF_TARGET_AVX2 void span_avx2(const Entry& en, const Args& a, int64_t lo, int64
 template <typename E, bool Ams, bool Stoch, int M>
 SpanFn span_fn() {
 #ifdef OSF_AVX2_PATH
-  if (cpu_has_avx2()) return &span_avx2<E, Ams, Stoch, M>;
+  if (cpu_has_avx2())
+    return &span_avx2<E, Ams, Stoch, M>;
 #endif
   return &span_baseline<E, Ams, Stoch, M>;
 }
 
 template <typename E>
 SpanFn pick(const Entry& en, bool stochastic) {
-  if (en.g == nullptr) return stochastic ? span_fn<E, false, true, kEmaOnly>() : span_fn<E, false, false, kEmaOnly>();
-  if (en.ema == nullptr) return en.h.amsgrad ? span_fn<float, true, false, kAdam>() : span_fn<float, false, false, kAdam>();
-  if (en.h.amsgrad) return stochastic ? span_fn<E, true, true, kAdamEma>() : span_fn<E, true, false, kAdamEma>();
+  if (en.g == nullptr)
+    return stochastic ? span_fn<E, false, true, kEmaOnly>() : span_fn<E, false, false, kEmaOnly>();
+  if (en.ema == nullptr)
+    return en.h.amsgrad ? span_fn<float, true, false, kAdam>() : span_fn<float, false, false, kAdam>();
+  if (en.h.amsgrad)
+    return stochastic ? span_fn<E, true, true, kAdamEma>() : span_fn<E, true, false, kAdamEma>();
   return stochastic ? span_fn<E, false, true, kAdamEma>() : span_fn<E, false, false, kAdamEma>();
 }
 

@@ -18,7 +18,8 @@ namespace {
 
 void forward_cuda(const Call& c) {
   check_inputs(c);
-  if (c.params.empty() && c.ema.empty()) return;
+  if (c.params.empty() && c.ema.empty())
+    return;
   const at::Tensor& first = c.params.empty() ? c.ema[0] : c.params[0];
   const c10::cuda::CUDAGuard guard(first.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -36,8 +37,7 @@ void forward_cuda(const Call& c) {
       const Args a = ema::make_params<E, float>(c.decay, c.stochastic, c.seed);
       with_table<BigTable, SmallTable>(false, [&](auto tt) {
         using Table = typename decltype(tt)::type;
-        const auto tables =
-            plan_launches<Table>(g.entries, [&](size_t i) { return blocks_of(g.entries[i]); });
+        const auto tables = plan_launches<Table>(g.entries, [&](size_t i) { return blocks_of(g.entries[i]); });
         launch_tables<Body<E>, kThreads>(tables, a, stream);
       });
     });

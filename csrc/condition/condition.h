@@ -76,7 +76,8 @@ struct Geometry {
 inline std::vector<Piece> make_pieces(const std::vector<int64_t>& plan, int64_t B, int64_t T) {
   const size_t rows = plan.size() / kRow;
   std::vector<size_t> order(rows);
-  for (size_t r = 0; r < rows; ++r) order[r] = r;
+  for (size_t r = 0; r < rows; ++r)
+    order[r] = r;
   std::sort(order.begin(), order.end(), [&](size_t a, size_t b) {
     const int64_t* x = &plan[a * kRow];
     const int64_t* y = &plan[b * kRow];
@@ -88,11 +89,13 @@ inline std::vector<Piece> make_pieces(const std::vector<int64_t>& plan, int64_t 
     int64_t t = 0;
     for (; k < rows && plan[order[k] * kRow] == b; ++k) {
       const int64_t* r = &plan[order[k] * kRow];
-      if (r[1] > t) out.push_back(Piece{b, t, r[1] - t, 0, -1});
+      if (r[1] > t)
+        out.push_back(Piece{b, t, r[1] - t, 0, -1});
       out.push_back(Piece{b, r[1], r[2], r[4], r[3]});
       t = r[1] + r[2];
     }
-    if (T > t) out.push_back(Piece{b, t, T - t, 0, -1});
+    if (T > t)
+      out.push_back(Piece{b, t, T - t, 0, -1});
   }
   return out;
 }
@@ -121,7 +124,9 @@ using SmallTable = LaunchTable<Piece, 48, 256, SourceList<10>>;
 static_assert(kernel_arg_bytes<BigTable, Args>() <= kBigArgBytes, "kernel arguments over 32 KiB");
 static_assert(kernel_arg_bytes<SmallTable, Args>() <= kSmallArgBytes, "kernel arguments over 4 KiB");
 
-inline int64_t blocks_of(const Piece& p, int64_t HW) { return ceil_div<int64_t>(p.n * HW, kChunk); }
+inline int64_t blocks_of(const Piece& p, int64_t HW) {
+  return ceil_div<int64_t>(p.n * HW, kChunk);
+}
 
 // plan_launches' admission of a piece: its source joins the table's list
 // unless already there (the piece then gets the source's index in the list);
@@ -135,12 +140,14 @@ class AdmitSources {
   bool operator()(Table& tab, const Piece& p) {
     constexpr int cap = decltype(tab.extra)::kMaxSources;
     const int max = (max_sources_ > 0 && max_sources_ < cap) ? static_cast<int>(max_sources_) : cap;
-    if (tab.n_entries == 0) std::fill(local_.begin(), local_.end(), -1);  // a fresh table
+    if (tab.n_entries == 0)
+      std::fill(local_.begin(), local_.end(), -1);  // a fresh table
     Piece q = p;
     if (p.src >= 0) {
       int& at = local_[p.src];
       if (at < 0) {
-        if (tab.extra.n == max) return false;
+        if (tab.extra.n == max)
+          return false;
         tab.extra.src[tab.extra.n] = sources_[p.src];
         at = tab.extra.n++;
       }
@@ -159,10 +166,10 @@ class AdmitSources {
 // Splits pieces (all with sources of one dtype, or unconditioned) into tables
 // (the tables' limits unless `lim` or max_sources is smaller: tests).
 template <typename Table>
-inline std::vector<Table> plan_tables(const std::vector<Piece>& pieces, const std::vector<Source>& sources,
-                                      int64_t HW, TableLimits lim = {}, int64_t max_sources = 0) {
-  return plan_launches<Table>(pieces, [&](size_t i) { return blocks_of(pieces[i], HW); }, lim,
-                              AdmitSources(sources, max_sources));
+inline std::vector<Table> plan_tables(const std::vector<Piece>& pieces, const std::vector<Source>& sources, int64_t HW,
+                                      TableLimits lim = {}, int64_t max_sources = 0) {
+  return plan_launches<Table>(
+      pieces, [&](size_t i) { return blocks_of(pieces[i], HW); }, lim, AdmitSources(sources, max_sources));
 }
 
 // What thread `thread` (of nthreads) of block (block, channel) does.
@@ -180,19 +187,22 @@ struct Body {
     if (channel == 0) {
       D* m = static_cast<D*>(g.mask) + p.b * g.mask_bstride + at;
       const D v = p.src >= 0 ? D(1.0f) : D(0.0f);
-      for (int64_t i = thread; i < len; i += nthreads) m[i] = v;
+      for (int64_t i = thread; i < len; i += nthreads)
+        m[i] = v;
       return;
     }
     const int64_t c = channel - 1;
     D* out = static_cast<D*>(g.data) + p.b * g.data_bstride + c * g.T * HW + at;
     if (p.src < 0) {
-      for (int64_t i = thread; i < len; i += nthreads) out[i] = D(0.0f);
+      for (int64_t i = thread; i < len; i += nthreads)
+        out[i] = D(0.0f);
       return;
     }
     const Source s = tab.extra.src[p.src];
     const S* in = static_cast<const S*>(s.ptr) + c * s.sc + p.f0 * s.sf;
     if (frames_dense(s, g.H, g.W)) {
-      for (int64_t i = thread; i < len; i += nthreads) out[i] = cast_value<D, S>(in[lo + i]);
+      for (int64_t i = thread; i < len; i += nthreads)
+        out[i] = cast_value<D, S>(in[lo + i]);
     } else {
       for (int64_t i = thread; i < len; i += nthreads)
         out[i] = cast_value<D, S>(in[source_offset(s, lo + i, HW, g.W)]);

@@ -23,7 +23,8 @@ namespace {
 // The dense conversion loop (cpu_isa.h: built for the baseline and for AVX2).
 template <typename D, typename S>
 OSF_ALWAYS_INLINE void convert_body(D* out, const S* in, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) out[i] = cast_value<D, S>(in[i]);
+  for (int64_t i = 0; i < n; ++i)
+    out[i] = cast_value<D, S>(in[i]);
 }
 
 template <typename D, typename S>
@@ -41,7 +42,8 @@ OSF_TARGET_AVX2 void convert_avx2(D* out, const S* in, int64_t n) {
 template <typename D, typename S>
 void convert_span(D* out, const S* in, int64_t n) {
 #ifdef OSF_AVX2_PATH
-  if (cpu_has_avx2()) return convert_avx2(out, in, n);
+  if (cpu_has_avx2())
+    return convert_avx2(out, in, n);
 #endif
   convert_baseline(out, in, n);
 }
@@ -52,7 +54,7 @@ struct Task {
   const void* in;  // source frame f0 of this channel; null: fill
   Source src;
   int64_t len;
-  int fill;   // 0 or 1 when in == null
+  int fill;  // 0 or 1 when in == null
   bool dense;
   void (*run)(const Task&, int64_t lo, int64_t hi, int64_t HW, int64_t W);
 };
@@ -70,13 +72,16 @@ void run_task(const Task& t, int64_t lo, int64_t hi, int64_t HW, int64_t W) {
     convert_span<D, S>(out + lo, static_cast<const S*>(t.in) + lo, hi - lo);
   } else {
     const S* in = static_cast<const S*>(t.in);
-    for (int64_t e = lo; e < hi; ++e) out[e] = cast_value<D, S>(in[source_offset(t.src, e, HW, W)]);
+    for (int64_t e = lo; e < hi; ++e)
+      out[e] = cast_value<D, S>(in[source_offset(t.src, e, HW, W)]);
   }
 }
 
 constexpr int64_t kGrain = 32768;
 
-std::vector<int64_t> plan_vector(c10::IntArrayRef plan) { return std::vector<int64_t>(plan.begin(), plan.end()); }
+std::vector<int64_t> plan_vector(c10::IntArrayRef plan) {
+  return std::vector<int64_t>(plan.begin(), plan.end());
+}
 
 void check_planes(const at::Tensor& masks, const at::Tensor& masked) {
   // only for the private grid-walk op: [T,H,W]-contiguous planes of the right shape
@@ -86,15 +91,14 @@ void check_planes(const at::Tensor& masks, const at::Tensor& masked) {
                     "_condition_grid_walk_: masks must be [B, 1, T, H, W]");
   TORCH_CHECK_VALUE(masks.scalar_type() == masked.scalar_type(), "_condition_grid_walk_: dtypes differ");
   for (const at::Tensor* t : {&masks, &masked})
-    TORCH_CHECK_VALUE((t->size(1) <= 1 || t->stride(1) == T * H * W) && t->stride(2) == H * W &&
-                          t->stride(3) == W && t->stride(4) == 1,
+    TORCH_CHECK_VALUE((t->size(1) <= 1 || t->stride(1) == T * H * W) && t->stride(2) == H * W && t->stride(3) == W &&
+                          t->stride(4) == 1,
                       "_condition_grid_walk_: outputs need [C, T, H, W]-contiguous samples");
 }
 
 }  // namespace
 
-void run_cpu(const Geometry& g, at::TensorList sources, const std::vector<Piece>& pieces,
-             c10::ScalarType out_dtype) {
+void run_cpu(const Geometry& g, at::TensorList sources, const std::vector<Piece>& pieces, c10::ScalarType out_dtype) {
   const int64_t HW = g.H * g.W, planes = g.T * HW;
   std::vector<Task> tasks;
   std::vector<int64_t> start{0};
@@ -104,20 +108,30 @@ void run_cpu(const Geometry& g, at::TensorList sources, const std::vector<Piece>
     const int64_t esz = sizeof(D);
     for (const Piece& p : pieces) {
       const int64_t len = p.n * HW, at = p.t0 * HW;
-      if (len == 0) continue;
-      Task m{static_cast<char*>(g.mask) + (p.b * g.mask_bstride + at) * esz, nullptr, Source{}, len,
-             p.src >= 0 ? 1 : 0, true, &run_task<D, float>};
+      if (len == 0)
+        continue;
+      Task m{static_cast<char*>(g.mask) + (p.b * g.mask_bstride + at) * esz,
+             nullptr,
+             Source{},
+             len,
+             p.src >= 0 ? 1 : 0,
+             true,
+             &run_task<D, float>};
       tasks.push_back(m);
       start.push_back(start.back() + len);
       for (int64_t c = 0; c < g.C; ++c) {
-        Task t{static_cast<char*>(g.data) + (p.b * g.data_bstride + c * planes + at) * esz, nullptr, Source{},
-               len, 0, true, &run_task<D, float>};
+        Task t{static_cast<char*>(g.data) + (p.b * g.data_bstride + c * planes + at) * esz,
+               nullptr,
+               Source{},
+               len,
+               0,
+               true,
+               &run_task<D, float>};
         if (p.src >= 0) {
           const at::Tensor& s = sources[p.src];
           t.src = source_of(s);
           t.dense = frames_dense(t.src, g.H, g.W);
-          t.in = static_cast<const char*>(s.const_data_ptr()) +
-                 (c * t.src.sc + p.f0 * t.src.sf) * s.element_size();
+          t.in = static_cast<const char*>(s.const_data_ptr()) + (c * t.src.sc + p.f0 * t.src.sf) * s.element_size();
           dispatch_pair(out_dtype, s.scalar_type(), [&](auto, auto st) {
             using S = typename decltype(st)::type;
             t.run = &run_task<D, S>;
@@ -140,30 +154,30 @@ std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& z, at::TensorLi
   at::Tensor masks = at::empty({B, 1, T, H, W}, z.options().memory_format(c10::MemoryFormat::Contiguous));
   at::Tensor masked = at::empty({B, C, T, H, W}, z.options().memory_format(c10::MemoryFormat::Contiguous));
   // nothing to write; and B pieces for a B near 2^63 of empty samples would not fit
-  if (masks.numel() == 0) return {masks, masked};
+  if (masks.numel() == 0)
+    return {masks, masked};
   run_cpu(geometry(masks, masked), sources, make_pieces(plan_vector(plan), B, T), z.scalar_type());
   return {masks, masked};
 }
 
 void cat_cpu(at::Tensor& cond, at::TensorList sources, c10::IntArrayRef plan) {
   check_inputs("condition_cat_", cond, sources, plan);
-  if (cond.numel() == 0) return;
-  run_cpu(cat_geometry(cond), sources, make_pieces(plan_vector(plan), cond.size(0), cond.size(2)),
-          cond.scalar_type());
+  if (cond.numel() == 0)
+    return;
+  run_cpu(cat_geometry(cond), sources, make_pieces(plan_vector(plan), cond.size(0), cond.size(2)), cond.scalar_type());
 }
 
 // The CUDA path's grouping, planning and per-thread body over every (launch,
 // channel, block, thread) in turn, with the real block size.
 template <typename Table>
-void walk_tables(const Geometry& g, at::TensorList sources, const std::vector<Piece>& pieces,
-                 c10::ScalarType out_dtype, TableLimits lim, int64_t max_sources) {
+void walk_tables(const Geometry& g, at::TensorList sources, const std::vector<Piece>& pieces, c10::ScalarType out_dtype,
+                 TableLimits lim, int64_t max_sources) {
   const std::vector<Source> srcs = sources_of(sources);
   for (const Group& grp : group_by_dtype(pieces, sources)) {
     dispatch_pair(out_dtype, grp.src_dtype, [&](auto dt, auto st) {
       using D = typename decltype(dt)::type;
       using S = typename decltype(st)::type;
-      walk_grid<Body<D, S>>(plan_tables<Table>(grp.pieces, srcs, g.H * g.W, lim, max_sources), g, kThreads,
-                            1 + g.C);
+      walk_grid<Body<D, S>>(plan_tables<Table>(grp.pieces, srcs, g.H * g.W, lim, max_sources), g, kThreads, 1 + g.C);
     });
   }
 }
@@ -185,11 +199,12 @@ at::Tensor pieces_of(c10::IntArrayRef plan, int64_t B, int64_t T) {
   return out;
 }
 
-void grid_walk(at::Tensor& masks, at::Tensor& masked, at::TensorList sources, c10::IntArrayRef plan,
-               int64_t max_pieces, int64_t max_sources, int64_t max_blocks, bool small_table) {
+void grid_walk(at::Tensor& masks, at::Tensor& masked, at::TensorList sources, c10::IntArrayRef plan, int64_t max_pieces,
+               int64_t max_sources, int64_t max_blocks, bool small_table) {
   check_inputs("condition", masked, sources, plan);
   check_planes(masks, masked);
-  if (masks.numel() == 0) return;
+  if (masks.numel() == 0)
+    return;
   const Geometry g = geometry(masks, masked);
   const std::vector<Piece> pieces = make_pieces(plan_vector(plan), masked.size(0), g.T);
   const TableLimits lim{max_pieces, max_blocks};

@@ -34,7 +34,8 @@ void run_cuda(const Geometry& g, at::TensorList sources, const std::vector<Piece
   // costs the host more than the kernel takes at 256px.
   const auto small_suffices = [&] {
     for (const Group& grp : groups)
-      if (plan_tables<SmallTable>(grp.pieces, srcs, HW).size() > 1) return false;
+      if (plan_tables<SmallTable>(grp.pieces, srcs, HW).size() > 1)
+        return false;
     return true;
   };
   with_table<BigTable, SmallTable>(small_suffices, [&](auto tt) {
@@ -54,18 +55,20 @@ std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& z, at::TensorL
   const int64_t B = z.size(0), C = z.size(1), T = z.size(2), H = z.size(3), W = z.size(4);
   at::Tensor masks = at::empty({B, 1, T, H, W}, z.options().memory_format(c10::MemoryFormat::Contiguous));
   at::Tensor masked = at::empty({B, C, T, H, W}, z.options().memory_format(c10::MemoryFormat::Contiguous));
-  if (masks.numel() == 0) return {masks, masked};  // H*W or T or B is 0: nothing to write
-  run_cuda(geometry(masks, masked), sources,
-           make_pieces(std::vector<int64_t>(plan.begin(), plan.end()), B, T), z.scalar_type(), z.device());
+  if (masks.numel() == 0)
+    return {masks, masked};  // H*W or T or B is 0: nothing to write
+  run_cuda(geometry(masks, masked), sources, make_pieces(std::vector<int64_t>(plan.begin(), plan.end()), B, T),
+           z.scalar_type(), z.device());
   return {masks, masked};
 }
 
 void cat_cuda(at::Tensor& cond, at::TensorList sources, c10::IntArrayRef plan) {
   check_inputs("condition_cat_", cond, sources, plan);
-  if (cond.numel() == 0) return;
+  if (cond.numel() == 0)
+    return;
   run_cuda(cat_geometry(cond), sources,
-           make_pieces(std::vector<int64_t>(plan.begin(), plan.end()), cond.size(0), cond.size(2)),
-           cond.scalar_type(), cond.device());
+           make_pieces(std::vector<int64_t>(plan.begin(), plan.end()), cond.size(0), cond.size(2)), cond.scalar_type(),
+           cond.device());
 }
 
 }  // namespace

@@ -40,8 +40,8 @@ inline Geometry geometry(at::Tensor& masks, at::Tensor& masked) {
 inline Geometry cat_geometry(at::Tensor& cond) {
   const int64_t T = cond.size(2), H = cond.size(3), W = cond.size(4);
   char* base = static_cast<char*>(cond.data_ptr());
-  return Geometry{base, base + T * H * W * cond.element_size(), cond.stride(0), cond.stride(0),
-                  cond.size(1) - 1, T, H, W};
+  return Geometry{base, base + T * H * W * cond.element_size(), cond.stride(0), cond.stride(0), cond.size(1) - 1, T, H,
+                  W};
 }
 
 struct Group {
@@ -61,11 +61,13 @@ inline std::vector<Group> group_by_dtype(const std::vector<Piece>& pieces, at::T
     }
     const auto d = sources[p.src].scalar_type();
     auto g = std::find_if(groups.begin(), groups.end(), [&](const Group& x) { return x.src_dtype == d; });
-    if (g == groups.end()) g = groups.insert(groups.end(), Group{d, {}});
+    if (g == groups.end())
+      g = groups.insert(groups.end(), Group{d, {}});
     g->pieces.push_back(p);
   }
   if (!blank.empty()) {
-    if (groups.empty()) groups.push_back(Group{c10::ScalarType::Float, {}});
+    if (groups.empty())
+      groups.push_back(Group{c10::ScalarType::Float, {}});
     groups[0].pieces.insert(groups[0].pieces.end(), blank.begin(), blank.end());
   }
   return groups;
@@ -74,13 +76,13 @@ inline std::vector<Group> group_by_dtype(const std::vector<Piece>& pieces, at::T
 inline std::vector<Source> sources_of(at::TensorList sources) {
   std::vector<Source> out;
   out.reserve(sources.size());
-  for (const at::Tensor& s : sources) out.push_back(source_of(s));
+  for (const at::Tensor& s : sources)
+    out.push_back(source_of(s));
   return out;
 }
 
 // CPU kernels (condition_cpu.cpp); the CUDA ones are registered in condition_cuda.cu.
-void run_cpu(const Geometry& g, at::TensorList sources, const std::vector<Piece>& pieces,
-             c10::ScalarType out_dtype);
+void run_cpu(const Geometry& g, at::TensorList sources, const std::vector<Piece>& pieces, c10::ScalarType out_dtype);
 
 }  // namespace condition
 }  // namespace opensora_fast

@@ -77,10 +77,10 @@ void check_inputs(at::TensorList ema, at::TensorList src, double decay) {
                       "pass a tensor without it (.resolve_neg() makes a copy)");
     TORCH_CHECK_VALUE(!s.is_neg(), "ema_update_: src[", i, "] is a negated view (neg bit set, as in x.conj().imag); ",
                       "pass a tensor without it (.resolve_neg() makes a copy)");
-    TORCH_CHECK_VALUE(e.sizes() == s.sizes(), "ema_update_: ema[", i, "] has shape ", e.sizes(), " but src[",
-                      i, "] has shape ", s.sizes());
-    TORCH_CHECK_VALUE(e.device() == s.device(), "ema_update_: ema[", i, "] is on ", e.device(), " but src[",
-                      i, "] is on ", s.device());
+    TORCH_CHECK_VALUE(e.sizes() == s.sizes(), "ema_update_: ema[", i, "] has shape ", e.sizes(), " but src[", i,
+                      "] has shape ", s.sizes());
+    TORCH_CHECK_VALUE(e.device() == s.device(), "ema_update_: ema[", i, "] is on ", e.device(), " but src[", i,
+                      "] is on ", s.device());
     TORCH_CHECK_VALUE(e.device() == ema[0].device(), "ema_update_: all pairs must be on one device; ema[0] is on ",
                       ema[0].device(), " but ema[", i, "] is on ", e.device());
     TORCH_CHECK_VALUE(e.is_contiguous(), "ema_update_: ema[", i, "] is not contiguous");
@@ -96,8 +96,8 @@ void check_inputs(at::TensorList ema, at::TensorList src, double decay) {
   // Written memory must not alias anything else of the call: the kernels run
   // pairs and elements in no fixed order, so an alias would race.
   Span a{}, b{};
-  TORCH_CHECK_VALUE(!find_overlap(std::move(spans), &a, &b), "ema_update_: ", a.arg, "[", a.index, "] and ",
-                    b.arg, "[", b.index,
+  TORCH_CHECK_VALUE(!find_overlap(std::move(spans), &a, &b), "ema_update_: ", a.arg, "[", a.index, "] and ", b.arg, "[",
+                    b.index,
                     "] overlap in memory; every ema tensor must share no memory with any other tensor of the call");
 }
 

@@ -25,8 +25,8 @@ namespace opensora_fast {
 namespace ema {
 
 template <typename T>
-struct is_reduced : std::integral_constant<bool, std::is_same<T, c10::BFloat16>::value ||
-                                                     std::is_same<T, c10::Half>::value> {};
+struct is_reduced
+    : std::integral_constant<bool, std::is_same<T, c10::BFloat16>::value || std::is_same<T, c10::Half>::value> {};
 
 // alpha = 1 - decay as torch's `ema.add_(src, alpha=1 - decay)` sees it: the
 // Python double rounded to fp32, and, when ema and src share a reduced dtype
@@ -35,7 +35,8 @@ struct is_reduced : std::integral_constant<bool, std::is_same<T, c10::BFloat16>:
 template <typename E, typename S>
 inline float compat_alpha(double decay) {
   float a = static_cast<float>(1.0 - decay);
-  if (std::is_same<E, S>::value && is_reduced<E>::value) a = static_cast<float>(E(a));
+  if (std::is_same<E, S>::value && is_reduced<E>::value)
+    a = static_cast<float>(E(a));
   return a;
 }
 
@@ -105,8 +106,7 @@ OSF_INLINE E round_stochastic(float r, float u) {
 // on (seed, data), never on threads or launch geometry.
 template <typename E, typename S>
 OSF_INLINE E ema_stochastic(E e, S s, float decay, float alpha, uint64_t seed, uint64_t index) {
-  const float r = fma_rn(static_cast<float>(s), alpha,
-                         mul_rn(static_cast<float>(e), decay));
+  const float r = fma_rn(static_cast<float>(s), alpha, mul_rn(static_cast<float>(e), decay));
   return round_stochastic<E>(r, uniform01(seed, index));
 }
 
@@ -133,8 +133,7 @@ inline void dispatch_pair(c10::ScalarType e, c10::ScalarType s, F&& f) {
 
 template <typename E, typename S>
 OSF_INLINE E ema_one(E e, S s, const Params& p, uint64_t index) {
-  return p.stochastic ? ema_stochastic(e, s, p.decay, p.alpha, p.seed, index)
-                      : ema_compat(e, s, p.decay, p.alpha);
+  return p.stochastic ? ema_stochastic(e, s, p.decay, p.alpha, p.seed, index) : ema_compat(e, s, p.decay, p.alpha);
 }
 
 // ---------------------------------------------------------------------------
@@ -160,7 +159,9 @@ using SmallTable = LaunchTable<Entry, 36, 320>;
 static_assert(kernel_arg_bytes<BigTable, Args>() <= kBigArgBytes, "kernel arguments over 32 KiB");
 static_assert(kernel_arg_bytes<SmallTable, Args>() <= kSmallArgBytes, "kernel arguments over 4 KiB");
 
-inline int64_t blocks_of(const Entry& e) { return ceil_div<int64_t>(e.numel, kChunk); }
+inline int64_t blocks_of(const Entry& e) {
+  return ceil_div<int64_t>(e.numel, kChunk);
+}
 
 // Vector width: 16-byte accesses for the wider of the two element types.
 template <typename E, typename S>
@@ -174,8 +175,7 @@ constexpr int vec_width() {
 template <typename E, typename S>
 struct Body {
   template <typename Table>
-  static OSF_HOST_DEVICE void run(const Table& tab, const Params& p, int block, int /*y*/, int thread,
-                                  int nthreads) {
+  static OSF_HOST_DEVICE void run(const Table& tab, const Params& p, int block, int /*y*/, int thread, int nthreads) {
     constexpr int V = vec_width<E, S>();
     const Entry& en = tab.entry[tab.block_entry[block]];
     const int64_t lo = static_cast<int64_t>(tab.block_chunk[block]) * kChunk;
@@ -185,8 +185,8 @@ struct Body {
     const uint64_t base = static_cast<uint64_t>(en.index_base + lo);
 
     // lo is a multiple of V, so the chunk is aligned exactly when the tensor is.
-    const bool aligned = reinterpret_cast<uintptr_t>(e) % (sizeof(E) * V) == 0 &&
-                         reinterpret_cast<uintptr_t>(s) % (sizeof(S) * V) == 0;
+    const bool aligned =
+        reinterpret_cast<uintptr_t>(e) % (sizeof(E) * V) == 0 && reinterpret_cast<uintptr_t>(s) % (sizeof(S) * V) == 0;
     int64_t done = 0;
     if (aligned) {
       const int64_t nvec = n / V;
@@ -194,12 +194,14 @@ struct Body {
         VecN<E, V> ev = reinterpret_cast<const VecN<E, V>*>(e)[v];
         const VecN<S, V> sv = reinterpret_cast<const VecN<S, V>*>(s)[v];
         OSF_UNROLL
-        for (int k = 0; k < V; ++k) ev.v[k] = ema_one(ev.v[k], sv.v[k], p, base + v * V + k);
+        for (int k = 0; k < V; ++k)
+          ev.v[k] = ema_one(ev.v[k], sv.v[k], p, base + v * V + k);
         reinterpret_cast<VecN<E, V>*>(e)[v] = ev;
       }
       done = nvec * V;
     }
-    for (int64_t i = done + thread; i < n; i += nthreads) e[i] = ema_one(e[i], s[i], p, base + i);
+    for (int64_t i = done + thread; i < n; i += nthreads)
+      e[i] = ema_one(e[i], s[i], p, base + i);
   }
 };
 

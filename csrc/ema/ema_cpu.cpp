@@ -23,10 +23,12 @@ template <typename E, typename S>
 struct Span {
   static OSF_ALWAYS_INLINE void run(E* e, const S* s, int64_t n, Params p, uint64_t base) {
     if (p.stochastic) {
-      for (int64_t i = 0; i < n; ++i) e[i] = ema_stochastic(e[i], s[i], p.decay, p.alpha, p.seed, base + i);
+      for (int64_t i = 0; i < n; ++i)
+        e[i] = ema_stochastic(e[i], s[i], p.decay, p.alpha, p.seed, base + i);
     } else {
       const float d = p.decay, a = p.alpha;
-      for (int64_t i = 0; i < n; ++i) e[i] = ema_compat(e[i], s[i], d, a);
+      for (int64_t i = 0; i < n; ++i)
+        e[i] = ema_compat(e[i], s[i], d, a);
     }
   }
 };
@@ -35,8 +37,7 @@ using SpanFn = void (*)(void* e, const void* s, int64_t offset, int64_t n, const
 
 template <typename E, typename S>
 void span(void* e, const void* s, int64_t offset, int64_t n, const Params& p, uint64_t base) {
-  cpu_isa::run<Span<E, S>>(static_cast<E*>(e) + offset, static_cast<const S*>(s) + offset, n, p,
-                           base + offset);
+  cpu_isa::run<Span<E, S>>(static_cast<E*>(e) + offset, static_cast<const S*>(s) + offset, n, p, base + offset);
 }
 
 struct Job {
@@ -79,8 +80,8 @@ void walk_group(const DtypeGroup& g, double decay, bool stochastic, int64_t seed
 
 // Same grouping and planning as forward_cuda, then every (block, thread) of
 // every launch in turn, with the real block size.
-void grid_walk(at::TensorList ema, at::TensorList src, double decay, bool stochastic, int64_t seed,
-               int64_t max_tensors, int64_t max_blocks, bool small_table) {
+void grid_walk(at::TensorList ema, at::TensorList src, double decay, bool stochastic, int64_t seed, int64_t max_tensors,
+               int64_t max_blocks, bool small_table) {
   check_inputs(ema, src, decay);
   const TableLimits lim{max_tensors, max_blocks};
   for (const DtypeGroup& g : group_by_dtype(ema, src)) {

@@ -17,7 +17,8 @@ namespace {
 
 void forward_cuda(at::TensorList ema, at::TensorList src, double decay, bool stochastic, int64_t seed) {
   check_inputs(ema, src, decay);
-  if (ema.empty()) return;
+  if (ema.empty())
+    return;
   const c10::cuda::CUDAGuard guard(ema[0].device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   if (stochastic) {
@@ -37,9 +38,8 @@ void forward_cuda(at::TensorList ema, at::TensorList src, double decay, bool sto
       const Args p = make_params<E, S>(decay, stochastic, seed);
       with_table<BigTable, SmallTable>(false, [&](auto tt) {
         using Table = typename decltype(tt)::type;
-        launch_tables<Body<E, S>, kThreads>(plan_launches<Table>(g.entries, [&](size_t i) {
-          return blocks_of(g.entries[i]);
-        }), p, stream);
+        launch_tables<Body<E, S>, kThreads>(
+            plan_launches<Table>(g.entries, [&](size_t i) { return blocks_of(g.entries[i]); }), p, stream);
       });
     });
   }

@@ -34,10 +34,10 @@ inline std::vector<DtypeGroup> group_by_dtype(at::TensorList ema, at::TensorList
     const int64_t n = ema[i].numel();
     if (n > 0) {
       const auto e = ema[i].scalar_type(), s = src[i].scalar_type();
-      auto g = std::find_if(groups.begin(), groups.end(), [&](const DtypeGroup& x) {
-        return x.ema_dtype == e && x.src_dtype == s;
-      });
-      if (g == groups.end()) g = groups.insert(groups.end(), DtypeGroup{e, s, {}});
+      auto g = std::find_if(groups.begin(), groups.end(),
+                            [&](const DtypeGroup& x) { return x.ema_dtype == e && x.src_dtype == s; });
+      if (g == groups.end())
+        g = groups.insert(groups.end(), DtypeGroup{e, s, {}});
       g->entries.push_back(Entry{ema[i].data_ptr(), src[i].data_ptr(), n, base});
     }
     base += n;

@@ -22,7 +22,9 @@ void check_defined(const at::Tensor& t, const char* op, const char* name) {
   TORCH_CHECK_TYPE(t.defined(), op, ": ", name, " must be a tensor, got NoneType");
 }
 
-bool dense(const at::Tensor& t) { return t.layout() == at::kStrided && !t.is_nested(); }
+bool dense(const at::Tensor& t) {
+  return t.layout() == at::kStrided && !t.is_nested();
+}
 
 // The frame-mask dtypes the loss_ranges kernels read (OSF_MASK_TYPES).
 bool mask_dtype(c10::ScalarType s) {
@@ -65,10 +67,10 @@ void check_inputs(const at::Tensor& pred, const at::Tensor& target, const at::Te
                    "; expected float32, bfloat16, float16 or float64");
   TORCH_CHECK_TYPE(target.scalar_type() == pred.scalar_type(), "masked_mse: target has dtype ",
                    dtype_name(target.scalar_type()), " but pred has dtype ", dtype_name(pred.scalar_type()));
-  TORCH_CHECK_VALUE(target.device() == pred.device(), "masked_mse: target is on ", target.device(),
-                    " but pred is on ", pred.device());
-  TORCH_CHECK_VALUE(ranges.device() == pred.device(), "masked_mse: ranges is on ", ranges.device(),
-                    " but pred is on ", pred.device());
+  TORCH_CHECK_VALUE(target.device() == pred.device(), "masked_mse: target is on ", target.device(), " but pred is on ",
+                    pred.device());
+  TORCH_CHECK_VALUE(ranges.device() == pred.device(), "masked_mse: ranges is on ", ranges.device(), " but pred is on ",
+                    pred.device());
   TORCH_CHECK_TYPE(ranges.scalar_type() == at::kLong, "masked_mse: ranges must be int64, got ",
                    dtype_name(ranges.scalar_type()));
   TORCH_CHECK_VALUE(ranges.dim() == 2 && ranges.size(0) == pred.size(0) && ranges.size(1) == 2,
@@ -80,10 +82,9 @@ void check_inputs(const at::Tensor& pred, const at::Tensor& target, const at::Te
 void check_grad(const at::Tensor& grad, const at::Tensor& pred) {
   check_defined(grad, "masked_mse_backward", "grad");
   TORCH_CHECK_VALUE(dense(grad), "masked_mse_backward: grad must be a dense (strided) tensor");
-  TORCH_CHECK_VALUE(grad.dim() == 0, "masked_mse_backward: grad must be a scalar (0-dim), got shape ",
-                    grad.sizes());
-  TORCH_CHECK_TYPE(supported(grad.scalar_type()), "masked_mse_backward: grad has dtype ", dtype_name(grad.scalar_type()),
-                   "; expected float32, bfloat16, float16 or float64");
+  TORCH_CHECK_VALUE(grad.dim() == 0, "masked_mse_backward: grad must be a scalar (0-dim), got shape ", grad.sizes());
+  TORCH_CHECK_TYPE(supported(grad.scalar_type()), "masked_mse_backward: grad has dtype ",
+                   dtype_name(grad.scalar_type()), "; expected float32, bfloat16, float16 or float64");
   TORCH_CHECK_VALUE(grad.device() == pred.device(), "masked_mse_backward: grad is on ", grad.device(),
                     " but pred is on ", pred.device());
 }

@@ -88,9 +88,8 @@ OSF_INLINE int64_t max_chunks(int64_t L, int64_t D) {
 // values with a fixed tree (masked_mse_cuda.cu: block_sum; the CPU grid walk
 // emulates it).
 template <typename T>
-OSF_HOST_DEVICE inline acc_t<T> partial_thread_sum(const T* p, const T* t, const int64_t* ranges,
-                                                   int64_t L, int64_t D, int64_t b, int64_t c,
-                                                   int thread) {
+OSF_HOST_DEVICE inline acc_t<T> partial_thread_sum(const T* p, const T* t, const int64_t* ranges, int64_t L, int64_t D,
+                                                   int64_t b, int64_t c, int thread) {
   using A = acc_t<T>;
   constexpr int V = 16 / sizeof(T);
   int64_t lo, hi;
@@ -105,15 +104,18 @@ OSF_HOST_DEVICE inline acc_t<T> partial_thread_sum(const T* p, const T* t, const
       const VecN<T, V> pv = reinterpret_cast<const VecN<T, V>*>(pb)[g];
       const VecN<T, V> tv = reinterpret_cast<const VecN<T, V>*>(tb)[g];
       OSF_UNROLL
-      for (int k = 0; k < V; ++k) acc = add_sq(acc, pv.v[k], tv.v[k]);
+      for (int k = 0; k < V; ++k)
+        acc = add_sq(acc, pv.v[k], tv.v[k]);
     } else {
       OSF_UNROLL
-      for (int k = 0; k < V; ++k) acc = add_sq(acc, pb[g * V + k], tb[g * V + k]);
+      for (int k = 0; k < V; ++k)
+        acc = add_sq(acc, pb[g * V + k], tb[g * V + k]);
     }
   }
   // The last, partial group belongs to thread full % kThreads, after its others.
   if (full % kThreads == thread)
-    for (int64_t i = full * V; i < n; ++i) acc = add_sq(acc, pb[i], tb[i]);
+    for (int64_t i = full * V; i < n; ++i)
+      acc = add_sq(acc, pb[i], tb[i]);
   return acc;
 }
 
@@ -121,9 +123,8 @@ OSF_HOST_DEVICE inline acc_t<T> partial_thread_sum(const T* p, const T* t, const
 // elements [c*kChunk, (c+1)*kChunk) of the sample, zeros outside the range.
 // grad is the 0-dim incoming gradient, read on the device (no host sync).
 template <typename T>
-OSF_HOST_DEVICE inline void grad_thread(const acc_t<T>* grad, const T* p, const T* t,
-                                        const int64_t* ranges, T* gp, int64_t B, int64_t L,
-                                        int64_t D, int64_t b, int64_t c, int thread) {
+OSF_HOST_DEVICE inline void grad_thread(const acc_t<T>* grad, const T* p, const T* t, const int64_t* ranges, T* gp,
+                                        int64_t B, int64_t L, int64_t D, int64_t b, int64_t c, int thread) {
   using A = acc_t<T>;
   const Range r = clamp_range(ranges[2 * b], ranges[2 * b + 1], L);
   const int64_t a0 = c * kChunk, a1 = (a0 + kChunk < L * D) ? a0 + kChunk : L * D;
@@ -138,10 +139,11 @@ OSF_HOST_DEVICE inline void grad_thread(const acc_t<T>* grad, const T* p, const 
 // always in this order. A sample with an empty range gives 0/0 = NaN, as
 // upstream's mean over an empty slice does.
 template <typename A>
-OSF_HOST_DEVICE inline A sample_mean(const A* partial, const int64_t* ranges, int64_t b, int64_t C,
-                                     int64_t L, int64_t D) {
+OSF_HOST_DEVICE inline A sample_mean(const A* partial, const int64_t* ranges, int64_t b, int64_t C, int64_t L,
+                                     int64_t D) {
   A s = 0;
-  for (int64_t c = 0; c < C; ++c) s += partial[b * C + c];
+  for (int64_t c = 0; c < C; ++c)
+    s += partial[b * C + c];
   const Range r = clamp_range(ranges[2 * b], ranges[2 * b + 1], L);
   return s / static_cast<A>((r.end - r.start) * D);
 }
@@ -149,7 +151,8 @@ OSF_HOST_DEVICE inline A sample_mean(const A* partial, const int64_t* ranges, in
 template <typename A>
 OSF_HOST_DEVICE inline A batch_mean(const A* sample_means, int64_t B) {
   A total = 0;
-  for (int64_t b = 0; b < B; ++b) total += sample_means[b];
+  for (int64_t b = 0; b < B; ++b)
+    total += sample_means[b];
   return round_to<A>(total / static_cast<A>(B));
 }
 
@@ -169,14 +172,17 @@ OSF_HOST_DEVICE inline void frame_range(const M* m, int64_t stride, int64_t T, i
   int64_t start, end;
   if (upstream) {
     bool interior = false;
-    for (int64_t t = 1; t + 1 < T; ++t) interior = interior || conditioned(m[t * stride]);
+    for (int64_t t = 1; t + 1 < T; ++t)
+      interior = interior || conditioned(m[t * stride]);
     start = (!interior && conditioned(m[0])) ? 1 : 0;
     end = T - ((!interior && conditioned(m[(T - 1) * stride])) ? 1 : 0);
   } else {
     start = 0;
-    while (start < T && conditioned(m[start * stride])) ++start;
+    while (start < T && conditioned(m[start * stride]))
+      ++start;
     int64_t tail = 0;
-    while (tail < T && conditioned(m[(T - 1 - tail) * stride])) ++tail;
+    while (tail < T && conditioned(m[(T - 1 - tail) * stride]))
+      ++tail;
     end = T - tail;
   }
   out[0] = start * hw;

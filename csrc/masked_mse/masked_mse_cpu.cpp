@@ -29,10 +29,13 @@ struct SumSq {
     A acc[K] = {};
     int64_t i = 0;
     for (; i + K <= n; i += K)
-      for (int k = 0; k < K; ++k) acc[k] = add_sq(acc[k], p[i + k], t[i + k]);
-    for (int k = 0; i < n; ++i, ++k) acc[k] = add_sq(acc[k], p[i], t[i]);
+      for (int k = 0; k < K; ++k)
+        acc[k] = add_sq(acc[k], p[i + k], t[i + k]);
+    for (int k = 0; i < n; ++i, ++k)
+      acc[k] = add_sq(acc[k], p[i], t[i]);
     for (int w = K / 2; w > 0; w /= 2)
-      for (int k = 0; k < w; ++k) acc[k] += acc[k + w];
+      for (int k = 0; k < w; ++k)
+        acc[k] += acc[k + w];
     return acc[0];
   }
 };
@@ -40,7 +43,8 @@ struct SumSq {
 template <typename T>
 struct Grad {
   static OSF_ALWAYS_INLINE void run(const T* p, const T* t, T* g, int64_t n, acc_t<T> scale) {
-    for (int64_t i = 0; i < n; ++i) g[i] = grad_elem(p[i], t[i], scale);
+    for (int64_t i = 0; i < n; ++i)
+      g[i] = grad_elem(p[i], t[i], scale);
   }
 };
 
@@ -63,7 +67,8 @@ at::Tensor forward_cpu(const at::Tensor& pred, const at::Tensor& target, const a
         part[k] = hi > lo ? cpu_isa::run<SumSq<scalar_t>>(p + off + lo, t + off + lo, hi - lo) : A(0);
       }
     });
-    for (int64_t b = 0; b < B; ++b) means[b] = sample_mean(part.data(), rg, b, C, L, D);
+    for (int64_t b = 0; b < B; ++b)
+      means[b] = sample_mean(part.data(), rg, b, C, L, D);
     // B == 0: 0/0, a NaN, as upstream's mean over nothing
     *loss.data_ptr<A>() = batch_mean(means.data(), B);
   });
@@ -78,7 +83,8 @@ at::Tensor backward_cpu(const at::Tensor& grad, const at::Tensor& pred, const at
   const int64_t B = pred.size(0), L = pred.size(1), D = pred.size(2);
   const int64_t C = max_chunks(L, D);
   const int64_t* rg = ranges.data_ptr<int64_t>();
-  if (grad_pred.numel() == 0) return grad_pred;
+  if (grad_pred.numel() == 0)
+    return grad_pred;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, pred.scalar_type(), "masked_mse_bwd_cpu", [&] {
     using A = acc_t<scalar_t>;
     const A g = grad.item<double>();  // a CPU scalar: no device sync involved
@@ -115,20 +121,23 @@ A emulate_block_sum(std::vector<A> v) {
   auto warp_tree = [](A* w) {
     for (int o = 16; o > 0; o /= 2) {
       A next[32];
-      for (int lane = 0; lane < 32; ++lane) next[lane] = w[lane] + (lane + o < 32 ? w[lane + o] : w[lane]);
+      for (int lane = 0; lane < 32; ++lane)
+        next[lane] = w[lane] + (lane + o < 32 ? w[lane + o] : w[lane]);
       std::copy(next, next + 32, w);
     }
     return w[0];
   };
   A warp_sums[32] = {};
-  for (int w = 0; w < kThreads / 32; ++w) warp_sums[w] = warp_tree(v.data() + 32 * w);
-  for (int lane = kThreads / 32; lane < 32; ++lane) warp_sums[lane] = A(0);
+  for (int w = 0; w < kThreads / 32; ++w)
+    warp_sums[w] = warp_tree(v.data() + 32 * w);
+  for (int lane = kThreads / 32; lane < 32; ++lane)
+    warp_sums[lane] = A(0);
   return warp_tree(warp_sums);
 }
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> grid_walk(const at::Tensor& grad, const at::Tensor& pred,
-                                             const at::Tensor& target, const at::Tensor& ranges) {
+std::tuple<at::Tensor, at::Tensor> grid_walk(const at::Tensor& grad, const at::Tensor& pred, const at::Tensor& target,
+                                             const at::Tensor& ranges) {
   check_inputs(pred, target, ranges);
   check_grad(grad, pred);
   const at::Tensor g = grad.to(acc_dtype(pred));
@@ -143,10 +152,12 @@ std::tuple<at::Tensor, at::Tensor> grid_walk(const at::Tensor& grad, const at::T
     std::vector<A> partial(B * C), means(B), lanes(kThreads);
     for (int64_t b = 0; b < B; ++b)
       for (int64_t c = 0; c < C; ++c) {
-        for (int th = 0; th < kThreads; ++th) lanes[th] = partial_thread_sum(p, t, rg, L, D, b, c, th);
+        for (int th = 0; th < kThreads; ++th)
+          lanes[th] = partial_thread_sum(p, t, rg, L, D, b, c, th);
         partial[b * C + c] = emulate_block_sum(lanes);
       }
-    for (int64_t b = 0; b < B; ++b) means[b] = sample_mean(partial.data(), rg, b, C, L, D);
+    for (int64_t b = 0; b < B; ++b)
+      means[b] = sample_mean(partial.data(), rg, b, C, L, D);
     *loss.data_ptr<A>() = batch_mean(means.data(), B);
     for (int64_t b = 0; b < B; ++b)
       for (int64_t c = 0; c < C; ++c)
@@ -163,10 +174,11 @@ at::Tensor loss_ranges_cpu(const at::Tensor& frame_mask, int64_t hw, bool upstre
   at::Tensor out = at::empty({B, 2}, frame_mask.options().dtype(at::kLong));
   int64_t* o = out.data_ptr<int64_t>();
   AT_DISPATCH_V2(frame_mask.scalar_type(), "loss_ranges_cpu", AT_WRAP([&] {
-    const scalar_t* m = frame_mask.const_data_ptr<scalar_t>();
-    for (int64_t b = 0; b < B; ++b)
-      frame_range(m + b * frame_mask.stride(0), frame_mask.stride(1), T, hw, upstream, o + 2 * b);
-  }), OSF_MASK_TYPES);
+                   const scalar_t* m = frame_mask.const_data_ptr<scalar_t>();
+                   for (int64_t b = 0; b < B; ++b)
+                     frame_range(m + b * frame_mask.stride(0), frame_mask.stride(1), T, hw, upstream, o + 2 * b);
+                 }),
+                 OSF_MASK_TYPES);
   return out;
 }
 }  // namespace

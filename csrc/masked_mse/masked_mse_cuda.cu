@@ -27,13 +27,16 @@ namespace {
 template <typename A>
 __device__ A block_sum(A v) {
   __shared__ A warp_sums[kThreads / 32];
-  for (int o = 16; o > 0; o /= 2) v += __shfl_down_sync(0xffffffffu, v, o);
+  for (int o = 16; o > 0; o /= 2)
+    v += __shfl_down_sync(0xffffffffu, v, o);
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  if (lane == 0) warp_sums[warp] = v;
+  if (lane == 0)
+    warp_sums[warp] = v;
   __syncthreads();
   if (warp == 0) {
     v = lane < kThreads / 32 ? warp_sums[lane] : A(0);
-    for (int o = 16; o > 0; o /= 2) v += __shfl_down_sync(0xffffffffu, v, o);
+    for (int o = 16; o > 0; o /= 2)
+      v += __shfl_down_sync(0xffffffffu, v, o);
   }
   return v;  // valid in thread 0
 }
@@ -46,14 +49,16 @@ __global__ void __launch_bounds__(kThreads)
                    acc_t<T>* __restrict__ partial, int64_t L, int64_t D, int64_t C) {
   const int64_t block = blockIdx.x;
   const acc_t<T> v = block_sum(partial_thread_sum(p, t, ranges, L, D, block / C, block % C, threadIdx.x));
-  if (threadIdx.x == 0) partial[block] = v;
+  if (threadIdx.x == 0)
+    partial[block] = v;
 }
 
 template <typename A>
 __global__ void sample_means_kernel(const A* __restrict__ partial, const int64_t* __restrict__ ranges,
                                     A* __restrict__ means, int64_t B, int64_t C, int64_t L, int64_t D) {
   const int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (b < B) means[b] = sample_mean(partial, ranges, b, C, L, D);
+  if (b < B)
+    means[b] = sample_mean(partial, ranges, b, C, L, D);
 }
 
 // One thread, samples in order: the same order (and bits) as the CPU.
@@ -65,8 +70,7 @@ __global__ void batch_mean_kernel(const A* __restrict__ means, A* __restrict__ l
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     grad_kernel(const acc_t<T>* __restrict__ grad, const T* __restrict__ p, const T* __restrict__ t,
-                const int64_t* __restrict__ ranges, T* __restrict__ gp, int64_t B, int64_t L, int64_t D,
-                int64_t C) {
+                const int64_t* __restrict__ ranges, T* __restrict__ gp, int64_t B, int64_t L, int64_t D, int64_t C) {
   const int64_t block = blockIdx.x;
   grad_thread(grad, p, t, ranges, gp, B, L, D, block / C, block % C, threadIdx.x);
 }
@@ -90,7 +94,8 @@ at::Tensor forward_cuda(const at::Tensor& pred, const at::Tensor& target, const 
     using A = acc_t<scalar_t>;
     if (B > 0) {
       partial_kernel<scalar_t><<<B * C, kThreads, 0, stream>>>(pred.data_ptr<scalar_t>(), target.data_ptr<scalar_t>(),
-                                                              ranges.data_ptr<int64_t>(), partial.data_ptr<A>(), L, D, C);
+                                                               ranges.data_ptr<int64_t>(), partial.data_ptr<A>(), L, D,
+                                                               C);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       sample_means_kernel<A><<<ceil_div<int64_t>(B, 256), 256, 0, stream>>>(
           partial.data_ptr<A>(), ranges.data_ptr<int64_t>(), means.data_ptr<A>(), B, C, L, D);
@@ -108,7 +113,8 @@ at::Tensor backward_cuda(const at::Tensor& grad, const at::Tensor& pred, const a
   check_grad(grad, pred);
   const c10::cuda::CUDAGuard guard(pred.device());
   at::Tensor grad_pred = at::empty_like(pred, at::MemoryFormat::Contiguous);
-  if (grad_pred.numel() == 0) return grad_pred;
+  if (grad_pred.numel() == 0)
+    return grad_pred;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int64_t B = pred.size(0), L = pred.size(1), D = pred.size(2), C = max_chunks(L, D);
   check_grid(B * C);
@@ -116,8 +122,8 @@ at::Tensor backward_cuda(const at::Tensor& grad, const at::Tensor& pred, const a
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, pred.scalar_type(), "masked_mse_bwd_cuda", [&] {
     using A = acc_t<scalar_t>;
     grad_kernel<scalar_t><<<B * C, kThreads, 0, stream>>>(g.data_ptr<A>(), pred.data_ptr<scalar_t>(),
-                                                         target.data_ptr<scalar_t>(), ranges.data_ptr<int64_t>(),
-                                                         grad_pred.data_ptr<scalar_t>(), B, L, D, C);
+                                                          target.data_ptr<scalar_t>(), ranges.data_ptr<int64_t>(),
+                                                          grad_pred.data_ptr<scalar_t>(), B, L, D, C);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return grad_pred;
@@ -125,10 +131,11 @@ at::Tensor backward_cuda(const at::Tensor& grad, const at::Tensor& pred, const a
 
 // One thread per sample, the CPU's frame_range.
 template <typename M>
-__global__ void loss_ranges_kernel(const M* __restrict__ m, int64_t s0, int64_t s1, int64_t B, int64_t T,
-                                   int64_t hw, bool upstream, int64_t* __restrict__ out) {
+__global__ void loss_ranges_kernel(const M* __restrict__ m, int64_t s0, int64_t s1, int64_t B, int64_t T, int64_t hw,
+                                   bool upstream, int64_t* __restrict__ out) {
   const int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (b < B) frame_range(m + b * s0, s1, T, hw, upstream, out + 2 * b);
+  if (b < B)
+    frame_range(m + b * s0, s1, T, hw, upstream, out + 2 * b);
 }
 
 at::Tensor loss_ranges_cuda(const at::Tensor& frame_mask, int64_t hw, bool upstream) {
@@ -136,15 +143,17 @@ at::Tensor loss_ranges_cuda(const at::Tensor& frame_mask, int64_t hw, bool upstr
   const c10::cuda::CUDAGuard guard(frame_mask.device());
   const int64_t B = frame_mask.size(0), T = frame_mask.size(1);
   at::Tensor out = at::empty({B, 2}, frame_mask.options().dtype(at::kLong));
-  if (B == 0) return out;
+  if (B == 0)
+    return out;
   check_grid(ceil_div<int64_t>(B, 256));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_V2(frame_mask.scalar_type(), "loss_ranges_cuda", AT_WRAP([&] {
-    loss_ranges_kernel<scalar_t><<<ceil_div<int64_t>(B, 256), 256, 0, stream>>>(
-        frame_mask.const_data_ptr<scalar_t>(), frame_mask.stride(0), frame_mask.stride(1), B, T, hw, upstream,
-        out.data_ptr<int64_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }), OSF_MASK_TYPES);
+                   loss_ranges_kernel<scalar_t><<<ceil_div<int64_t>(B, 256), 256, 0, stream>>>(
+                       frame_mask.const_data_ptr<scalar_t>(), frame_mask.stride(0), frame_mask.stride(1), B, T, hw,
+                       upstream, out.data_ptr<int64_t>());
+                   C10_CUDA_KERNEL_LAUNCH_CHECK();
+                 }),
+                 OSF_MASK_TYPES);
   return out;
 }
 

@@ -20,7 +20,7 @@ void check_loss_ranges(const at::Tensor& frame_mask, int64_t hw);
 
 // The frame-mask dtypes of loss_ranges, for AT_DISPATCH_V2 (<ATen/Dispatch_v2.h>);
 // check_loss_ranges accepts exactly these.
-#define OSF_MASK_TYPES                                                                             \
+#define OSF_MASK_TYPES                                                                           \
   AT_EXPAND(AT_INTEGRAL_TYPES_V2), at::kBool, at::kHalf, at::kBFloat16, at::kFloat, at::kDouble, \
       AT_EXPAND(AT_FLOAT8_TYPES)
 

@@ -75,18 +75,19 @@ void check_inputs(const at::Tensor& gathered, at::TensorList out, at::IntArrayRe
     TORCH_CHECK_VALUE(offset[i] >= 0 && shard[i] >= 0 && begin[i] >= 0 && count[i] >= 0, "unpad_: entry ", i,
                       ": offset, shard, begin and count must be >= 0, got offset=", offset[i], ", shard=", shard[i],
                       ", begin=", begin[i], ", count=", count[i]);
-    TORCH_CHECK_VALUE(count[i] <= shard[i] - begin[i], "unpad_: entry ", i, ": begin + count = ", begin[i],
-                      " + ", count[i], " exceeds shard = ", shard[i]);
+    TORCH_CHECK_VALUE(count[i] <= shard[i] - begin[i], "unpad_: entry ", i, ": begin + count = ", begin[i], " + ",
+                      count[i], " exceeds shard = ", shard[i]);
     TORCH_CHECK_VALUE(count[i] <= bucket - offset[i], "unpad_: entry ", i, ": offset + count = ", offset[i], " + ",
                       count[i], " exceeds the bucket's ", bucket, " columns");
     // world * shard >= numel, without overflow (numel can be near 2^63 on meta).
     const int64_t need = o.numel() / world + (o.numel() % world != 0);
-    TORCH_CHECK_VALUE(shard[i] >= need, "unpad_: out[", i, "] has ", o.numel(),
-                      " elements but world * shard = ", world, " * ", shard[i], " covers fewer");
+    TORCH_CHECK_VALUE(shard[i] >= need, "unpad_: out[", i, "] has ", o.numel(), " elements but world * shard = ", world,
+                      " * ", shard[i], " covers fewer");
     if (!meta && o.device().type() != c10::DeviceType::Meta)
       spans.push_back(Span{addr(o), addr(o) + o.nbytes(), true, "out", static_cast<int64_t>(i)});
   }
-  if (!meta) spans.push_back(Span{addr(gathered), addr(gathered) + gathered.nbytes(), false, "gathered", -1});
+  if (!meta)
+    spans.push_back(Span{addr(gathered), addr(gathered) + gathered.nbytes(), false, "gathered", -1});
   // Written memory must alias nothing else of the call: blocks and threads
   // run in no fixed order.
   Span a{}, b{};

@@ -40,9 +40,11 @@ struct Entry {
 // shard and begin are caller values up to 2^63 - 1: r * shard + begin is only
 // formed once it is known to be below numel, so it cannot wrap.
 OSF_INLINE int64_t row_valid(const Entry& e, int64_t r) {
-  if (e.begin >= e.numel) return 0;
-  const int64_t room = e.numel - e.begin;            // > 0
-  if (r > 0 && e.shard > (room - 1) / r) return 0;   // r * shard >= room
+  if (e.begin >= e.numel)
+    return 0;
+  const int64_t room = e.numel - e.begin;  // > 0
+  if (r > 0 && e.shard > (room - 1) / r)
+    return 0;  // r * shard >= room
   const int64_t left = room - r * e.shard;
   return left < e.count ? left : e.count;
 }
@@ -50,8 +52,10 @@ OSF_INLINE int64_t row_valid(const Entry& e, int64_t r) {
 // Rows of `world` with a non-empty row_valid: they come first (row r starts
 // r * shard further into the parameter). No product can wrap.
 OSF_INLINE int64_t rows_with_data(const Entry& e, int64_t world) {
-  if (e.numel <= 0 || e.count <= 0 || e.begin >= e.numel) return 0;
-  if (e.shard <= 0) return world;  // not reached: count <= shard - begin
+  if (e.numel <= 0 || e.count <= 0 || e.begin >= e.numel)
+    return 0;
+  if (e.shard <= 0)
+    return world;                                          // not reached: count <= shard - begin
   const int64_t more = (e.numel - 1 - e.begin) / e.shard;  // rows after row 0
   return more < world - 1 ? more + 1 : world;
 }
@@ -80,7 +84,9 @@ static_assert(kernel_arg_bytes<SmallTable, Args>() <= kSmallArgBytes, "kernel ar
 
 // Blocks of an entry with `rows` rows of data (rows past the data get none;
 // row_valid would skip them too).
-inline int64_t blocks_of(const Entry& e, int64_t rows) { return rows * ceil_div<int64_t>(e.count, kChunk); }
+inline int64_t blocks_of(const Entry& e, int64_t rows) {
+  return rows * ceil_div<int64_t>(e.count, kChunk);
+}
 
 // Sixteen bytes moved as one (aligned) load or store.
 struct alignas(16) Vec16 {
@@ -93,8 +99,7 @@ struct alignas(16) Vec16 {
 template <typename U>
 struct Body {
   template <typename Table>
-  static OSF_HOST_DEVICE void run(const Table& tab, const Args& a, int block, int /*y*/, int thread,
-                                  int nthreads) {
+  static OSF_HOST_DEVICE void run(const Table& tab, const Args& a, int block, int /*y*/, int thread, int nthreads) {
     const Entry& en = tab.entry[tab.block_entry[block]];
     const int64_t per_row = ceil_div<int64_t>(en.count, kChunk);
     const int64_t chunk = tab.block_chunk[block];
@@ -102,7 +107,8 @@ struct Body {
     const int64_t lo = (chunk - r * per_row) * kChunk;
     const int64_t valid = row_valid(en, r);  // destinations of a row are consecutive
     const int64_t hi = (valid - lo < kChunk) ? valid : lo + kChunk;
-    if (hi <= lo) return;  // padding only: no pointer is formed past the tensors
+    if (hi <= lo)
+      return;  // padding only: no pointer is formed past the tensors
     U* dst = static_cast<U*>(en.dst) + (r * en.shard + en.begin);
     const U* src = static_cast<const U*>(a.gathered) + (r * a.bucket + en.offset);
     // 16-byte stores (from 16-byte loads where the source is co-aligned): a warp
@@ -112,23 +118,28 @@ struct Body {
     constexpr int64_t kVec = 16 / static_cast<int64_t>(sizeof(U));
     const uintptr_t misalign = reinterpret_cast<uintptr_t>(dst + lo) & 15u;
     int64_t head = misalign % sizeof(U) ? hi - lo : static_cast<int64_t>(((16u - misalign) & 15u) / sizeof(U));
-    if (head > hi - lo) head = hi - lo;
+    if (head > hi - lo)
+      head = hi - lo;
     const int64_t vlo = lo + head;
     const int64_t nvec = (hi - vlo) / kVec;
-    for (int64_t c = lo + thread; c < vlo; c += nthreads) dst[c] = src[c];
+    for (int64_t c = lo + thread; c < vlo; c += nthreads)
+      dst[c] = src[c];
     Vec16* vdst = reinterpret_cast<Vec16*>(dst + vlo);
     if ((reinterpret_cast<uintptr_t>(src + vlo) & 15u) == 0) {
       const Vec16* vsrc = reinterpret_cast<const Vec16*>(src + vlo);
-      for (int64_t v = thread; v < nvec; v += nthreads) vdst[v] = vsrc[v];
+      for (int64_t v = thread; v < nvec; v += nthreads)
+        vdst[v] = vsrc[v];
     } else {
       for (int64_t v = thread; v < nvec; v += nthreads) {
         Vec16 w;
         unsigned char* bytes = reinterpret_cast<unsigned char*>(&w);  // char access: no aliasing issue
-        for (int64_t k = 0; k < kVec; ++k) memcpy(bytes + k * sizeof(U), src + vlo + v * kVec + k, sizeof(U));
+        for (int64_t k = 0; k < kVec; ++k)
+          memcpy(bytes + k * sizeof(U), src + vlo + v * kVec + k, sizeof(U));
         vdst[v] = w;
       }
     }
-    for (int64_t c = vlo + nvec * kVec + thread; c < hi; c += nthreads) dst[c] = src[c];
+    for (int64_t c = vlo + nvec * kVec + thread; c < hi; c += nthreads)
+      dst[c] = src[c];
   }
 };
 

@@ -20,7 +20,8 @@ namespace {
 void forward_cuda(const at::Tensor& gathered, at::TensorList out, at::IntArrayRef offset, at::IntArrayRef shard,
                   at::IntArrayRef begin, at::IntArrayRef count) {
   check_inputs(gathered, out, offset, shard, begin, count);
-  if (out.empty() || gathered.numel() == 0) return;
+  if (out.empty() || gathered.numel() == 0)
+    return;
   const c10::cuda::CUDAGuard guard(gathered.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   // Planning reads only pointers and sizes: no host sync.

@@ -34,8 +34,8 @@ struct Plan {
 // before scaling, and a value is scaled only where it is below a real size:
 // begin < numel when a row has data, shard < numel when two rows do. Values that
 // cannot matter are replaced by numel (a row start past the data).
-inline Plan make_plan(const at::Tensor& gathered, at::TensorList out, at::IntArrayRef offset,
-                      at::IntArrayRef shard, at::IntArrayRef begin, at::IntArrayRef count) {
+inline Plan make_plan(const at::Tensor& gathered, at::TensorList out, at::IntArrayRef offset, at::IntArrayRef shard,
+                      at::IntArrayRef begin, at::IntArrayRef count) {
   const int64_t es = static_cast<int64_t>(gathered.element_size());
   const int64_t f = es > 8 ? es / 8 : 1;
   const int64_t world = gathered.size(0);
@@ -46,8 +46,8 @@ inline Plan make_plan(const at::Tensor& gathered, at::TensorList out, at::IntArr
     const int64_t n = out[i].numel();
     void* dst = n ? out[i].data_ptr() : nullptr;
     const int64_t rows = rows_with_data(Entry{dst, n, shard[i], begin[i], count[i], offset[i]}, world);
-    p.entries.push_back(Entry{dst, n * f, (rows >= 2 ? shard[i] : n) * f, (rows >= 1 ? begin[i] : n) * f,
-                              count[i] * f, offset[i] * f});
+    p.entries.push_back(
+        Entry{dst, n * f, (rows >= 2 ? shard[i] : n) * f, (rows >= 1 ? begin[i] : n) * f, count[i] * f, offset[i] * f});
     p.rows.push_back(rows);
   }
   return p;
@@ -63,10 +63,14 @@ inline std::vector<Table> plan_tables(const Plan& p, TableLimits lim = {}) {
 template <typename F>
 inline void dispatch_unit(int unit, F&& f) {
   switch (unit) {
-    case 1: return f(uint8_t{});
-    case 2: return f(uint16_t{});
-    case 4: return f(uint32_t{});
-    default: return f(uint64_t{});
+    case 1:
+      return f(uint8_t{});
+    case 2:
+      return f(uint16_t{});
+    case 4:
+      return f(uint32_t{});
+    default:
+      return f(uint64_t{});
   }
 }
 

@@ -6,6 +6,7 @@ torchvision. Re-exported by the lead from ``opensora_fast.datasets.utils``.
 ``read_from_path`` returns ``[C, T, H, W]`` float32 in ``[-1, 1]`` (an image is
 one frame), like upstream.
 """
+
 from __future__ import annotations
 
 import logging
@@ -178,13 +179,17 @@ def read_video_frames(path: str) -> torch.Tensor:
         except av.error.FFmpegError as e:  # as upstream: keep what decoded before the error
             error = e
     if error is not None:
-        logger.warning("%r: decoding stopped after %d frames: %s; using the frames decoded so far", path, decoded, error)
+        logger.warning(
+            "%r: decoding stopped after %d frames: %s; using the frames decoded so far", path, decoded, error
+        )
     if kept:
         frames = [kept[pts] for pts in sorted(kept)]
         if len(frames) != decoded:
             logger.info(
                 "%r: %d of %d decoded frames dropped (repeated, negative or missing timestamps), as upstream",
-                path, decoded - len(frames), decoded,
+                path,
+                decoded - len(frames),
+                decoded,
             )
     else:
         frames = untimed
@@ -192,7 +197,8 @@ def read_video_frames(path: str) -> torch.Tensor:
             logger.warning(
                 "%r: no frame has a timestamp >= 0, where upstream returns an empty clip; "
                 "using all %d decoded frames in decode order",
-                path, len(frames),
+                path,
+                len(frames),
             )
     if not frames:
         raise ValueError(f"{path!r} holds no video frames" + (f" ({error})" if error is not None else ""))

@@ -5,6 +5,7 @@ is read from ``AE_SPATIAL_COMPRESSION`` (default 16) at each call, as upstream.
 Bad names raise ``ValueError`` naming the value and what is accepted (upstream:
 ``assert`` for a missing aspect ratio).
 """
+
 from __future__ import annotations
 
 import math
@@ -99,7 +100,9 @@ def get_num_pexels_from_name(resolution: str) -> int:
             return int(size * size / 9 * 16)
     except ValueError:
         pass
-    raise ValueError(f"Invalid resolution {resolution!r}; accepted: '<n>px' (square) or '<n>p' (16:9), e.g. '256px', '720p'")
+    raise ValueError(
+        f"Invalid resolution {resolution!r}; accepted: '<n>px' (square) or '<n>p' (16:9), e.g. '256px', '720p'"
+    )
 
 
 def get_resolution_with_aspect_ratio(resolution: str) -> tuple[int, dict[str, tuple[int, int]]]:

@@ -6,6 +6,7 @@ PyAV — ``pip install opensora_fast[video]`` — with upstream's pixel values
 is not needed here). Unlike upstream, the caller's tensor is never modified
 (upstream normalises a video sample in place).
 """
+
 from __future__ import annotations
 
 import torch

@@ -1,5 +1,6 @@
 """``python -m opensora_fast demo``: argument checks (all before any work, so bad
 input writes nothing), the runs, the table, the JSON, the chart, the video."""
+
 from __future__ import annotations
 
 import argparse
@@ -26,13 +27,20 @@ def _positive(text: str) -> int:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from .sides import SIZES
 
-    p.add_argument("--size", choices=list(SIZES), default="small",
-                   help="tiny: the smoke test (<1 min on 2 CPU cores); small (default): a few minutes on 2 CPU "
-                        "cores; gpu: sized for one H100/H200")
+    p.add_argument(
+        "--size",
+        choices=list(SIZES),
+        default="small",
+        help="tiny: the smoke test (<1 min on 2 CPU cores); small (default): a few minutes on 2 CPU "
+        "cores; gpu: sized for one H100/H200",
+    )
     p.add_argument("--steps", type=_positive, default=None, help="training steps per run (default: per size)")
     p.add_argument("--device", default="auto", help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
-    p.add_argument("--out", default=DEFAULT_OUT,
-                   help=f"directory for demo-<machine>-<date>.json/.png and the sample (default: {DEFAULT_OUT})")
+    p.add_argument(
+        "--out",
+        default=DEFAULT_OUT,
+        help=f"directory for demo-<machine>-<date>.json/.png and the sample (default: {DEFAULT_OUT})",
+    )
     p.add_argument("--seed", type=int, default=1024, help="seed of both runs (default: 1024, upstream's)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
 
@@ -106,8 +114,11 @@ def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     slug = report.machine_slug(device)
     stem = os.path.join(out, f"demo-{slug}-{_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d}")
     run_sides = sides()
-    print(f"opensora_fast demo: size {size.name} ({size.describe()}), {steps} steps, ckpt every "
-          f"{size.ckpt_every}, device {device}; runs: {', '.join(s.label for s in run_sides)}", flush=True)
+    print(
+        f"opensora_fast demo: size {size.name} ({size.describe()}), {steps} steps, ckpt every "
+        f"{size.ckpt_every}, device {device}; runs: {', '.join(s.label for s in run_sides)}",
+        flush=True,
+    )
     made_world = _init_world(device)
     ckpt_root = tempfile.mkdtemp(prefix="osf-demo-ckpt-")
     try:
@@ -115,16 +126,22 @@ def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         mem_steps = min(steps, size.ckpt_every + 1) if size.ckpt_every else min(steps, 2)
         for side, run in zip(run_sides, runs):
             mem = loop.peak_memory(side, size, mem_steps, device, args.seed, ckpt_root)
-            run.update(peak_memory_bytes=mem["peak_bytes"], base_memory_bytes=mem["base_bytes"],
-                       memory_kind=f"{mem['kind']}, one side alone over {mem['steps']} steps")
+            run.update(
+                peak_memory_bytes=mem["peak_bytes"],
+                base_memory_bytes=mem["base_bytes"],
+                memory_kind=f"{mem['kind']}, one side alone over {mem['steps']} steps",
+            )
     finally:
         shutil.rmtree(ckpt_root, ignore_errors=True)
         if made_world:
             dist.destroy_process_group()
     summaries = [loop.summarize(r, size.ckpt_every) for r in runs]
     video_path, video_kind = report.save_sample(runs[-1]["sampling"]["video"], stem + "-sample")
-    fused_note = None if any(s.key == "fused" for s in run_sides) else (
-        "absent: opensora_fast.optim.FusedAdamW does not import here (the column appears once it does)")
+    fused_note = (
+        None
+        if any(s.key == "fused" for s in run_sides)
+        else ("absent: opensora_fast.optim.FusedAdamW does not import here (the column appears once it does)")
+    )
     extra = {
         "sample_output": f"{video_path or '-'} [{video_kind}; i2v_head from the saved EMA, {runs[-1]['label']} run]",
         "op_benchmarks": report.op_benchmark_ratios(out, slug),

@@ -6,6 +6,7 @@ optimizer step -> update_ema; every few steps CheckpointIO.save with the EMA and
 master weights), then an i2v sampling pass from the saved EMA, with every phase
 timed. One :class:`~opensora_fast.demo.sides.Side` decides which implementation
 of upstream's helpers runs."""
+
 from __future__ import annotations
 
 import contextlib
@@ -103,9 +104,16 @@ def build_models(size: Size, device: torch.device, seed: int):
     torch.manual_seed(seed)
     lat = (size.frames - 1) // 4 + 1
     tokens = lat * (size.height // 16) * (size.width // 16)
-    cfg = MMDiTConfig(in_channels=size.latent_channels * 4, hidden_size=size.hidden, num_heads=size.heads,
-                      depth=size.depth, depth_single_blocks=size.depth_single, context_in_dim=size.context_in_dim,
-                      vec_in_dim=size.vec_in_dim, img_tokens=tokens)
+    cfg = MMDiTConfig(
+        in_channels=size.latent_channels * 4,
+        hidden_size=size.hidden,
+        num_heads=size.heads,
+        depth=size.depth,
+        depth_single_blocks=size.depth_single,
+        context_in_dim=size.context_in_dim,
+        vec_in_dim=size.vec_in_dim,
+        img_tokens=tokens,
+    )
     model = MMDiT(cfg).to_training_dtype(DTYPE).to(device).train()
     vae = ToyCausalVAE(size.latent_channels, size.vae_hidden).to(device, DTYPE).eval().requires_grad_(False)
     g = torch.Generator().manual_seed(seed + 7)
@@ -194,8 +202,11 @@ class Run:
         # the sides share Python's and torch's global RNGs: each keeps its own state
         random.seed(seed)
         torch.manual_seed(seed + 1)
-        self.rng = (random.getstate(), torch.get_rng_state(),
-                    torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+        self.rng = (
+            random.getstate(),
+            torch.get_rng_state(),
+            torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+        )
 
     @contextlib.contextmanager
     def _own_rng(self):
@@ -206,8 +217,11 @@ class Run:
         try:
             yield
         finally:
-            self.rng = (random.getstate(), torch.get_rng_state(),
-                        torch.cuda.get_rng_state(self.device) if self.rng[2] is not None else None)
+            self.rng = (
+                random.getstate(),
+                torch.get_rng_state(),
+                torch.cuda.get_rng_state(self.device) if self.rng[2] is not None else None,
+            )
 
     def step(self, step: int) -> None:
         side, size, timer, model = self.side, self.size, self.timer, self.model
@@ -215,8 +229,9 @@ class Run:
             t_step = time.perf_counter()
             with timer("data"):
                 batch = make_batch(size, self.gen, self.device)
-            inp, x_0, x_1, masks = _step_inputs(side, batch, size, self.vae, self.cond_config, self.null_txt,
-                                                self.null_vec, timer)
+            inp, x_0, x_1, masks = _step_inputs(
+                side, batch, size, self.vae, self.cond_config, self.null_txt, self.null_vec, timer
+            )
             with timer("forward"):
                 pred = model(**inp)
                 v_t = (1 - SIGMA_MIN) * x_1 - x_0
@@ -233,9 +248,20 @@ class Run:
             if size.ckpt_every and (step + 1) % size.ckpt_every == 0:
                 with timer("checkpoint"):
                     path = self.checkpoint_io.save(
-                        self.booster, self.ckpt_root, model=model, ema=self.ema, optimizer=self.optimizer, epoch=0,
-                        step=step + 1, global_step=step + 1, batch_size=size.batch, actual_update_step=step + 1,
-                        ema_shape_dict=self.ema_shape_dict, async_io=True, include_master_weights=True)
+                        self.booster,
+                        self.ckpt_root,
+                        model=model,
+                        ema=self.ema,
+                        optimizer=self.optimizer,
+                        epoch=0,
+                        step=step + 1,
+                        global_step=step + 1,
+                        batch_size=size.batch,
+                        actual_update_step=step + 1,
+                        ema_shape_dict=self.ema_shape_dict,
+                        async_io=True,
+                        include_master_weights=True,
+                    )
                 # the previous save is complete now (save waits for it first): keep only the newest
                 for old in self.saves:
                     shutil.rmtree(old, ignore_errors=True)
@@ -247,8 +273,17 @@ class Run:
         with self._own_rng():
             with self.timer("drain"):
                 self.checkpoint_io._sync_io()
-            sampling = sample(self.side, self.size, self.model, self.vae, self.saves[-1] if self.saves else None,
-                              self.ema, self.device, self.seed, self.timer)
+            sampling = sample(
+                self.side,
+                self.size,
+                self.model,
+                self.vae,
+                self.saves[-1] if self.saves else None,
+                self.ema,
+                self.device,
+                self.seed,
+                self.timer,
+            )
         return {
             "side": self.side.key,
             "label": self.side.label,
@@ -274,8 +309,9 @@ def _trim_heap() -> None:
         pass
 
 
-def run_lockstep(sides_: List[Side], size: Size, steps: int, device: torch.device, seed: int, ckpt_root: str,
-                 progress: bool = True) -> List[dict]:
+def run_lockstep(
+    sides_: List[Side], size: Size, steps: int, device: torch.device, seed: int, ckpt_root: str, progress: bool = True
+) -> List[dict]:
     """Every side's run, step by step in turn (the order alternating each step)."""
     from tqdm import tqdm
 
@@ -289,7 +325,7 @@ def run_lockstep(sides_: List[Side], size: Size, steps: int, device: torch.devic
     try:
         bar = tqdm(range(steps), desc="training (" + " | ".join(s.label for s in sides_) + ")", disable=not progress)
         for step in bar:
-            for r in (runs if step % 2 == 0 else runs[::-1]):
+            for r in runs if step % 2 == 0 else runs[::-1]:
                 r.step(step)
             bar.set_postfix(loss=f"{runs[0].losses[-1]:.4f}")
         results = [r.finish() for r in runs]
@@ -380,8 +416,11 @@ def summarize(run: dict, ckpt_every: int, warmup: Optional[int] = None) -> dict:
     phases = {}
     for name in PHASES + ("drain", "sample_condition", "sample_denoise"):
         ts = run["times"].get(name, [])
-        kept = ts if name in ("checkpoint", "drain", "sample_condition", "sample_denoise") else (
-            ts[warmup:] if len(ts) > warmup else ts)
+        kept = (
+            ts
+            if name in ("checkpoint", "drain", "sample_condition", "sample_denoise")
+            else (ts[warmup:] if len(ts) > warmup else ts)
+        )
         phases[name] = {
             "total_s": sum(kept),
             "calls": len(kept),

@@ -8,6 +8,7 @@ Two details make the upstream rules bite: a top-level ``pos_embed`` parameter
 the EMA, never stepped). The whole model is cast to bf16, as ColossalAI's booster
 does, so every EMA source is an fp32 master shard.
 """
+
 from __future__ import annotations
 
 import math
@@ -240,8 +241,18 @@ class MMDiT(nn.Module):
         """Casts every parameter to ``dtype`` (the fp32 masters keep the precision)."""
         return self.to(dtype)
 
-    def forward(self, img: Tensor, img_ids: Tensor, txt: Tensor, txt_ids: Tensor, timesteps: Tensor,
-                y_vec: Tensor, cond: Tensor, guidance: Tensor = None, **kwargs) -> Tensor:
+    def forward(
+        self,
+        img: Tensor,
+        img_ids: Tensor,
+        txt: Tensor,
+        txt_ids: Tensor,
+        timesteps: Tensor,
+        y_vec: Tensor,
+        cond: Tensor,
+        guidance: Tensor = None,
+        **kwargs,
+    ) -> Tensor:
         dt = self.img_in.weight.dtype
         x = self.img_in(img) + self.cond_in(cond) + self.pos_embed[:, : img.shape[1]]
         vec = self.time_in(timestep_embedding(timesteps, 256).to(dt)) + self.vector_in(y_vec)

@@ -1,6 +1,7 @@
 """The demo's results: the JSON document, the printed table, the chart (matplotlib,
 imported only here) and the sample video, each written to a temporary name and
 renamed, so a failed or interrupted write leaves nothing half-written."""
+
 from __future__ import annotations
 
 import datetime as _dt
@@ -78,8 +79,9 @@ def _agreement(base: dict, other: dict) -> dict:
     }
 
 
-def build_document(runs: List[dict], summaries: List[dict], size, steps: int, device: torch.device, seed: int,
-                   extra: dict) -> dict:
+def build_document(
+    runs: List[dict], summaries: List[dict], size, steps: int, device: torch.device, seed: int, extra: dict
+) -> dict:
     from .. import build_info
     from .sides import EMA_DECAY
 
@@ -107,12 +109,15 @@ def build_document(runs: List[dict], summaries: List[dict], size, steps: int, de
         sp["checkpoint"] = _ratio(bp["checkpoint"]["mean_ms"], op["checkpoint"]["mean_ms"])
         for p in ("sample_condition", "sample_denoise", "drain"):
             sp[p] = _ratio(bp[p]["total_s"], op[p]["total_s"])
-        sp["forward+loss"] = _ratio(bp["forward"]["median_ms"] + bp["loss"]["median_ms"],
-                                    op["forward"]["median_ms"] + op["loss"]["median_ms"])
+        sp["forward+loss"] = _ratio(
+            bp["forward"]["median_ms"] + bp["loss"]["median_ms"], op["forward"]["median_ms"] + op["loss"]["median_ms"]
+        )
         for k in ("utility", "utility_without_booster", "utility_own"):
             sp[k] = _ratio(base_sum[f"{k}_ms_per_step"], s[f"{k}_ms_per_step"])
-        sp["checkpoint_without_booster"] = _ratio(bp["checkpoint"]["mean_ms"] - base_sum["booster_ms_per_save"],
-                                                  op["checkpoint"]["mean_ms"] - s["booster_ms_per_save"])
+        sp["checkpoint_without_booster"] = _ratio(
+            bp["checkpoint"]["mean_ms"] - base_sum["booster_ms_per_save"],
+            op["checkpoint"]["mean_ms"] - s["booster_ms_per_save"],
+        )
         sp["step"] = _ratio(base_sum["step_median_ms"], s["step_median_ms"])
         speedups[run["side"]] = sp
         agreement[run["side"]] = _agreement(base, run)
@@ -139,8 +144,10 @@ def build_document(runs: List[dict], summaries: List[dict], size, steps: int, de
         "agreement": agreement,
         "goal": {
             "target": GOAL,
-            "statement": (f"utility phases ({', '.join(UTILITY)}) together >= {GOAL:g}x faster than upstream-faithful "
-                          "at the default size on 2 CPU cores and at GPU size on an H100/H200, identical results"),
+            "statement": (
+                f"utility phases ({', '.join(UTILITY)}) together >= {GOAL:g}x faster than upstream-faithful "
+                "at the default size on 2 CPU cores and at GPU size on an H100/H200, identical results"
+            ),
             "utility_speedup": measured,
             "utility_speedup_by_side": {k: v.get("utility") for k, v in speedups.items()},
             "met": bool(measured is not None and measured >= GOAL),
@@ -169,31 +176,53 @@ def table(doc: dict) -> str:
         f"{runs[0]['warmup_steps']} warm-up steps, checkpoint: mean per save, utility: a save counted as "
         f"1/{doc['size']['ckpt_every']} step; ratios of those; one process, world size 1)",
     ]
-    head = f"{'phase':<26}" + "".join(f"{r['label'][:22]:>24}" for r in runs) + "".join(
-        f"{'x ' + k:>16}" for k in others)
+    head = (
+        f"{'phase':<26}" + "".join(f"{r['label'][:22]:>24}" for r in runs) + "".join(f"{'x ' + k:>16}" for k in others)
+    )
     lines += [head, "-" * len(head)]
 
     def row(label: str, values: List[float], ratios: List[Optional[float]]):
-        lines.append(f"{label:<26}" + "".join(f"{_fmt_ms(v):>21} ms" for v in values)
-                     + "".join(f"{_fmt_x(x):>16}" for x in ratios))
+        lines.append(
+            f"{label:<26}"
+            + "".join(f"{_fmt_ms(v):>21} ms" for v in values)
+            + "".join(f"{_fmt_x(x):>16}" for x in ratios)
+        )
 
     for p in PHASES:
         if p == "checkpoint":
             continue
-        row("  of it VAE encode" if p == "encode" else p + (" *" if p in UTILITY else ""), [r["phases"][p]["median_ms"] for r in runs],
-            [doc["speedups"][k][p] for k in others])
-    row("forward+loss", [r["phases"]["forward"]["median_ms"] + r["phases"]["loss"]["median_ms"] for r in runs],
-        [doc["speedups"][k]["forward+loss"] for k in others])
-    row("checkpoint * (per save)", [r["phases"]["checkpoint"]["mean_ms"] for r in runs],
-        [doc["speedups"][k]["checkpoint"] for k in others])
+        row(
+            "  of it VAE encode" if p == "encode" else p + (" *" if p in UTILITY else ""),
+            [r["phases"][p]["median_ms"] for r in runs],
+            [doc["speedups"][k][p] for k in others],
+        )
+    row(
+        "forward+loss",
+        [r["phases"]["forward"]["median_ms"] + r["phases"]["loss"]["median_ms"] for r in runs],
+        [doc["speedups"][k]["forward+loss"] for k in others],
+    )
+    row(
+        "checkpoint * (per save)",
+        [r["phases"]["checkpoint"]["mean_ms"] for r in runs],
+        [doc["speedups"][k]["checkpoint"] for k in others],
+    )
     row("  of it Booster (same code)", [r["booster_ms_per_save"] for r in runs], [None for _ in others])
     row("step (median)", [r["step_median_ms"] for r in runs], [doc["speedups"][k]["step"] for k in others])
-    row("sampling: condition", [r["phases"]["sample_condition"]["total_s"] * 1e3 for r in runs],
-        [doc["speedups"][k]["sample_condition"] for k in others])
-    row("utility phases per step *", [r["utility_ms_per_step"] for r in runs],
-        [doc["speedups"][k]["utility"] for k in others])
-    lines.append(f"{'peak memory':<26}" + "".join(f"{r['peak_memory_bytes'] / 2**20:>20.1f} MiB" for r in runs)
-                 + f"   ({runs[0]['memory_kind']})")
+    row(
+        "sampling: condition",
+        [r["phases"]["sample_condition"]["total_s"] * 1e3 for r in runs],
+        [doc["speedups"][k]["sample_condition"] for k in others],
+    )
+    row(
+        "utility phases per step *",
+        [r["utility_ms_per_step"] for r in runs],
+        [doc["speedups"][k]["utility"] for k in others],
+    )
+    lines.append(
+        f"{'peak memory':<26}"
+        + "".join(f"{r['peak_memory_bytes'] / 2**20:>20.1f} MiB" for r in runs)
+        + f"   ({runs[0]['memory_kind']})"
+    )
     lines.append(f"{'final loss':<26}" + "".join(f"{r['final_loss']:>24.7f}" for r in runs))
     lines.append(f"{'EMA checksum (fp64 sum)':<26}" + "".join(f"{r['ema_checksum']['sum']:>24.6f}" for r in runs))
     lines.append("* = utility phase (what opensora_fast replaces)")
@@ -202,7 +231,8 @@ def table(doc: dict) -> str:
         lines.append(
             f"agreement {doc['runs'][k]['label']}: {'OK' if a['ok'] else 'MISMATCH'} ({a['tolerance']}); "
             f"loss rel diff {a['loss_rel_diff']:.2e}, EMA diff {a['ema_sum_diff_over_abs_sum']:.2e} of sum|EMA|, "
-            f"EMA bit-identical: {'yes' if a['ema_bit_identical'] else 'no'}")
+            f"EMA bit-identical: {'yes' if a['ema_bit_identical'] else 'no'}"
+        )
     g = doc["goal"]
     lines.append(f"Goal: {g['statement']}.")
     for k in others:
@@ -212,7 +242,8 @@ def table(doc: dict) -> str:
             f"{_fmt_x(sp.get('utility')).strip()} -> {'MET' if (sp.get('utility') or 0) >= g['target'] else 'NOT MET'}"
             f"; without the Booster's model/optimizer writes {_fmt_x(sp.get('utility_without_booster')).strip()}, "
             f"and without the VAE encodes too {_fmt_x(sp.get('utility_own')).strip()}; whole step "
-            f"{_fmt_x(sp.get('step')).strip()}")
+            f"{_fmt_x(sp.get('step')).strip()}"
+        )
     if doc.get("fused_column"):
         lines.append(f"fused optimizer column: {doc['fused_column']}")
     for key in ("sample_output", "json_path", "png_path"):
@@ -287,8 +318,9 @@ def write_chart(doc: dict, path: str) -> None:
         xs = [j + (i - (len(keys) - 1) / 2) * width for j in range(len(phases))]
         ax.bar(xs, vals, width, label=r["label"], color=colors[i % len(colors)])
     ax.set_xticks(range(len(phases)))
-    ax.set_xticklabels([p + ("\n(per save)" if p == "checkpoint" else "") + (" *" if p in UTILITY else "")
-                        for p in phases], fontsize=8)
+    ax.set_xticklabels(
+        [p + ("\n(per save)" if p == "checkpoint" else "") + (" *" if p in UTILITY else "") for p in phases], fontsize=8
+    )
     ax.set_yscale("log")
     ax.set_ylabel("ms per step (median; log scale)")
     g = doc["goal"]
@@ -307,8 +339,14 @@ def write_chart(doc: dict, path: str) -> None:
         bx.invert_yaxis()
     else:
         bx.axis("off")
-        bx.text(0.5, 0.5, "no op benchmark results for this machine\n(make bench writes them)",
-                ha="center", va="center", fontsize=10)
+        bx.text(
+            0.5,
+            0.5,
+            "no op benchmark results for this machine\n(make bench writes them)",
+            ha="center",
+            va="center",
+            fontsize=10,
+        )
     fig.suptitle(doc["machine"], fontsize=8)
     fig.tight_layout()
 

@@ -1,6 +1,7 @@
 """The demo's sizes and the sides it compares: the same loop run through the
 upstream-faithful references and through opensora_fast (and, when
 ``opensora_fast.optim.FusedAdamW`` is there, with the fused optimizer)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -37,25 +38,81 @@ class Size:
     condition_config: Dict[str, float] = field(default_factory=dict)
 
     def describe(self) -> str:
-        return (f"batch {self.batch}, video {self.frames}x{self.height}x{self.width}, latent C={self.latent_channels}, "
-                f"d={self.hidden}, {self.depth} double + {self.depth_single} single blocks")
+        return (
+            f"batch {self.batch}, video {self.frames}x{self.height}x{self.width}, latent C={self.latent_channels}, "
+            f"d={self.hidden}, {self.depth} double + {self.depth_single} single blocks"
+        )
 
 
 _CONDITIONS = {"t2v": 1.0, "i2v_head": 3.0, "i2v_tail": 1.0, "i2v_loop": 1.0, "v2v_head": 1.0, "v2v_tail": 1.0}
 
 SIZES: Dict[str, Size] = {
     # the smoke test: under a minute on 2 CPU cores (v2v modes dropped: too few latent frames)
-    "tiny": Size("tiny", batch=4, frames=9, height=32, width=32, latent_channels=4, hidden=64, heads=2, depth=1,
-                 depth_single=2, txt_len=8, context_in_dim=32, vec_in_dim=16, vae_hidden=32, steps=6, ckpt_every=3,
-                 sample_steps=3, sample_batch=2, condition_config=dict(_CONDITIONS)),
+    "tiny": Size(
+        "tiny",
+        batch=4,
+        frames=9,
+        height=32,
+        width=32,
+        latent_channels=4,
+        hidden=64,
+        heads=2,
+        depth=1,
+        depth_single=2,
+        txt_len=8,
+        context_in_dim=32,
+        vec_in_dim=16,
+        vae_hidden=32,
+        steps=6,
+        ckpt_every=3,
+        sample_steps=3,
+        sample_batch=2,
+        condition_config=dict(_CONDITIONS),
+    ),
     # the default: a few minutes on 2 CPU cores; 11 latent frames, so v2v_head/tail are drawn too
-    "small": Size("small", batch=8, frames=41, height=64, width=64, latent_channels=16, hidden=192, heads=3,
-                  depth=4, depth_single=8, txt_len=32, context_in_dim=128, vec_in_dim=64, vae_hidden=64, steps=20,
-                  ckpt_every=5, sample_steps=8, sample_batch=2, condition_config=dict(_CONDITIONS)),
+    "small": Size(
+        "small",
+        batch=8,
+        frames=41,
+        height=64,
+        width=64,
+        latent_channels=16,
+        hidden=192,
+        heads=3,
+        depth=4,
+        depth_single=8,
+        txt_len=32,
+        context_in_dim=128,
+        vec_in_dim=64,
+        vae_hidden=64,
+        steps=20,
+        ckpt_every=5,
+        sample_steps=8,
+        sample_batch=2,
+        condition_config=dict(_CONDITIONS),
+    ),
     # one H100/H200: head dim 128 as the 11B model
-    "gpu": Size("gpu", batch=8, frames=65, height=256, width=256, latent_channels=16, hidden=768, heads=6,
-                depth=4, depth_single=8, txt_len=128, context_in_dim=512, vec_in_dim=256, vae_hidden=256, steps=30,
-                ckpt_every=10, sample_steps=16, sample_batch=2, condition_config=dict(_CONDITIONS)),
+    "gpu": Size(
+        "gpu",
+        batch=8,
+        frames=65,
+        height=256,
+        width=256,
+        latent_channels=16,
+        hidden=768,
+        heads=6,
+        depth=4,
+        depth_single=8,
+        txt_len=128,
+        context_in_dim=512,
+        vec_in_dim=256,
+        vae_hidden=256,
+        steps=30,
+        ckpt_every=10,
+        sample_steps=16,
+        sample_batch=2,
+        condition_config=dict(_CONDITIONS),
+    ),
 }
 
 LR, BETAS, EPS, WEIGHT_DECAY = 1e-4, (0.9, 0.999), 1e-15, 0.0
@@ -90,20 +147,38 @@ def upstream_side() -> Side:
 
     from .upstream_ckpt import UpstreamCheckpointIO
 
-    rc, rcond, rt = (importlib.import_module(f"opensora_fast.reference.{m}")
-                     for m in ("upstream.ckpt", "upstream.condition", "upstream.train"))
+    rc, rcond, rt = (
+        importlib.import_module(f"opensora_fast.reference.{m}")
+        for m in ("upstream.ckpt", "upstream.condition", "upstream.train")
+    )
 
-    return Side("upstream", "upstream-faithful", rt.update_ema, rt.get_batch_loss,
-                rcond.prepare_visual_condition_causal, rcond.prepare_inference_condition, rc.model_sharding,
-                UpstreamCheckpointIO, lambda m: ShardedMasterOptimizer(m, _adamw))
+    return Side(
+        "upstream",
+        "upstream-faithful",
+        rt.update_ema,
+        rt.get_batch_loss,
+        rcond.prepare_visual_condition_causal,
+        rcond.prepare_inference_condition,
+        rc.model_sharding,
+        UpstreamCheckpointIO,
+        lambda m: ShardedMasterOptimizer(m, _adamw),
+    )
 
 
 def fast_side() -> Side:
     from ..utils import ckpt, inference, train
 
-    return Side("fast", "opensora_fast", train.update_ema, train.get_batch_loss,
-                train.prepare_visual_condition_causal, inference.prepare_inference_condition, ckpt.model_sharding,
-                ckpt.CheckpointIO, lambda m: ShardedMasterOptimizer(m, _adamw))
+    return Side(
+        "fast",
+        "opensora_fast",
+        train.update_ema,
+        train.get_batch_loss,
+        train.prepare_visual_condition_causal,
+        inference.prepare_inference_condition,
+        ckpt.model_sharding,
+        ckpt.CheckpointIO,
+        lambda m: ShardedMasterOptimizer(m, _adamw),
+    )
 
 
 def fused_side():
@@ -122,7 +197,8 @@ def fused_side():
     side = fast_side()
     side.key, side.label = "fused", "opensora_fast + fused optimizer"
     side.make_optimizer = lambda m: ShardedMasterOptimizer(
-        m, lambda ps: cls(ps, lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY))
+        m, lambda ps: cls(ps, lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY)
+    )
     side.setup = setup  # update_ema (the fast side's) then finds the step taken
     return side
 

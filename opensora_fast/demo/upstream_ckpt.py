@@ -5,6 +5,7 @@ weights written in the background), with the gathers from
 :mod:`opensora_fast.reference.upstream.ckpt`. Upstream hands the background writes to
 tensornvme's AsyncFileWriter, which pip cannot install; a thread writing
 safetensors stands in for it. Written from upstream's semantics for the demo."""
+
 from __future__ import annotations
 
 import json
@@ -59,20 +60,42 @@ class UpstreamCheckpointIO:
     def close(self) -> None:
         self._sync_io()
 
-    def save(self, booster, save_dir: str, model: nn.Module = None, ema: nn.Module = None, optimizer=None,
-             lr_scheduler=None, sampler=None, epoch: int = None, step: int = None, global_step: int = None,
-             batch_size: int = None, lora: bool = False, actual_update_step: int = None,
-             ema_shape_dict: dict = None, async_io: bool = True, include_master_weights: bool = False) -> str:
+    def save(
+        self,
+        booster,
+        save_dir: str,
+        model: nn.Module = None,
+        ema: nn.Module = None,
+        optimizer=None,
+        lr_scheduler=None,
+        sampler=None,
+        epoch: int = None,
+        step: int = None,
+        global_step: int = None,
+        batch_size: int = None,
+        lora: bool = False,
+        actual_update_step: int = None,
+        ema_shape_dict: dict = None,
+        async_io: bool = True,
+        include_master_weights: bool = False,
+    ) -> str:
         self._sync_io()
         save_dir = os.path.join(save_dir, f"epoch{epoch}-global_step{actual_update_step}")
         rank = dist.get_rank()
         if model is not None:
             os.makedirs(os.path.join(save_dir, "model"), exist_ok=True)
-            booster.save_model(model, os.path.join(save_dir, "model"), shard=True, use_safetensors=True,
-                               size_per_shard=4096, use_async=async_io)
+            booster.save_model(
+                model,
+                os.path.join(save_dir, "model"),
+                shard=True,
+                use_safetensors=True,
+                size_per_shard=4096,
+                use_async=async_io,
+            )
         if optimizer is not None:
-            booster.save_optimizer(optimizer, os.path.join(save_dir, "optimizer"), shard=True,
-                                   size_per_shard=4096, use_async=async_io)
+            booster.save_optimizer(
+                optimizer, os.path.join(save_dir, "optimizer"), shard=True, size_per_shard=4096, use_async=async_io
+            )
             if include_master_weights:
                 if self.master_pinned_state_dict is None and rank == 0:
                     w2m = optimizer.get_working_to_master_map()
@@ -88,8 +111,13 @@ class UpstreamCheckpointIO:
                 self.pinned_state_dict = sd
             ref_ckpt.model_gathering(ema, ema_shape_dict, self.pinned_state_dict)
         if rank == 0:
-            states = dict(epoch=epoch, step=step, global_step=global_step, batch_size=batch_size,
-                          actual_update_step=actual_update_step)
+            states = dict(
+                epoch=epoch,
+                step=step,
+                global_step=global_step,
+                batch_size=batch_size,
+                actual_update_step=actual_update_step,
+            )
             with open(os.path.join(save_dir, "running_states.json"), "w", encoding="utf-8") as f:
                 json.dump(states, f, indent=4)
             files = []

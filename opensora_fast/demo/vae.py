@@ -8,6 +8,7 @@ whole video. Each latent position is computed from its own patch only (a patch
 embedding and a per-position MLP), so encodes do not depend on the batch they
 run in.
 """
+
 from __future__ import annotations
 
 import time

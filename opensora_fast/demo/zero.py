@@ -3,6 +3,7 @@ a ZeRO-like optimizer (fp32 master shards behind ``get_working_to_master_map()``
 and ``param_to_pg``, as LowLevelZeroOptimizer) and a Booster that writes the
 model and optimizer states. Both runs of the demo use these same objects, so
 they are not what the demo compares."""
+
 from __future__ import annotations
 
 import os
@@ -31,8 +32,7 @@ class ShardedMasterOptimizer:
     the inner optimizer and writes the masters back into the working params.
     """
 
-    def __init__(self, model: nn.Module, make_inner: Callable[[List[torch.Tensor]], torch.optim.Optimizer],
-                 group=None):
+    def __init__(self, model: nn.Module, make_inner: Callable[[List[torch.Tensor]], torch.optim.Optimizer], group=None):
         self.group = group if group is not None else (dist.group.WORLD if dist.is_initialized() else None)
         self.rank, self.world = _world(self.group)
         self.params: List[nn.Parameter] = list(model.parameters())
@@ -104,8 +104,15 @@ class DemoBooster:
     def __init__(self):
         self.seconds = 0.0
 
-    def save_model(self, model: nn.Module, path: str, shard: bool = True, use_safetensors: bool = True,
-                   size_per_shard: int = 4096, use_async: bool = False) -> None:
+    def save_model(
+        self,
+        model: nn.Module,
+        path: str,
+        shard: bool = True,
+        use_safetensors: bool = True,
+        size_per_shard: int = 4096,
+        use_async: bool = False,
+    ) -> None:
         from safetensors.torch import save_file
 
         t0 = time.perf_counter()
@@ -114,8 +121,9 @@ class DemoBooster:
         save_file(sd, os.path.join(path, "model.safetensors"))
         self.seconds += time.perf_counter() - t0
 
-    def save_optimizer(self, optimizer, path: str, shard: bool = True, size_per_shard: int = 4096,
-                       use_async: bool = False) -> None:
+    def save_optimizer(
+        self, optimizer, path: str, shard: bool = True, size_per_shard: int = 4096, use_async: bool = False
+    ) -> None:
         t0 = time.perf_counter()
         os.makedirs(path, exist_ok=True)
         torch.save(optimizer.state_dict(), os.path.join(path, "optimizer.pt"))

@@ -4,6 +4,7 @@ API the ops use, in one place.
 The private names below are checked on torch 2.14 (``CHECKED_ON``): a torch that
 lacks one gets a RuntimeError naming it when it is first used, not a bare
 AttributeError somewhere inside an op."""
+
 from __future__ import annotations
 
 from typing import Callable, Optional

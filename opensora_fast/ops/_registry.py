@@ -1,6 +1,7 @@
 """What every op module repeats, written once: whether the extension has an op,
 its fake registration, the native-or-reference choice, and turning the
 dispatcher's own refusals into the reference's errors."""
+
 from __future__ import annotations
 
 from typing import Callable, TypeVar

@@ -1,4 +1,5 @@
 """The fused multi-tensor AdamW + EMA op (csrc/adamw_ema/): wrapper and fake."""
+
 from __future__ import annotations
 
 import numbers
@@ -75,8 +76,16 @@ def adamw_ema_(
     PyTorch reference raise the same. The op is not differentiable and is
     refused inside CUDA graph capture (its steps are host values).
     """
-    lists = dict(params=list(params), grads=list(grads), exp_avgs=list(exp_avgs), exp_avg_sqs=list(exp_avg_sqs),
-                 max_exp_avg_sqs=list(max_exp_avg_sqs), steps=list(steps), ema=list(ema), ema_src=list(ema_src))
+    lists = dict(
+        params=list(params),
+        grads=list(grads),
+        exp_avgs=list(exp_avgs),
+        exp_avg_sqs=list(exp_avg_sqs),
+        max_exp_avg_sqs=list(max_exp_avg_sqs),
+        steps=list(steps),
+        ema=list(ema),
+        ema_src=list(ema_src),
+    )
     _ref.check_tensor_lists(**lists)
     if isinstance(decay, bool) or not isinstance(decay, numbers.Real):
         raise TypeError(f"adamw_ema_: decay must be a real number, got {type(decay).__name__}")
@@ -87,16 +96,32 @@ def adamw_ema_(
         if isinstance(s, bool) or not isinstance(s, numbers.Integral):
             raise TypeError(f"adamw_ema_: group_sizes[{g}] must be an int, got {type(s).__name__}")
         sizes.append(int(s))
-    hyper = [_floats(n, v) for n, v in (("lr", lr), ("beta1", beta1), ("beta2", beta2), ("eps", eps),
-                                         ("weight_decay", weight_decay))]
+    hyper = [
+        _floats(n, v)
+        for n, v in (("lr", lr), ("beta1", beta1), ("beta2", beta2), ("eps", eps), ("weight_decay", weight_decay))
+    ]
     flags = [_flags("amsgrad", amsgrad), _flags("maximize", maximize)]
     if seed is not None:
         seed = _as_int64(seed)
     elif stochastic and lists["ema"]:
         seed = draw_seed(generator)
     seed = seed if stochastic and seed is not None else 0
-    args = (lists["params"], lists["grads"], lists["exp_avgs"], lists["exp_avg_sqs"], lists["max_exp_avg_sqs"],
-            lists["steps"], sizes, *hyper, *flags, lists["ema"], lists["ema_src"], float(decay), stochastic, seed)
+    args = (
+        lists["params"],
+        lists["grads"],
+        lists["exp_avgs"],
+        lists["exp_avg_sqs"],
+        lists["max_exp_avg_sqs"],
+        lists["steps"],
+        sizes,
+        *hyper,
+        *flags,
+        lists["ema"],
+        lists["ema_src"],
+        float(decay),
+        stochastic,
+        seed,
+    )
     first = next((t for t in (lists["params"] + lists["ema"]) if t is not None), None)
     if first is None:  # nothing to update, but the call is still validated
         return _ref.adamw_ema_(*args)
@@ -108,9 +133,45 @@ _NATIVE = has_op("adamw_ema_")  # an extension built before this op: the referen
 
 
 @register_fake("adamw_ema_")
-def _adamw_ema_fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, group_sizes, lr, beta1,
-                    beta2, eps, weight_decay, amsgrad, maximize, ema, ema_src, decay, stochastic=False, seed=0):
+def _adamw_ema_fake(
+    params,
+    grads,
+    exp_avgs,
+    exp_avg_sqs,
+    max_exp_avg_sqs,
+    steps,
+    group_sizes,
+    lr,
+    beta1,
+    beta2,
+    eps,
+    weight_decay,
+    amsgrad,
+    maximize,
+    ema,
+    ema_src,
+    decay,
+    stochastic=False,
+    seed=0,
+):
     # The kernels' checks, so tracing and meta tensors fail alike.
-    _ref.check_inputs(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, group_sizes, lr, beta1,
-                      beta2, eps, weight_decay, amsgrad, maximize, ema, ema_src, decay)
+    _ref.check_inputs(
+        params,
+        grads,
+        exp_avgs,
+        exp_avg_sqs,
+        max_exp_avg_sqs,
+        steps,
+        group_sizes,
+        lr,
+        beta1,
+        beta2,
+        eps,
+        weight_decay,
+        amsgrad,
+        maximize,
+        ema,
+        ema_src,
+        decay,
+    )
     return None

@@ -1,6 +1,7 @@
 """Conditioning op wrappers: ``torch.ops.opensora_fast.condition`` /
 ``condition_cat_`` or their references (see :mod:`opensora_fast.reference.condition`
 for the plan format)."""
+
 from __future__ import annotations
 
 from typing import Sequence

@@ -1,4 +1,5 @@
 """The fused multi-tensor EMA op (csrc/ema/): wrapper and fake."""
+
 from __future__ import annotations
 
 import numbers

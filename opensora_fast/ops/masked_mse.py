@@ -1,4 +1,5 @@
 """The masked per-sample MSE op (csrc/masked_mse/): wrapper, fakes, autograd."""
+
 from __future__ import annotations
 
 import torch
@@ -154,9 +155,7 @@ if HAS_NATIVE:
         # where an autograd.Function (custom_function_call) has no kernel: in
         # both cases the raw op runs the reference's differentiable math (its
         # loss equal up to summation order). Plain reverse mode stays native.
-        if functorch_active() or any(
-            fwAD.unpack_dual(x).tangent is not None for x in (pred, target)
-        ):
+        if functorch_active() or any(fwAD.unpack_dual(x).tangent is not None for x in (pred, target)):
             return _ref.masked_mse(pred, target, ranges)
         return apply(_RawMaskedMSEFunction, pred, target, ranges)
 

@@ -1,5 +1,6 @@
 """The unpad op (csrc/unpad/): unpacks a bucketed all-gather ``[world, bucket]``
 into every parameter's unpadded tensor in one call. Wrapper and fake."""
+
 from __future__ import annotations
 
 from typing import Optional, Sequence
@@ -48,8 +49,14 @@ def unpad_(
         begin = [0] * len(out)
     if count is None:
         count = [int(s) - int(b) for s, b in zip(shard, begin)]
-    unpad_lists(gathered, out, [int(x) for x in offset], [int(x) for x in shard], [int(x) for x in begin],
-                [int(x) for x in count])
+    unpad_lists(
+        gathered,
+        out,
+        [int(x) for x in offset],
+        [int(x) for x in shard],
+        [int(x) for x in begin],
+        [int(x) for x in count],
+    )
 
 
 def unpad_lists(gathered: torch.Tensor, out: list, offset: list, shard: list, begin: list, count: list) -> None:

@@ -1,5 +1,6 @@
 """FusedAdamW: torch's AdamW over fp32 (master) parameters in one native pass
 that also steps an attached EMA from the freshly updated masters."""
+
 from __future__ import annotations
 
 import math
@@ -75,8 +76,14 @@ class _Attachment:
         params = list(self.model.parameters())
         owned = [p for g in opt.param_groups for p in g["params"]]
         mastered = [masters.get(id(p)) for p in params] if masters is not None else None
-        return (_snapshot(self.model), _snapshot(ema_model), params, list(map(_grad_and_dtype, params)), owned,
-                mastered)
+        return (
+            _snapshot(self.model),
+            _snapshot(ema_model),
+            params,
+            list(map(_grad_and_dtype, params)),
+            owned,
+            mastered,
+        )
 
     def _still_valid(self, key: tuple) -> bool:
         old = self._key
@@ -189,15 +196,27 @@ class FusedAdamW(torch.optim.Optimizer):
         weight_decay = _check_float(cls, "weight_decay", weight_decay)
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
             raise TypeError(f"{cls}: betas must be a pair of floats, got {betas!r}")
-        betas = (_check_float(cls, "betas[0]", betas[0], below_one=True),
-                 _check_float(cls, "betas[1]", betas[1], below_one=True))
+        betas = (
+            _check_float(cls, "betas[0]", betas[0], below_one=True),
+            _check_float(cls, "betas[1]", betas[1], below_one=True),
+        )
         if capturable:
             raise ValueError(f"{cls}: capturable=True is not supported (its steps are host values)")
         if differentiable:
             raise ValueError(f"{cls}: differentiable=True is not supported")
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=bool(amsgrad),
-                        maximize=bool(maximize), foreach=foreach, capturable=False, differentiable=False,
-                        fused=fused, decoupled_weight_decay=True)
+        defaults = dict(
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            amsgrad=bool(amsgrad),
+            maximize=bool(maximize),
+            foreach=foreach,
+            capturable=False,
+            differentiable=False,
+            fused=fused,
+            decoupled_weight_decay=True,
+        )
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
@@ -223,14 +242,22 @@ class FusedAdamW(torch.optim.Optimizer):
     def __setstate__(self, state: Dict[str, Any]) -> None:
         super().__setstate__(state)
         for group in self.param_groups:
-            for key, value in (("amsgrad", False), ("maximize", False), ("foreach", None), ("capturable", False),
-                               ("differentiable", False), ("fused", None), ("decoupled_weight_decay", True)):
+            for key, value in (
+                ("amsgrad", False),
+                ("maximize", False),
+                ("foreach", None),
+                ("capturable", False),
+                ("differentiable", False),
+                ("fused", None),
+                ("decoupled_weight_decay", True),
+            ):
                 group.setdefault(key, value)
         # torch keeps a fused/capturable step on the device; ours are CPU fp32 scalars.
         for s in self.state.values():
             step = s.get("step")
-            if step is not None and (not torch.is_tensor(step) or step.device.type != "cpu"
-                                     or step.dtype != torch.float32):
+            if step is not None and (
+                not torch.is_tensor(step) or step.device.type != "cpu" or step.dtype != torch.float32
+            ):
                 s["step"] = torch.tensor(float(step), dtype=torch.float32)
 
     def attach_ema(
@@ -349,13 +376,51 @@ class FusedAdamW(torch.optim.Optimizer):
             stochastic = att is not None and att.rounding == "stochastic"
             seed = draw_seed(att.generator) if stochastic and ema else None
             if k == 0:
-                adamw_ema_(params, grads, exp_avgs, exp_avg_sqs, vmax, steps, sizes, lr, beta1, beta2, eps, wd,
-                           ams, maxi, ema, src, decay, stochastic=stochastic, seed=seed)
+                adamw_ema_(
+                    params,
+                    grads,
+                    exp_avgs,
+                    exp_avg_sqs,
+                    vmax,
+                    steps,
+                    sizes,
+                    lr,
+                    beta1,
+                    beta2,
+                    eps,
+                    wd,
+                    ams,
+                    maxi,
+                    ema,
+                    src,
+                    decay,
+                    stochastic=stochastic,
+                    seed=seed,
+                )
                 for p, s in fresh.items():
                     self.state[p].update(s)
             else:
-                adamw_ema_([], [], [], [], [], [], [], [], [], [], [], [], [], [], ema, src, decay,
-                           stochastic=stochastic, seed=seed)
+                adamw_ema_(
+                    [],
+                    [],
+                    [],
+                    [],
+                    [],
+                    [],
+                    [],
+                    [],
+                    [],
+                    [],
+                    [],
+                    [],
+                    [],
+                    [],
+                    ema,
+                    src,
+                    decay,
+                    stochastic=stochastic,
+                    seed=seed,
+                )
             if att is not None:
                 att.pending += 1
         return loss
@@ -371,8 +436,15 @@ def _inner(optimizer) -> Tuple[FusedAdamW, Any]:
     raise TypeError(f"attach_ema: {type(optimizer).__name__} is not a FusedAdamW and wraps none (.optim)")
 
 
-def attach_ema(optimizer, ema_model: torch.nn.Module, model: torch.nn.Module, decay: float = 0.9999,
-               rounding: str = "compat", *, generator: Optional[torch.Generator] = None) -> FusedAdamW:
+def attach_ema(
+    optimizer,
+    ema_model: torch.nn.Module,
+    model: torch.nn.Module,
+    decay: float = 0.9999,
+    rounding: str = "compat",
+    *,
+    generator: Optional[torch.Generator] = None,
+) -> FusedAdamW:
     """:meth:`FusedAdamW.attach_ema` for a FusedAdamW or a wrapper around one
     (a ZeRO optimizer holding it as ``.optim``); returns the FusedAdamW."""
     inner, wrapper = _inner(optimizer)

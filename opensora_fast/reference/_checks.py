@@ -1,5 +1,6 @@
 """Helpers of the Python input checks, mirroring csrc/host.h word for word, so
 the reference and the fakes raise what the native kernels raise."""
+
 from __future__ import annotations
 
 from typing import NamedTuple, Sequence
@@ -32,7 +33,9 @@ def is_dense(t: torch.Tensor) -> bool:
     return t.layout == torch.strided and not t.is_nested
 
 
-def tensor_span(t: torch.Tensor, written: bool, arg: str, index: int, storages: dict, *, strided: bool = False) -> Span | None:
+def tensor_span(
+    t: torch.Tensor, written: bool, arg: str, index: int, storages: dict, *, strided: bool = False
+) -> Span | None:
     """The bytes a contiguous tensor covers; with ``strided=True`` those from a
     strided tensor's first element to the end of its last (csrc/host.h
     extent_bytes). Real tensors: their addresses. Fake tensors have none, so
@@ -62,7 +65,9 @@ def extent_bytes(shape, strides, element_size: int) -> int:
 def find_overlap(spans: Sequence[Span | None]) -> tuple[Span, Span] | None:
     """A written span overlapping any other span (read-read overlaps are fine):
     csrc/host.h find_overlap, the same sweep and the same pair reported."""
-    live = sorted((s for s in spans if s is not None and s.end > s.start), key=lambda s: (s.start, s.index, not s.written))
+    live = sorted(
+        (s for s in spans if s is not None and s.end > s.start), key=lambda s: (s.start, s.index, not s.written)
+    )
     far_all = far_written = None
     for s in live:
         hit = far_all if s.written else far_written

@@ -1,5 +1,6 @@
 """The one NaN bit pattern per dtype the kernels write (csrc/common.h round_to):
 the positive quiet NaN. One table for every reference."""
+
 from __future__ import annotations
 
 import torch

@@ -8,6 +8,7 @@ kernels round it correctly on both devices so that CPU and GPU agree bit for
 bit. The EMA part is the EMA op's reference, run afterwards on the updated
 masters. The native kernels reproduce both bit for bit.
 """
+
 from __future__ import annotations
 
 import math
@@ -87,15 +88,38 @@ def _fused_sources(params, ema_src, spans_of) -> list[int]:
 
 
 def check_inputs(
-    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, group_sizes, lr, beta1, beta2, eps,
-    weight_decay, amsgrad, maximize, ema, ema_src, decay,
+    params,
+    grads,
+    exp_avgs,
+    exp_avg_sqs,
+    max_exp_avg_sqs,
+    steps,
+    group_sizes,
+    lr,
+    beta1,
+    beta2,
+    eps,
+    weight_decay,
+    amsgrad,
+    maximize,
+    ema,
+    ema_src,
+    decay,
 ) -> None:
     """The native op's checks, in its order and with its messages
     (csrc/adamw_ema/adamw_ema.cpp): first the autograd rule, then the list
     lengths, the hyper-parameters, every tensor, and aliasing. Nothing is
     written by a call that fails any of them."""
-    lists = dict(params=params, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs,
-                 max_exp_avg_sqs=max_exp_avg_sqs, steps=steps, ema=ema, ema_src=ema_src)
+    lists = dict(
+        params=params,
+        grads=grads,
+        exp_avgs=exp_avgs,
+        exp_avg_sqs=exp_avg_sqs,
+        max_exp_avg_sqs=max_exp_avg_sqs,
+        steps=steps,
+        ema=ema,
+        ema_src=ema_src,
+    )
     check_tensor_lists(**lists)
     if torch.is_grad_enabled():
         for name in _WRITTEN:
@@ -163,12 +187,17 @@ def check_inputs(
             _check_tensor("exp_avgs", i, exp_avgs[i], False, True, p, "params", i, first, first_name)
             _check_tensor("exp_avg_sqs", i, exp_avg_sqs[i], False, True, p, "params", i, first, first_name)
             if int(amsgrad[g]):
-                _check_tensor("max_exp_avg_sqs", k, max_exp_avg_sqs[k], False, True, p, "params", i, first,
-                              first_name)
+                _check_tensor("max_exp_avg_sqs", k, max_exp_avg_sqs[k], False, True, p, "params", i, first, first_name)
                 k += 1
             s = steps[i]
-            if not (s.layout == torch.strided and not s.is_nested and s.dtype == torch.float32 and s.numel() == 1
-                    and s.device.type == "cpu" and not s.is_neg()):
+            if not (
+                s.layout == torch.strided
+                and not s.is_nested
+                and s.dtype == torch.float32
+                and s.numel() == 1
+                and s.device.type == "cpu"
+                and not s.is_neg()
+            ):
                 raise ValueError(
                     f"adamw_ema_: steps[{i}] must be a float32 tensor of one element on the CPU "
                     "(torch AdamW's state['step'])"
@@ -229,28 +258,75 @@ def check_inputs(
 
 
 def adamw_ema_(
-    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, group_sizes, lr, beta1, beta2, eps,
-    weight_decay, amsgrad, maximize, ema, ema_src, decay, stochastic: bool = False, seed: int = 0,
+    params,
+    grads,
+    exp_avgs,
+    exp_avg_sqs,
+    max_exp_avg_sqs,
+    steps,
+    group_sizes,
+    lr,
+    beta1,
+    beta2,
+    eps,
+    weight_decay,
+    amsgrad,
+    maximize,
+    ema,
+    ema_src,
+    decay,
+    stochastic: bool = False,
+    seed: int = 0,
 ) -> None:
-    check_inputs(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, group_sizes, lr, beta1, beta2,
-                 eps, weight_decay, amsgrad, maximize, ema, ema_src, decay)
+    check_inputs(
+        params,
+        grads,
+        exp_avgs,
+        exp_avg_sqs,
+        max_exp_avg_sqs,
+        steps,
+        group_sizes,
+        lr,
+        beta1,
+        beta2,
+        eps,
+        weight_decay,
+        amsgrad,
+        maximize,
+        ema,
+        ema_src,
+        decay,
+    )
     with torch.no_grad():
         lo = k = 0
         for g, size in enumerate(group_sizes):
             size = int(size)
             hi = lo + size
-            vmax = list(max_exp_avg_sqs[k:k + size]) if int(amsgrad[g]) else []
+            vmax = list(max_exp_avg_sqs[k : k + size]) if int(amsgrad[g]) else []
             k += len(vmax)
-            _torch_adamw(list(params[lo:hi]), list(grads[lo:hi]), list(exp_avgs[lo:hi]), list(exp_avg_sqs[lo:hi]),
-                         vmax, list(steps[lo:hi]), float(lr[g]), float(beta1[g]), float(beta2[g]), float(eps[g]),
-                         float(weight_decay[g]), bool(int(amsgrad[g])), bool(int(maximize[g])))
+            _torch_adamw(
+                list(params[lo:hi]),
+                list(grads[lo:hi]),
+                list(exp_avgs[lo:hi]),
+                list(exp_avg_sqs[lo:hi]),
+                vmax,
+                list(steps[lo:hi]),
+                float(lr[g]),
+                float(beta1[g]),
+                float(beta2[g]),
+                float(eps[g]),
+                float(weight_decay[g]),
+                bool(int(amsgrad[g])),
+                bool(int(maximize[g])),
+            )
             lo = hi
         if ema:
             _ema.ema_update_(list(ema), list(ema_src), float(decay), stochastic, seed)
 
 
-def _torch_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr, beta1, beta2, eps,
-                 weight_decay, amsgrad, maximize) -> None:
+def _torch_adamw(
+    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize
+) -> None:
     """torch's foreach AdamW (decoupled weight decay, not capturable), op for op."""
     if not params:
         return

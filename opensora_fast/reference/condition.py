@@ -16,6 +16,7 @@ canonical quiet NaN (torch's own conversions give different NaN bits in their
 vector and scalar paths). Every frame no row names gets mask 0 and value
 0. Rows of one sample must not overlap.
 """
+
 from __future__ import annotations
 
 from typing import Sequence

@@ -5,6 +5,7 @@ per pair. Stochastic mode reproduces the native kernels bit for bit: the same
 fp32 value ``fma(src, 1-decay, fp32(ema*decay))`` and the same counter-based
 random numbers, so the fallback and the kernels agree exactly.
 """
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -85,8 +86,6 @@ def check_inputs(ema: Sequence[torch.Tensor], src: Sequence[torch.Tensor], decay
             f"ema_update_: {a.arg}[{a.index}] and {b.arg}[{b.index}] overlap in memory; every ema tensor must "
             "share no memory with any other tensor of the call"
         )
-
-
 
 
 def ema_update_(

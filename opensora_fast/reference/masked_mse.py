@@ -1,6 +1,7 @@
 """Reference of ``opensora_fast::masked_mse`` (and, through autograd, of
 ``masked_mse_backward``): pure PyTorch, no host sync, differentiable to any
 order."""
+
 from __future__ import annotations
 
 import operator
@@ -60,7 +61,6 @@ def check_grad(grad: torch.Tensor, pred: torch.Tensor) -> None:
         )
     if grad.device != pred.device:
         raise ValueError(f"masked_mse_backward: grad is on {grad.device} but pred is on {pred.device}")
-
 
 
 _INT64_MAX = 2**63 - 1
@@ -160,7 +160,9 @@ def masked_mse(pred: torch.Tensor, target: torch.Tensor, ranges: torch.Tensor) -
     return per.mean()
 
 
-def masked_mse_backward(grad: torch.Tensor, pred: torch.Tensor, target: torch.Tensor, ranges: torch.Tensor) -> torch.Tensor:
+def masked_mse_backward(
+    grad: torch.Tensor, pred: torch.Tensor, target: torch.Tensor, ranges: torch.Tensor
+) -> torch.Tensor:
     """d masked_mse / d pred times grad, in pred's dtype: 2 (pred - target) grad / (count_b B)
     inside the range, 0 outside, with the native kernels' roundings (differences
     and products in fp32, or fp64 for fp64; one rounding to pred's dtype).

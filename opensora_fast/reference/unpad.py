@@ -9,6 +9,7 @@ past its numel are padding and are dropped. With ``begin = 0`` and
 ``count = shard`` an entry is upstream's ``remove_padding(cat(all_params),
 shape)``. A copy: bit-exact on every backend.
 """
+
 from __future__ import annotations
 
 from typing import Sequence

@@ -7,6 +7,7 @@ Every agreement uses the same tensor layout, so an agreement reached from one
 call site pairs with one reached from another (a rank that failed early in
 ``CheckpointIO.save`` meets the others in ``model_gathering``'s check) and
 every rank still runs the same sequence of collectives."""
+
 from __future__ import annotations
 
 from typing import Dict, Optional, Union
@@ -61,16 +62,18 @@ def agree(
     ints); otherwise raises on every rank: a failing rank its own exception
     (a str failure: ValueError), the others a RuntimeError naming ``fn``, the
     failing rank and its message; different values: the same ValueError on
-    every rank. Without a process group: raises the failure, if any."""
+    every rank. Without a process group, or in a group of one, no
+    collective runs: it raises the failure, if any."""
     values = dict(values or {})
     if len(values) > _N_VALUES:
         raise ValueError(f"agree: at most {_N_VALUES} values, got {len(values)}")
     own = ValueError(failure) if isinstance(failure, str) else failure
-    if not dist_on():
+    world = dist.get_world_size(group) if dist_on() else 1
+    if world == 1:  # nobody to agree with: no collective
         if own is not None:
             raise own
         return
-    world, me = dist.get_world_size(group), dist.get_rank(group)
+    me = dist.get_rank(group)
     flat = [me if own is not None else world]
     for v in values.values():
         v = max(-_VALUE_CAP, min(int(v), _VALUE_CAP))
@@ -94,9 +97,11 @@ def agree(
     for j, (name, _) in enumerate(values.items()):
         lo, hi = int(got[1 + 2 * j]), -int(got[2 + 2 * j])
         if lo != hi:
-            raise mark_agreed(ValueError(
-                f"{fn}: the ranks passed different {name} (from {lo} to {hi}); every rank must pass the same"
-            ))
+            raise mark_agreed(
+                ValueError(
+                    f"{fn}: the ranks passed different {name} (from {lo} to {hi}); every rank must pass the same"
+                )
+            )
 
 
 def agree_exception(fn: str, failure: Optional[BaseException], group=None) -> None:

@@ -10,6 +10,7 @@ exception raised in an ``atexit`` handler would be printed and then ignored
 (exit status 0). The handler is registered at import, so it runs after the
 handlers registered later (user code, most libraries); those registered
 earlier are skipped, except logging's, which it flushes itself."""
+
 from __future__ import annotations
 
 import atexit
@@ -63,8 +64,11 @@ def _at_exit() -> None:
         return
     for m in lost:
         log_message("%s", m, level="error")
-    log_message("CheckpointIO: %d checkpoint write(s) failed without being reported; exiting with status 1",
-                len(lost), level="error")
+    log_message(
+        "CheckpointIO: %d checkpoint write(s) failed without being reported; exiting with status 1",
+        len(lost),
+        level="error",
+    )
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
         try:

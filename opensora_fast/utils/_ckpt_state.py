@@ -1,6 +1,7 @@
 """CheckpointIO's argument checks and its reusable host buffers: the
 counters that name a checkpoint, and whether the pinned buffers of an
 earlier save still fit what is saved now."""
+
 from __future__ import annotations
 
 import operator

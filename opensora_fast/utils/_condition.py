@@ -5,6 +5,7 @@ Same signatures and results; masks and masked latents are written on the target
 device in one pass by :func:`opensora_fast.ops.condition` from a per-sample plan,
 and encoder calls are batched (one per group of samples that needs the same kind
 of encode, never one per sample)."""
+
 from __future__ import annotations
 
 import logging
@@ -15,14 +16,20 @@ from typing import Optional, Sequence
 import torch
 
 from .. import ops
-from ..ops.condition import condition_lists
 from ..datasets._media import read_from_path
-from ..ops.condition import OUT_DTYPES, SRC_DTYPES
+from ..ops.condition import OUT_DTYPES, SRC_DTYPES, condition_lists
 
 logger = logging.getLogger("opensora_fast")
 
 INFERENCE_MODES = (
-    "t2v", "i2v_head", "i2v_tail", "i2v_loop", "v2v_head", "v2v_tail", "v2v_head_easy", "v2v_tail_easy",
+    "t2v",
+    "i2v_head",
+    "i2v_tail",
+    "i2v_loop",
+    "v2v_head",
+    "v2v_tail",
+    "v2v_head_easy",
+    "v2v_tail_easy",
 )
 TRAIN_MODES = INFERENCE_MODES
 
@@ -126,7 +133,9 @@ def prepare_inference_condition(
     each is copied to z's device once.
     """
     if mask_cond not in INFERENCE_MODES:
-        raise ValueError(f"prepare_inference_condition: unknown mask_cond {mask_cond!r}; expected one of {INFERENCE_MODES}")
+        raise ValueError(
+            f"prepare_inference_condition: unknown mask_cond {mask_cond!r}; expected one of {INFERENCE_MODES}"
+        )
     if z.dim() != 5:
         raise ValueError(f"prepare_inference_condition: z must be [B, C, T, H, W], got shape {list(z.shape)}")
     B, C, T, H, W = z.shape
@@ -155,7 +164,9 @@ def prepare_inference_condition(
                 missing.append(i)
                 continue
             if len(ref) == 0:
-                raise ValueError(f"prepare_inference_condition: ref_list[{i}] (sample {i}) is empty; {mask_cond} needs a reference")
+                raise ValueError(
+                    f"prepare_inference_condition: ref_list[{i}] (sample {i}) is empty; {mask_cond} needs a reference"
+                )
             if head_end:
                 head = ref[0]
                 head_frames = _check_ref(head, i, 0, shape, 1, mask_cond)
@@ -289,7 +300,9 @@ def _assemble(x, model_ae, B, C, T, H, W, x0_groups, ref_groups, segments, max_b
             part = idx[c : c + step]
             enc = model_ae.encode(build(part))
             if enc.shape[1:] != (C, T, H, W):
-                raise ValueError(f"{who}: model_ae.encode returned shape {list(enc.shape)}; expected [n, {C}, {T}, {H}, {W}]")
+                raise ValueError(
+                    f"{who}: model_ae.encode returned shape {list(enc.shape)}; expected [n, {C}, {T}, {H}, {W}]"
+                )
             if part == list(range(part[0], part[0] + len(part))):
                 x_0[part[0] : part[0] + len(part)] = enc  # copy_ casts as upstream's x_0[i] = ...
             else:
@@ -369,7 +382,9 @@ def prepare_visual_condition_causal(
         if "v2v_head" in m or "v2v_tail" in m:
             ref_t = 65 if "easy" in m else 33
             if (ref_t - 1) % tcr != 0:
-                raise ValueError(f"{who}: {m} needs (ref_t - 1) % time_compression_ratio == 0 (ref_t={ref_t}, tcr={tcr})")
+                raise ValueError(
+                    f"{who}: {m} needs (ref_t - 1) % time_compression_ratio == 0 (ref_t={ref_t}, tcr={tcr})"
+                )
             ct = (ref_t - 1) // tcr + 1
             key = ("head" if "v2v_head" in m else "tail") + str(ref_t)
             refs[key].append(i)

@@ -2,6 +2,7 @@
 and its pairing cache: which EMA tensor pairs with which source, derived once
 per (model, optimizer) and checked cheaply on every call. Re-exported by
 :mod:`opensora_fast.utils.train`."""
+
 from __future__ import annotations
 
 import operator

@@ -1,6 +1,7 @@
 """``get_batch_loss`` (the drop-in of upstream's ``opensora.utils.train.get_batch_loss``)
 on the fused masked-MSE op, and ``loss_token_ranges``. Re-exported by
 :mod:`opensora_fast.utils.train`."""
+
 from __future__ import annotations
 
 from typing import Dict, Optional, Tuple
@@ -54,9 +55,7 @@ def loss_token_ranges(
     if T == 0:
         raise ValueError(f"get_batch_loss: masks have no frames (T=0), shape {list(masks.shape)}")
     if H % patch_size or W % patch_size:
-        raise ValueError(
-            f"get_batch_loss: patch_size={patch_size} does not divide the masks' H={H} and W={W}"
-        )
+        raise ValueError(f"get_batch_loss: patch_size={patch_size} does not divide the masks' H={H} and W={W}")
     hw = (H // patch_size) * (W // patch_size)
     if seq_len is not None and T * hw != seq_len:
         raise ValueError(
@@ -135,7 +134,9 @@ def get_batch_loss(
     finite (zero for that sample).
     """
     if model_pred.shape != v_t.shape:
-        raise ValueError(f"get_batch_loss: model_pred has shape {list(model_pred.shape)} but v_t has shape {list(v_t.shape)}")
+        raise ValueError(
+            f"get_batch_loss: model_pred has shape {list(model_pred.shape)} but v_t has shape {list(v_t.shape)}"
+        )
     if model_pred.dtype != v_t.dtype:
         raise TypeError(f"get_batch_loss: model_pred has dtype {model_pred.dtype} but v_t has dtype {v_t.dtype}")
     if model_pred.device != v_t.device:
@@ -148,7 +149,9 @@ def get_batch_loss(
         pred3, target3 = model_pred.reshape(1, -1, 1), v_t.reshape(1, -1, 1)
         return masked_mse(pred3.contiguous(), target3.contiguous(), _whole_range(pred3.device, pred3.shape[1])).float()
     if model_pred.dim() != 3:
-        raise ValueError(f"get_batch_loss: with masks, model_pred must be packed [B, L, D], got {list(model_pred.shape)}")
+        raise ValueError(
+            f"get_batch_loss: with masks, model_pred must be packed [B, L, D], got {list(model_pred.shape)}"
+        )
     if masks.device != model_pred.device:
         raise ValueError(f"get_batch_loss: masks is on {masks.device} but model_pred is on {model_pred.device}")
     if masks.shape[0] != model_pred.shape[0]:

@@ -14,6 +14,7 @@ Differences from upstream, on purpose:
 - ``get_is_saving_process`` reads ``tp_size``/``sp_size`` with a default of 1
   (upstream: KeyError when the config leaves one out).
 """
+
 from __future__ import annotations
 
 import importlib
@@ -42,7 +43,9 @@ def set_group_size(plugin_config: dict) -> None:
     tp_size = int(plugin_config.get("tp_size", 1))
     sp_size = int(plugin_config.get("sp_size", 1))
     if tp_size > 1 and sp_size > 1:
-        raise ValueError(f"set_group_size: tensor and sequence parallelism cannot be combined (tp_size={tp_size}, sp_size={sp_size})")
+        raise ValueError(
+            f"set_group_size: tensor and sequence parallelism cannot be combined (tp_size={tp_size}, sp_size={sp_size})"
+        )
     if tp_size > 1:
         plugin_config["tp_size"] = tp_size = min(tp_size, torch.cuda.device_count())
         log_message(f"Using TP with size {tp_size}")

@@ -23,6 +23,7 @@ Differences from upstream, on purpose:
 - ``sync_string`` broadcasts on the CPU under a gloo group (upstream always uses
   CUDA) and refuses strings longer than its 256-byte buffer.
 """
+
 from __future__ import annotations
 
 import argparse

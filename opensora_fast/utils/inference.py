@@ -16,6 +16,7 @@ Differences from upstream, on purpose:
 - ``get_save_path_name`` treats ``num_sample_pos=None`` as 0 and raises a clear
   ValueError when neither ``name`` nor ``index`` is given (upstream: TypeError).
 """
+
 from __future__ import annotations
 
 import copy
@@ -58,9 +59,7 @@ class SamplingMethod(Enum):
 
     @classmethod
     def _missing_(cls, value):
-        raise ValueError(
-            f"{value!r} is not a valid SamplingMethod; accepted: {', '.join(repr(m.value) for m in cls)}"
-        )
+        raise ValueError(f"{value!r} is not a valid SamplingMethod; accepted: {', '.join(repr(m.value) for m in cls)}")
 
 
 def create_tmp_csv(save_dir: str, prompt: str, ref: str | None = None, create: bool = True) -> str:
@@ -199,7 +198,9 @@ def process_and_save(
 
             rescale = getattr(_dutils, "rescale_image_by_path", None)
             if rescale is None:
-                raise ImportError("process_and_save(use_t2i2v): opensora_fast.datasets.utils.rescale_image_by_path is missing")
+                raise ImportError(
+                    "process_and_save(use_t2i2v): opensora_fast.datasets.utils.rescale_image_by_path is missing"
+                )
             rescale(save_path + ".png", width, height)
     return ret_names
 
@@ -257,6 +258,8 @@ def add_motion_score_to_text(
         else:
             scores = list(scorer(text))
         if len(scores) != len(text):
-            raise ValueError(f"add_motion_score_to_text: the scorer returned {len(scores)} scores for {len(text)} prompts")
+            raise ValueError(
+                f"add_motion_score_to_text: the scorer returned {len(scores)} scores for {len(text)} prompts"
+            )
         return [f"{t} {scores[i]}." for i, t in enumerate(text)]
     return [f"{t} {motion_score} motion score." for t in text]

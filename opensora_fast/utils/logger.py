@@ -5,6 +5,7 @@ set but no process group is initialised yet, upstream's ``is_main_process`` /
 ``get_world_size`` crash inside ``torch.distributed``; ours read ``RANK`` /
 ``WORLD_SIZE`` from the environment instead (what torchrun sets).
 """
+
 from __future__ import annotations
 
 import logging

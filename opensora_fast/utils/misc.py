@@ -15,6 +15,7 @@ Differences from upstream, each on purpose:
 - ``get_process_mem`` / ``get_total_mem`` use psutil when installed, else
   ``/proc`` (Linux), with psutil's definitions.
 """
+
 from __future__ import annotations
 
 import os
@@ -140,9 +141,7 @@ def create_tensorboard_writer(exp_dir: str):
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError as e:
-        raise ImportError(
-            "create_tensorboard_writer needs tensorboard: pip install opensora_fast[tensorboard]"
-        ) from e
+        raise ImportError("create_tensorboard_writer needs tensorboard: pip install opensora_fast[tensorboard]") from e
     tensorboard_dir = f"{exp_dir}/tensorboard"
     os.makedirs(tensorboard_dir, exist_ok=True)
     return SummaryWriter(tensorboard_dir)
@@ -305,7 +304,9 @@ def to_torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
         if dtype not in _DTYPES:
             raise ValueError(f"Unsupported dtype {dtype!r}; accepted: {', '.join(_DTYPES)} or a torch.dtype")
         return _DTYPES[dtype]
-    raise ValueError(f"Unsupported dtype {dtype!r} (type {type(dtype).__name__}); accepted: {', '.join(_DTYPES)} or a torch.dtype")
+    raise ValueError(
+        f"Unsupported dtype {dtype!r} (type {type(dtype).__name__}); accepted: {', '.join(_DTYPES)} or a torch.dtype"
+    )
 
 
 # ======================================================

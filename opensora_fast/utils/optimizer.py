@@ -17,6 +17,7 @@ Differences from upstream, on purpose:
   and always uses its default, 1e-6) and treats ``warmup_steps=None`` with the
   cosine schedule as 0 warmup steps (upstream crashes).
 """
+
 from __future__ import annotations
 
 import torch

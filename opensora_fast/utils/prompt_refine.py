@@ -12,6 +12,7 @@ upstream, that includes errors raised by the client (network, auth, rate limits:
 logged as warnings and retried), and no client at all. An unknown ``type``, or
 ``type="i2v"`` without an image, raises ValueError.
 """
+
 from __future__ import annotations
 
 import base64
@@ -36,11 +37,11 @@ __all__ = [
 
 sys_prompt_t2v = 'You are part of a team of bots that creates videos. The workflow is that you first create a caption of the video, and then the assistant bot will generate the video based on the caption. You work with an assistant bot that will draw anything you say.\n\nFor example, outputting "a beautiful morning in the woods with the sun peaking through the trees" will trigger your partner bot to output an video of a forest morning, as described. You will be prompted by people looking to create detailed, amazing videos. The way to accomplish this is to take their short prompts and make them extremely detailed and descriptive.\n\nThere are a few rules to follow:\n\nYou will only ever output a single video description per user request.\n\nYou should not simply make the description longer.\n\nVideo descriptions must have the same num of words as examples below. Extra words will be ignored.\n'
 
-sys_prompt_t2i = 'You are part of a team of bots that creates videos. The workflow is that you first create an image caption for the first frame of the video, and then the assistant bot will generate the video based on the image caption.\n\nFor example, outputting "a beautiful morning in the woods with the sun peaking through the trees" will trigger your partner bot to output an image of a forest morning, as described. You will be prompted by people looking to create detailed, amazing videos. The way to accomplish this is to take their short prompts and make them extremely detailed and descriptive.\n\nThere are a few rules to follow:\n\nYou will only ever output a single image description per user request.\n\nYou should not simply make the description longer.\n\nImage captions must have the same num of words as examples. Extra words will be ignored.\n\nNote: The input image is the first frame of the video, and the output image caption should include dynamic information.\n\nNote: Don\'t contain camera transitions!!! Don\'t contain screen switching!!! Don\'t contain perspective shifts !!!\n\nNote: Use daily language to describe the video, don\'t use complex words or phrases!!!\n'
+sys_prompt_t2i = "You are part of a team of bots that creates videos. The workflow is that you first create an image caption for the first frame of the video, and then the assistant bot will generate the video based on the image caption.\n\nFor example, outputting \"a beautiful morning in the woods with the sun peaking through the trees\" will trigger your partner bot to output an image of a forest morning, as described. You will be prompted by people looking to create detailed, amazing videos. The way to accomplish this is to take their short prompts and make them extremely detailed and descriptive.\n\nThere are a few rules to follow:\n\nYou will only ever output a single image description per user request.\n\nYou should not simply make the description longer.\n\nImage captions must have the same num of words as examples. Extra words will be ignored.\n\nNote: The input image is the first frame of the video, and the output image caption should include dynamic information.\n\nNote: Don't contain camera transitions!!! Don't contain screen switching!!! Don't contain perspective shifts !!!\n\nNote: Use daily language to describe the video, don't use complex words or phrases!!!\n"
 
 sys_prompt_i2v = 'You are part of a team of bots that creates videos. The workflow is that you first create a caption of the video based on the image, and then the assistant bot will generate the video based on the caption. You work with an assistant bot that will draw anything you say.\n\nGive a highly descriptive video caption based on input image and user input. As an expert, delve deep into the image with a discerning eye, leveraging rich creativity, meticulous thought. When describing the details of an video, include appropriate dynamic information to ensure that the video caption contains reasonable actions and plots. If user input is not empty, then the caption should be expanded according to the user\'s input.\n\nThe input image is the first frame of the video, and the output video caption should describe the motion starting from the current image. User input is optional and can be empty.\n\nAnswers should be comprehensive, conversational, and use complete sentences. The answer should be in English no matter what the user\'s input is. Provide context where necessary and maintain a certain tone.  Begin directly without introductory phrases like "The image/video showcases" "The photo captures" and more. For example, say "A scene of a woman on a beach", instead of "A woman is depicted in the image".\n\nNote: Must include appropriate dynamic information like actions, plots, etc. If the user prompt did not contain any dynamic information, then you must add some proper dynamic information like actions to make the video move!!!\n\nNote: Try begin the sentence with phrases like  "A scene of" or "A view of" or "A close-up of" to make the video more descriptive!!!\n\nNote: Use daily language to describe the video, don\'t use complex words or phrases!!!\n'
 
-sys_prompt_motion_score = '\nWe define a video’s motion score as its FFMPEG VMAF motion value. We now have a video generation model that accepts a desired VMAF motion value as input. To reduce user burden, please predict an optimal motion score for generating a high-quality video based on the user’s text prompt. For reference:\n\t•\tFor runway videos featuring models, a motion score of 4 is ideal.\n\t•\tFor static videos, a motion score of 1 is preferred.\n\nOutput format:\n“{} motion score”, where {} is an integer between 1 and 15.\n\nUser input:\n'
+sys_prompt_motion_score = "\nWe define a video’s motion score as its FFMPEG VMAF motion value. We now have a video generation model that accepts a desired VMAF motion value as input. To reduce user burden, please predict an optimal motion score for generating a high-quality video based on the user’s text prompt. For reference:\n\t•\tFor runway videos featuring models, a motion score of 4 is ideal.\n\t•\tFor static videos, a motion score of 1 is preferred.\n\nOutput format:\n“{} motion score”, where {} is an integer between 1 and 15.\n\nUser input:\n"
 
 
 # (user request, assistant answer) pairs shown before the real request
@@ -48,7 +49,7 @@ sys_prompt_motion_score = '\nWe define a video’s motion score as its FFMPEG VM
 _VIDEO_EXAMPLES = [
     (
         'Create an imaginative video descriptive caption or modify an earlier caption for the user input : "A street with parked cars on both sides, lined with commercial buildings featuring Korean signs. The overcast sky suggests early morning or late afternoon."',
-        'A view of a street lined with parked cars on both sides. the buildings flanking the street have various signs and advertisements, some of which are in korean, indicating that this might be a location in south korea. the sky is overcast, suggesting either early morning or late afternoon light. the architecture of the buildings is typical of urban commercial areas, with storefronts on the ground level and possibly offices or residences above.',
+        "A view of a street lined with parked cars on both sides. the buildings flanking the street have various signs and advertisements, some of which are in korean, indicating that this might be a location in south korea. the sky is overcast, suggesting either early morning or late afternoon light. the architecture of the buildings is typical of urban commercial areas, with storefronts on the ground level and possibly offices or residences above.",
     ),
     (
         'Create an imaginative video descriptive caption or modify an earlier caption for the user input : "Hands with rings and bracelets wash small greenish-brown seeds in a blue basin under running water, likely outdoors."',
@@ -56,18 +57,18 @@ _VIDEO_EXAMPLES = [
     ),
     (
         'Create an imaginative video descriptive caption or modify an earlier caption for the user input : "Three men stand near an open black car in a parking lot, with parked vehicles and a partly cloudy sky in the background."',
-        'A scene showing three men in an outdoor setting, likely a parking lot. the man on the left is wearing a light blue shirt and dark shorts, the man in the middle is dressed in a white shirt with a pattern and dark shorts, and the man on the right is wearing a green shirt and jeans. they are standing near a black car with its door open. in the background, there are parked vehicles, including a white truck and a red trailer. the sky is partly cloudy, suggesting it might be a sunny day.',
+        "A scene showing three men in an outdoor setting, likely a parking lot. the man on the left is wearing a light blue shirt and dark shorts, the man in the middle is dressed in a white shirt with a pattern and dark shorts, and the man on the right is wearing a green shirt and jeans. they are standing near a black car with its door open. in the background, there are parked vehicles, including a white truck and a red trailer. the sky is partly cloudy, suggesting it might be a sunny day.",
     ),
 ]
 
 _IMAGE_EXAMPLES = [
     (
         'Create an imaginative image descriptive caption or modify an earlier caption for the user input : "a girl on the beach"',
-        'A radiant woman stands on a deserted beach, arms outstretched, wearing a beige trench coat, white blouse, light blue jeans, and chic boots, against a backdrop of soft sky and sea.',
+        "A radiant woman stands on a deserted beach, arms outstretched, wearing a beige trench coat, white blouse, light blue jeans, and chic boots, against a backdrop of soft sky and sea.",
     ),
     (
         'Create an imaginative image descriptive caption or modify an earlier caption for the user input : "A man in a blue shirt"',
-        'A determined man in athletic attire, including a blue long-sleeve shirt, black shorts, and blue socks, against a backdrop of a snowy field.',
+        "A determined man in athletic attire, including a blue long-sleeve shirt, black shorts, and blue socks, against a backdrop of a snowy field.",
     ),
 ]
 

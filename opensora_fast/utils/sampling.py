@@ -17,6 +17,7 @@ Differences from upstream, on purpose:
 - ``get_noise`` draws from a generator on ``device`` seeded with ``seed``, as
   upstream; ``seed=None`` draws a fresh random seed instead of failing.
 """
+
 from __future__ import annotations
 
 import math
@@ -432,8 +433,15 @@ def prepare_api(
             num_frames = opt.num_frames // opt.temporal_reduction
 
         z = get_noise(
-            len(text), opt.height, opt.width, num_frames, device, dtype, seed,
-            patch_size=patch_size, channel=channel // (patch_size**2),
+            len(text),
+            opt.height,
+            opt.width,
+            num_frames,
+            device,
+            dtype,
+            seed,
+            patch_size=patch_size,
+            channel=channel // (patch_size**2),
         )
         denoiser = _denoiser_for(opt.method)
 
@@ -446,15 +454,24 @@ def prepare_api(
                 kwargs.pop("ref"), cond_type, model_ae, (opt.height, opt.width), is_causal=opt.is_causal_vae
             )
         elif cond_type != "t2v":
-            print("your csv file doesn't have a ref column or is not processed properly. will default to cond_type t2v!")
+            print(
+                "your csv file doesn't have a ref column or is not processed properly. will default to cond_type t2v!"
+            )
             cond_type = "t2v"
 
         timesteps = get_schedule(
-            opt.num_steps, (z.shape[-1] * z.shape[-2]) // patch_size**2, num_frames,
-            shift=opt.shift, shift_alpha=opt.flow_shift,
+            opt.num_steps,
+            (z.shape[-1] * z.shape[-2]) // patch_size**2,
+            num_frames,
+            shift=opt.shift,
+            shift_alpha=opt.flow_shift,
         )
         text, extra = denoiser.prepare_guidance(
-            text=text, optional_models=optional_models, device=device, dtype=dtype, neg=neg,
+            text=text,
+            optional_models=optional_models,
+            device=device,
+            dtype=dtype,
+            neg=neg,
             guidance_img=opt.guidance_img,
         )
         inp = prepare(model_t5, model_clip, z, prompt=text, patch_size=patch_size)
@@ -467,9 +484,15 @@ def prepare_api(
             inp["masks"], inp["masked_ref"], inp["sigma_min"] = masks, masked_ref, sigma_min
 
         x = denoiser.denoise(
-            model, **inp, timesteps=timesteps, guidance=opt.guidance, text_osci=opt.text_osci,
-            image_osci=opt.image_osci, scale_temporal_osci=(opt.scale_temporal_osci and "i2v" in cond_type),
-            flow_shift=opt.flow_shift, patch_size=patch_size,
+            model,
+            **inp,
+            timesteps=timesteps,
+            guidance=opt.guidance,
+            text_osci=opt.text_osci,
+            image_osci=opt.image_osci,
+            scale_temporal_osci=(opt.scale_temporal_osci and "i2v" in cond_type),
+            flow_shift=opt.flow_shift,
+            patch_size=patch_size,
         )
         x = unpack(x, opt.height, opt.width, num_frames, patch_size=patch_size)
         if cond_type == "i2v_head":

@@ -4,6 +4,7 @@ A facade: ``update_ema`` is written in :mod:`._ema`, ``get_batch_loss`` and
 ``loss_token_ranges`` in :mod:`._loss`, the training-time conditioning (native op
 ``condition_cat_``) in :mod:`._condition`; the rest of upstream's train.py
 (lr/eps setters, device set-up, plugins, conditioning dropout) is below."""
+
 from __future__ import annotations
 
 import warnings as _warnings
@@ -188,7 +189,7 @@ def dropout_condition(prob: float, txt: torch.Tensor, null_txt: torch.Tensor) ->
     warns when ``prob == 0``.
     """
     if prob == 0:
-        _warnings.warn("Dropout probability is 0, skipping dropout")
+        _warnings.warn("Dropout probability is 0, skipping dropout", stacklevel=2)
     drop = torch.rand(txt.shape[0], device=txt.device) < prob
     drop = drop.view((drop.shape[0],) + (1,) * (txt.ndim - 1))
     return torch.where(drop, null_txt, txt)

@@ -4,6 +4,7 @@ and ``add_noise_to_ref`` (hpcaitech/Open-Sora ``opensora/utils/inference.py`` an
 ``train.py``): the oracle for the drop-ins in :mod:`opensora_fast.utils._condition`.
 Upstream's quirks are kept: CPU fp32 buffers, a print for the t2v fallback,
 per-sample encodes, condition_config mutated in place."""
+
 from __future__ import annotations
 
 import random

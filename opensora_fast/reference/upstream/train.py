@@ -1,4 +1,5 @@
 """Reference ports of ``opensora.utils.train`` functions (upstream semantics)."""
+
 from __future__ import annotations
 
 import torch

@@ -2,6 +2,7 @@
 (``opensora/utils/ckpt.py``): one ``all_gather`` of a list per parameter, a
 ``cat``, a slice and a copy on rank 0. Written from their semantics; the
 oracle of the tests and the baseline of benchmarks/bench_ckpt.py."""
+
 from __future__ import annotations
 
 import functools
