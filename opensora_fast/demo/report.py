@@ -285,6 +285,9 @@ def _replace_into(final: str, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it 0600; the result is an ordinary file
         os.replace(tmp, final)
     except BaseException:
         if os.path.exists(tmp):
