@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from benchmarks.common import bench_device, copy_roofline, run
+from benchmarks.layouts import flux_mmdit_11b_shapes, shard_numel
 from opensora_fast import ops
-from opensora_fast._layouts import flux_mmdit_11b_shapes, shard_numel
 from opensora_fast.optim import FusedAdamW
 
 WORLD = int(os.environ.get("OSF_BENCH_WORLD", "96"))

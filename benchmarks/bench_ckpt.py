@@ -83,7 +83,7 @@ def _worker(rank, world, port, tmp, out_path):
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    from opensora_fast._layouts import flux_mmdit_11b_shapes
+    from benchmarks.layouts import flux_mmdit_11b_shapes
     from opensora_fast.reference.upstream import ckpt as ref
     from opensora_fast.utils import ckpt
 
@@ -201,7 +201,7 @@ def run_gpu() -> list[str]:
     """1 rank, NCCL: gather + unpack into pinned host memory vs a plain D2H copy of
     the same bytes; into separate pinned tensors and into CheckpointIO's one
     pinned buffer, each with the kernel's direct stores and with staging."""
-    from opensora_fast._layouts import flux_mmdit_11b_shapes
+    from benchmarks.layouts import flux_mmdit_11b_shapes
     from opensora_fast.utils import ckpt
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_port()))

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from benchmarks.common import bench_device, copy_roofline, run
+from benchmarks.layouts import flux_mmdit_11b_shapes, shard_numel
 from opensora_fast import ops, reference
-from opensora_fast._layouts import flux_mmdit_11b_shapes, shard_numel
 
 WORLD = int(os.environ.get("OSF_BENCH_WORLD", "96"))
 DECAY = 0.9999

@@ -17,8 +17,8 @@ def _default_backend(monkeypatch):
     monkeypatch.delenv("OPENSORA_FAST_BACKEND", raising=False)
 
 
-# Property-based suites (tests/test_properties.py): a fixed, bounded profile in
-# CI; `pytest --hypothesis-profile=long` explores much further.
+# Property-based tests (the hypothesis suites in each tests/test_<op>.py): a fixed,
+# bounded profile in CI; `pytest --hypothesis-profile=long` explores much further.
 try:
     from hypothesis import HealthCheck, settings
 

@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from opensora_fast._layouts import flux_mmdit_11b_shapes, shard_numel
+from benchmarks.layouts import flux_mmdit_11b_shapes, shard_numel
 
 FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 PAIRS = [(e, s) for e in FLOATS for s in FLOATS]
@@ -23,6 +23,23 @@ def assert_bitwise_equal(a: torch.Tensor, b: torch.Tensor, msg: str = "") -> Non
 
 def rand(n, dtype, gen, device="cpu", scale=1.0):
     return (torch.randn(n, generator=gen) * scale).to(dtype).to(device)
+
+
+def z(*shape: int, dtype: torch.dtype = torch.float32, device: str = "cpu") -> torch.Tensor:
+    """Zeros: the small tensors of the contract tables."""
+    return torch.zeros(*shape, dtype=dtype, device=device)
+
+
+def inference_zeros(n: int) -> torch.Tensor:
+    """An inference tensor (made under torch.inference_mode())."""
+    with torch.inference_mode():
+        return torch.zeros(n)
+
+
+def free_cuda_bytes() -> int:
+    """Free memory on the current CUDA device."""
+    free, _ = torch.cuda.mem_get_info()
+    return free
 
 
 def shard_sizes(world_size: int) -> list[int]:

@@ -6,6 +6,7 @@ import os
 
 import pytest
 import torch
+from contract import WAYS, Contract, assert_three_way, faked, raw, with_backend
 from helpers import assert_bitwise_equal, rand
 
 from opensora_fast import ops
@@ -404,38 +405,37 @@ def _fresh_bad_case():
     return case
 
 
-@pytest.mark.parametrize("backend", ["native", "reference", "fake"])
-@pytest.mark.parametrize("bad", _bad_cases(), ids=lambda c: c[0])
-def test_bad_input_same_error_everywhere_nothing_written(bad, backend, monkeypatch):
-    _, mutate, exc, text = bad
-    case = _fresh_bad_case()
-    snap = case.clone()
-    args = mutate(case)
-    if backend == "fake":
-        from torch._subclasses.fake_tensor import FakeTensorMode
+ADAMW_OP = Contract(
+    {
+        "native": with_backend("native", ops.adamw_ema_),
+        "reference": with_backend("reference", ops.adamw_ema_),
+        "fake": faked(raw("adamw_ema_")),
+        "raw op": raw("adamw_ema_"),
+        "raw reference": ref.adamw_ema_,
+    }
+)
 
-        mode = FakeTensorMode(allow_non_fake_inputs=False)
-        args = [
-            [mode.from_tensor(t) if torch.is_tensor(t) else t for t in a] if isinstance(a, list) else a for a in args
-        ]
-        with mode, pytest.raises(exc) as info:
-            torch.ops.opensora_fast.adamw_ema_(*args)
-    else:
-        monkeypatch.setenv("OPENSORA_FAST_BACKEND", backend)
-        with pytest.raises(exc) as info:
-            ops.adamw_ema_(*args)
-    assert text in str(info.value), str(info.value)
-    case.assert_equal(snap, "written before the error")
+
+@pytest.mark.parametrize("backend", WAYS)
+@pytest.mark.parametrize("bad", _bad_cases(), ids=lambda c: c[0])
+def test_bad_input_same_error_everywhere_nothing_written(bad, backend):
+    _, mutate, exc, text = bad
+    made = []
+
+    def fresh():
+        case = _fresh_bad_case()
+        made.append((case, case.clone()))
+        return tuple(mutate(case))
+
+    assert_three_way(ADAMW_OP, backend, fresh, exc, text)  # native and reference: through the wrapper
+    for case, snap in made:
+        case.assert_equal(snap, "written before the error")
 
 
 def test_raw_op_and_reference_messages_are_identical():
-    for name, mutate, exc, _ in _bad_cases():
-        a, b = _fresh_bad_case(), _fresh_bad_case()
-        with pytest.raises(exc) as x:
-            torch.ops.opensora_fast.adamw_ema_(*mutate(a))
-        with pytest.raises(exc) as y:
-            ref.adamw_ema_(*mutate(b))
-        assert str(x.value).split("\n")[0] == str(y.value), name
+    for _, mutate, exc, text in _bad_cases():
+        fresh = lambda: tuple(mutate(_fresh_bad_case()))  # noqa: E731
+        assert_three_way(ADAMW_OP, "raw op", fresh, exc, text, compare=("raw op", "raw reference"))
 
 
 def test_backend_reference_forced_matches_native(monkeypatch):

@@ -7,9 +7,9 @@ import os
 
 import pytest
 import torch
+from contract import WAYS, Contract, assert_three_way, faked, raw
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from torch._subclasses.fake_tensor import FakeTensorMode
 
 from opensora_fast import ops, reference
 from opensora_fast._ext import HAS_NATIVE
@@ -359,30 +359,18 @@ def _bad_cases():
 BAD = _bad_cases()
 
 
-def _call(way, op, out, sources, plan):
-    if way == "native":
-        getattr(OPS, op)(out, sources, plan)
-    elif way == "reference":
-        getattr(reference.condition, op)(out, sources, plan)
-    else:
-        with FakeTensorMode() as mode:
-            # from_tensor keeps aliasing between fakes made from views of one storage
-            fo = mode.from_tensor(out)
-            fs = [mode.from_tensor(s) for s in sources]
-            getattr(OPS, op)(fo, fs, plan)
+CONDITION = {
+    op: Contract({"native": raw(op), "reference": getattr(reference.condition, op), "fake": faked(raw(op))})
+    for op in ("condition", "condition_cat_")
+}
 
 
 @pytest.mark.parametrize("case", BAD, ids=[c[0] for c in BAD])
 def test_bad_input_three_ways(case):
     _, op, out, sources, plan, exc, message = case
     out = out.clone() if op == "condition_cat_" and out.is_contiguous() and not sources else out
-    before = out.clone()
-    for way in ("native", "reference", "fake"):
-        with pytest.raises(exc) as info:
-            _call(way, op, out, sources, plan)
-        assert str(info.value).split("\n")[0] == message, way
-        if out.layout == torch.strided:
-            same(out, before, f"{way} wrote on error")
+    # the same tensors each way (fakes made from views of one storage keep their aliasing)
+    assert_three_way(CONDITION[op], "native", lambda: (out, sources, plan), exc, message, exact=True)
 
 
 def _nested(*shapes):
@@ -507,30 +495,18 @@ def test_sources_that_require_grad_are_refused_alike(op):
         f"{op}: sources[1] requires grad and grad mode is on; {op} is not differentiable: "
         "detach the sources or call it under torch.no_grad()"
     )
-    for name, fn in (
-        ("native", getattr(OPS, op)),
-        ("reference", getattr(reference.condition, op)),
-        ("wrapper", getattr(ops, op)),
-    ):
-        cond = torch.zeros(2, 4, 4, 5, 6)
-        with pytest.raises(ValueError) as info:
-            fn(z, srcs, plan) if op == "condition" else fn(cond, srcs, plan)
-        assert str(info.value).split("\n")[0] == message, name
-        assert not cond.any()
+    ways = Contract({**CONDITION[op].ways, "wrapper": getattr(ops, op)}, compare=(*WAYS, "wrapper"))
+    args = (lambda: (z, srcs, plan)) if op == "condition" else (lambda: (torch.zeros(2, 4, 4, 5, 6), srcs, plan))
+    assert_three_way(ways, "native", args, ValueError, message, exact=True)  # and cond left as it was
+    for name in ("native", "reference", "wrapper"):
+        fn, cond = ways.ways[name], torch.zeros(2, 4, 4, 5, 6)
         with torch.no_grad():
             if op == "condition":
                 masks, masked = fn(z, srcs, plan)
-                assert not masked.requires_grad and masked[0, :, 0:2].eq(srcs[1][:, 1:3]).all()
+                assert not masked.requires_grad and masked[0, :, 0:2].eq(srcs[1][:, 1:3]).all(), name
             else:
                 fn(cond, srcs, plan)
-                assert not cond.requires_grad and cond[0, 1:, 0:2].eq(srcs[1][:, 1:3]).all()
-    with FakeTensorMode() as mode:
-        fz = mode.from_tensor(z)
-        fs = [mode.from_tensor(s) for s in srcs]
-        with pytest.raises(ValueError, match="requires grad and grad mode is on"):
-            getattr(OPS, op)(fz, fs, plan) if op == "condition" else OPS.condition_cat_(
-                mode.from_tensor(cond), fs, plan
-            )
+                assert not cond.requires_grad and cond[0, 1:, 0:2].eq(srcs[1][:, 1:3]).all(), name
 
 
 def test_z_that_requires_grad_gives_plain_outputs():
@@ -651,8 +627,8 @@ def test_nan_is_canonical(dtype):
 
 def test_good_input_passes_three_ways():
     z = torch.zeros(2, 3, 4, 5, 6)
-    for way in ("native", "reference", "fake"):
-        _call(way, "condition", z, [torch.ones(3, 4, 5, 6)], [1, 0, 4, 0, 0])
+    for way in WAYS:
+        CONDITION["condition"].ways[way](z, [torch.ones(3, 4, 5, 6)], [1, 0, 4, 0, 0])
 
 
 def test_opcheck():

@@ -1,20 +1,42 @@
-"""EMA op: native kernels vs the upstream formula / the reference."""
+"""EMA op (ema_update_): native kernels vs the upstream formula / the reference;
+the three-way contract; the CUDA body walked over its grid on the CPU; a
+property-based differential suite; the update_ema drop-in's findings; CUDA
+launch paths (marked `cuda`: skipped without a GPU)."""
 
+import copy
+import dataclasses
 import math
 import os
+from typing import Optional
 
 import pytest
 import torch
-from helpers import FLOATS, PAIRS, assert_bitwise_equal, rand, shard_sizes
+from contract import WAYS, Contract, assert_three_way, faked, raises, raw, with_backend
+from helpers import (
+    FLOATS,
+    PAIRS,
+    assert_bitwise_equal,
+    assert_ema_matches_reference,
+    bits,
+    free_cuda_bytes,
+    inference_zeros,
+    rand,
+    shard_sizes,
+    z,
+)
+from hypothesis import event, given
+from hypothesis import strategies as st
 
 import opensora_fast
 from opensora_fast import ops, reference
 from opensora_fast._ext import HAS_NATIVE
+from opensora_fast.utils.train import update_ema
 
 # Only a declared pure-Python install skips; a build that silently failed must fail here.
 pytestmark = pytest.mark.skipif(
     not HAS_NATIVE and os.environ.get("OPENSORA_FAST_NO_EXT") == "1", reason="OPENSORA_FAST_NO_EXT=1 install"
 )
+OP = torch.ops.opensora_fast
 SIZES = [0, 1, 3, 4099, 2**20 + 3]
 DECAYS = [0.9999, 0.99, 0.5, 0.0, 1.0]
 
@@ -264,61 +286,199 @@ def test_info_reports_build():
     assert "opensora_fast::ema_update_" in info["ops"]
 
 
-# ----------------------------------------------------------------------------- CUDA
+# ---- the contract: one table of bad inputs, three ways ------------------------------
 
 
-@pytest.mark.cuda
-@pytest.mark.parametrize("edt,sdt", PAIRS)
-def test_cuda_parity(edt, sdt):
-    g = torch.Generator().manual_seed(11)
-    sizes = [0, 1, 3, 4099, 2**20 + 3, 32768 * 330 + 1]
-    ema = [rand(n, edt, g) for n in sizes]
-    src = [rand(n, sdt, g) for n in sizes]
-    want = [e.clone() for e in ema]
-    torch.ops.opensora_fast.ema_update_(want, src, 0.9999)  # our CPU op: the same arithmetic
-    dev_e = [e.cuda() for e in ema]
-    dev_s = [s.cuda() for s in src]
-    torch_cuda = [e.clone() for e in dev_e]
-    upstream(torch_cuda, dev_s, 0.9999)
-    ops.ema_update_(dev_e, dev_s, 0.9999)
-    for i, (a, b, c) in enumerate(zip(dev_e, want, torch_cuda)):
-        assert_bitwise_equal(a, b, f"vs our CPU op, pair {i}")  # same arithmetic as the CPU
-        # vs torch's own CUDA: identical, or one rounding of (1-d)*src apart
-        # where it keeps alpha in fp32 (same reduced dtype on both sides)
-        d = (a.float() - c.float()).abs()
-        bound = torch.finfo(edt).eps * (c.float().abs() + (1e-4 * dev_s[i].float()).abs()) + torch.finfo(edt).tiny
-        assert bool((d <= bound).all()), f"pair {i}"
-    sr = [e.clone() for e in ema]
-    sr_dev = [e.cuda() for e in ema]
-    ops.ema_update_(sr, src, 0.9999, stochastic=True, seed=8)
-    ops.ema_update_(sr_dev, dev_s, 0.9999, stochastic=True, seed=8)
-    for a, b in zip(sr_dev, sr):
-        assert_bitwise_equal(a, b, "stochastic CPU vs CUDA")
+def _ema_cases():
+    a, b, c = torch.ones(8), torch.ones(8), torch.ones(8)
+    big = torch.ones(20)
+    leaf = torch.zeros(3, requires_grad=True)
+    return {
+        "len": (
+            [z(3)],
+            [z(3), z(3)],
+            0.9,
+            ValueError,
+            "ema_update_: ema and src must have the same length, got len(ema)=1 and len(src)=2",
+        ),
+        "decay>1": ([z(3)], [z(3)], 1.5, ValueError, "ema_update_: decay must be in [0, 1], got 1.5"),
+        "decay just over 1": (
+            [z(3)],
+            [z(3)],
+            1.0000001,
+            ValueError,
+            "ema_update_: decay must be in [0, 1], got 1.0000001",
+        ),
+        "decay 2": ([z(3)], [z(3)], 2.0, ValueError, "ema_update_: decay must be in [0, 1], got 2.0"),
+        "decay<0": ([z(3)], [z(3)], -1e-05, ValueError, "ema_update_: decay must be in [0, 1], got -1e-05"),
+        "decay nan": ([z(3)], [z(3)], math.nan, ValueError, "ema_update_: decay must be in [0, 1], got nan"),
+        "empty + bad decay": ([], [], 7.0, ValueError, "ema_update_: decay must be in [0, 1], got 7.0"),
+        "int ema": (
+            [z(3), z(3, dtype=torch.int32)],
+            [z(3), z(3)],
+            0.9,
+            TypeError,
+            "ema_update_: ema[1] has dtype torch.int32; expected float32, bfloat16 or float16",
+        ),
+        "fp64 src": (
+            [z(3), z(3)],
+            [z(3), z(3, dtype=torch.float64)],
+            0.9,
+            TypeError,
+            "ema_update_: src[1] has dtype torch.float64; expected float32, bfloat16 or float16",
+        ),
+        "shape": (
+            [z(3), z(2, 3)],
+            [z(3), z(6)],
+            0.9,
+            ValueError,
+            "ema_update_: ema[1] has shape [2, 3] but src[1] has shape [6]",
+        ),
+        "device": (
+            [z(3), z(3)],
+            [z(3), z(3, device="meta")],
+            0.9,
+            ValueError,
+            "ema_update_: ema[1] is on cpu but src[1] is on meta",
+        ),
+        "ema strided": ([z(3), z(3, 2)[:, 0]], [z(3), z(3)], 0.9, ValueError, "ema_update_: ema[1] is not contiguous"),
+        "src strided": ([z(3), z(3)], [z(3), z(3, 2)[:, 0]], 0.9, ValueError, "ema_update_: src[1] is not contiguous"),
+        "chain alias": (
+            [a, b],
+            [b, c],
+            0.5,
+            ValueError,
+            "overlap in memory; every ema tensor must share no memory with any other tensor of the call",
+        ),
+        "same ema twice": ([a, a], [b, c], 0.5, ValueError, "ema_update_: ema[0] and ema[1] overlap in memory"),
+        "ema is src": ([z(3), a], [z(3), a], 0.5, ValueError, "ema_update_: ema[1] and src[1] overlap in memory"),
+        "overlapping views": ([z(3), big[2:10]], [z(3), big[5:13]], 0.5, ValueError, "overlap in memory"),
+        "inference": (
+            [z(3), inference_zeros(3)],
+            [z(3), z(3)],
+            0.5,
+            RuntimeError,
+            "ema_update_: ema[1] is an inference tensor; it can only be updated in place inside torch.inference_mode()",
+        ),
+        "leaf requires grad": (
+            [z(3), leaf],
+            [z(3), z(3)],
+            0.5,
+            RuntimeError,
+            "ema_update_: ema[1] requires grad and grad mode is on; ema_update_ is not differentiable: call it under torch.no_grad()",
+        ),
+        "sparse": (
+            [z(3), torch.zeros(3).to_sparse()],
+            [z(3), torch.zeros(3).to_sparse()],
+            0.5,
+            ValueError,
+            "ema_update_: ema[1] and src[1] must be dense (strided) tensors",
+        ),
+    }
 
 
-@pytest.mark.cuda
-def test_cuda_no_host_sync():
-    sizes = shard_sizes(96)[:200]
-    ema = [torch.randn(n, device="cuda").bfloat16() for n in sizes]
-    src = [torch.randn(n, device="cuda") for n in sizes]
-    ops.ema_update_(ema, src, 0.9999)  # warm: first call may load things
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        ops.ema_update_(ema, src, 0.9999)
-        ops.ema_update_(ema, src, 0.9999, stochastic=True, seed=3)
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
-    torch.cuda.synchronize()
+EMA = _ema_cases()
+EMA_OP = Contract(
+    {"native": raw("ema_update_"), "reference": reference.ema.ema_update_, "fake": faked(raw("ema_update_"))}
+)
 
 
-@pytest.mark.cuda
-def test_cuda_mixed_devices_rejected():
-    with pytest.raises(ValueError, match=r"src\[0\] is on cpu"):
-        ops.ema_update_([torch.zeros(3, device="cuda")], [torch.zeros(3)], 0.9)
+@pytest.mark.parametrize("way", WAYS)
+@pytest.mark.parametrize("name", list(EMA))
+def test_ema_check_contract(name, way):
+    _, _, _, exc, text = EMA[name]
+    assert_three_way(EMA_OP, way, lambda: _ema_cases()[name][:3], exc, text)  # fresh tensors per way
 
 
-# ------------------------------------------------- reliability round two (issue 17)
+# ---- findings of the hardening review (each failed before its fix) ------------------
+
+
+@pytest.mark.parametrize("backend", ["native", "reference"])
+def test_wrapper_rejects_non_tensors_and_bad_scalars_alike(backend, monkeypatch):
+    monkeypatch.setenv("OPENSORA_FAST_BACKEND", backend)
+    e = z(3)
+    for ema, src, decay, exc, text in [
+        ([e, 3.0], [z(3), z(3)], 0.9, TypeError, "ema_update_: ema[1] must be a tensor, got float"),
+        ([e], [None], 0.9, TypeError, "ema_update_: src[0] must be a tensor, got NoneType"),
+        ([e], [z(3)], "0.5", TypeError, "ema_update_: decay must be a real number, got str"),
+        ([], [], 1.5, ValueError, "ema_update_: decay must be in [0, 1], got 1.5"),
+    ]:
+        raises(lambda: ops.ema_update_(ema, src, decay), exc, text)
+    assert bool((e == 0).all())
+
+
+def test_version_counter_bumped_so_autograd_notices():
+    x = torch.randn(3, requires_grad=True)
+    e = torch.randn(3)
+    y = (x * e).sum()  # saves e for backward
+    v = e._version
+    OP.ema_update_([e], [torch.zeros(3)], 0.5)
+    assert e._version > v
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward()
+
+
+def test_inference_tensor_updated_inside_inference_mode():
+    t = inference_zeros(5)
+    with torch.inference_mode():
+        OP.ema_update_([t], [torch.ones(5)], 0.5)
+    assert bool((t == 0.5).all())
+
+
+def test_leaf_requiring_grad_is_fine_under_no_grad():
+    w = torch.zeros(3, requires_grad=True)
+    with torch.no_grad():
+        OP.ema_update_([w], [torch.ones(3)], 0.5)
+    assert bool((w == 0.5).all())
+
+
+def test_sources_may_alias_each_other():
+    s = torch.randn(10)
+    a, b = torch.zeros(10), torch.zeros(10)
+    OP.ema_update_([a, b], [s, s], 0.5)
+    ref = [torch.zeros(10), torch.zeros(10)]
+    reference.ema.ema_update_(ref, [s, s], 0.5)
+    assert_bitwise_equal(a, ref[0])
+    assert_bitwise_equal(b, ref[1])
+
+
+def test_reference_writes_nothing_when_a_later_pair_is_bad():
+    e0, big = torch.ones(4), torch.ones(20)
+    with pytest.raises(ValueError):
+        reference.ema.ema_update_([e0, big[0:10]], [torch.zeros(4), big[5:15]], 0.5)
+    assert bool((e0 == 1).all())
+    with pytest.raises(RuntimeError):
+        reference.ema.ema_update_([e0, inference_zeros(3)], [torch.zeros(4), torch.zeros(3)], 0.5)
+    assert bool((e0 == 1).all())
+
+
+def test_seed_beyond_int63_and_negative_seeds():
+    x = torch.randn(1000).bfloat16()
+    s = torch.randn(1000)
+    for seed in (2**63, 2**64 - 1, -5, 2**70 + 3):
+        a, b = x.clone(), x.clone()
+        ops.ema_update_([a], [s], 0.9, stochastic=True, seed=seed)
+        reference.ema.ema_update_([b], [s], 0.9, True, ops.ema._as_int64(seed))
+        assert_bitwise_equal(a, b, f"seed {seed}")
+    c = x.clone()
+    ops.ema_update_([c], [s], 0.9, stochastic=False, seed=2**64 + 1)  # ignored in compat mode
+
+
+@pytest.mark.parametrize("stochastic", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_nan_written_as_one_canonical_pattern_on_both_backends(dtype, stochastic):
+    e = torch.tensor([float("nan"), -float("nan"), 1.0, float("inf"), -float("inf"), 2.0], dtype=dtype)
+    s = torch.tensor([1.0, 2.0, float("nan"), -float("inf"), float("inf"), 3.0])
+    a, b = e.clone(), e.clone()
+    OP.ema_update_([a], [s], 0.5, stochastic, 7)
+    reference.ema.ema_update_([b], [s], 0.5, stochastic, 7)
+    assert_bitwise_equal(a, b)
+    nan = reference.ema.canonical_nan_(torch.tensor([float("nan")], dtype=dtype))
+    assert int(a.isnan().sum()) == 5  # inf - inf is NaN too
+    assert bool((bits(a)[a.isnan()] == bits(nan)[0]).all())
+
+
+# ---- lazy views, layouts and scalar arguments: one error every way -----------------
 
 
 def _neg_view(n=1):
@@ -386,42 +546,38 @@ def _lazy_and_layout_cases():
     ]
 
 
-def _fake(args):
-    from torch._subclasses.fake_tensor import FakeTensorMode
+EMA_LAZY = Contract(
+    {
+        "raw op": raw("ema_update_"),
+        "reference": reference.ema.ema_update_,
+        "fake": faked(raw("ema_update_")),
+        "wrapper native": with_backend("native", ops.ema_update_),
+        "wrapper reference": with_backend("reference", ops.ema_update_),
+    },
+    compare=("raw op", "reference", "fake", "wrapper native", "wrapper reference"),
+)
 
-    mode = FakeTensorMode()
-    return mode, [[mode.from_tensor(t) for t in ts] for ts in args]
 
-
-@pytest.mark.parametrize("way", ["raw op", "reference", "fake", "wrapper native", "wrapper reference"])
+@pytest.mark.parametrize("way", EMA_LAZY.compare)
 @pytest.mark.parametrize("case", _lazy_and_layout_cases(), ids=lambda c: c[0])
-def test_lazy_views_and_layouts_one_error_nothing_written(case, way, monkeypatch):
-    name, ema, src, exc, text = case
-    ema[0].fill_(1.0)
-    src[0].fill_(2.0)
-    base = ema[1]._base if ema[1].is_neg() else None
-    before = base.clone() if base is not None else None
-    if way == "raw op":
-        call = lambda: torch.ops.opensora_fast.ema_update_(ema, src, 0.5)  # noqa: E731
-    elif way == "reference":
-        call = lambda: reference.ema.ema_update_(ema, src, 0.5)  # noqa: E731
-    elif way == "fake":
-        if "nested" in name or "sparse" in name or "csr" in name:
-            pytest.skip("FakeTensorMode does not convert this layout")
-        mode, (fe, fs) = _fake((ema, src))
+def test_lazy_views_and_layouts_one_error_nothing_written(case, way):
+    name, _, _, exc, text = case
+    fakeable = not any(k in name for k in ("nested", "sparse", "csr"))
+    if way == "fake" and not fakeable:
+        pytest.skip("FakeTensorMode does not convert this layout")
+    bases = []
 
-        def call():
-            with mode:
-                torch.ops.opensora_fast.ema_update_(fe, fs, 0.5)
+    def fresh():
+        _, ema, src, _, _ = next(c for c in _lazy_and_layout_cases() if c[0] == name)
+        ema[0].fill_(1.0)  # pair 0 is valid: a write there would show
+        src[0].fill_(2.0)
+        if ema[1].is_neg():
+            bases.append((ema[1]._base, ema[1]._base.clone()))
+        return ema, src, 0.5
 
-    else:
-        monkeypatch.setenv("OPENSORA_FAST_BACKEND", way.split()[1])
-        call = lambda: ops.ema_update_(ema, src, 0.5)  # noqa: E731
-    with pytest.raises(exc) as info:
-        call()
-    assert str(info.value).splitlines()[0].startswith(text)
-    assert torch.all(ema[0] == 1.0), "pair 0 was written before the error"
-    if base is not None:
+    ways = [w for w in EMA_LAZY.compare if fakeable or w != "fake"]
+    assert assert_three_way(EMA_LAZY, way, fresh, exc, text, compare=ways).startswith(text)
+    for base, before in bases:
         assert torch.equal(base, before), "the negated ema was written"
 
 
@@ -551,3 +707,357 @@ def test_traced_choice_carries_the_constant_result_mark():
     assert torch.compiler.assume_constant_result(probe) is probe
     assert getattr(probe, "_dynamo_marked_constant", False) is True
     assert _ext._traced_choice._dynamo_marked_constant is True
+
+
+# ---- the update_ema drop-in (its findings; test_update_ema.py holds the rest) --------
+
+
+class _Opt:
+    def __init__(self, m):
+        self.map = {id(p): p.detach().float().clone() for p in m.parameters()}
+
+    def get_working_to_master_map(self):
+        return self.map
+
+
+def _models():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2)).bfloat16()
+    ema = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2)).bfloat16()
+    return model, ema, _Opt(model)
+
+
+def _check_against_reference(model, ema, opt):
+    ema_ref = copy.deepcopy(ema)
+    update_ema(ema, model, opt, decay=0.5)
+    reference.upstream.train.update_ema(ema_ref, model, opt, decay=0.5)
+    for (n, a), (_, b) in zip(ema.named_parameters(), ema_ref.named_parameters()):
+        assert_bitwise_equal(a.detach(), b.detach(), n)
+
+
+def test_update_ema_sees_parameters_replaced_behind_the_hook():
+    model, ema, opt = _models()
+    _check_against_reference(model, ema, opt)
+    new = torch.nn.Parameter(torch.randn(3, 4).bfloat16())
+    model[0]._parameters["weight"] = new  # no registration hook fires
+    opt.map[id(new)] = torch.full((3, 4), 7.0)
+    _check_against_reference(model, ema, opt)
+    assert bool((ema[0].weight.float() > 3).all())  # moved towards the new master (7)
+
+
+def test_update_ema_after_del_bias_and_ema_param_replaced():
+    model, ema, opt = _models()
+    _check_against_reference(model, ema, opt)
+    del model[1].bias
+    _check_against_reference(model, ema, opt)
+    ema[0]._parameters["bias"] = torch.nn.Parameter(torch.zeros(3).bfloat16())
+    _check_against_reference(model, ema, opt)
+    assert bool((ema[0].bias != 0).any())
+
+
+def test_update_ema_sees_a_master_replaced_in_place_in_the_map():
+    model, ema, opt = _models()
+    _check_against_reference(model, ema, opt)
+    w = model[0].weight
+    opt.map[id(w)] = torch.full((3, 4), -9.0)  # same dict, same length, new tensor
+    _check_against_reference(model, ema, opt)
+    assert bool((ema[0].weight.float() < -3).all())
+
+
+# ---- property-based: native (and the walked CUDA body) vs reference ----------------
+# (profile "ci": fixed and bounded; --hypothesis-profile=long explores further)
+
+SPECIALS = [float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 1e-40, 65504.0, 3.0e38]
+
+
+def _values(draw, n, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, generator=g) * draw(st.sampled_from([1e-3, 1.0, 1e3]))
+    if n and draw(st.booleans()):  # a few special values
+        for _ in range(draw(st.integers(1, 3))):
+            x[draw(st.integers(0, n - 1))] = draw(st.sampled_from(SPECIALS))
+    return x.to(dtype)
+
+
+# Aliasing injected into an EMA call. The refused kinds write into memory that
+# another tensor of the call covers; two sources sharing memory is legal.
+EMA_REFUSED = ("src_is_ema", "ema_twice", "src_overlaps_ema", "ema_overlaps_ema")
+EMA_LEGAL = ("src_shared", "src_overlaps_src")
+
+
+@dataclasses.dataclass
+class EmaCall:
+    """One drawn ema_update_ call. ``build()`` makes fresh tensors each time and
+    recreates the alias among them, so a backend sees the aliasing itself (a
+    clone of a drawn list would not share memory any more)."""
+
+    pairs: list  # (ema values, ema offset, src values, src offset) per pair
+    alias: Optional[tuple]  # (kind, i, j, shift): pair j's tensor taken from pair i's memory
+    decay: float
+    stochastic: bool
+    seed: int
+
+    @property
+    def refused(self) -> bool:
+        return self.alias is not None and self.alias[0] in EMA_REFUSED
+
+    def build(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        room = max((len(p[0]) for p in self.pairs), default=0) + 3  # for a shifted view
+        ema, src, ebufs, sbufs = [], [], [], []
+        for ev, eo, sv, so in self.pairs:
+            for vals, off, views, bufs, fill in ((ev, eo, ema, ebufs, 0.25), (sv, so, src, sbufs, -0.5)):
+                buf = torch.full((off + len(vals) + room,), fill, dtype=vals.dtype)
+                buf[off : off + len(vals)] = vals
+                bufs.append(buf)
+                views.append(buf[off : off + len(vals)])
+        if self.alias is None:
+            return ema, src
+        kind, i, j, shift = self.alias
+        m = len(self.pairs[j][0])
+        if kind == "src_is_ema":
+            src[j] = ema[i]
+        elif kind == "ema_twice":
+            ema[j] = ema[i]
+        elif kind == "src_shared":
+            src[j] = src[i]
+        elif kind == "src_overlaps_ema":
+            src[j] = ebufs[i][self.pairs[i][1] + shift :][:m]
+        elif kind == "ema_overlaps_ema":
+            ema[j] = ebufs[i][self.pairs[i][1] + shift :][:m]
+        else:  # src_overlaps_src
+            src[j] = sbufs[i][self.pairs[i][3] + shift :][:m]
+        return ema, src
+
+
+@st.composite
+def ema_calls(draw) -> EmaCall:
+    k = draw(st.integers(0, 6))
+    pairs = []
+    for _ in range(k):
+        n = draw(st.sampled_from([0, 1, 2, 3, 7, 8, 15, 16, 17, 255, 4099]))
+        edt, sdt = draw(st.sampled_from(FLOATS)), draw(st.sampled_from(FLOATS))
+        seed = draw(st.integers(0, 2**31))
+        ev, sv = _values(draw, n, edt, seed), _values(draw, n, sdt, seed + 1)
+        pairs.append((ev, draw(st.integers(0, 7)), sv, draw(st.integers(0, 7))))
+    alias = None
+    live = [i for i, p in enumerate(pairs) if len(p[0])]  # an empty tensor covers no memory
+    if live and draw(st.integers(0, 2)) == 0:
+        kind = draw(st.sampled_from(EMA_REFUSED + EMA_LEGAL))
+        i = draw(st.sampled_from(live))
+        n = len(pairs[i][0])
+        if kind in ("ema_twice", "src_shared", "ema_overlaps_ema"):  # another pair
+            j = draw(st.sampled_from([j for j in range(len(pairs)) if j != i] or [len(pairs)]))
+            if j == len(pairs) or (kind != "ema_overlaps_ema" and len(pairs[j][0]) != n) or not len(pairs[j][0]):
+                ev, sv = _values(draw, n, pairs[i][0].dtype, 1), _values(draw, n, pairs[i][2].dtype, 2)
+                pairs[j : j + 1] = [(ev, draw(st.integers(0, 7)), sv, draw(st.integers(0, 7)))]
+        elif kind == "src_is_ema":
+            j = draw(st.sampled_from([j for j in live if len(pairs[j][0]) == n]))
+        else:
+            j = draw(st.sampled_from(live))
+        m, shift = len(pairs[j][0]), 0
+        if "overlaps" in kind:  # a view of pair j's length sharing at least one element with pair i's tensor
+            off = pairs[i][3] if kind == "src_overlaps_src" else pairs[i][1]
+            shift = draw(st.integers(-min(off, m - 1), n - 1))
+        alias = (kind, i, j, shift)
+    event(f"alias: {alias[0] if alias else 'none'}")
+    decay = draw(st.sampled_from([0.0, 1.0, 0.5, 0.9, 0.999, 0.9999]) | st.floats(0, 1))
+    return EmaCall(pairs, alias, decay, draw(st.booleans()), draw(st.integers(-(2**63), 2**63 - 1)))
+
+
+def _outcome(fn, call: EmaCall):
+    """(error type, first line of its message, ema after the call), on fresh tensors.
+    A refused call must leave every ema as it was."""
+    ema, src = call.build()
+    before = [e.clone() for e in ema]
+    try:
+        fn(ema, src, call.decay, call.stochastic, call.seed)
+    except Exception as e:  # noqa: BLE001 - the contract: same type, same message
+        for a, b in zip(ema, before):
+            assert_bitwise_equal(a, b, "written before the error")
+        return type(e), str(e).splitlines()[0], None
+    return None, None, ema
+
+
+@given(ema_calls())
+def test_ema_native_equals_reference(call):
+    nat = _outcome(OP.ema_update_, call)
+    ref = _outcome(reference.ema.ema_update_, call)
+    assert nat[:2] == ref[:2]
+    # an injected alias reaches the op and is refused; nothing else is
+    assert (nat[0] is not None) == call.refused, nat[:2]
+    if call.refused:
+        assert nat[0] is ValueError and "overlap in memory" in nat[1], nat[:2]
+        return
+    _, src = call.build()
+    for a, b, s in zip(nat[2], ref[2], src):
+        same_reduced = a.dtype == s.dtype and a.dtype != torch.float32 and not call.stochastic
+        assert_ema_matches_reference(a, b, s, call.decay, same_reduced)
+
+
+@given(ema_calls(), st.sampled_from([(0, 0, False), (3, 5, False), (0, 0, True), (2, 3, True)]))
+def test_ema_grid_walk_equals_cpu_kernel(call, limits):
+    nat = _outcome(OP.ema_update_, call)
+    walk = _outcome(lambda e, s, d, st_, sd: OP._ema_update_grid_walk_(e, s, d, st_, sd, *limits), call)
+    assert nat[:2] == walk[:2]
+    assert (walk[0] is not None) == call.refused, walk[:2]
+    for a, b in zip(nat[2] or [], walk[2] or []):
+        assert_bitwise_equal(a, b)
+
+
+# ---- CUDA (marked `cuda`: skipped without a GPU; benchmarks/gpu_check.sh runs them) ----
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("edt,sdt", PAIRS)
+def test_cuda_parity(edt, sdt):
+    g = torch.Generator().manual_seed(11)
+    sizes = [0, 1, 3, 4099, 2**20 + 3, 32768 * 330 + 1]
+    ema = [rand(n, edt, g) for n in sizes]
+    src = [rand(n, sdt, g) for n in sizes]
+    want = [e.clone() for e in ema]
+    torch.ops.opensora_fast.ema_update_(want, src, 0.9999)  # our CPU op: the same arithmetic
+    dev_e = [e.cuda() for e in ema]
+    dev_s = [s.cuda() for s in src]
+    torch_cuda = [e.clone() for e in dev_e]
+    upstream(torch_cuda, dev_s, 0.9999)
+    ops.ema_update_(dev_e, dev_s, 0.9999)
+    for i, (a, b, c) in enumerate(zip(dev_e, want, torch_cuda)):
+        assert_bitwise_equal(a, b, f"vs our CPU op, pair {i}")  # same arithmetic as the CPU
+        # vs torch's own CUDA: identical, or one rounding of (1-d)*src apart
+        # where it keeps alpha in fp32 (same reduced dtype on both sides)
+        d = (a.float() - c.float()).abs()
+        bound = torch.finfo(edt).eps * (c.float().abs() + (1e-4 * dev_s[i].float()).abs()) + torch.finfo(edt).tiny
+        assert bool((d <= bound).all()), f"pair {i}"
+    sr = [e.clone() for e in ema]
+    sr_dev = [e.cuda() for e in ema]
+    ops.ema_update_(sr, src, 0.9999, stochastic=True, seed=8)
+    ops.ema_update_(sr_dev, dev_s, 0.9999, stochastic=True, seed=8)
+    for a, b in zip(sr_dev, sr):
+        assert_bitwise_equal(a, b, "stochastic CPU vs CUDA")
+
+
+@pytest.mark.cuda
+def test_cuda_no_host_sync():
+    sizes = shard_sizes(96)[:200]
+    ema = [torch.randn(n, device="cuda").bfloat16() for n in sizes]
+    src = [torch.randn(n, device="cuda") for n in sizes]
+    ops.ema_update_(ema, src, 0.9999)  # warm: first call may load things
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        ops.ema_update_(ema, src, 0.9999)
+        ops.ema_update_(ema, src, 0.9999, stochastic=True, seed=3)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()
+
+
+@pytest.mark.cuda
+def test_cuda_mixed_devices_rejected():
+    with pytest.raises(ValueError, match=r"src\[0\] is on cpu"):
+        ops.ema_update_([torch.zeros(3, device="cuda")], [torch.zeros(3)], 0.9)
+
+
+def _ema_case(edt_sdt_pairs, sizes, seed, misalign=False):
+    g = torch.Generator().manual_seed(seed)
+    ema, src = [], []
+    for i, n in enumerate(sizes):
+        edt, sdt = edt_sdt_pairs[i % len(edt_sdt_pairs)]
+        e, s = rand(n + 1, edt, g), rand(n + 1, sdt, g, scale=3.0)
+        ema.append(e[1:] if misalign and i % 2 else e[:n].clone())
+        src.append(s[1:] if misalign and i % 3 == 0 else s[:n].clone())
+    return ema, src
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("stochastic", [False, True])
+def test_ema_many_tensors_and_a_tensor_over_2048_chunks(stochastic):
+    # > 256 tensors (several launches), one of 2048*32768 + 5 elements (split
+    # across tables), misaligned views and every dtype pair in one call.
+    sizes = [1, 3, 4099, 2048 * 32768 + 5] + [64 + i for i in range(300)]
+    ema, src = _ema_case(PAIRS, sizes, 1, misalign=True)
+    want = [e.clone() for e in ema]
+    OP.ema_update_(want, src, 0.9999, stochastic, 77)  # our CPU op
+    dev_e, dev_s = [e.cuda() for e in ema], [s.cuda() for s in src]
+    OP.ema_update_(dev_e, dev_s, 0.9999, stochastic, 77)
+    for i, (a, b) in enumerate(zip(dev_e, want)):
+        assert_bitwise_equal(a, b, f"pair {i}")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("edt,sdt", PAIRS)
+def test_ema_vs_upstream_on_cuda_within_documented_tolerance(edt, sdt):
+    g = torch.Generator().manual_seed(2)
+    e, s = rand(70001, edt, g, device="cuda"), rand(70001, sdt, g, device="cuda")
+    mine, theirs = e.clone(), e.clone()
+    ops.ema_update_([mine], [s], 0.999)
+    theirs.mul_(0.999).add_(s, alpha=1 - 0.999)  # torch's own CUDA kernels
+    ref = e.cpu()  # and the CPU reference on copies of the inputs
+    reference.ema.ema_update_([ref], [s.cpu()], 0.999)
+    assert_ema_matches_reference(mine, ref, s, 0.999, edt == sdt and edt != torch.float32)
+    if edt == sdt and edt != torch.float32:  # torch CUDA keeps alpha in fp32 here
+        bound = torch.finfo(edt).eps * (theirs.float().abs() + (0.001 * s.float()).abs()) + torch.finfo(edt).tiny
+        assert bool(((mine.float() - theirs.float()).abs() <= bound).all())
+    else:
+        assert_bitwise_equal(mine, theirs)
+
+
+@pytest.mark.cuda
+def test_ema_side_stream_graph_capture_and_no_sync():
+    sizes = shard_sizes(96)[:300]
+    ema = [torch.randn(n, device="cuda").bfloat16() for n in sizes]
+    src = [torch.randn(n, device="cuda") for n in sizes]
+    # bf16 ema, fp32 src: the reference is bitwise here (no same-dtype add quirk)
+    src_cpu = [s.cpu() for s in src]
+    want = [e.cpu() for e in ema]
+    reference.ema.ema_update_(want, src_cpu, 0.99)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            ops.ema_update_(ema, src, 0.99)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.current_stream().wait_stream(side)
+    for a, b in zip(ema, want):
+        assert_bitwise_equal(a, b)
+    # captured compat update, replayed twice == two eager steps
+    eager = [e.clone() for e in ema]
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        OP.ema_update_(ema, src, 0.99)
+    graph.replay()
+    graph.replay()
+    OP.ema_update_(eager, src, 0.99)
+    OP.ema_update_(eager, src, 0.99)
+    torch.cuda.synchronize()
+    for _ in range(2):  # the expected two steps, on the CPU
+        reference.ema.ema_update_(want, src_cpu, 0.99)
+    for a, b, w in zip(ema, eager, want):
+        assert_bitwise_equal(a, w, "graph replay vs CPU reference")
+        assert_bitwise_equal(b, w, "eager vs CPU reference")
+
+
+@pytest.mark.cuda
+def test_ema_stochastic_refused_under_capture_and_writes_nothing():
+    e = torch.randn(1000, device="cuda").bfloat16()
+    before = e.clone()
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="cannot be captured in a CUDA graph"):
+        with torch.cuda.graph(graph):
+            OP.ema_update_([e], [torch.randn(1000, device="cuda")], 0.99, True, 1)
+    assert_bitwise_equal(e, before)
+
+
+@pytest.mark.cuda
+@pytest.mark.slow
+def test_ema_over_2_pow_31_elements():
+    n = 2**31 + 4099
+    if free_cuda_bytes() < n * 6 + (1 << 30):
+        pytest.skip("not enough GPU memory")
+    e = torch.zeros(n, device="cuda", dtype=torch.bfloat16)
+    s = torch.ones(n, device="cuda")
+    OP.ema_update_([e], [s], 0.5)
+    assert float(e[-1]) == 0.5 and float(e[2**31 + 1]) == 0.5 and float(e[0]) == 0.5
+    del e, s

@@ -1,4 +1,7 @@
-"""Masked per-sample MSE (get_batch_loss): native op vs the upstream port / the reference."""
+"""Masked per-sample MSE (get_batch_loss, masked_mse, loss_ranges): native op vs
+the upstream port / the reference; the three-way contract; the CUDA bodies walked
+over their grids on the CPU; a property-based differential suite; CUDA launch
+paths (marked `cuda`: skipped without a GPU)."""
 
 import os
 import zlib
@@ -6,6 +9,10 @@ import zlib
 import pytest
 import torch
 import torch.nn.functional as F
+from contract import WAYS, Contract, assert_three_way, faked, raises, raw
+from helpers import assert_bitwise_equal, free_cuda_bytes, inference_zeros, z
+from hypothesis import event, given
+from hypothesis import strategies as st
 
 from opensora_fast import ops, reference
 from opensora_fast._ext import HAS_NATIVE
@@ -16,6 +23,7 @@ from opensora_fast.utils.train import get_batch_loss, loss_token_ranges
 pytestmark = pytest.mark.skipif(
     not HAS_NATIVE and os.environ.get("OPENSORA_FAST_NO_EXT") == "1", reason="OPENSORA_FAST_NO_EXT=1 install"
 )
+OP = torch.ops.opensora_fast
 
 TOL = {  # grads: rounded to the input dtype, so one ulp of it
     torch.float32: dict(rtol=1e-5, atol=1e-6),
@@ -269,76 +277,309 @@ def test_bad_inputs(backend, monkeypatch):
         assert text in str(info.value), (text, str(info.value))
 
 
-# ----------------------------------------------------------------------------- CUDA
+# ---- the contract: one table of bad inputs per op, three ways ------------------------
 
 
-@pytest.mark.cuda
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_cuda_parity(dtype):
-    gen = torch.Generator().manual_seed(10)
-    B, T, H, W, D = 4, 9, 12, 14, 64
-    p, t = inputs(B, T, H, W, D, dtype, gen)
-    m = make_masks("mixed", B, T, H, W, gen)
-    want = loss_and_grads(lambda a, b: reference.upstream.train.get_batch_loss(a, b, m), p, t)
-    pc = p.detach().cuda().requires_grad_()
-    tc = t.detach().cuda().requires_grad_()
-    got = loss_and_grads(lambda a, b: get_batch_loss(a, b, m.cuda()), pc, tc)
-    torch.testing.assert_close(got[0].cpu(), want[0].to(got[0].dtype), **TOL[dtype])
-    for a, b in zip(got[1:], want[1:]):
-        torch.testing.assert_close(a.cpu(), b, **TOL[dtype])
-    # the GPU's loss and gradient equal the CPU walk of its grid bit for bit
-    r = loss_token_ranges(m)
-    g = torch.tensor(1.25)
-    walk_loss, walk_grad = torch.ops.opensora_fast._masked_mse_grid_walk(g, p.detach(), t.detach(), r)
-    gpu_loss = ops.masked_mse(pc.detach(), tc.detach(), r.cuda())
-    gpu_grad = torch.ops.opensora_fast.masked_mse_backward(g.cuda(), pc.detach(), tc.detach(), r.cuda())
-    assert torch.equal(gpu_loss.cpu(), walk_loss)
-    assert torch.equal(gpu_grad.cpu(), walk_grad)
+def _mse_cases():
+    p, r = z(2, 5, 3), torch.tensor([[0, 5], [1, 3]])
+    return {
+        "pred 2-D": (z(2, 5), z(2, 5), r, ValueError, "masked_mse: pred must be [B, L, D], got shape [2, 5]"),
+        "target shape": (
+            p,
+            z(2, 5, 4),
+            r,
+            ValueError,
+            "masked_mse: target has shape [2, 5, 4] but pred has shape [2, 5, 3]",
+        ),
+        "int pred": (
+            z(2, 5, 3, dtype=torch.int32),
+            z(2, 5, 3, dtype=torch.int32),
+            r,
+            TypeError,
+            "masked_mse: pred has dtype torch.int32; expected float32, bfloat16, float16 or float64",
+        ),
+        "target dtype": (
+            p,
+            z(2, 5, 3, dtype=torch.bfloat16),
+            r,
+            TypeError,
+            "masked_mse: target has dtype torch.bfloat16 but pred has dtype torch.float32",
+        ),
+        "target device": (
+            p,
+            z(2, 5, 3, device="meta"),
+            r,
+            ValueError,
+            "masked_mse: target is on meta but pred is on cpu",
+        ),
+        "ranges dtype": (p, z(2, 5, 3), r.int(), TypeError, "masked_mse: ranges must be int64, got torch.int32"),
+        "ranges shape": (p, z(2, 5, 3), r[:1], ValueError, "masked_mse: ranges must be [B, 2] = [2, 2], got [1, 2]"),
+        "pred strided": (
+            z(2, 5, 6)[..., ::2],
+            z(2, 5, 3),
+            r,
+            ValueError,
+            "masked_mse: pred, target and ranges must be contiguous",
+        ),
+        "sparse": (
+            z(2, 5, 3).to_sparse(),
+            z(2, 5, 3),
+            r,
+            ValueError,
+            "masked_mse: pred, target and ranges must be dense (strided) tensors",
+        ),
+        "inference pred 2-D": (
+            inference_zeros(4).view(2, 2),
+            z(2, 2),
+            r,
+            ValueError,
+            "masked_mse: pred must be [B, L, D], got shape [2, 2]",
+        ),
+        "pred None": (None, p, r, TypeError, "masked_mse: pred must be a tensor, got NoneType"),
+        "target None": (p, None, r, TypeError, "masked_mse: target must be a tensor, got NoneType"),
+        "ranges None": (p, p, None, TypeError, "masked_mse: ranges must be a tensor, got NoneType"),
+    }
 
 
-@pytest.mark.cuda
-def test_cuda_no_host_sync_and_graph_capture():
-    B, T, H, W, D = 4, 33, 24, 42, 64
-    L = T * H * W // 4
-    p = torch.randn(B, L, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    t = torch.randn(B, L, D, device="cuda", dtype=torch.bfloat16)
-    m = torch.zeros(B, T, H, W, device="cuda")
-    m[0, 0] = 1
-    get_batch_loss(p, t, m).backward()  # warm up
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        get_batch_loss(p, t, m).backward()
-        get_batch_loss(p, t).backward()
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
-    x = p.detach().clone()
-    graph = torch.cuda.CUDAGraph()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        ops.masked_mse(x, t, loss_token_ranges(m))
-    torch.cuda.current_stream().wait_stream(s)
-    with torch.cuda.graph(graph):
-        out = ops.masked_mse(x, t, loss_token_ranges(m))
-    graph.replay()
-    torch.cuda.synchronize()
-    torch.testing.assert_close(out, ops.masked_mse(x, t, loss_token_ranges(m)))
+MSE = _mse_cases()
 
 
-@pytest.mark.cuda
-@pytest.mark.parametrize(
-    "dtype", [torch.uint16, torch.uint32, torch.uint64, torch.float8_e4m3fn, torch.float8_e8m0fnu, torch.bool]
+MSE_OP = Contract(
+    {"native": raw("masked_mse"), "reference": reference.masked_mse.masked_mse, "fake": faked(raw("masked_mse"))}
 )
-def test_cuda_loss_ranges_mask_dtypes_match_the_cpu_reference(dtype):
-    gen = torch.Generator().manual_seed(16)
-    m = (torch.rand(300, 6, generator=gen) < 0.4).float()
-    m[::7, 2] = 2  # not conditioned
-    m = m.to(dtype)
-    for upstream in (True, False):
-        want = reference.masked_mse.loss_ranges(m, 12, upstream)
-        assert torch.equal(ops.loss_ranges(m.cuda(), 12, upstream).cpu(), want)
-        assert torch.equal(ops.loss_ranges(m.t().cuda().t(), 12, upstream).cpu(), want)  # strided
+
+
+@pytest.mark.parametrize("way", WAYS)
+@pytest.mark.parametrize("name", list(MSE))
+def test_masked_mse_check_contract(name, way):
+    _, _, _, exc, text = MSE[name]
+    assert_three_way(MSE_OP, way, lambda: _mse_cases()[name][:3], exc, text)
+
+
+@pytest.mark.parametrize("backend", ["native", "reference"])
+def test_nested_inputs_refused_alike(backend, monkeypatch):
+    # FakeTensorMode cannot convert a nested tensor, so this one is two ways:
+    # the raw op / the reference, and the public wrappers on either backend.
+    monkeypatch.setenv("OPENSORA_FAST_BACKEND", backend)
+    nt = torch.nested.nested_tensor([z(5, 3), z(5, 3)])
+    njt = torch.nested.nested_tensor([z(5, 3), z(4, 3)], layout=torch.jagged)
+    r = torch.tensor([[0, 5], [1, 3]])
+    dense = "masked_mse: pred, target and ranges must be dense (strided) tensors"
+    for x in (nt, njt):
+        for fn in (OP.masked_mse, reference.masked_mse.masked_mse, ops.masked_mse):
+            raises(lambda: fn(x, x, r), ValueError, dense)
+    for fn in (OP.masked_mse_backward, reference.masked_mse.masked_mse_backward):
+        raises(lambda: fn(torch.tensor(1.0), nt, nt, r), ValueError, dense)
+    frame = torch.nested.nested_tensor([z(3), z(3)])
+    for fn in (
+        lambda: OP.loss_ranges(frame, 4, True),
+        lambda: reference.masked_mse.loss_ranges(frame, 4, True),
+        lambda: ops.loss_ranges(frame, 4),
+    ):
+        raises(fn, ValueError, "loss_ranges: frame_mask must be a dense (strided) tensor")
+
+
+def _ranges_cases():
+    return {
+        "3-D": (z(2, 3, 1), 4, ValueError, "loss_ranges: frame_mask must be [B, T], got shape [2, 3, 1]"),
+        "complex": (
+            torch.zeros(2, 3, dtype=torch.complex64),
+            4,
+            TypeError,
+            "loss_ranges: frame_mask has dtype torch.complex64; expected a real or bool dtype",
+        ),
+        "no frames": (z(2, 0), 4, ValueError, "loss_ranges: frame_mask has no frames (T=0)"),
+        "negative hw": (z(2, 3), -1, ValueError, "loss_ranges: hw must be >= 0, got -1"),
+        "sparse": (z(2, 3).to_sparse(), 4, ValueError, "loss_ranges: frame_mask must be a dense (strided) tensor"),
+        "None": (None, 4, TypeError, "loss_ranges: frame_mask must be a tensor, got NoneType"),
+        # sub-byte and bits dtypes: no comparison with 1 in torch
+        "uint4": (
+            torch.zeros(2, 3, dtype=torch.uint4),
+            4,
+            TypeError,
+            "loss_ranges: frame_mask has dtype torch.uint4; expected a real or bool dtype",
+        ),
+        "bits8": (
+            torch.zeros(2, 3, dtype=torch.bits8),
+            4,
+            TypeError,
+            "loss_ranges: frame_mask has dtype torch.bits8; expected a real or bool dtype",
+        ),
+        "float4": (
+            torch.zeros(2, 3, dtype=torch.float4_e2m1fn_x2),
+            4,
+            TypeError,
+            "loss_ranges: frame_mask has dtype torch.float4_e2m1fn_x2; expected a real or bool dtype",
+        ),
+        # T * hw past int64: once silently wrapped ranges on both backends
+        "T*hw > int64": (
+            z(2, 3),
+            2**62,
+            ValueError,
+            "loss_ranges: T * hw = 3 * 4611686018427387904 does not fit in int64",
+        ),
+        "T*hw = int64 max + 1": (
+            z(2, 2),
+            2**62,
+            ValueError,
+            "loss_ranges: T * hw = 2 * 4611686018427387904 does not fit in int64",
+        ),
+        "hw int64 max": (
+            z(2, 2),
+            2**63 - 1,
+            ValueError,
+            "loss_ranges: T * hw = 2 * 9223372036854775807 does not fit in int64",
+        ),
+    }
+
+
+def _loss_ranges_upstream(fn):
+    return lambda frame, hw: fn(frame, hw, True)
+
+
+RANGES_OP = Contract(
+    {
+        "native": _loss_ranges_upstream(raw("loss_ranges")),
+        "reference": _loss_ranges_upstream(reference.masked_mse.loss_ranges),
+        "fake": faked(_loss_ranges_upstream(raw("loss_ranges"))),
+    }
+)
+
+
+@pytest.mark.parametrize("way", WAYS)
+@pytest.mark.parametrize("name", list(_ranges_cases()))
+def test_loss_ranges_check_contract(name, way):
+    _, _, exc, text = _ranges_cases()[name]
+    assert_three_way(RANGES_OP, way, lambda: _ranges_cases()[name][:2], exc, text)
+
+
+def _grad_cases():
+    return {
+        "grad shape": (z(1), ValueError, "masked_mse_backward: grad must be a scalar (0-dim), got shape [1]"),
+        "grad complex": (
+            torch.zeros((), dtype=torch.complex64),
+            TypeError,
+            "masked_mse_backward: grad has dtype torch.complex64; expected float32, bfloat16, float16 or float64",
+        ),
+        "grad device": (
+            torch.zeros((), device="meta"),
+            ValueError,
+            "masked_mse_backward: grad is on meta but pred is on cpu",
+        ),
+        "grad None": (None, TypeError, "masked_mse_backward: grad must be a tensor, got NoneType"),
+        "grad sparse": (
+            torch.tensor(1.0).to_sparse(),
+            ValueError,
+            "masked_mse_backward: grad must be a dense (strided) tensor",
+        ),
+    }
+
+
+BACKWARD_OP = Contract(
+    {
+        "native": raw("masked_mse_backward"),
+        "walk": raw("_masked_mse_grid_walk"),  # segfaulted on a wrong grad shape
+        "reference": reference.masked_mse.masked_mse_backward,
+        "fake": faked(raw("masked_mse_backward")),
+    }
+)
+
+
+@pytest.mark.parametrize("way", ["native", "walk", "reference", "fake"])
+@pytest.mark.parametrize("name", list(_grad_cases()))
+def test_masked_mse_backward_check_contract(name, way):
+    grad, exc, text = _grad_cases()[name]
+    p, t, r = torch.randn(2, 5, 3), torch.randn(2, 5, 3), torch.tensor([[0, 5], [1, 3]])
+    assert_three_way(BACKWARD_OP, way, lambda: (grad, p, t, r), exc, text)  # the same line from the other ways
+
+
+# ---- findings of the hardening review (each failed before its fix) ------------------
+
+
+def test_reference_ignores_nan_and_inf_outside_the_ranges():
+    p, t = torch.randn(2, 6, 4, requires_grad=True), torch.randn(2, 6, 4)
+    r = torch.tensor([[1, 4], [0, 2]])
+    with torch.no_grad():
+        p[0, 0] = float("nan")
+        p[0, 5] = float("inf")
+        p[1, 3] = float("nan")
+    for fn in (reference.masked_mse.masked_mse, OP.masked_mse, ops.masked_mse):
+        loss = fn(p, t, r)
+        (g,) = torch.autograd.grad(loss, p)
+        assert torch.isfinite(loss), fn
+        assert bool(torch.isfinite(g).all()), fn
+        assert float(g[0, 0].abs().sum()) == 0 and float(g[1, 3].abs().sum()) == 0
+
+
+def _mse_inputs(dtype=torch.float64):
+    g = torch.Generator().manual_seed(5)
+    p = torch.randn(3, 7, 5, generator=g, dtype=dtype, requires_grad=True)
+    t = torch.randn(3, 7, 5, generator=g, dtype=dtype, requires_grad=True)
+    return p, t, torch.tensor([[0, 7], [2, 5], [6, 6]])  # the last sample empty
+
+
+@pytest.mark.parametrize("fn", ["wrapper", "raw"])
+def test_double_backward(fn):
+    p, t, r = _mse_inputs()
+    r[2, 1] = 7  # no NaN loss here: gradgradcheck needs finite values
+    f = {"wrapper": ops.masked_mse, "raw": OP.masked_mse}[fn]
+    assert torch.autograd.gradgradcheck(lambda a, b: f(a, b, r), (p, t))
+    # a second derivative taken by hand is the analytic one: d2/dp2 = 2/(count B) inside
+    (gp,) = torch.autograd.grad(f(p, t, r), p, create_graph=True)
+    (h,) = torch.autograd.grad(gp.sum(), p)
+    assert h is not None
+    torch.testing.assert_close(h[0], torch.full_like(h[0], 2 / (7 * 5 * 3)))
+
+
+def test_forward_mode_on_the_wrapper_and_on_the_raw_op():
+    p, t, r = _mse_inputs()
+    r[2, 1] = 7
+    dp, dt = torch.randn_like(p), torch.randn_like(t)
+    _, tangent = torch.func.jvp(lambda a, b: ops.masked_mse(a, b, r), (p.detach(), t.detach()), (dp, dt))
+    _, want = torch.func.jvp(lambda a, b: reference.masked_mse.masked_mse(a, b, r), (p.detach(), t.detach()), (dp, dt))
+    torch.testing.assert_close(tangent, want)
+    assert float(tangent) != 0
+    # torch.autograd.forward_ad (no functorch transform: the old-style Function's jvp)
+    import torch.autograd.forward_ad as fwAD
+
+    with fwAD.dual_level():
+        out = ops.masked_mse(fwAD.make_dual(p.detach(), dp), fwAD.make_dual(t.detach(), dt), r)
+        torch.testing.assert_close(fwAD.unpack_dual(out).tangent, want)
+    g = torch.func.grad(lambda a: ops.masked_mse(a, t.detach(), r))(p.detach())
+    (want_g,) = torch.autograd.grad(reference.masked_mse.masked_mse(p, t, r), p)
+    torch.testing.assert_close(g, want_g)
+    # the raw op: forward mode (torch.func and forward_ad) through the reference's math
+    # (it once raised; silently zero tangents before that)
+    _, raw = torch.func.jvp(lambda a, b: OP.masked_mse(a, b, r), (p.detach(), t.detach()), (dp, dt))
+    torch.testing.assert_close(raw, want)
+    _, want_p = torch.func.jvp(lambda a: reference.masked_mse.masked_mse(a, t.detach(), r), (p.detach(),), (dp,))
+    with fwAD.dual_level():
+        out = OP.masked_mse(fwAD.make_dual(p.detach(), dp), t.detach(), r)
+        torch.testing.assert_close(fwAD.unpack_dual(out).tangent, want_p)
+    g = torch.func.grad(lambda a: OP.masked_mse(a, t.detach(), r))(p.detach())
+    torch.testing.assert_close(g, want_g)
+
+
+def test_reference_backward_is_the_native_backward_bit_for_bit():
+    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        p, t, r = _mse_inputs(dtype)
+        for g in (torch.tensor(1.0), torch.tensor(2.5), torch.tensor(-0.3, dtype=torch.float64)):
+            a = OP.masked_mse_backward(g, p.detach(), t.detach(), r)
+            b = reference.masked_mse.masked_mse_backward(g, p.detach(), t.detach(), r)
+            assert_bitwise_equal(a, b, f"{dtype} g={g}")
+
+
+def test_get_batch_loss_edge_inputs_match_upstream():
+    empty = torch.zeros(0, 4, 8)
+    got = get_batch_loss(empty, empty)
+    want = reference.upstream.train.get_batch_loss(empty, empty)
+    assert got.dtype == want.dtype == torch.float32 and torch.isnan(got) and torch.isnan(want)
+    p64, t64 = torch.randn(2, 8, 4, dtype=torch.float64), torch.randn(2, 8, 4, dtype=torch.float64)
+    assert get_batch_loss(p64, t64).dtype == torch.float32  # upstream casts to float first
+    with pytest.raises(ValueError, match="T=0"):
+        get_batch_loss(torch.zeros(1, 0, 4), torch.zeros(1, 0, 4), torch.zeros(1, 0, 2, 2))
+    big = torch.randn(100_003)  # 1-D: once one row per element; now one sample
+    torch.testing.assert_close(get_batch_loss(big, big * 0.5), torch.nn.functional.mse_loss(big, big * 0.5))
 
 
 WALK_CASES = [  # B, L, D, ranges
@@ -634,3 +875,332 @@ def test_forward_over_reverse_and_hessian_match_the_reference():
         tangent = fwAD.unpack_dual(g).tangent
     want_t = torch.func.jvp(torch.func.grad(lambda a: reference.masked_mse.masked_mse(a, t, r)), (p,), (v,))[1]
     torch.testing.assert_close(tangent, want_t)
+
+
+# ---- property-based: native (and the walked CUDA bodies) vs reference -------------
+# (profile "ci": fixed and bounded; --hypothesis-profile=long explores further)
+
+
+def _token_range(draw, L: int) -> tuple[int, int]:
+    """[start, end) for one sample: mostly non-empty, sometimes reaching past
+    [0, L) (the op clamps), about one in ten empty (NaN for that sample)."""
+    if L == 0 or draw(st.integers(0, 9)) == 5:  # not 0: hypothesis favours the bounds
+        s = draw(st.integers(-3, L + 3))
+        return s, draw(st.integers(-3, min(s, L + 3)))
+    s = draw(st.integers(0, L - 1))
+    e = draw(st.integers(s + 1, L))
+    if draw(st.integers(0, 3)) == 0:
+        s, e = s - draw(st.integers(0, 3)), e + draw(st.integers(0, 3))
+    return s, e
+
+
+@st.composite
+def mse_calls(draw):
+    v = draw(st.integers(0, 19))
+    B = 0 if v == 10 else 1 + v % 4  # B = 0 (a NaN loss) about once in twenty
+    L, D = draw(st.integers(0, 40)), draw(st.integers(1, 20))
+    dtype = draw(st.sampled_from([torch.float32, torch.bfloat16, torch.float16, torch.float64]))
+    seed = draw(st.integers(0, 2**31))
+    g = torch.Generator().manual_seed(seed)
+    p = torch.randn(B, L, D, generator=g).to(dtype)
+    t = torch.randn(B, L, D, generator=g).to(dtype)
+    ranges = torch.tensor([_token_range(draw, L) for _ in range(B)], dtype=torch.int64).reshape(B, 2)
+    for b in range(B):  # NaN/Inf just outside a sample's range, in pred or target
+        s = max(0, min(L, int(ranges[b, 0])))
+        e = max(s, min(L, int(ranges[b, 1])))
+        outside = ([s - 1] if s > 0 else []) + ([e] if e < L else [])
+        if outside and draw(st.booleans()):
+            x = draw(st.sampled_from([p, t]))
+            bad = draw(st.sampled_from([float("nan"), float("inf")]))
+            x[b, draw(st.sampled_from(outside)), draw(st.integers(0, D - 1))] = bad
+    empty = int((ranges[:, 1].clamp(0, L) <= ranges[:, 0].clamp(0, L)).sum())
+    event(f"mse: B={'0' if B == 0 else '>0'}, L={'0' if L == 0 else '>0'}")
+    if empty:
+        event("mse: an empty sample")
+    if B > empty:
+        event("mse: a non-empty sample")
+    return p, t, ranges
+
+
+@given(
+    st.integers(0, 5),
+    st.integers(1, 9),
+    st.integers(0, 7),
+    st.sampled_from([torch.float32, torch.bfloat16, torch.float64, torch.bool, torch.int32]),
+    st.booleans(),
+    st.integers(0, 2**31),
+    st.integers(1, 3),
+)
+def test_loss_ranges_property_native_equals_reference(B, T, hw, dtype, upstream, seed, step):
+    # values from {0, 1, 2, NaN}: only 1 is a conditioned frame; a strided view
+    g = torch.Generator().manual_seed(seed)
+    vals = torch.tensor([0.0, 1.0, 1.0, 2.0, float("nan")])[torch.randint(0, 5, (B, T * step), generator=g)]
+    if not dtype.is_floating_point:
+        vals = torch.nan_to_num(vals, nan=3.0)
+    frame = vals.to(dtype)[:, ::step]
+    assert torch.equal(OP.loss_ranges(frame, hw, upstream), reference.masked_mse.loss_ranges(frame, hw, upstream))
+
+
+def _mse_tol(dtype: torch.dtype) -> dict:
+    # fp32 accumulation whatever the input dtype: the backends differ by summation order only
+    return dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)
+
+
+def _assert_loss_close(got: torch.Tensor, want: torch.Tensor, empty: bool, tol: dict, msg: str) -> None:
+    """NaN exactly where the sample (or batch) is empty; else finite and close."""
+    assert bool(want.isnan()) == empty and bool(got.isnan()) == empty, (msg, got, want)
+    if not empty:
+        assert bool(got.isfinite()), (msg, got)
+        torch.testing.assert_close(got, want, msg=msg, **tol)
+
+
+@given(mse_calls(), st.sampled_from([1.0, 2.5, -0.75]))
+def test_masked_mse_native_equals_reference(call, gscale):
+    p, t, ranges = call
+    B, L, _ = p.shape
+    acc = torch.float64 if p.dtype == torch.float64 else torch.float32
+    tol = _mse_tol(p.dtype)
+    empty = [bool(min(L, max(0, int(e))) <= min(L, max(0, int(s)))) for s, e in ranges.tolist()]
+    loss = OP.masked_mse(p, t, ranges)
+    want = reference.masked_mse.masked_mse(p, t, ranges)
+    assert loss.dtype == want.dtype == acc
+    _assert_loss_close(loss, want, B == 0 or any(empty), tol, "mean")
+    # each sample on its own: one empty sample's NaN would hide the others in the mean
+    for b in range(B):
+        one = (p[b : b + 1], t[b : b + 1], ranges[b : b + 1])
+        _assert_loss_close(OP.masked_mse(*one), reference.masked_mse.masked_mse(*one), empty[b], tol, f"sample {b}")
+        walked = OP._masked_mse_grid_walk(torch.tensor(1.0), *one)[0]
+        _assert_loss_close(walked, reference.masked_mse.masked_mse(*one), empty[b], tol, f"walk {b}")
+    g = torch.tensor(gscale)
+    # the gradient is elementwise with the same roundings: bit for bit
+    assert_bitwise_equal(
+        OP.masked_mse_backward(g, p, t, ranges), reference.masked_mse.masked_mse_backward(g, p, t, ranges)
+    )
+    wl, wg = OP._masked_mse_grid_walk(g, p, t, ranges)
+    _assert_loss_close(wl, want, B == 0 or any(empty), tol, "walk")
+    assert_bitwise_equal(wg, OP.masked_mse_backward(g, p, t, ranges))
+
+
+@given(st.integers(0, 15), st.sampled_from([torch.float32, torch.bfloat16, torch.float16]), st.integers(0, 2**31))
+def test_loss_grid_walk_independent_of_storage_offset(offset_bytes, dtype, seed):
+    """The GPU's per-thread split follows element indices, not addresses: a view
+    at any byte offset sums exactly like an aligned copy."""
+    g = torch.Generator().manual_seed(seed)
+    B, L, D = 2, 37, 33
+    p, t = torch.randn(B, L, D, generator=g).to(dtype), torch.randn(B, L, D, generator=g).to(dtype)
+    ranges = torch.tensor([[1, 30], [0, 37]])
+    esz = p.element_size()
+    off = offset_bytes // esz
+
+    def at(x):
+        buf = torch.empty(x.numel() + 16, dtype=dtype)
+        v = buf[off : off + x.numel()].view(x.shape)
+        v.copy_(x)
+        return v
+
+    one = torch.tensor(1.0)
+    a = OP._masked_mse_grid_walk(one, p, t, ranges)
+    b = OP._masked_mse_grid_walk(one, at(p), at(t), ranges)
+    assert_bitwise_equal(a[0], b[0])
+    assert_bitwise_equal(a[1], b[1])
+
+
+@st.composite
+def batches_with_masks(draw):
+    B, T = draw(st.integers(1, 4)), draw(st.integers(1, 6))
+    H, W, D = 2 * draw(st.integers(1, 3)), 2 * draw(st.integers(1, 3)), draw(st.sampled_from([4, 12, 64]))
+    frames = torch.tensor([[draw(st.booleans()) for _ in range(T)] for _ in range(B)], dtype=torch.float32)
+    masks = frames[:, :, None, None].expand(B, T, H, W).contiguous()
+    L = T * (H // 2) * (W // 2)
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31)))
+    dtype = draw(st.sampled_from([torch.float32, torch.bfloat16]))
+    return torch.randn(B, L, D, generator=g).to(dtype), torch.randn(B, L, D, generator=g).to(dtype), masks
+
+
+@given(batches_with_masks())
+def test_masked_loss_matches_upstream_formula(batch):
+    p, t, masks = batch
+    tol = _mse_tol(p.dtype)  # both accumulate in fp32 (upstream calls .float() first)
+    got = get_batch_loss(p, t, masks)
+    want = reference.upstream.train.get_batch_loss(p, t, masks)
+    torch.testing.assert_close(got, want.float(), equal_nan=True, **tol)
+    # each sample on its own, so a NaN (an empty sample) cannot hide the others
+    for b in range(p.shape[0]):
+        one = (p[b : b + 1], t[b : b + 1], masks[b : b + 1])
+        w = reference.upstream.train.get_batch_loss(*one)
+        event(f"upstream formula: {'NaN' if w.isnan() else 'finite'} sample")
+        torch.testing.assert_close(get_batch_loss(*one), w.float(), equal_nan=True, **tol)
+
+
+# ---- CUDA (marked `cuda`: skipped without a GPU; benchmarks/gpu_check.sh runs them) ----
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_parity(dtype):
+    gen = torch.Generator().manual_seed(10)
+    B, T, H, W, D = 4, 9, 12, 14, 64
+    p, t = inputs(B, T, H, W, D, dtype, gen)
+    m = make_masks("mixed", B, T, H, W, gen)
+    want = loss_and_grads(lambda a, b: reference.upstream.train.get_batch_loss(a, b, m), p, t)
+    pc = p.detach().cuda().requires_grad_()
+    tc = t.detach().cuda().requires_grad_()
+    got = loss_and_grads(lambda a, b: get_batch_loss(a, b, m.cuda()), pc, tc)
+    torch.testing.assert_close(got[0].cpu(), want[0].to(got[0].dtype), **TOL[dtype])
+    for a, b in zip(got[1:], want[1:]):
+        torch.testing.assert_close(a.cpu(), b, **TOL[dtype])
+    # the GPU's loss and gradient equal the CPU walk of its grid bit for bit
+    r = loss_token_ranges(m)
+    g = torch.tensor(1.25)
+    walk_loss, walk_grad = torch.ops.opensora_fast._masked_mse_grid_walk(g, p.detach(), t.detach(), r)
+    gpu_loss = ops.masked_mse(pc.detach(), tc.detach(), r.cuda())
+    gpu_grad = torch.ops.opensora_fast.masked_mse_backward(g.cuda(), pc.detach(), tc.detach(), r.cuda())
+    assert torch.equal(gpu_loss.cpu(), walk_loss)
+    assert torch.equal(gpu_grad.cpu(), walk_grad)
+
+
+@pytest.mark.cuda
+def test_cuda_no_host_sync_and_graph_capture():
+    B, T, H, W, D = 4, 33, 24, 42, 64
+    L = T * H * W // 4
+    p = torch.randn(B, L, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    t = torch.randn(B, L, D, device="cuda", dtype=torch.bfloat16)
+    m = torch.zeros(B, T, H, W, device="cuda")
+    m[0, 0] = 1
+    get_batch_loss(p, t, m).backward()  # warm up
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        get_batch_loss(p, t, m).backward()
+        get_batch_loss(p, t).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    x = p.detach().clone()
+    graph = torch.cuda.CUDAGraph()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        ops.masked_mse(x, t, loss_token_ranges(m))
+    torch.cuda.current_stream().wait_stream(s)
+    with torch.cuda.graph(graph):
+        out = ops.masked_mse(x, t, loss_token_ranges(m))
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(out, ops.masked_mse(x, t, loss_token_ranges(m)))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize(
+    "dtype", [torch.uint16, torch.uint32, torch.uint64, torch.float8_e4m3fn, torch.float8_e8m0fnu, torch.bool]
+)
+def test_cuda_loss_ranges_mask_dtypes_match_the_cpu_reference(dtype):
+    gen = torch.Generator().manual_seed(16)
+    m = (torch.rand(300, 6, generator=gen) < 0.4).float()
+    m[::7, 2] = 2  # not conditioned
+    m = m.to(dtype)
+    for upstream in (True, False):
+        want = reference.masked_mse.loss_ranges(m, 12, upstream)
+        assert torch.equal(ops.loss_ranges(m.cuda(), 12, upstream).cpu(), want)
+        assert torch.equal(ops.loss_ranges(m.t().cuda().t(), 12, upstream).cpu(), want)  # strided
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("case", WALK_CASES, ids=lambda c: f"{c[0]}x{c[1]}x{c[2]}")
+@pytest.mark.parametrize("offset", [0, 1])
+def test_loss_equals_its_grid_walk(dtype, case, offset):
+    B, L, D, r = case
+    g = torch.Generator().manual_seed(B * L + D)
+    n = B * L * D
+    pbuf, tbuf = torch.randn(n + 1, generator=g).to(dtype), torch.randn(n + 1, generator=g).to(dtype)
+    p, t = pbuf[offset : offset + n].view(B, L, D), tbuf[1 - offset : 1 - offset + n].view(B, L, D)
+    ranges, grad = torch.tensor(r), torch.tensor(0.75)
+    walk_loss, walk_grad = OP._masked_mse_grid_walk(grad, p, t, ranges)
+    gpu_loss = OP.masked_mse(p.cuda(), t.cuda(), ranges.cuda())
+    gpu_grad = OP.masked_mse_backward(grad.cuda(), p.cuda(), t.cuda(), ranges.cuda())
+    assert_bitwise_equal(gpu_loss.cpu(), walk_loss)
+    assert_bitwise_equal(gpu_grad.cpu(), walk_grad)
+
+
+@pytest.mark.cuda
+def test_loss_with_100k_samples():
+    # once B lived in gridDim.y (max 65,535) and in shared memory (~12K rows)
+    g = torch.Generator().manual_seed(3)
+    p, t = torch.randn(100_000, 3, 1, generator=g), torch.randn(100_000, 3, 1, generator=g)
+    ranges = torch.tensor([[0, 3], [1, 2]]).repeat(50_000, 1)
+    walk_loss, walk_grad = OP._masked_mse_grid_walk(torch.tensor(1.0), p, t, ranges)
+    assert_bitwise_equal(OP.masked_mse(p.cuda(), t.cuda(), ranges.cuda()).cpu(), walk_loss)
+    assert_bitwise_equal(
+        OP.masked_mse_backward(torch.tensor(1.0).cuda(), p.cuda(), t.cuda(), ranges.cuda()).cpu(), walk_grad
+    )
+    x = torch.randn(20_000, device="cuda")
+    got = get_batch_loss(x, x * 0.5)
+    torch.testing.assert_close(got, torch.nn.functional.mse_loss(x, x * 0.5))
+    # fp32 accumulation on both sides: only the summation order differs
+    want = reference.upstream.train.get_batch_loss(x.cpu(), x.cpu() * 0.5)
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.cuda
+def test_loss_side_stream_and_graph_capture():
+    p = torch.randn(4, 8316, 64, device="cuda", dtype=torch.bfloat16)
+    t = torch.randn_like(p)
+    r = torch.tensor([[0, 8316], [252, 8316], [0, 8064], [252, 8064]], device="cuda")
+    one = torch.ones(())
+    # CPU anchors on copies of the inputs: the walk of the GPU's grid (bit for
+    # bit) and the reference (fp32 sums in another order: close)
+    walk_loss, walk_grad = OP._masked_mse_grid_walk(one, p.cpu(), t.cpu(), r.cpu())
+    ref_loss = reference.masked_mse.masked_mse(p.cpu(), t.cpu(), r.cpu())
+    assert_bitwise_equal(walk_grad, reference.masked_mse.masked_mse_backward(one, p.cpu(), t.cpu(), r.cpu()))
+    torch.testing.assert_close(walk_loss, ref_loss, rtol=1e-5, atol=1e-6)
+    want = OP.masked_mse(p, t, r)
+    assert_bitwise_equal(want, walk_loss, "eager vs CPU walk")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        got = OP.masked_mse(p, t, r)
+        gg = OP.masked_mse_backward(torch.ones((), device="cuda"), p, t, r)
+    torch.cuda.current_stream().wait_stream(side)
+    assert_bitwise_equal(got, walk_loss, "side stream vs CPU walk")
+    assert_bitwise_equal(gg, walk_grad, "side stream vs CPU reference")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = OP.masked_mse(p, t, r)
+        gout = OP.masked_mse_backward(torch.ones((), device="cuda"), p, t, r)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert_bitwise_equal(out, walk_loss, "graph replay vs CPU walk")
+    assert_bitwise_equal(gout, walk_grad, "graph replay vs CPU reference")
+
+
+@pytest.mark.cuda
+@pytest.mark.slow
+def test_loss_over_2_pow_31_elements():
+    n = 2**31 + 64
+    if free_cuda_bytes() < n * 4 + (1 << 30):
+        pytest.skip("not enough GPU memory")
+    p = torch.ones(1, n // 64, 64, device="cuda", dtype=torch.bfloat16)
+    t = torch.zeros_like(p)
+    r = torch.tensor([[0, n // 64]], device="cuda")
+    assert float(OP.masked_mse(p, t, r)) == 1.0
+    g = OP.masked_mse_backward(torch.ones((), device="cuda"), p, t, r)
+    assert float(g[0, -1, -1]) == float(torch.tensor(2.0 / n, dtype=torch.bfloat16))
+
+
+@pytest.mark.cuda
+def test_loss_ranges_cuda_equals_cpu_without_sync():
+    g = torch.Generator().manual_seed(5)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.bool, torch.int64):
+        for T in (1, 2, 5, 33):
+            full = (torch.rand(300, T, 3, generator=g) < 0.3).to(dtype)
+            m, d = full[:, :, 1], full.cuda()[:, :, 1]  # strided views, on each device
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                got = [OP.loss_ranges(d, 7, up) for up in (True, False)]
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+            for up, r in zip((True, False), got):
+                assert r.device.type == "cuda"
+                assert torch.equal(r.cpu(), OP.loss_ranges(m, 7, up)), (dtype, T, up)
+                assert torch.equal(r.cpu(), reference.masked_mse.loss_ranges(m, 7, up)), (dtype, T, up)

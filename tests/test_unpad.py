@@ -1,16 +1,16 @@
-"""The unpad_ op: one contract three ways (raw native op, reference, fake),
-opcheck, the CUDA body walked over its grid on the CPU, and a hypothesis
-differential suite (native vs reference vs grid walk), all bit-exact (a copy)."""
+"""The unpad_ op: one contract three ways (raw native op, reference, fake, and the
+grid walk), opcheck, the CUDA body walked over its grid on the CPU, a hypothesis
+differential suite (native vs reference vs grid walk), all bit-exact (a copy);
+CUDA launch paths (marked `cuda`: skipped without a GPU)."""
 
 import os
 
 import pytest
 import torch
-from helpers import assert_bitwise_equal
+from contract import Contract, assert_three_way, fake_call, faked, raises, raw
+from helpers import assert_bitwise_equal, z
 from hypothesis import given
 from hypothesis import strategies as st
-from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.utils._pytree import tree_map
 
 from opensora_fast import ops, reference
 from opensora_fast._ext import HAS_NATIVE
@@ -95,10 +95,6 @@ def rnd(shape, dtype, g):
 
 
 # ----------------------------------------------------------------- contract table
-
-
-def z(*shape, dtype=torch.float32):
-    return torch.zeros(*shape, dtype=dtype)
 
 
 def _cases():
@@ -278,58 +274,38 @@ def _nested():
         return torch.nested.nested_tensor([z(6), z(6)])
 
 
-def _snapshot(o):
-    """A copy of a dense CPU out to compare after the error (None for others)."""
-    ok = o.layout == torch.strided and not o.is_nested and o.device.type == "cpu"
-    return o.detach().clone() if ok else None
+UNPAD_OP = Contract(
+    {
+        "native": raw("unpad_"),
+        "walk": raw("_unpad_grid_walk"),
+        "reference": reference.unpad.unpad_,
+        "fake": faked(raw("unpad_")),
+    }
+)
+# the private walk op has no autograd rule (nested tensors dispatch to one first)
+NO_WALK = ("requires grad", "nested", "gathered nested")
+NO_FAKE = ("nested", "gathered nested")  # FakeTensorMode (torch 2.14) cannot convert a strided nested tensor
 
 
-def _raises(fn, exc, text):
-    with pytest.raises(Exception) as info:
-        fn()
-    assert type(info.value) is exc, f"{type(info.value).__name__}: {info.value}"
-    assert text in str(info.value), str(info.value)
-    return str(info.value).splitlines()[0]
-
-
-def _fake_call(fn, args):
-    with FakeTensorMode(allow_non_fake_inputs=False) as mode:
-        fargs = tree_map(lambda x: mode.from_tensor(x) if isinstance(x, torch.Tensor) else x, args)
-        fn(*fargs)
-
-
-@pytest.mark.parametrize("way", ["native", "walk", "reference", "fake"])
+@pytest.mark.parametrize("way", list(UNPAD_OP.ways))
 @pytest.mark.parametrize("name", list(_cases()))
 def test_unpad_check_contract(name, way):
-    g, out, offset, shard, begin, count, exc, text = _cases()[name]
-    before = [_snapshot(o) for o in out]
-    args = (g, out, offset, shard, begin, count)
-    if way == "native":
-        msg = _raises(lambda: OP.unpad_(*args), exc, text)
-    elif way == "walk":
-        if name in ("requires grad", "nested", "gathered nested"):
-            pytest.skip("the private walk op has no autograd rule (nested tensors dispatch to one first)")
-        msg = _raises(lambda: OP._unpad_grid_walk(*args), exc, text)
-    elif way == "reference":
-        msg = _raises(lambda: reference.unpad.unpad_(*args), exc, text)
-    else:
-        if name in ("nested", "gathered nested"):
-            with pytest.raises(RuntimeError, match="NestedTensorImpl doesn't support sizes"):
-                _fake_call(OP.unpad_, args)  # torch's own limit: fails in from_tensor, before the op
-            pytest.skip("FakeTensorMode (torch 2.14) cannot convert a strided nested tensor")
-        msg = _raises(lambda: _fake_call(OP.unpad_, args), exc, text)
-    for o, b in zip(out, before):
-        if b is not None:
-            assert_bitwise_equal(o.detach(), b.detach(), f"{name}: written before the error")
-    other = _raises(lambda: reference.unpad.unpad_(*_cases()[name][:6]), exc, text)
-    assert msg == other  # the ways say exactly the same thing
+    *_, exc, text = _cases()[name]
+    if way == "walk" and name in NO_WALK:
+        pytest.skip("the private walk op has no autograd rule (nested tensors dispatch to one first)")
+    if way == "fake" and name in NO_FAKE:
+        with pytest.raises(RuntimeError, match="NestedTensorImpl doesn't support sizes"):
+            fake_call(raw("unpad_"), _cases()[name][:6])  # torch's own limit: fails in from_tensor, before the op
+        pytest.skip("FakeTensorMode (torch 2.14) cannot convert a strided nested tensor")
+    ways = [w for w in UNPAD_OP.ways if not (w == "walk" and name in NO_WALK) and not (w == "fake" and name in NO_FAKE)]
+    assert_three_way(UNPAD_OP, way, lambda: _cases()[name][:6], exc, text, compare=ways)  # fresh tensors per way
 
 
 @pytest.mark.parametrize("backend", ["native", "reference"])
 def test_wrapper_rejects_non_tensors(backend, monkeypatch):
     monkeypatch.setenv("OPENSORA_FAST_BACKEND", backend)
-    _raises(lambda: ops.unpad_([1.0], [z(1)], [0]), TypeError, "unpad_: gathered must be a tensor, got list")
-    _raises(lambda: ops.unpad_(z(1, 1), [None], [0]), TypeError, "unpad_: out[0] must be a tensor, got NoneType")
+    raises(lambda: ops.unpad_([1.0], [z(1)], [0]), TypeError, "unpad_: gathered must be a tensor, got list")
+    raises(lambda: ops.unpad_(z(1, 1), [None], [0]), TypeError, "unpad_: out[0] must be a tensor, got NoneType")
 
 
 BIG = 2**63 - 1
@@ -399,11 +375,11 @@ def test_values_outside_int64_are_a_value_error(backend, arg, value, monkeypatch
     lists[arg] = [lists[arg][0], value]
     out = [torch.zeros(5), torch.zeros(5)]
     text = f"unpad_: {arg}[1] = {value} does not fit in int64"
-    _raises(lambda: ops.unpad_(g, out, **lists), ValueError, text)
-    _raises(
+    raises(lambda: ops.unpad_(g, out, **lists), ValueError, text)
+    raises(
         lambda: unpad_lists(g, out, lists["offset"], lists["shard"], lists["begin"], lists["count"]), ValueError, text
     )
-    _raises(
+    raises(
         lambda: reference.unpad.unpad_(g, out, lists["offset"], lists["shard"], lists["begin"], lists["count"]),
         ValueError,
         text,
@@ -414,15 +390,13 @@ def test_values_outside_int64_are_a_value_error(backend, arg, value, monkeypatch
 @pytest.mark.parametrize("backend", ["native", "reference"])
 def test_wrapper_refuses_nested_and_sparse_alike(backend, monkeypatch):
     monkeypatch.setenv("OPENSORA_FAST_BACKEND", backend)
-    _raises(lambda: ops.unpad_(_nested(), [z(3)], [0]), ValueError, "unpad_: gathered must be a dense (strided) tensor")
-    _raises(
+    raises(lambda: ops.unpad_(_nested(), [z(3)], [0]), ValueError, "unpad_: gathered must be a dense (strided) tensor")
+    raises(
         lambda: ops.unpad_(z(2, 6).to_sparse(), [z(3)], [0]),
         ValueError,
         "unpad_: gathered must be a dense (strided) tensor",
     )
-    _raises(
-        lambda: ops.unpad_(z(2, 6), [_nested()], [0]), ValueError, "unpad_: out[0] must be a dense (strided) tensor"
-    )
+    raises(lambda: ops.unpad_(z(2, 6), [_nested()], [0]), ValueError, "unpad_: out[0] must be a dense (strided) tensor")
 
 
 def test_version_bumped_and_no_grad_ok():
@@ -513,7 +487,7 @@ def test_fake_and_meta():
     params = [torch.randn(4, 2), torch.randn(3)]
     gathered, idx, off, sh, bg, ct = bucketed(params, 2)
     outs = [torch.empty_like(p) for p in params]
-    _fake_call(OP.unpad_, (gathered, outs, off, sh, bg, ct))  # fine: returns None
+    fake_call(raw("unpad_"), (gathered, outs, off, sh, bg, ct))  # fine: returns None
     meta = (gathered.to("meta"), [o.to("meta") for o in outs])
     OP.unpad_(*meta, off, sh, bg, ct)  # meta tensors: the checks, nothing else
     with pytest.raises(ValueError, match=r"unpad_: out\[0\] has 8 elements but world \* shard = 2 \* 3 covers fewer"):
@@ -587,3 +561,104 @@ def test_native_walk_reference_agree(call):
         assert e0 is None, e0
         for a, p in zip(o0, params):
             same_bytes(a, p)
+
+
+# ---- CUDA (marked `cuda`: skipped without a GPU; benchmarks/gpu_check.sh runs them) ----
+
+
+def _unpad_case(world, sizes, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    params = [rnd(s, dtype, g) for s in sizes]
+    return params, bucketed(params, world)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64, torch.uint8, torch.complex128])
+def test_unpad_cuda_equals_cpu_into_device_and_pinned(dtype):
+    # > 256 entries (several tables), one entry over 3072 chunks, 0-dim, smaller than the world
+    big = 3072 * 16384 + 11 if dtype == torch.bfloat16 else 70001  # > one table of chunks (bf16 only: memory)
+    sizes = [(), (1,), (2,), (5, 3), (big,)] + [(64 + i,) for i in range(300)]
+    params, (gathered, idx, off, sh, bg, ct) = _unpad_case(3, sizes, dtype, 4)
+    want = [torch.zeros_like(p) for p in params]
+    OP.unpad_(gathered, want, off, sh, bg, ct)
+    dev = [torch.zeros_like(p, device="cuda") for p in params]
+    OP.unpad_(gathered.cuda(), dev, off, sh, bg, ct)
+    pinned = [torch.zeros_like(p).pin_memory() for p in params]
+    OP.unpad_(gathered.cuda(), pinned, off, sh, bg, ct)  # the kernel writes host memory directly
+    torch.cuda.synchronize()
+    for i, (w, d, h, p) in enumerate(zip(want, dev, pinned, params)):
+        assert torch.equal(w.view(-1).view(torch.uint8), p.view(-1).view(torch.uint8)), i
+        assert torch.equal(d.cpu().view(-1).view(torch.uint8), w.view(-1).view(torch.uint8)), i
+        assert torch.equal(h.view(-1).view(torch.uint8), w.view(-1).view(torch.uint8)), i
+
+
+@pytest.mark.cuda
+def test_unpad_cuda_refuses_unpinned_host_and_does_not_sync():
+    params, (gathered, idx, off, sh, bg, ct) = _unpad_case(2, [(7,), (3, 3)], torch.float32, 5)
+    g = gathered.cuda()
+    with pytest.raises(ValueError, match=r"out\[0\] is on cpu but gathered is on cuda:0"):
+        OP.unpad_(g, [torch.zeros(7), torch.zeros(3, 3, device="cuda")], off, sh, bg, ct)
+    outs = [torch.zeros_like(p, device="cuda") for p in params]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with torch.cuda.stream(side):
+            OP.unpad_(g, outs, off, sh, bg, ct)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    side.synchronize()
+    for o, p in zip(outs, params):
+        assert torch.equal(o.cpu(), p)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("layout", ["separate", "flat", "flat_reversed"])
+@pytest.mark.parametrize("staging", [False, True, None])
+def test_model_gathering_nccl_into_pinned(staging, layout):
+    """The gather (utils.ckpt.model_gathering) that unpad_ serves. 1 rank on NCCL: the bucketed gather into pinned host memory, with the kernel
+    writing it directly or through the device staging buffer and the copy engine;
+    into separate pinned tensors or into views of pinned segments (CheckpointIO's,
+    where staging is the default), also laid out in reverse (nothing to merge)."""
+    import torch.distributed as dist
+
+    from opensora_fast.utils import ckpt
+
+    dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        g = torch.Generator().manual_seed(11)
+        ema = torch.nn.Module()
+        shapes = [(5, 3), (), (1,), (4097,), (33, 17), (300, 301)]
+        for i, s in enumerate(shapes):
+            ema.register_parameter(f"p{i}", torch.nn.Parameter(torch.randn(s, generator=g).bfloat16().cuda()))
+        orig = {k: v.detach().cpu().clone() for k, v in ema.state_dict().items()}
+        shape_dict = ckpt.record_model_param_shape(ema)
+        ckpt.model_sharding(ema)
+        if layout == "separate":
+            pinned = {k: torch.full(v, -7.0, dtype=torch.bfloat16, pin_memory=True) for k, v in shape_dict.items()}
+        else:
+            entries = [(k, v, torch.bfloat16) for k, v in shape_dict.items()]
+            pinned = ckpt.CheckpointIO._pinned_dict(entries if layout == "flat" else entries[::-1])
+            for v in pinned.values():
+                assert v.is_pinned()
+                v.fill_(-7.0)
+        # a small bucket: parameters split across buckets go direct, whole ones are staged
+        ckpt.model_gathering(ema, shape_dict, pinned, bucket_bytes=4096, staging=staging, progress=False)
+        for k, v in orig.items():
+            assert_bitwise_equal(pinned[k], v, f"{k} staging={staging} {layout}")
+        # extra device memory: at most two buckets (staged: one gathered and two
+        # staging buffers of 2/3 of a bucket each), plus the allocator's 512-byte
+        # rounding of each buffer and the small flag tensors
+        bucket = 64 << 10
+        for v in pinned.values():
+            v.fill_(-7.0)
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        ckpt.model_gathering(ema, shape_dict, pinned, bucket_bytes=bucket, staging=staging, progress=False)
+        extra = torch.cuda.max_memory_allocated() - base
+        assert extra <= 2 * bucket + 4096, (extra, staging, layout)
+        for k, v in orig.items():
+            assert_bitwise_equal(pinned[k], v, f"{k} staging={staging} {layout} bucket={bucket}")
+    finally:
+        dist.destroy_process_group()

@@ -200,11 +200,38 @@ def clean_clone(tmp_path_factory):
     return src
 
 
+def _copy_suite(clone: Path, run_dir: Path) -> Path:
+    """The clone's tests away from its package: tests/, benchmarks/ (tests/helpers.py
+    imports benchmarks.layouts) and pyproject.toml (pytest's settings)."""
+    shutil.copytree(clone / "tests", run_dir / "tests", ignore=shutil.ignore_patterns("test_wheel.py", "__pycache__"))
+    shutil.copytree(
+        clone / "benchmarks", run_dir / "benchmarks", ignore=shutil.ignore_patterns("results", "__pycache__")
+    )
+    shutil.copy(clone / "pyproject.toml", run_dir / "pyproject.toml")
+    return run_dir
+
+
+def test_copied_suite_imports_without_the_source_tree(tmp_path):
+    """The wheel run's copy of the suite collects where only the package is on the path."""
+    run_dir = _copy_suite(ROOT, tmp_path / "run")
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "opensora_fast").symlink_to(PKG, target_is_directory=True)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "OPENSORA_FAST_BACKEND")}
+    out = subprocess.run(
+        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", "tests/test_ema.py"],
+        cwd=run_dir,
+        env=dict(env, PYTHONPATH=str(site)),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+
+
 def _run_suite_against_installed(py: Path, clone: Path, tmp: Path):
     """The clone's tests, copied away from any source tree, run by the venv's python."""
-    run_dir = tmp / "run"
-    shutil.copytree(clone / "tests", run_dir / "tests", ignore=shutil.ignore_patterns("test_wheel.py"))
-    shutil.copy(clone / "pyproject.toml", run_dir / "pyproject.toml")  # pytest markers only
+    run_dir = _copy_suite(clone, tmp / "run")
     where = _run([py, "-c", "import opensora_fast; print(opensora_fast.__file__)"], cwd=run_dir).stdout.strip()
     assert "site-packages" in where and not where.startswith(str(clone)), where
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "OPENSORA_FAST_BACKEND")}

@@ -78,7 +78,7 @@ def timeline(fn):
 
 
 def ckpt_case():
-    from opensora_fast._layouts import flux_mmdit_11b_shapes
+    from benchmarks.layouts import flux_mmdit_11b_shapes
     from opensora_fast.utils import ckpt
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29561")

@@ -1,4 +1,5 @@
-"""Parameter layouts of shipped Open-Sora models, for benchmarks and tests."""
+"""Parameter layouts of shipped Open-Sora models, for the benchmarks and the tests
+(not shipped in the package)."""
 
 from __future__ import annotations
 
