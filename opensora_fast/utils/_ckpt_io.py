@@ -11,7 +11,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from . import _ckpt_dist, _ckpt_exit, _ckpt_files, _ckpt_load, _ckpt_state, _ckpt_write
+from . import _ckpt_dist, _ckpt_exit, _ckpt_files, _ckpt_load, _ckpt_parallel_io, _ckpt_state, _ckpt_write
 from ._ckpt_plan import numel, side_by_side_views
 from ._ckpt_shard import master_weights_gathering, model_gathering
 
@@ -107,13 +107,21 @@ class CheckpointIO:
         ema_shape_dict: dict = None,
         async_io: bool = True,
         include_master_weights: bool = False,
+        *,
+        parallel: bool = False,
     ) -> str:
         """Save a checkpoint to ``save_dir/epoch{epoch}-global_step{actual_update_step}``
         and return that path. Every rank must call it. Returns once the EMA and
         master weights are in pinned host memory; with ``async_io`` the files are
         written (and the directory appears under its final name) in the
         background — ``_sync_io()`` waits; the next save waits too, and raises
-        if that write failed. A failure on any rank raises on every rank."""
+        if that write failed. A failure on any rank raises on every rank.
+
+        ``parallel``: the EMA and master weights are written without a gather,
+        every rank its own shards' bytes of the one consolidated file
+        (:func:`save_sharded_as_consolidated`; same files, no host buffers,
+        written before ``save`` returns); when the ranks do not all see
+        ``save_dir`` (probed), one log line and the gather path."""
         fn = "CheckpointIO.save"
         made: List[str] = []  # rank 0: the temporary directory, once made (removed if the save fails)
         failure = final = tmp = states = None
@@ -135,21 +143,46 @@ class CheckpointIO:
             self._check_save(fn, final, booster, model, ema, ema_shape_dict, lora)
             if _ckpt_dist.rank() == 0:
                 sums = self._save_local(
-                    tmp, made, booster, model, ema, optimizer, lr_scheduler, sampler, step, ema_shape_dict, masters
+                    tmp,
+                    made,
+                    booster,
+                    model,
+                    ema,
+                    optimizer,
+                    lr_scheduler,
+                    sampler,
+                    step,
+                    ema_shape_dict,
+                    masters,
+                    host_buffers=not parallel,
                 )
         except Exception as e:
             failure = e
         self._agree(fn, failure, made)
-        # 2. the collectives: the Booster's parts, the gathers
+        # 2. the collectives: the Booster's parts, the gathers (or each rank's own bytes)
         try:
-            self._save_gathered(fn, booster, tmp, model, ema, optimizer, lr_scheduler, lora, ema_shape_dict, masters)
+            if parallel:
+                parallel = _ckpt_parallel_io.use_parallel(fn, tmp)
+                if not parallel and _ckpt_dist.rank() == 0:  # the fallback gathers into host buffers
+                    self._save_local(None, made, None, None, ema, optimizer, None, None, step, ema_shape_dict, masters)
+            if parallel:
+                if booster is not None:
+                    _ckpt_write.save_booster_parts(booster, tmp, model, optimizer, lr_scheduler, lora)
+                sums.update(
+                    _ckpt_parallel_io.save_files(tmp, ema, ema_shape_dict, model, optimizer, masters, self.progress)
+                )
+            else:
+                self._save_gathered(
+                    fn, booster, tmp, model, ema, optimizer, lr_scheduler, lora, ema_shape_dict, masters
+                )
         except Exception as e:
             failure = e
         self._agree(fn, failure, made)
         # 3. rank 0 writes the rest (in the background with async_io) and renames
         try:
             if _ckpt_dist.rank() == 0:
-                self._save_files(tmp, final, states, sums, ema is not None, masters, async_io)
+                with_ema, with_masters = (ema is not None, masters) if not parallel else (False, False)
+                self._save_files(tmp, final, states, sums, with_ema, with_masters, async_io)
         except Exception as e:
             failure = e
         self._agree(fn, failure, made if not async_io else [])
@@ -176,19 +209,26 @@ class CheckpointIO:
         step,
         ema_shape_dict,
         masters: bool,
+        host_buffers: bool = True,
     ) -> Dict[str, str]:
-        """Rank 0: the temporary directory, the plain parts, the host buffers;
-        returns the checksums of the files written."""
+        """Rank 0: the temporary directory, the plain parts, the host buffers
+        (``tmp`` None: only the host buffers); returns the checksums of the
+        files written."""
         sums: Dict[str, str] = {}
-        if os.path.exists(tmp):
+        if tmp is None:
+            host_buffers = True
+        elif os.path.exists(tmp):
             shutil.rmtree(tmp)  # left by a save that was killed
-        os.makedirs(tmp)
-        made.append(tmp)
-        _ckpt_write.phase("mkdir")
-        if booster is None:
-            sums = _ckpt_write.save_plain_parts(tmp, model, optimizer, lr_scheduler)
-        if sampler is not None:  # only for VariableVideoBatchSampler
-            sums["sampler"] = _ckpt_files.torch_save_synced(sampler.state_dict(step), os.path.join(tmp, "sampler"))
+        if tmp is not None:
+            os.makedirs(tmp)
+            made.append(tmp)
+            _ckpt_write.phase("mkdir")
+            if booster is None:
+                sums = _ckpt_write.save_plain_parts(tmp, model, optimizer, lr_scheduler)
+            if sampler is not None:  # only for VariableVideoBatchSampler
+                sums["sampler"] = _ckpt_files.torch_save_synced(sampler.state_dict(step), os.path.join(tmp, "sampler"))
+        if not host_buffers:
+            return sums
         if ema is not None:
             self._prepare_pinned_state_dict(ema, ema_shape_dict)
         if masters:
@@ -254,6 +294,7 @@ class CheckpointIO:
         include_master_weights: bool = False,
         *,
         verify: bool = True,
+        parallel: bool = False,
     ) -> tuple:
         """Load a complete checkpoint; returns ``(epoch, step)``. A directory
         without running_states.json (a save cut short) is refused. With
@@ -261,24 +302,43 @@ class CheckpointIO:
         against the checksum recorded at save time (a checkpoint written
         before checksums, or by upstream, has none to check): a damaged file
         is a ValueError naming it, raised before anything is loaded. A
-        failure on any rank raises on every rank."""
+        failure on any rank raises on every rank.
+
+        ``parallel``: the EMA must already be sharded by ``model_sharding``;
+        each rank reads only its own shards of the EMA and master files
+        (:func:`load_sharded_from_consolidated`), which the ranks verify
+        together instead of each reading the whole file."""
         fn = "CheckpointIO.load"
         failure = running_states = None
+        own = ("ema.safetensors", "master.safetensors") if parallel else ()
         try:
             running_states = self._open_checkpoint(load_dir)
             if verify:
                 parts = _ckpt_load.parts_read(model, ema, optimizer, lr_scheduler, sampler, include_master_weights)
+                parts = [p for p in parts if p not in own]
                 _ckpt_files.verify(fn, load_dir, running_states.get("checksums"), parts)
         except Exception as e:
             failure = e
         _ckpt_dist.agree_exception(fn, failure)
         try:
             self._load_parts(
-                booster, load_dir, model, ema, optimizer, lr_scheduler, sampler, strict, include_master_weights
+                booster,
+                load_dir,
+                model,
+                None if parallel else ema,
+                optimizer,
+                lr_scheduler,
+                sampler,
+                strict,
+                include_master_weights and not parallel,
             )
         except Exception as e:
             failure = e
         _ckpt_dist.agree_exception(fn, failure)
+        if parallel:  # agrees on its own; every rank gets here together
+            sums = running_states.get("checksums") if verify else None
+            masters = include_master_weights and optimizer is not None
+            _ckpt_parallel_io.load_files(load_dir, ema, model, optimizer, masters, sums, self.progress)
         return (running_states["epoch"], running_states["step"])
 
     @staticmethod

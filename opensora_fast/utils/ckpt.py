@@ -61,6 +61,12 @@ What differs from upstream (each on purpose):
   directory so the rename covers them.
 * ``CheckpointIO.save`` also writes the EMA as ``ema.safetensors`` when
   ``async_io=False`` (upstream then ``torch.save``s the still-sharded EMA).
+* **Gather-free checkpoints** (not upstream's; ``save/load(parallel=True)``,
+  :func:`save_sharded_as_consolidated`, :func:`load_sharded_from_consolidated`
+  and their master-weight forms): every rank writes its own shards' bytes of
+  the one consolidated safetensors file with positioned writes (the same
+  file as the gather path's) and reads back only its own bytes; see
+  docs/checkpoints.md and :mod:`._ckpt_parallel`.
 * **World size 1** (no process group, or a group of one): the gathers run no
   collective; each shard is the whole padded tensor, so its prefix is copied
   straight into the destination (same bits).
@@ -70,7 +76,9 @@ planning, layout tests), :mod:`._ckpt_gather` (the bucketed gather),
 :mod:`._ckpt_shard` (sharding and the gathers), :mod:`._ckpt_write` (the
 writer and its background job), :mod:`._ckpt_files` (checksums, fsync,
 JSON, the directory layout), :mod:`._ckpt_load` (loaders), :mod:`._ckpt_io`
-(CheckpointIO), :mod:`._ckpt_dist` / :mod:`._ckpt_agree` (process groups).
+(CheckpointIO), :mod:`._ckpt_dist` / :mod:`._ckpt_agree` (process groups),
+:mod:`._ckpt_parallel` / :mod:`._ckpt_parallel_io` / :mod:`._ckpt_parallel_crc`
+(the gather-free files).
 """
 
 from __future__ import annotations
@@ -81,6 +89,12 @@ from . import _ckpt_dist, _ckpt_files, _ckpt_io, _ckpt_load, _ckpt_plan, _ckpt_w
 from ._ckpt_files import load_json, rm_checkpoints, save_json
 from ._ckpt_io import CheckpointIO
 from ._ckpt_load import load_checkpoint, load_from_hf_hub, load_from_sharded_state_dict, print_load_warning
+from ._ckpt_parallel_io import (
+    load_master_sharded_from_consolidated,
+    load_sharded_from_consolidated,
+    save_master_sharded_as_consolidated,
+    save_sharded_as_consolidated,
+)
 from ._ckpt_plan import DEFAULT_BUCKET_BYTES
 from ._ckpt_shard import (
     load_master_weights,
@@ -97,7 +111,9 @@ __all__ = [
     "load_from_hf_hub",
     "load_from_sharded_state_dict",
     "load_json",
+    "load_master_sharded_from_consolidated",
     "load_master_weights",
+    "load_sharded_from_consolidated",
     "master_weights_gathering",
     "model_gathering",
     "model_sharding",
@@ -106,6 +122,8 @@ __all__ = [
     "remove_padding",
     "rm_checkpoints",
     "save_json",
+    "save_master_sharded_as_consolidated",
+    "save_sharded_as_consolidated",
     "DEFAULT_BUCKET_BYTES",
 ]
 

@@ -1,0 +1,546 @@
+"""Gather-free checkpoints: every rank writes its own bytes of one
+consolidated safetensors file with positioned writes, and reads back only
+its own bytes.
+
+ZeRO's flat layout (flatten, zero-pad to a multiple of W, rank r keeps chunk
+r) makes a whole parameter the concatenation of its shards minus the tail
+padding, so rank r's elements ``[r*s, min((r+1)*s, n))`` of parameter p lie
+at byte ``data_start + offset(p) + r*s*esize`` of the file. The header
+(names sorted, offsets packed) is a function of the names, shapes and dtypes
+only: every rank computes it and the ranks agree on its CRC before anything
+is written. The file is the gather path's byte for byte.
+
+A save: rank 0 creates ``.<name>.partial`` next to ``path`` and preallocates
+it (a full disk fails here, before any data); every rank ``pwrite``s its
+pieces and fsyncs; rank 0 writes the header last (so a file cut short has a
+zero header length, which no reader accepts), fsyncs and renames it into
+place. Each step ends in an agreement (:func:`._ckpt_agree.agree`): a failure
+on any rank raises on every rank and rank 0 removes the partial file; the
+file's CRC-32 is joined from every rank's share (:mod:`._ckpt_parallel_crc`).
+A load: every rank reads the header, checks it against its model and reads
+only its pieces (and the small unsharded buffers) with ``preadv`` straight
+into the shards; with ``checksum``, a first pass verifies the whole file
+across the ranks before anything is written into the model."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import secrets
+import struct
+import zlib
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+
+from . import _ckpt_dist, _ckpt_files
+from ._ckpt_agree import agree, agreement_device, mark_agreed
+from ._ckpt_parallel_crc import Pieces, file_crc
+from ._ckpt_plan import numel
+from ._ckpt_write import ST_DTYPES, _safetensors_header, phase
+
+DEFAULT_STAGING_BYTES = 64 << 20  # per staging buffer (two per rank, only for device shards)
+_ST_NAMES = {v: k for k, v in ST_DTYPES.items()}
+
+# Test hooks: the positioned write and read (a test plants a full disk, or counts bytes read).
+pwrite = os.pwrite
+preadv = os.preadv
+
+
+def preallocate(fd: int, size: int) -> None:
+    """Reserves ``size`` bytes (a full disk fails here); ftruncate where the
+    filesystem cannot preallocate."""
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as e:
+        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            raise
+        os.ftruncate(fd, size)
+
+
+class Part:
+    """One tensor of the file: its full shape and dtype, this rank's local
+    tensor (a 1-D shard, or the whole tensor when not sharded), the shard
+    layout (``world``, ``rank``) and whether this rank's bytes of it are the
+    ones written (``own``: one copy of each byte is written)."""
+
+    __slots__ = ("name", "shape", "dtype", "local", "world", "rank", "own", "strict_shard")
+
+    def __init__(
+        self,
+        name: str,
+        shape,
+        dtype: torch.dtype,
+        local: torch.Tensor,
+        world: int,
+        rank: int,
+        own: bool,
+        strict_shard: bool = True,
+    ):
+        self.name, self.shape, self.dtype, self.local = name, tuple(int(d) for d in shape), dtype, local
+        self.world, self.rank, self.own = world, rank, own  # world 0: not sharded
+        self.strict_shard = strict_shard  # model_sharding's ceil(n / world); masters: any s with s * world >= n
+
+    def span(self) -> Tuple[int, int]:
+        """(first element of the whole tensor held here, how many): the shard's
+        unpadded part; a whole tensor when not sharded."""
+        n = numel(self.shape)
+        if self.world == 0:  # not sharded
+            return 0, n
+        s = self.local.numel()
+        lo = min(self.rank * s, n)
+        return lo, max(0, min(s, n - lo))
+
+
+class Layout:
+    """The file's header and where each tensor's bytes lie, from (name, shape,
+    dtype) alone: the same bytes as the gather path's writer."""
+
+    def __init__(self, fn: str, entries: Sequence[Tuple[str, tuple, torch.dtype]]):
+        metas = {}
+        for name, shape, dtype in entries:
+            if dtype not in ST_DTYPES:
+                raise TypeError(f"{fn}: safetensors cannot store {name!r} of dtype {dtype}")
+            metas[name] = torch.empty(shape, dtype=dtype, device="meta")
+        names = sorted(metas)
+        blob = _safetensors_header(metas, names)
+        self.prefix = struct.pack("<Q", len(blob)) + blob
+        self.data_start = len(self.prefix)
+        self.offset: Dict[str, int] = {}
+        pos = 0
+        for k in names:
+            self.offset[k] = pos
+            pos += metas[k].numel() * metas[k].element_size()
+        self.size = self.data_start + pos
+
+    def header_crc(self) -> int:
+        return zlib.crc32(self.prefix)
+
+
+def _bytes(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().reshape(-1).view(torch.uint8)
+
+
+def _pieces(parts: Sequence[Part], layout: Layout, own_only: bool) -> List[Tuple[int, Part, int, int]]:
+    """(file position, part, first local element, elements) of every range
+    this rank writes (``own_only``) or reads, in file order."""
+    out = []
+    for p in parts:
+        if own_only and not p.own:
+            continue
+        lo, k = p.span()
+        if k:
+            esize = p.dtype.itemsize
+            out.append((layout.data_start + layout.offset[p.name] + lo * esize, p, 0, k))
+    out.sort(key=lambda x: x[0])
+    return out
+
+
+def _write_all(fd: int, pos: int, data) -> None:
+    view = memoryview(data).cast("B")
+    while view.nbytes:
+        n = pwrite(fd, view, pos)
+        if n <= 0:
+            raise OSError(errno.ENOSPC, "short write")
+        view, pos = view[n:], pos + n
+
+
+def _read_all(fd: int, pos: int, data, path: str) -> None:
+    view = memoryview(data).cast("B")
+    while view.nbytes:
+        n = preadv(fd, [view], pos)
+        if n <= 0:
+            raise ValueError(f"{path}: the file ends at byte {pos}, before its tensors do (truncated?)")
+        view, pos = view[n:], pos + n
+
+
+class _Staging:
+    """Host buffers for tensors that are not contiguous CPU memory (device
+    shards): at most two of ``cap`` bytes, pinned when CUDA is there, so a
+    device copy into one overlaps the file I/O of the other."""
+
+    def __init__(self, cap: int):
+        self.cap, self.bufs, self.i = cap, [], 0
+
+    def next(self) -> torch.Tensor:
+        if len(self.bufs) < 2:
+            self.bufs.append(torch.empty(self.cap, dtype=torch.uint8, pin_memory=torch.cuda.is_available()))
+        b = self.bufs[self.i]
+        self.i ^= 1
+        return b
+
+
+def _direct(t: torch.Tensor) -> bool:
+    return t.device.type == "cpu" and t.is_contiguous()
+
+
+def write_pieces(fd: int, pieces, crc: Pieces, staging_bytes: int, show: bool, desc: str) -> None:
+    """Every piece's bytes to its place: CPU shards straight from their
+    memory; device shards through two staging buffers (the copy of the next
+    chunk runs while the current one is written)."""
+    stage = _Staging(staging_bytes)
+    pending = None  # (pos, host view, event or None)
+
+    def flush(item) -> None:
+        pos, host, ev = item
+        if ev is not None:
+            ev.synchronize()
+        data = host.numpy()
+        _write_all(fd, pos, data)
+        crc.add(pos, data)
+
+    for pos, p, first, k in _ckpt_dist.progress(pieces, len(pieces), desc, show):
+        src = _bytes(p.local[first : first + k] if p.world else p.local)
+        if _direct(p.local):
+            data = src.numpy()
+            _write_all(fd, pos, data)
+            crc.add(pos, data)
+            phase("par-piece")
+            continue
+        for c in range(0, src.numel(), staging_bytes):
+            chunk = src[c : c + staging_bytes]
+            host = stage.next()[: chunk.numel()]
+            host.copy_(chunk, non_blocking=chunk.is_cuda)
+            ev = torch.cuda.Event() if chunk.is_cuda else None
+            if ev is not None:
+                ev.record()
+            if pending is not None:
+                flush(pending)
+            pending = (pos + c, host, ev)
+        phase("par-piece")
+    if pending is not None:
+        flush(pending)
+
+
+def read_pieces(fd: int, pieces, path: str, staging_bytes: int, show: bool, desc: str) -> None:
+    """Every piece from its place in the file into the local tensors; CPU shards straight into their
+    memory, others through a staging buffer."""
+    stage = _Staging(staging_bytes)
+    events: Dict[int, torch.cuda.Event] = {}
+    with torch.no_grad():
+        for pos, p, first, k in _ckpt_dist.progress(pieces, len(pieces), desc, show):
+            dst = p.local[first : first + k] if p.world else p.local
+            if _direct(p.local):
+                _read_all(fd, pos, _bytes(dst).numpy(), path)
+            else:
+                flat = _bytes(dst) if dst.is_contiguous() else None
+                whole = flat if flat is not None else torch.empty(dst.numel() * dst.element_size(), dtype=torch.uint8)
+                for c in range(0, whole.numel(), staging_bytes):
+                    out = whole[c : c + staging_bytes]
+                    buf = stage.next()
+                    ev = events.pop(buf.data_ptr(), None)
+                    if ev is not None:  # its previous copy to the device is done
+                        ev.synchronize()
+                    host = buf[: out.numel()]
+                    _read_all(fd, pos + c, host.numpy(), path)
+                    out.copy_(host, non_blocking=out.is_cuda)
+                    if out.is_cuda:
+                        events[buf.data_ptr()] = torch.cuda.Event()
+                        events[buf.data_ptr()].record()
+                if flat is None:
+                    dst.copy_(whole.view(dst.dtype).view(dst.shape))
+    for ev in events.values():
+        ev.synchronize()
+
+
+def crc_pass(fd: int, pieces, layout_prefix: Optional[bytes], size: int, path: str, staging_bytes: int) -> int:
+    """This rank's share of the file's CRC: its pieces read into one staging
+    buffer, nothing kept (the verification before a load)."""
+    crc = Pieces(size)
+    if layout_prefix is not None:
+        crc.add(0, layout_prefix)
+    buf = torch.empty(
+        min(staging_bytes, max((k * p.dtype.itemsize for _, p, _, k in pieces), default=1)), dtype=torch.uint8
+    )
+    host = buf.numpy()
+    for pos, p, _first, k in pieces:
+        left = k * p.dtype.itemsize
+        while left:
+            n = min(left, host.nbytes)
+            _read_all(fd, pos, host[:n], path)
+            crc.add(pos, host[:n])
+            pos, left = pos + n, left - n
+    return crc.value()
+
+
+def group_rank(group) -> int:
+    return dist.get_rank(group) if _ckpt_dist.dist_on() else 0
+
+
+def _shares(value: int, group) -> List[int]:
+    """Every rank's int (CRC share), on every rank: one all_reduce of a
+    one-hot vector (NCCL has no XOR reduction)."""
+    world = _ckpt_dist.world_size(group)
+    if world == 1:
+        return [value]
+    t = torch.zeros(world, dtype=torch.int64, device=agreement_device(group))
+    t[group_rank(group)] = value
+    dist.all_reduce(t, group=group)
+    return t.tolist()
+
+
+def shared_dir(fn: str, directory: str, group=None) -> bool:
+    """Whether every rank of ``group`` sees the same ``directory``: rank 0
+    writes a probe file with a random token, every rank reads it back. A
+    failure to write the probe raises on every rank."""
+    if _ckpt_dist.world_size(group) == 1:
+        return True
+    me = group_rank(group)
+    token = secrets.randbits(62)
+    failure = None
+    probe = os.path.join(directory, f".osf-probe-{token:016x}")
+    if me == 0:
+        try:
+            with open(probe, "w") as f:
+                f.write(str(token))
+        except OSError as e:
+            failure = OSError(e.errno, f"{fn}: cannot write in {directory}: {e.strerror}")
+    agree(fn, failure, group)
+    t = torch.tensor([token], dtype=torch.int64, device=agreement_device(group))
+    dist.broadcast(t, src=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
+    probe = os.path.join(directory, f".osf-probe-{int(t.item()):016x}")
+    try:
+        with open(probe) as f:
+            ok = f.read() == str(int(t.item()))
+    except OSError:
+        ok = False
+    flag = torch.tensor([int(ok)], dtype=torch.int64, device=t.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
+    if me == 0:
+        try:
+            os.remove(probe)
+        except OSError:
+            pass
+    return bool(flag.item())
+
+
+def write_file(
+    fn: str,
+    parts: Optional[List[Part]],
+    failure: Optional[BaseException],
+    path: str,
+    group,
+    *,
+    progress: Optional[bool],
+    staging_bytes: Optional[int],
+    probe: bool = True,
+) -> str:
+    """Every rank of ``group``: its pieces of ``parts`` into the file at
+    ``path`` (steps in the module docstring). ``failure``: this rank's
+    problem found while making ``parts`` (raised on every rank). Returns the
+    file's checksum (``crc32:...``) on every rank."""
+    staging_bytes = DEFAULT_STAGING_BYTES if staging_bytes is None else staging_bytes
+    layout = None
+    if failure is None:
+        try:
+            if isinstance(staging_bytes, bool) or not isinstance(staging_bytes, int) or staging_bytes < 1:
+                raise ValueError(f"{fn}: staging_bytes must be a positive int, got {staging_bytes!r}")
+            layout = Layout(fn, [(p.name, p.shape, p.dtype) for p in parts])
+            d = os.path.dirname(os.path.abspath(path))
+            if not os.path.isdir(d):
+                raise FileNotFoundError(f"{fn}: directory {d} does not exist (on rank {_ckpt_dist.rank()})")
+        except Exception as e:
+            failure = e
+    values = {"header": layout.header_crc(), "size": layout.size} if layout is not None else {}
+    agree(fn, failure, group, values)
+    d, base = os.path.split(os.path.abspath(path))
+    if probe and not shared_dir(fn, d, group):
+        agree(fn, f"{fn}: the ranks do not all see the same directory {d} (no shared filesystem)", group)
+    me = group_rank(group)
+    tmp = os.path.join(d, f".{base}.partial")
+    fd = -1
+    try:
+        failure = None
+        try:
+            if me == 0:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                preallocate(fd, layout.size)  # zeros: the header length reads 0 until written last
+                phase("par-prealloc")
+        except Exception as e:
+            failure = e
+        agree(fn, failure, group)
+        crc = Pieces(layout.size)
+        try:
+            if me != 0:
+                fd = os.open(tmp, os.O_WRONLY)
+            show = _ckpt_dist.show_progress(progress)
+            write_pieces(fd, _pieces(parts, layout, True), crc, staging_bytes, show, base)
+            os.fsync(fd)  # each rank its own pages (a shared filesystem flushes per client)
+            phase("par-written")
+        except Exception as e:
+            failure = e
+        agree(fn, failure, group)
+        if me == 0:
+            crc.add(0, layout.prefix)
+        checksum = _ckpt_files.checksum_text(file_crc(layout.size, _shares(crc.value(), group)))
+        try:
+            if me == 0:
+                _write_all(fd, 0, layout.prefix)
+                phase("par-header")
+                os.fsync(fd)
+                os.close(fd)
+                fd = -1
+                os.rename(tmp, path)
+                phase("par-renamed")
+                _ckpt_files.fsync_path(d)
+        except Exception as e:
+            failure = e
+        agree(fn, failure, group)
+        return checksum
+    except BaseException:
+        if me == 0 and os.path.exists(tmp):
+            os.remove(tmp)  # a partial file frees its space; the previous file is untouched
+        raise
+    finally:
+        if fd >= 0:
+            os.close(fd)
+
+
+def read_header(fn: str, path: str) -> Tuple[int, dict, bytes, int]:
+    """(data start, header, the prefix bytes, file size) of a safetensors
+    file; a damaged one is a ValueError naming it."""
+    with open(path, "rb", buffering=0) as f:
+        size = os.fstat(f.fileno()).st_size
+        head = f.read(8)
+        if len(head) < 8:
+            raise ValueError(f"{fn}: {path} is not a safetensors file ({size} bytes: truncated?)")
+        (n,) = struct.unpack("<Q", head)
+        if n == 0 or n > min(size - 8, 100 << 20):
+            raise ValueError(
+                f"{fn}: {path} has an invalid header length {n} (truncated, or a save that did not finish?)"
+            )
+        blob = f.read(n)
+    try:
+        header = json.loads(blob)
+    except ValueError as e:
+        raise ValueError(f"{fn}: {path} has a damaged header: {e}") from e
+    if not isinstance(header, dict):
+        raise ValueError(f"{fn}: {path} has a damaged header (not a JSON object)")
+    return 8 + n, header, head + blob, size
+
+
+def check_header(fn: str, path: str, parts: Sequence[Part], header: dict, data_start: int, size: int) -> Dict[str, int]:
+    """Checks the file's header against ``parts`` (names, dtypes, shapes:
+    a shard must be the file's tensor sharded over its world); returns each
+    tensor's data offset."""
+    header = {k: v for k, v in header.items() if k != "__metadata__"}
+    names = {p.name for p in parts}
+    missing, unexpected = sorted(names - set(header)), sorted(set(header) - names)
+    if missing or unexpected:
+        raise ValueError(
+            f"{fn}: {path} does not hold the model's tensors: missing {missing[:5]}"
+            f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
+        )
+    offsets = {}
+    for p in parts:
+        e = header[p.name]
+        try:
+            dtype, shape, (lo, hi) = _ST_NAMES.get(e["dtype"]), tuple(int(d) for d in e["shape"]), e["data_offsets"]
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"{fn}: {path}: header entry {p.name!r} is damaged") from err
+        if dtype != p.dtype:
+            raise ValueError(f"{fn}: {path} holds {p.name!r} as {e['dtype']}, the model has {p.dtype}")
+        n = numel(shape)
+        if p.world:
+            want = -(-n // p.world)
+            if p.local.numel() * p.world < n or (p.strict_shard and p.local.numel() != want):
+                raise ValueError(
+                    f"{fn}: {path} holds {p.name!r} of shape {list(shape)}; sharded over {p.world} ranks that is "
+                    f"[{want}] per rank, but the local shard has shape {list(p.local.shape)} (is the model "
+                    "sharded by model_sharding?)"
+                )
+        elif shape != tuple(p.local.shape):
+            raise ValueError(f"{fn}: {path} holds {p.name!r} of shape {list(shape)}, the model {list(p.local.shape)}")
+        if hi - lo != n * dtype.itemsize or lo < 0:
+            raise ValueError(f"{fn}: {path}: header entry {p.name!r} has inconsistent data_offsets {[lo, hi]}")
+        if data_start + hi > size:
+            raise ValueError(
+                f"{fn}: {path} is truncated: {p.name!r} ends at byte {data_start + hi}, the file at {size}"
+            )
+        p.shape = shape
+        offsets[p.name] = lo
+    return offsets
+
+
+class _FileLayout:
+    """A :class:`Layout`-like view of a file read from its header (which may
+    be any valid safetensors order)."""
+
+    def __init__(self, data_start: int, offsets: Dict[str, int], size: int):
+        self.data_start, self.offset, self.size = data_start, offsets, size
+
+
+def _tiles(parts: Sequence[Part], offsets: Dict[str, int], data_start: int, size: int) -> bool:
+    spans = sorted((offsets[p.name], numel(p.shape) * p.dtype.itemsize) for p in parts)
+    pos = 0
+    for lo, n in spans:
+        if lo != pos:
+            return False
+        pos += n
+    return data_start + pos == size
+
+
+def read_file(
+    fn: str,
+    parts: Optional[List[Part]],
+    failure: Optional[BaseException],
+    path: str,
+    group,
+    *,
+    checksum: Optional[str],
+    progress: Optional[bool],
+    staging_bytes: Optional[int],
+) -> Dict[str, torch.Size]:
+    """Every rank of ``group``: checks the file's header against ``parts``,
+    verifies ``checksum`` across the ranks (when given) and reads its pieces
+    into the local tensors. Returns the file's shapes (the shape dict)."""
+    staging_bytes = DEFAULT_STAGING_BYTES if staging_bytes is None else staging_bytes
+    values: Dict[str, int] = {}
+    layout = None
+    if failure is None:
+        try:
+            data_start, header, prefix, size = read_header(fn, path)
+            offsets = check_header(fn, path, parts, header, data_start, size)
+            layout = _FileLayout(data_start, offsets, size)
+            values = {"header": zlib.crc32(prefix), "size": size}
+        except Exception as e:
+            failure = e
+    agree(fn, failure, group, values)
+    me = group_rank(group)
+    failure = None
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if checksum is not None:
+            try:
+                if _tiles(parts, layout.offset, layout.data_start, layout.size):
+                    share = crc_pass(
+                        fd, _pieces(parts, layout, True), prefix if me == 0 else None, size, path, staging_bytes
+                    )
+                else:  # gaps between the tensors: rank 0 reads the whole file
+                    share = 0 if me else int(_ckpt_files.file_checksum(path).split(":")[1], 16)
+                    share ^= file_crc(size, []) if me == 0 else 0
+            except Exception as e:
+                failure, share = e, 0
+            agree(fn, failure, group)
+            got = _ckpt_files.checksum_text(file_crc(size, _shares(share, group)))
+            if got != checksum:
+                raise mark_agreed(
+                    ValueError(
+                        f"{fn}: {path} is corrupted: its checksum is {got}, running_states.json recorded {checksum} "
+                        "(pass verify=False to load it anyway)"
+                    )
+                )
+        try:
+            read_pieces(fd, _pieces(parts, layout, False), path, staging_bytes, _ckpt_dist.show_progress(progress), fn)
+            with torch.no_grad():
+                for p in parts:
+                    if p.world:
+                        p.local[p.span()[1] :].zero_()  # the padding, as model_sharding makes it
+        except Exception as e:
+            failure = e
+    finally:
+        os.close(fd)
+    agree(fn, failure, group)
+    return {p.name: torch.Size(p.shape) for p in parts}
