@@ -211,3 +211,68 @@ def test_train_ours_chunks(benchmark, train_case, chunk):
         role="ours+",
         nbytes=nbytes,
     )
+
+
+# ---- training, cheap encoder ----------------------------------------------------------
+
+
+class CheapVAE(torch.nn.Module):
+    """An encoder that costs about what its input does: every tcr-th frame
+    (causal: frame 0, then one per group), an 8x8 average pool and a 1x1 conv
+    to C channels. Here copies of the encoder's inputs show, where a real VAE
+    hides them."""
+
+    def __init__(self, C: int = 16, tcr: int = 4, s: int = 8):
+        super().__init__()
+        from types import SimpleNamespace
+
+        self.cfg = SimpleNamespace(latent_channels=C)
+        self.time_compression_ratio, self.s = tcr, s
+        self.proj = torch.nn.Conv3d(3, C, 1).requires_grad_(False)
+
+    def get_latent_size(self, size):
+        F, H, W = size
+        return (F - 1) // self.time_compression_ratio + 1, H // self.s, W // self.s
+
+    @torch.no_grad()
+    def encode(self, x):
+        y = x[:, :, :: self.time_compression_ratio].to(self.proj.weight.dtype)
+        return self.proj(torch.nn.functional.avg_pool3d(y, (1, self.s, self.s)))
+
+
+@pytest.fixture(scope="module", params=["mixed modes", "v2v_tail only"])
+def cheap_case(request):
+    dev = bench_device()
+    g = torch.Generator(device=dev).manual_seed(0)
+    x = torch.randn(TB, 3, TF, TH, TW, generator=g, device=dev).bfloat16()
+    vae = CheapVAE().to(dev)
+    lt = (TF - 1) // 4 + 1
+    nbytes = x.numel() * 2 + TB * (2 * 16 + 1) * lt * (TH // 8) * (TW // 8) * 2
+    config = TRAIN_CONFIG if request.param == "mixed modes" else {"v2v_tail": 1}
+    group = (
+        f"prepare_visual_condition_causal, cheap encoder, {request.param}, x [{TB},3,{TF},{TH},{TW}] bf16, {dev.type}"
+    )
+    return group, x, vae, nbytes, config
+
+
+def _cheap_step(fn, x, vae, config):
+    counter = [0]
+
+    def step():
+        random.seed(counter[0] % 5)  # the same 5 draws for both sides
+        counter[0] += 1
+        fn(x, dict(config), vae)
+
+    return step
+
+
+def test_train_cheap_upstream(benchmark, cheap_case):
+    group, x, vae, nbytes, config = cheap_case
+    step = _cheap_step(reference.upstream.condition.prepare_visual_condition_causal, x, vae, config)
+    run(benchmark, step, group=group, impl="upstream (per-sample encodes)", role="baseline", nbytes=nbytes)
+
+
+def test_train_cheap_ours(benchmark, cheap_case):
+    group, x, vae, nbytes, config = cheap_case
+    step = _cheap_step(ours.prepare_visual_condition_causal, x, vae, config)
+    run(benchmark, step, group=group, impl="opensora_fast (default encodes)", role="ours", nbytes=nbytes)

@@ -535,3 +535,28 @@ def test_training_encoder_that_requires_grad_gives_gradients():
         grads.append((x0.detach(), cond.detach(), vae.w.grad.clone()))
     assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
     assert torch.allclose(grads[0][2], grads[1][2], rtol=1e-6)
+
+
+class _ViewSpy(ToyVAE):
+    """Records, per encode, whether its input is a view of the batch ``x``."""
+
+    def __init__(self, x, **kw):
+        super().__init__(**kw)
+        self.x_ptr, self.views = x.untyped_storage().data_ptr(), []
+
+    def encode(self, inp):
+        self.views.append(inp.untyped_storage().data_ptr() == self.x_ptr)
+        return super().encode(inp)
+
+
+@pytest.mark.parametrize("mode", ["v2v_tail_easy", "v2v_head", "i2v_loop"])
+def test_consecutive_samples_are_encoded_from_views(mode):
+    # upstream encodes views of x; a group of consecutive samples is one slice, not a gathered copy
+    x = videos(4, 69, 4, 4)
+    vae = _ViewSpy(x)
+    x0, cond = dropin.prepare_visual_condition_causal(x, {mode: 1}, vae)
+    assert len(vae.views) >= 2 and all(vae.views), vae.views
+    random.seed(0)
+    x0_r, cond_r = reference.upstream.condition.prepare_visual_condition_causal(x, {mode: 1}, ToyVAE())
+    assert_bitwise_equal(x0, x0_r, "x_0")
+    assert_bitwise_equal(cond, cond_r, "cond")

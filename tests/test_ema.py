@@ -3,7 +3,6 @@ the three-way contract; the CUDA body walked over its grid on the CPU; a
 property-based differential suite; the update_ema drop-in's findings; CUDA
 launch paths (marked `cuda`: skipped without a GPU)."""
 
-import copy
 import dataclasses
 import math
 import os
@@ -30,7 +29,6 @@ from hypothesis import strategies as st
 import opensora_fast
 from opensora_fast import ops, reference
 from opensora_fast._ext import HAS_NATIVE
-from opensora_fast.utils.train import update_ema
 
 # Only a declared pure-Python install skips; a build that silently failed must fail here.
 pytestmark = pytest.mark.skipif(
@@ -707,61 +705,6 @@ def test_traced_choice_carries_the_constant_result_mark():
     assert torch.compiler.assume_constant_result(probe) is probe
     assert getattr(probe, "_dynamo_marked_constant", False) is True
     assert _ext._traced_choice._dynamo_marked_constant is True
-
-
-# ---- the update_ema drop-in (its findings; test_update_ema.py holds the rest) --------
-
-
-class _Opt:
-    def __init__(self, m):
-        self.map = {id(p): p.detach().float().clone() for p in m.parameters()}
-
-    def get_working_to_master_map(self):
-        return self.map
-
-
-def _models():
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2)).bfloat16()
-    ema = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2)).bfloat16()
-    return model, ema, _Opt(model)
-
-
-def _check_against_reference(model, ema, opt):
-    ema_ref = copy.deepcopy(ema)
-    update_ema(ema, model, opt, decay=0.5)
-    reference.upstream.train.update_ema(ema_ref, model, opt, decay=0.5)
-    for (n, a), (_, b) in zip(ema.named_parameters(), ema_ref.named_parameters()):
-        assert_bitwise_equal(a.detach(), b.detach(), n)
-
-
-def test_update_ema_sees_parameters_replaced_behind_the_hook():
-    model, ema, opt = _models()
-    _check_against_reference(model, ema, opt)
-    new = torch.nn.Parameter(torch.randn(3, 4).bfloat16())
-    model[0]._parameters["weight"] = new  # no registration hook fires
-    opt.map[id(new)] = torch.full((3, 4), 7.0)
-    _check_against_reference(model, ema, opt)
-    assert bool((ema[0].weight.float() > 3).all())  # moved towards the new master (7)
-
-
-def test_update_ema_after_del_bias_and_ema_param_replaced():
-    model, ema, opt = _models()
-    _check_against_reference(model, ema, opt)
-    del model[1].bias
-    _check_against_reference(model, ema, opt)
-    ema[0]._parameters["bias"] = torch.nn.Parameter(torch.zeros(3).bfloat16())
-    _check_against_reference(model, ema, opt)
-    assert bool((ema[0].bias != 0).any())
-
-
-def test_update_ema_sees_a_master_replaced_in_place_in_the_map():
-    model, ema, opt = _models()
-    _check_against_reference(model, ema, opt)
-    w = model[0].weight
-    opt.map[id(w)] = torch.full((3, 4), -9.0)  # same dict, same length, new tensor
-    _check_against_reference(model, ema, opt)
-    assert bool((ema[0].weight.float() < -3).all())
 
 
 # ---- property-based: native (and the walked CUDA body) vs reference ----------------

@@ -289,3 +289,139 @@ def test_bad_tensor_decay_is_a_type_error():
     with pytest.raises(TypeError, match="decay must be a real number, got bool"):
         update_ema(ema, model, opt, decay=True)
     assert_models_equal(ema, before)
+
+
+# ------------------------------------------------- the pairing cache's fingerprint (issue 22)
+
+
+def _step_both(ema, ema_ref, model, opt, **kw):
+    update_ema(ema, model, opt, decay=0.9, **kw)
+    reference.upstream.train.update_ema(ema_ref, model, opt, decay=0.9, **kw)
+    assert_models_equal(ema, ema_ref)
+
+
+def test_cache_sees_a_parameter_renamed_in_place():
+    # same object, same dict length and order, new key: the pairing is by name
+    model, ema, opt = zero_setup()
+    _step_both(ema, copy.deepcopy(ema), model, opt)
+    model.b._parameters["b2"] = model.b._parameters.pop("bias")
+    with pytest.raises(KeyError, match="'b.b2'"):
+        update_ema(ema, model, opt, decay=0.9)
+
+
+def test_cache_sees_parameters_written_into_empty_slots_and_swapped_submodules():
+    model, ema, opt = zero_setup()
+    for m in (model, ema):
+        m.extra = nn.Module()  # no parameters yet
+    ema_ref = copy.deepcopy(ema)
+    _step_both(ema, ema_ref, model, opt)
+    # a parameter written straight into an empty dict, on both sides
+    model.extra._parameters["w"] = nn.Parameter(torch.randn(4).bfloat16())
+    opt._map[id(model.extra.w)] = shard(model.extra.w.detach().float(), 3, 1)
+    for e in (ema, ema_ref):
+        e.extra._parameters["w"] = nn.Parameter(torch.zeros(2).bfloat16(), requires_grad=False)
+    _step_both(ema, ema_ref, model, opt)
+    assert bool((ema.extra.w != 0).any())
+    # a submodule swapped behind the registration hooks
+    new = nn.Linear(13, 3).bfloat16()
+    model._modules["b"] = new
+    for p in new.parameters():
+        opt._map[id(p)] = shard(p.detach().float(), 3, 1) + 5
+    _step_both(ema, ema_ref, model, opt)
+
+
+def test_cache_sees_slot_dicts_rebound_to_fresh_ones():
+    # the old dicts are left as they were: only the modules' attributes change
+    model, ema, opt = zero_setup()
+    ema_ref = copy.deepcopy(ema)
+    _step_both(ema, ema_ref, model, opt)
+    old = model.b._parameters
+    model.b._parameters = {k: nn.Parameter(v.detach().clone()) for k, v in old.items()}
+    for p in model.b._parameters.values():
+        opt._map[id(p)] = shard(p.detach().float(), 3, 1) + 7
+    _step_both(ema, ema_ref, model, opt)
+    assert dict(old) == {k: v for k, v in old.items()}  # untouched
+    new = nn.Linear(13, 3).bfloat16()
+    model._modules = {**model._modules, "b": new}
+    for p in new.parameters():
+        opt._map[id(p)] = shard(p.detach().float(), 3, 1) - 3
+    _step_both(ema, ema_ref, model, opt)
+
+
+def test_cache_sees_another_model_a_dtype_change_and_a_resize():
+    model, ema, opt = zero_setup()
+    ema_ref = copy.deepcopy(ema)
+    _step_both(ema, ema_ref, model, opt)
+    # another model object for the same EMA (its own masters)
+    model2 = copy.deepcopy(model)
+    opt2 = FakeZero(model2, 3, 1)
+    opt2.step(torch.Generator().manual_seed(2))
+    _step_both(ema, ema_ref, model2, opt2)
+    # ... and unsharded, where no master map tells the models apart
+    fp32, fp32_ema = Flat(), Flat().requires_grad_(False)
+    fp32_ref = copy.deepcopy(fp32_ema)
+    _step_both(fp32_ema, fp32_ref, fp32, None, sharded=False)
+    _step_both(fp32_ema, fp32_ref, Flat(), None, sharded=False)
+    # a parameter made fp32 in place: sharded update_ema now takes the parameter itself
+    model2.a.bias.data = shard(torch.randn(13), 3, 1)
+    _step_both(ema, ema_ref, model2, opt2)
+    # resized in place on both sides (the op reads each tensor afresh)
+    model2.a.bias.data = torch.randn(7)
+    for e in (ema, ema_ref):
+        e.a.bias.data = torch.zeros(7).bfloat16()
+    _step_both(ema, ema_ref, model2, opt2)
+
+
+# ---- parameters and masters replaced behind the registration hooks ----------------
+
+
+class _Opt:
+    def __init__(self, m):
+        self.map = {id(p): p.detach().float().clone() for p in m.parameters()}
+
+    def get_working_to_master_map(self):
+        return self.map
+
+
+def _models():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2)).bfloat16()
+    ema = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2)).bfloat16()
+    return model, ema, _Opt(model)
+
+
+def _check_against_reference(model, ema, opt):
+    ema_ref = copy.deepcopy(ema)
+    update_ema(ema, model, opt, decay=0.5)
+    reference.upstream.train.update_ema(ema_ref, model, opt, decay=0.5)
+    for (n, a), (_, b) in zip(ema.named_parameters(), ema_ref.named_parameters()):
+        assert_bitwise_equal(a.detach(), b.detach(), n)
+
+
+def test_update_ema_sees_parameters_replaced_behind_the_hook():
+    model, ema, opt = _models()
+    _check_against_reference(model, ema, opt)
+    new = torch.nn.Parameter(torch.randn(3, 4).bfloat16())
+    model[0]._parameters["weight"] = new  # no registration hook fires
+    opt.map[id(new)] = torch.full((3, 4), 7.0)
+    _check_against_reference(model, ema, opt)
+    assert bool((ema[0].weight.float() > 3).all())  # moved towards the new master (7)
+
+
+def test_update_ema_after_del_bias_and_ema_param_replaced():
+    model, ema, opt = _models()
+    _check_against_reference(model, ema, opt)
+    del model[1].bias
+    _check_against_reference(model, ema, opt)
+    ema[0]._parameters["bias"] = torch.nn.Parameter(torch.zeros(3).bfloat16())
+    _check_against_reference(model, ema, opt)
+    assert bool((ema[0].bias != 0).any())
+
+
+def test_update_ema_sees_a_master_replaced_in_place_in_the_map():
+    model, ema, opt = _models()
+    _check_against_reference(model, ema, opt)
+    w = model[0].weight
+    opt.map[id(w)] = torch.full((3, 4), -9.0)  # same dict, same length, new tensor
+    _check_against_reference(model, ema, opt)
+    assert bool((ema[0].weight.float() < -3).all())

@@ -237,14 +237,27 @@ class BucketGather:
         """Every bucket: wait for its collective, start the next, unpack it."""
         p = self.plan
         pending = self.start(0)
-        with torch.no_grad():
-            for k in _progress(range(p.n_buckets), p.n_buckets, desc, show):
-                work, rbuf, used = pending
-                work.wait()
-                step = self._step_staged if p.staging else self._step_direct
-                pending = step(k, rbuf, used)
-                if pending is None and p.device.type == "cuda":
-                    torch.cuda.current_stream(p.device).synchronize()
+        try:
+            with torch.no_grad():
+                for k in _progress(range(p.n_buckets), p.n_buckets, desc, show):
+                    work, rbuf, used = pending
+                    work.wait()
+                    step = self._step_staged if p.staging else self._step_direct
+                    pending = step(k, rbuf, used)
+                    if pending is None and p.device.type == "cuda":
+                        torch.cuda.current_stream(p.device).synchronize()
+        finally:
+            self._drain()
+
+    def _drain(self) -> None:
+        """Waits for the copies still queued on the copy stream, also when the
+        loop raised: they read staging buffers that are freed with this object,
+        and the allocator, which knows only the stream that allocated them,
+        could hand them out again while the copy engine still reads them.
+        Nothing to wait for on the CPU (copies there run in order, at once)
+        or after the last bucket (its step synchronised already)."""
+        if self.copy_stream is not None:
+            self.copy_stream.synchronize()
 
 
 def gather_items(

@@ -273,6 +273,17 @@ def _draw_modes(condition_config: dict, B: int, short: int, long: int, T: int, w
     return modes
 
 
+def _selector(idx: list):
+    """How to take samples ``idx`` (ascending) of a batch for one encode: a
+    slice when they are consecutive, so the input is a view of ``x`` as
+    upstream's per-sample inputs are, not a gathered copy; otherwise the index
+    list (one gathered batch: one encode per group, which gains the encoder
+    more than the copy costs)."""
+    if idx == list(range(idx[0], idx[0] + len(idx))):
+        return slice(idx[0], idx[0] + len(idx))
+    return list(idx)
+
+
 def _group_encode(model_ae, x: torch.Tensor, groups: dict, max_batch, srcs: _Sources, who: str, frames=None):
     """For each group key -> (sample indices, input builder): one batched encode
     (chunked); returns {key: {sample: source index}}."""
@@ -280,8 +291,9 @@ def _group_encode(model_ae, x: torch.Tensor, groups: dict, max_batch, srcs: _Sou
     for key, (idx, build) in groups.items():
         if not idx:
             continue
-        inp = build(idx)
-        lat = torch.cat(_encode_batched(model_ae, inp, max_batch)) if inp.shape[0] else inp
+        inp = build(_selector(idx))
+        chunks = _encode_batched(model_ae, inp, max_batch) if inp.shape[0] else [inp]
+        lat = chunks[0] if len(chunks) == 1 else torch.cat(chunks)  # one chunk: no copy
         out[key] = {}
         for j, i in enumerate(idx):
             out[key][i] = (srcs.add(lat[j]), lat.shape[2])
@@ -298,7 +310,7 @@ def _assemble(x, model_ae, B, C, T, H, W, x0_groups, ref_groups, segments, max_b
         step = _chunk(len(idx), x[0], max_batch)
         for c in range(0, len(idx), step):
             part = idx[c : c + step]
-            enc = model_ae.encode(build(part))
+            enc = model_ae.encode(build(_selector(part)))
             if enc.shape[1:] != (C, T, H, W):
                 raise ValueError(
                     f"{who}: model_ae.encode returned shape {list(enc.shape)}; expected [n, {C}, {T}, {H}, {W}]"
@@ -398,7 +410,7 @@ def prepare_visual_condition_causal(
         "tail65": (refs["tail65"], lambda idx: x[idx, :, -65:]),
     }
     everyone = list(range(B))
-    x0_groups = [(everyone, lambda idx: x if len(idx) == B else x[idx[0] : idx[-1] + 1])]
+    x0_groups = [(everyone, lambda sel: x[sel])]
     return _assemble(x, model_ae, B, C, T, H, W, x0_groups, ref_groups, segments, max_encode_batch, who)
 
 
@@ -452,8 +464,8 @@ def prepare_visual_condition_uncausal(
         "last_pad": (last_pad, lambda idx: x[idx, :, -p * 2 - 1].unsqueeze(2)),
     }
 
-    def rows(idx):
-        return x if len(idx) == B else x[idx]
+    def rows(sel):
+        return x[sel]
 
     x0_groups = [
         (plain, rows),

@@ -12,52 +12,88 @@ from typing import Optional
 import torch
 
 from ..ops import ema_update_
+from ..ops._registry import pick
+from ..ops.ema import draw_seed
 from ..optim import fused_ema_step_taken
 
 __all__ = ["update_ema"]
 
-_grad_and_dtype = operator.attrgetter("requires_grad", "dtype")
+_requires_grad = operator.attrgetter("requires_grad")
+_dtype = operator.attrgetter("dtype")
+_is = operator.is_
+_param_slots = operator.attrgetter("_parameters")
+_module_slots = operator.attrgetter("_modules")
 
 _ROUNDING = ("compat", "stochastic")
 
 
-def _snapshot(module: torch.nn.Module) -> list:
-    """Every parameter slot of every submodule, in order (None slots and shared
-    parameters included): a cheap fingerprint that changes whenever a parameter
-    is replaced, added or deleted, however it was done (``m.w = P``,
-    ``m._parameters["w"] = P``, ``del m.b``, a replaced submodule)."""
-    out = []
-    for m in module.modules():
-        out.extend(m._parameters.values())
-    return out
+class _Tree:
+    """The parameter and submodule slots of one module tree, checked in a few
+    C-level passes (no Python code per slot): every ``_parameters`` and
+    ``_modules`` dict of every submodule, held with its contents. Empty dicts
+    must stay empty; each other dict must keep its length and hold the same
+    object under each of its keys. That sees a parameter or submodule added,
+    replaced, renamed or deleted however it was done (``m.w = P``,
+    ``m._parameters["w"] = P``, ``del m.b``, ``ModuleList.insert``, a replaced
+    submodule), and each module must still hold the very dicts it held, so a
+    ``_parameters``/``_modules`` attribute rebound to a fresh dict is seen too."""
 
+    __slots__ = ("root", "mods", "pdicts", "mdicts", "empty", "full", "lens", "owners", "keys", "values")
 
-def _same_objects(a: list, b: list) -> bool:
-    return len(a) == len(b) and all(map(operator.is_, a, b))
+    def __init__(self, root: torch.nn.Module) -> None:
+        dicts = []
+        self.mods = list(root.modules())
+        for m in self.mods:
+            dicts += (m._parameters, m._modules)
+        self.pdicts = list(map(_param_slots, self.mods))
+        self.mdicts = list(map(_module_slots, self.mods))
+        self.root = root
+        self.empty = [d for d in dicts if not d]
+        self.full = [d for d in dicts if d]
+        self.lens = list(map(len, self.full))
+        self.owners = [d for d in self.full for _ in range(len(d))]
+        self.keys = [k for d in self.full for k in d]
+        self.values = [v for d in self.full for v in d.values()]
+
+    def unchanged(self, root: torch.nn.Module) -> bool:
+        try:
+            return (
+                root is self.root
+                and all(map(_is, map(_param_slots, self.mods), self.pdicts))
+                and all(map(_is, map(_module_slots, self.mods), self.mdicts))
+                and not any(self.empty)
+                and list(map(len, self.full)) == self.lens
+                and all(map(_is, map(dict.get, self.owners, self.keys), self.values))
+            )
+        except (TypeError, AttributeError):  # a slot dict that is not a dict: no cache
+            return False
 
 
 class _Plan:
     """The (ema, src) pairing of one (ema_model, model, optimizer, sharded) and
-    what it was derived from, checked every step before it is reused. It holds
-    the parameter objects themselves, so their ids cannot be reused while it
-    lives, and ``p.data = x`` is seen without re-deriving."""
+    what it was derived from, checked every step before it is reused: both
+    module trees' slots (:class:`_Tree`), every model parameter's
+    ``requires_grad`` (which decides the skips) and, when sharded, its dtype
+    (which decides master or parameter), and each master shard's identity in
+    the map. It holds the parameter objects themselves, so their ids cannot be
+    reused while it lives, and ``p.data = x`` (a new shape or storage) needs
+    no re-derivation: the op reads each tensor afresh."""
 
-    __slots__ = ("sharded", "model_slots", "ema_slots", "params", "attrs", "ema", "src", "mastered")
+    __slots__ = ("sharded", "model_tree", "ema_tree", "params", "grads", "dtypes", "ema", "src", "m_ids", "m_srcs")
 
     def still_valid(self, ema_model, model, masters, sharded) -> bool:
         if sharded != self.sharded:
             return False
-        if not _same_objects(_snapshot(model), self.model_slots):
+        if not (self.model_tree.unchanged(model) and self.ema_tree.unchanged(ema_model)):
             return False
-        if not _same_objects(_snapshot(ema_model), self.ema_slots):
+        if list(map(_requires_grad, self.params)) != self.grads:
             return False
-        if list(map(_grad_and_dtype, self.params)) != self.attrs:
+        if sharded and not all(map(_is, map(_dtype, self.params), self.dtypes)):
             return False
-        if self.mastered:  # each master shard still the one the map holds now
+        if self.m_ids:  # each master shard still the one the map holds now
             if masters is None:
                 return False
-            get = masters.get
-            if not all(get(id(p)) is m for p, m in self.mastered):
+            if not all(map(_is, map(masters.get, self.m_ids), self.m_srcs)):
                 return False
         return True
 
@@ -80,10 +116,11 @@ def _derive(ema_model, model, optimizer, sharded, masters) -> _Plan:
     ema_named = dict(ema_model.named_parameters())
     plan = _Plan()
     plan.sharded = sharded
-    plan.model_slots, plan.ema_slots = _snapshot(model), _snapshot(ema_model)
+    plan.model_tree, plan.ema_tree = _Tree(model), _Tree(ema_model)
     plan.params = list(model.parameters())
-    plan.attrs = list(map(_grad_and_dtype, plan.params))
-    plan.ema, plan.src, plan.mastered = [], [], []
+    plan.grads = list(map(_requires_grad, plan.params))
+    plan.dtypes = list(map(_dtype, plan.params))
+    plan.ema, plan.src, plan.m_ids, plan.m_srcs = [], [], [], []
     for name, param in model.named_parameters():
         if name == "pos_embed" or not param.requires_grad:
             continue
@@ -98,7 +135,8 @@ def _derive(ema_model, model, optimizer, sharded, masters) -> _Plan:
                 raise KeyError(
                     f"update_ema: parameter {name!r} has no master shard in optimizer.get_working_to_master_map()"
                 ) from None
-            plan.mastered.append((param, src))
+            plan.m_ids.append(id(param))
+            plan.m_srcs.append(src)
         else:
             src = param
         plan.ema.append(ema_named[name])
@@ -208,14 +246,31 @@ def update_ema(
         return
     decay = value
     stochastic = rounding == "stochastic"
+    seed = draw_seed(generator) if stochastic else 0  # one draw per step, whichever path runs
     try:
-        ema_update_(plan.ema, plan.src, decay, stochastic=stochastic, generator=generator)
+        _run(plan, decay, stochastic, seed)
     except ValueError:
         # Checked before any write, so nothing was written. Non-contiguous
         # parameters run as upstream runs them; anything else re-raises.
         if all(t.is_contiguous() for t in plan.ema) and all(t.is_contiguous() for t in plan.src):
             raise
         ema, src, back = _contiguous_pairs(plan.ema, plan.src)
-        ema_update_(ema, src, decay, stochastic=stochastic, generator=generator)
+        ema_update_(ema, src, decay, stochastic=stochastic, seed=seed)
         for dst, tmp in back:
             dst.copy_(tmp)
+
+
+def _run(plan: _Plan, decay, stochastic: bool, seed: int) -> None:
+    """The op over the plan's lists. Its elements were tensors when the plan
+    was derived and are the same objects now (the plan checks them), so the
+    native op takes them directly, without the wrapper's per-item checks;
+    if it refuses them, the wrapper runs instead and raises in its words
+    (the op checks everything before it writes)."""
+    if plan.ema and type(decay) is float:
+        native = pick("ema_update_", plan.ema[0].device, None)
+        if native is not None:
+            try:
+                return native(plan.ema, plan.src, decay, stochastic, seed)
+            except Exception:
+                pass
+    ema_update_(plan.ema, plan.src, decay, stochastic=stochastic, seed=seed)
