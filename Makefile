@@ -7,7 +7,8 @@
 # already has your torch instead of .venv: make test PYTHON=/path/to/python
 
 TORCH_VERSION ?= 2.14.1
-export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
+# SASS for sm_80/sm_90 and PTX for compute_90, which newer GPUs (Blackwell) JIT-compile
+export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0+PTX
 export MAX_JOBS ?= 2
 
 ifdef PYTHON

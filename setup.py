@@ -3,7 +3,9 @@ CUDA build and nvcc is found. Environment:
 
   OPENSORA_FAST_NO_EXT=1       pure-Python install (every op runs its reference)
   OPENSORA_FAST_NO_CUDA=1      CPU kernels only
-  TORCH_CUDA_ARCH_LIST         default "8.0;9.0"; clusters: "8.0;8.6;9.0;10.0;12.0+PTX"
+  TORCH_CUDA_ARCH_LIST         default "8.0;9.0+PTX" (SASS for sm_80 and sm_90, PTX for
+                               compute_90: newer GPUs, Blackwell included, JIT-compile it
+                               at first use); clusters: "8.0;8.6;9.0;10.0;12.0+PTX"
   CUDA_HOME                    default: the toolkit that holds nvcc
   OPENSORA_FAST_LOCAL_VERSION  the version's local tag; default from the build's
                                torch and CUDA ("cu130torch2.14", "cputorch2.14");
@@ -13,7 +15,8 @@ The version is opensora_fast/_version.py's plus that local tag (an sdist carries
 none: it is tagged when built). Building the extension also writes
 opensora_fast/_build_meta.py (the torch and CUDA it was built against), which
 opensora_fast._ext reads BEFORE loading _C to turn a torch/CUDA mismatch into one
-clear error instead of an undefined-symbol ImportError.
+clear error instead of an undefined-symbol ImportError, and which archs carry
+SASS and which PTX (``python -m opensora_fast info``).
 """
 
 import glob
@@ -78,7 +81,52 @@ def _version(local: str) -> str:
     return f"{base}+{local}" if local else base
 
 
+DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"  # the Makefile's default too (tests/test_cuda_review.py)
+
+
+def _arch_of(code: str) -> str:
+    """'sm_90a' or 'compute_100' -> '9.0a' / '10.0'."""
+    m = re.fullmatch(r"(?:sm|compute)_(\d+)(\d)([a-z]?)", code)
+    return f"{m.group(1)}.{m.group(2)}{m.group(3)}" if m else code
+
+
+def _sass_and_ptx(archs: str):
+    """The archs TORCH_CUDA_ARCH_LIST=``archs`` gives SASS (code=sm_XX) and PTX
+    (code=compute_XX), each as "8.0;9.0", read from the -gencode flags torch's
+    extension build passes to nvcc (its own parse, named archs included)."""
+    saved = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    os.environ["TORCH_CUDA_ARCH_LIST"] = archs
+    try:
+        from torch.utils.cpp_extension import _get_cuda_arch_flags
+
+        flags = _get_cuda_arch_flags()
+    except Exception:  # a private helper: if it changes, parse "X.Y[+PTX]" entries ourselves
+        flags = []
+        for a in re.split(r"[;\s]+", archs.strip()):
+            num = a[:-4] if a.endswith("+PTX") else a
+            code = num.replace(".", "")
+            flags.append(f"-gencode=arch=compute_{code},code=sm_{code}")
+            if a.endswith("+PTX"):
+                flags.append(f"-gencode=arch=compute_{code},code=compute_{code}")
+    finally:
+        if saved is None:
+            os.environ.pop("TORCH_CUDA_ARCH_LIST", None)
+        else:
+            os.environ["TORCH_CUDA_ARCH_LIST"] = saved
+    codes = [m for f in flags for m in re.findall(r",code=\[?([\w,]+)\]?", f)]
+    codes = [c for group in codes for c in group.split(",")]
+
+    def key(a):
+        m = re.match(r"(\d+)\.(\d+)", a)
+        return (int(m.group(1)), int(m.group(2)), a) if m else (0, 0, a)
+
+    sass = sorted({_arch_of(c) for c in codes if c.startswith("sm_")}, key=key)
+    ptx = sorted({_arch_of(c) for c in codes if c.startswith("compute_")}, key=key)
+    return ";".join(sass), ";".join(ptx)
+
+
 def _write_build_meta(version, torch_version, torch_cuda, cuda_version, archs) -> None:
+    sass, ptx = _sass_and_ptx(archs) if archs else ("", "")
     text = (
         '"""Written by setup.py when it built opensora_fast._C; read by _ext.py before\n'
         'loading _C (a build for another torch or CUDA fails there with one clear error)."""\n'
@@ -87,6 +135,8 @@ def _write_build_meta(version, torch_version, torch_cuda, cuda_version, archs) -
         f"TORCH_CUDA = {torch_cuda!r}  # that torch's CUDA (None: a CPU torch)\n"
         f"CUDA_VERSION = {cuda_version!r}  # CUDA of _C's kernels (None: CPU kernels only)\n"
         f"CUDA_ARCHS = {archs!r}\n"
+        f"CUDA_SASS = {sass!r}  # archs with machine code in _C\n"
+        f"CUDA_PTX = {ptx!r}  # archs with PTX (JIT-compiled on newer GPUs)\n"
         f"PYTHON = {'%d.%d' % sys.version_info[:2]!r}\n"
     )
     try:
@@ -195,7 +245,7 @@ def _extensions():
             for e in self.extensions:
                 _check_shared_libstdcxx(self.get_ext_fullpath(e.name), drivers)
 
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
     os.environ.setdefault("MAX_JOBS", str(min(os.cpu_count() or 2, 8)))
     here = HERE
     # registration.cpp, then each op's folder: <op>.cpp (schemas, checks), <op>_cpu.cpp

@@ -31,6 +31,13 @@ def shard(request):
     return group, ema, src, nbytes, dev
 
 
+def _isa_in_use(dev: torch.device) -> str:
+    """The CPU ISA variant the CPU kernels run (named in the rows), or the device."""
+    if dev.type != "cpu" or not hasattr(torch.ops.opensora_fast, "_cpu_isa"):
+        return dev.type
+    return torch.ops.opensora_fast._cpu_isa()
+
+
 def test_copy(benchmark, shard):
     group, ema, src, nbytes, dev = shard
     copy_roofline(benchmark, group, nbytes, dev)
@@ -67,7 +74,42 @@ def test_fused(benchmark, shard):
         impl="opensora_fast (compat)",
         role="ours",
         nbytes=nbytes,
+        isa=_isa_in_use(dev),
     )
+
+
+def _cpu_isas() -> list[str]:
+    """The CPU kernels' ISA variants this machine runs (csrc/cpu_isa.h), widest last."""
+    if bench_device().type != "cpu" or not hasattr(torch.ops.opensora_fast, "_cpu_isa"):
+        return []
+    have, prev = [], torch.ops.opensora_fast._cpu_isa()
+    for isa in ("baseline", "avx2", "avx512"):
+        try:
+            torch.ops.opensora_fast._cpu_isa(isa)
+            have.append(isa)
+        except (RuntimeError, ValueError):
+            pass
+    torch.ops.opensora_fast._cpu_isa(prev)
+    return [isa for isa in have if isa != "baseline"]
+
+
+@pytest.mark.parametrize("isa", _cpu_isas())
+def test_fused_isa(benchmark, shard, isa):
+    """The compat EMA with the CPU ISA variant forced (the default row runs the widest)."""
+    group, ema, src, nbytes, dev = shard
+    prev = torch.ops.opensora_fast._cpu_isa(isa)
+    try:
+        run(
+            benchmark,
+            lambda: ops.ema_update_(ema, src, DECAY),
+            group=group,
+            impl=f"opensora_fast (compat, CPU {isa})",
+            role="alternative",
+            nbytes=nbytes,
+            isa=isa,
+        )
+    finally:
+        torch.ops.opensora_fast._cpu_isa(prev)
 
 
 def test_fused_stochastic(benchmark, shard):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from typing import Any
 
 import torch
@@ -105,6 +106,25 @@ except ImportError as e:  # pure-Python install, or a build for another torch
         _IMPORT_ERROR = f"opensora_fast._C failed to load (built for another torch?): {e}"
 
 
+_FORCE_SMALL_TABLES = "OPENSORA_FAST_FORCE_SMALL_TABLES"
+
+
+def _env_flag(name: str) -> bool:
+    """A 0/1 switch from the environment (unset or empty: off)."""
+    raw = os.environ.get(name, "").strip().lower()
+    if raw in ("", "0", "false", "no", "off"):
+        return False
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    raise ValueError(f"{name} must be 0 or 1 (or true/false, yes/no, on/off); got {raw!r}")
+
+
+# For tests (benchmarks/gpu_check.sh runs the CUDA tests once more with it): every
+# CUDA launch uses the small 4 KiB launch tables, as with a CUDA before 12.1.
+if _env_flag(_FORCE_SMALL_TABLES) and HAS_NATIVE:
+    torch.ops.opensora_fast._force_small_tables(True)
+
+
 def registered_ops() -> list[str]:
     """The public ops the extension registered, read from the dispatcher
     (private ``_*`` test ops left out)."""
@@ -115,13 +135,16 @@ def registered_ops() -> list[str]:
 
 
 def build_info() -> dict[str, Any]:
-    """What was built: version, torch, native, cuda_kernels, cuda_archs, ops, ..."""
+    """What was built: version, torch, native, cuda_kernels, cuda_archs (and of
+    them cuda_sass, cuda_ptx), ops, ..."""
     info: dict[str, Any] = {
         "version": __version__,
         "torch_runtime": torch.__version__,
         "native": HAS_NATIVE,
         "cuda_kernels": False,
         "cuda_archs": "",
+        "cuda_sass": "",
+        "cuda_ptx": "",
         "cuda": None,
         "torch": None,
         "ops": [],
@@ -130,10 +153,32 @@ def build_info() -> dict[str, Any]:
     if HAS_NATIVE:
         info.update(_C.build_info())
         info["ops"] = registered_ops()
+        info.update(_arch_code(info["cuda_archs"]))
     else:
         info["import_error"] = _IMPORT_ERROR
     info["cuda_available"] = torch.cuda.is_available()
     return info
+
+
+def _arch_code(archs: str) -> dict[str, str]:
+    """Which archs of the build carry SASS (machine code) and which PTX, as
+    setup.py recorded them in _build_meta.py for the arch list ``archs``; "" for
+    none, "?" when the record is missing or is of another build."""
+    if not archs:
+        return {"cuda_sass": "", "cuda_ptx": ""}
+    try:
+        from . import _build_meta
+    except ImportError:
+        _build_meta = None
+    recorded = getattr(_build_meta, "CUDA_ARCHS", None)
+    sass, ptx = getattr(_build_meta, "CUDA_SASS", None), getattr(_build_meta, "CUDA_PTX", None)
+
+    def norm(a: Any) -> str:  # _C holds the list with separators rewritten (setup.py _sanitize)
+        return ";".join(re.split(r"[^A-Za-z0-9.+]+", str(a).strip()))
+
+    if recorded is None or norm(recorded) != norm(archs) or sass is None or ptx is None:
+        return {"cuda_sass": "?", "cuda_ptx": "?"}
+    return {"cuda_sass": sass, "cuda_ptx": ptx}
 
 
 _setting: tuple = (object(), "auto")  # (raw environment value, its parsed setting)

@@ -58,7 +58,7 @@ for py in "$@"; do
     raw="build/wheels-raw/$pytag"
     rm -rf "$raw"
     mkdir -p "$raw"
-    echo "== $pytag (Python $pyver, torch $torchv, TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-8.0;9.0})"
+    echo "== $pytag (Python $pyver, torch $torchv, TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-8.0;9.0+PTX})"
     t0=$(date +%s)
     "$py" -m pip wheel --no-build-isolation --no-deps -w "$raw" .
     t1=$(date +%s)

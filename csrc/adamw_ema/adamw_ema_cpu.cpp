@@ -12,7 +12,7 @@
 #include "../cpu_isa.h"
 #include "../parallel_spans.h"
 
-#ifdef OSF_AVX2_PATH
+#if defined(OSF_AVX2_PATH) || defined(OSF_AVX512_PATH)
 #include <immintrin.h>
 #endif
 
@@ -74,6 +74,56 @@ OSF_TARGET_AVX2 inline void adam_avx2(float* __restrict p, const float* __restri
 }
 #endif
 
+#ifdef OSF_AVX512_PATH
+// adam_avx2 with 16 lanes: the same operations in the same order.
+template <bool Ams>
+OSF_TARGET_AVX512 inline void adam_avx512(float* __restrict p, const float* __restrict g, float* __restrict m,
+                                          float* __restrict v, float* __restrict vm, const Hyper& h, int64_t n) {
+  const __m512i sign = _mm512_set1_epi32(static_cast<int>(h.sign));
+  const __m512 wdf = _mm512_set1_ps(h.wd_factor), w = _mm512_set1_ps(h.lerp_w), b2 = _mm512_set1_ps(h.beta2);
+  const __m512 sqw = _mm512_set1_ps(h.sq_w), bc2 = _mm512_set1_ps(h.bc2_sqrt), eps = _mm512_set1_ps(h.eps);
+  const __m512 ss = _mm512_set1_ps(h.step_size);
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m512 gv = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(_mm512_loadu_ps(g + i)), sign));
+    const __m512 pv = _mm512_mul_ps(_mm512_loadu_ps(p + i), wdf);
+    const __m512 mv0 = _mm512_loadu_ps(m + i);
+    const __m512 diff = _mm512_sub_ps(gv, mv0);
+    const __m512 mv = _mm512_fmadd_ps(w, diff, h.lerp_small ? mv0 : gv);
+    const __m512 vv = _mm512_fmadd_ps(_mm512_mul_ps(sqw, gv), gv, _mm512_mul_ps(_mm512_loadu_ps(v + i), b2));
+    __m512 s = vv;
+    if (Ams) {  // maximum(a = vmax, b = v): a > b ? a : b, then NaN of b, then NaN of a
+      const __m512 a = _mm512_loadu_ps(vm + i);
+      __m512 r = _mm512_max_ps(a, vv);
+      r = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(vv, vv, _CMP_UNORD_Q), r, vv);
+      r = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q), r, a);
+      _mm512_storeu_ps(vm + i, r);
+      s = r;
+    }
+    const __m512 d = _mm512_add_ps(_mm512_div_ps(_mm512_sqrt_ps(s), bc2), eps);
+    _mm512_storeu_ps(p + i, _mm512_add_ps(pv, _mm512_div_ps(_mm512_mul_ps(ss, mv), d)));
+    _mm512_storeu_ps(m + i, mv);
+    _mm512_storeu_ps(v + i, vv);
+  }
+  adam_scalar<Ams>(p + i, g + i, m + i, v + i, Ams ? vm + i : nullptr, h, n - i);
+}
+#endif
+
+// The AdamW block of ISA variant Isa.
+template <int Isa, bool Ams>
+OSF_ALWAYS_INLINE void adam_block(float* __restrict p, const float* __restrict g, float* __restrict m,
+                                  float* __restrict v, float* __restrict vm, const Hyper& h, int64_t n) {
+#ifdef OSF_AVX512_PATH
+  if constexpr (Isa == cpu_isa::kAvx512)
+    return adam_avx512<Ams>(p, g, m, v, vm, h, n);
+#endif
+#ifdef OSF_AVX2_PATH
+  if constexpr (Isa == cpu_isa::kAvx2)
+    return adam_avx2<Ams>(p, g, m, v, vm, h, n);
+#endif
+  adam_scalar<Ams>(p, g, m, v, vm, h, n);
+}
+
 template <typename E, bool Stoch>
 OSF_ALWAYS_INLINE void ema_loop(E* __restrict e, const float* __restrict p, int64_t n, const Args& a, uint64_t base) {
   if (Stoch) {
@@ -89,18 +139,13 @@ OSF_ALWAYS_INLINE void ema_loop(E* __restrict e, const float* __restrict p, int6
 // Blocks small enough that the EMA re-reads the fresh masters from L1, not memory.
 constexpr int64_t kBlock = 512;
 
-template <typename E, bool Ams, bool Stoch, int M, bool Avx2>
+template <typename E, bool Ams, bool Stoch, int M, int Isa>
 OSF_ALWAYS_INLINE void span_body(const Entry& en, const Args& a, int64_t lo, int64_t n) {
   for (int64_t b = lo; b < lo + n; b += kBlock) {
     const int64_t len = std::min(kBlock, lo + n - b);
     if constexpr (M != kEmaOnly) {
       float* vm = Ams ? en.vmax + b : nullptr;
-#ifdef OSF_AVX2_PATH
-      if constexpr (Avx2)
-        adam_avx2<Ams>(en.p + b, en.g + b, en.m + b, en.v + b, vm, en.h, len);
-      else
-#endif
-        adam_scalar<Ams>(en.p + b, en.g + b, en.m + b, en.v + b, vm, en.h, len);
+      adam_block<Isa, Ams>(en.p + b, en.g + b, en.m + b, en.v + b, vm, en.h, len);
     }
     if constexpr (M != kAdam)
       ema_loop<E, Stoch>(static_cast<E*>(en.ema) + b, en.p + b, len, a, static_cast<uint64_t>(en.ema_base + b));
@@ -109,24 +154,36 @@ OSF_ALWAYS_INLINE void span_body(const Entry& en, const Args& a, int64_t lo, int
 
 using SpanFn = void (*)(const Entry& en, const Args& a, int64_t lo, int64_t n);
 
-// cpu_isa.h's two builds, chosen at run time; the AVX2 one with the
-// intrinsics AdamW block.
+// cpu_isa.h's builds, chosen at run time; the AVX2 and AVX-512 ones with the
+// intrinsics AdamW blocks.
 template <typename E, bool Ams, bool Stoch, int M>
 void span_baseline(const Entry& en, const Args& a, int64_t lo, int64_t n) {
-  span_body<E, Ams, Stoch, M, false>(en, a, lo, n);
+  span_body<E, Ams, Stoch, M, cpu_isa::kBaseline>(en, a, lo, n);
 }
 
 #ifdef OSF_AVX2_PATH
 template <typename E, bool Ams, bool Stoch, int M>
 OSF_TARGET_AVX2 void span_avx2(const Entry& en, const Args& a, int64_t lo, int64_t n) {
-  span_body<E, Ams, Stoch, M, true>(en, a, lo, n);
+  span_body<E, Ams, Stoch, M, cpu_isa::kAvx2>(en, a, lo, n);
+}
+#endif
+
+#ifdef OSF_AVX512_PATH
+template <typename E, bool Ams, bool Stoch, int M>
+OSF_TARGET_AVX512 void span_avx512(const Entry& en, const Args& a, int64_t lo, int64_t n) {
+  span_body<E, Ams, Stoch, M, cpu_isa::kAvx512>(en, a, lo, n);
 }
 #endif
 
 template <typename E, bool Ams, bool Stoch, int M>
 SpanFn span_fn() {
+  const int isa = cpu_isa::current();
+#ifdef OSF_AVX512_PATH
+  if (isa == cpu_isa::kAvx512)
+    return &span_avx512<E, Ams, Stoch, M>;
+#endif
 #ifdef OSF_AVX2_PATH
-  if (cpu_has_avx2())
+  if (isa == cpu_isa::kAvx2)
     return &span_avx2<E, Ams, Stoch, M>;
 #endif
   return &span_baseline<E, Ams, Stoch, M>;

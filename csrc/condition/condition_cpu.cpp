@@ -20,32 +20,18 @@ namespace condition {
 
 namespace {
 
-// The dense conversion loop (cpu_isa.h: built for the baseline and for AVX2).
+// The dense conversion loop (cpu_isa.h: one build per ISA variant).
 template <typename D, typename S>
-OSF_ALWAYS_INLINE void convert_body(D* out, const S* in, int64_t n) {
-  for (int64_t i = 0; i < n; ++i)
-    out[i] = cast_value<D, S>(in[i]);
-}
-
-template <typename D, typename S>
-void convert_baseline(D* out, const S* in, int64_t n) {
-  convert_body(out, in, n);
-}
-
-#ifdef OSF_AVX2_PATH
-template <typename D, typename S>
-OSF_TARGET_AVX2 void convert_avx2(D* out, const S* in, int64_t n) {
-  convert_body(out, in, n);
-}
-#endif
+struct Convert {
+  static OSF_ALWAYS_INLINE void run(D* out, const S* in, int64_t n) {
+    for (int64_t i = 0; i < n; ++i)
+      out[i] = cast_value<D, S>(in[i]);
+  }
+};
 
 template <typename D, typename S>
 void convert_span(D* out, const S* in, int64_t n) {
-#ifdef OSF_AVX2_PATH
-  if (cpu_has_avx2())
-    return convert_avx2(out, in, n);
-#endif
-  convert_baseline(out, in, n);
+  cpu_isa::run<Convert<D, S>>(out, in, n);
 }
 
 // One (piece, channel) plane run: elements [0, len) of out.

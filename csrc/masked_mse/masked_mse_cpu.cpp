@@ -13,32 +13,84 @@
 #include "../cpu_isa.h"
 #include "masked_mse.h"
 #include "masked_mse_ops.h"
+#include "masked_mse_simd.h"
 
 namespace opensora_fast {
 namespace masked_mse {
 
 namespace {
 
-// Sum of squared differences over n elements: 16 independent accumulators
-// (vectorisable without reassociation flags), combined pairwise.
+// The per-thread sums of whole rounds, for the baseline build: the scalar
+// core's loop, threads in turn (masked_mse_simd.h has the AVX2/AVX-512 ones).
 template <typename T>
-struct SumSq {
-  static OSF_ALWAYS_INLINE acc_t<T> run(const T* p, const T* t, int64_t n) {
-    using A = acc_t<T>;
-    constexpr int K = 16;
-    A acc[K] = {};
-    int64_t i = 0;
-    for (; i + K <= n; i += K)
-      for (int k = 0; k < K; ++k)
-        acc[k] = add_sq(acc[k], p[i + k], t[i + k]);
-    for (int k = 0; i < n; ++i, ++k)
-      acc[k] = add_sq(acc[k], p[i], t[i]);
-    for (int w = K / 2; w > 0; w /= 2)
-      for (int k = 0; k < w; ++k)
-        acc[k] += acc[k + w];
-    return acc[0];
+struct Rounds {
+  static OSF_ALWAYS_INLINE void run(const T* p, const T* t, int64_t r, acc_t<T>* acc) {
+    constexpr int V = 16 / sizeof(T);
+    for (int th = 0; th < kThreads; ++th)
+      acc[th] = acc_t<T>(0);
+    for (int64_t g0 = 0; g0 < r * kThreads; g0 += kThreads)
+      for (int th = 0; th < kThreads; ++th) {
+        acc_t<T> a = acc[th];
+        for (int k = 0; k < V; ++k)
+          a = add_sq(a, p[(g0 + th) * V + k], t[(g0 + th) * V + k]);
+        acc[th] = a;
+      }
   }
 };
+
+// Whole rounds in the build of the ISA variant in use.
+template <typename T>
+void round_sums(const T* p, const T* t, int64_t r, acc_t<T>* acc) {
+  const int isa = cpu_isa::current();
+#ifdef OSF_AVX512_PATH
+  // 64-byte loads that straddle cache lines run at half speed from memory
+  // (Zen 5), so unaligned chunks take the 32-byte build: the same bits.
+  const bool aligned = reinterpret_cast<uintptr_t>(p) % 64 == 0 && reinterpret_cast<uintptr_t>(t) % 64 == 0;
+  if (isa == cpu_isa::kAvx512 && aligned)
+    return simd::avx512::rounds(p, t, r, acc);
+#endif
+#ifdef OSF_AVX2_PATH
+  if (isa >= cpu_isa::kAvx2)
+    return simd::avx2::rounds(p, t, r, acc);
+#endif
+  (void)isa;
+  cpu_isa::baseline<Rounds<T>>(p, t, r, acc);
+}
+
+// partial_thread_sum for every thread of the block over chunk elements [0, n):
+// whole rounds of kThreads groups vectorised (lanes are GPU threads), the
+// last partial round and the last partial group as the scalar core does them.
+template <typename T>
+void thread_sums(const T* p, const T* t, int64_t n, acc_t<T>* acc) {
+  constexpr int V = 16 / sizeof(T);
+  const int64_t full = n / V, r = full / kThreads;
+  round_sums(p, t, r, acc);
+  for (int64_t g = r * kThreads; g < full; ++g)
+    for (int k = 0; k < V; ++k)
+      acc[g % kThreads] = add_sq(acc[g % kThreads], p[g * V + k], t[g * V + k]);
+  for (int64_t i = full * V; i < n; ++i)
+    acc[full % kThreads] = add_sq(acc[full % kThreads], p[i], t[i]);
+}
+
+// masked_mse_cuda.cu's block_sum as it reaches thread 0: each warp's
+// __shfl_down_sync tree, then the same tree over the warp sums padded with zeros.
+template <typename A>
+A block_sum(A* v) {
+  A w[32];
+  for (int warp = 0; warp < kThreads / 32; ++warp) {
+    A* x = v + 32 * warp;
+    for (int o = 16; o > 0; o /= 2)
+      for (int lane = 0; lane < o; ++lane)
+        x[lane] += x[lane + o];
+    w[warp] = x[0];
+  }
+  for (int lane = kThreads / 32; lane < 32; ++lane)
+    w[lane] = A(0);
+  for (int o = 16; o > 0; o /= 2)
+    for (int lane = 0; lane < o; ++lane)
+      w[lane] += w[lane + o];
+  return w[0];
+}
 
 template <typename T>
 struct Grad {
@@ -64,7 +116,10 @@ at::Tensor forward_cpu(const at::Tensor& pred, const at::Tensor& target, const a
         int64_t lo, hi;
         chunk_bounds(clamp_range(rg[2 * b], rg[2 * b + 1], L), D, c, &lo, &hi);
         const int64_t off = b * L * D;
-        part[k] = hi > lo ? cpu_isa::run<SumSq<scalar_t>>(p + off + lo, t + off + lo, hi - lo) : A(0);
+        // in the CUDA kernel's order (partial_kernel), so both devices give the same bits
+        A lanes[kThreads];
+        thread_sums(p + off + lo, t + off + lo, hi - lo, lanes);
+        part[k] = block_sum(lanes);
       }
     });
     for (int64_t b = 0; b < B; ++b)

@@ -261,6 +261,7 @@ class Run:
                         ema_shape_dict=self.ema_shape_dict,
                         async_io=True,
                         include_master_weights=True,
+                        **side.save_kwargs,
                     )
                 # the previous save is complete now (save waits for it first): keep only the newest
                 for old in self.saves:

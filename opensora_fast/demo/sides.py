@@ -136,6 +136,8 @@ class Side:
     make_optimizer: Callable[[nn.Module], object]
     # called once the EMA is sharded: (optimizer, ema, model)
     setup: Optional[Callable[[object, nn.Module, nn.Module], None]] = None
+    # extra keyword arguments of every CheckpointIO.save
+    save_kwargs: Dict[str, object] = field(default_factory=dict)
 
 
 def _adamw(params: List[torch.Tensor]) -> torch.optim.Optimizer:
@@ -185,7 +187,8 @@ def fused_side():
     """The third column, or None while ``opensora_fast.optim.FusedAdamW`` is absent:
     FusedAdamW steps the master shards and, attached to the EMA, the EMA too in
     the same pass, so its EMA work is timed inside "optimizer" and its "ema"
-    phase only finds the step taken."""
+    phase only finds the step taken; checkpoints are gather-free
+    (``CheckpointIO.save(parallel=True)``: each rank writes its own bytes)."""
     cls = fused_optimizer_class()
     if cls is None:
         return None
@@ -195,7 +198,8 @@ def fused_side():
         attach_ema(optimizer, ema, model, decay=EMA_DECAY)
 
     side = fast_side()
-    side.key, side.label = "fused", "opensora_fast + fused optimizer"
+    side.key, side.label = "fused", "opensora_fast + fused optimizer + gather-free checkpoints"
+    side.save_kwargs = {"parallel": True}
     side.make_optimizer = lambda m: ShardedMasterOptimizer(
         m, lambda ps: cls(ps, lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY)
     )

@@ -150,8 +150,8 @@ def masked_mse(pred: torch.Tensor, target: torch.Tensor, ranges: torch.Tensor) -
     check_inputs(pred, target, ranges)
     B, L, D = pred.shape
     acc = acc_dtype(pred.dtype)
-    if B == 0:
-        return torch.full((), float("nan"), dtype=acc, device=pred.device)
+    if B == 0:  # NaN, as the mean of no samples; still on pred's graph (an empty gradient)
+        return pred.to(acc).sum() + float("nan")
     inside, count = _token_weights(ranges, B, L, D, acc)
     diff = torch.where(inside, pred.to(acc) - target.to(acc), torch.zeros((), dtype=acc, device=pred.device))
     per = diff.pow(2).sum((1, 2))
