@@ -1,19 +1,23 @@
 """Gather-free checkpoints vs the gather paths, 4 ranks on gloo (forked
 processes), the 1082 tensors of the 11B layout scaled down (hidden size
-OSF_BENCH_CKPT_D, default 160: about 32M params, a 64 MB bf16 EMA). Median
-of OSF_BENCH_CKPT_ROUNDS (default 3) rounds, each started by a barrier.
+OSF_BENCH_CKPT_D, default 160: about 32M params, a 64 MB bf16 EMA).
 
-Save, time until the file is complete (fsynced, renamed into place):
+Save, time until the file is complete (fsynced, renamed into place, its
+directory fsynced), the same layout, the same 4 processes:
 
 * parallel: ``save_sharded_as_consolidated`` (every rank writes its bytes)
-* ours, gather: ``model_gathering`` into host buffers, then rank 0's writer
-  (the path CheckpointIO.save takes without ``parallel``)
+* ours, gather: ``model_gathering`` into host buffers kept across saves (as
+  CheckpointIO keeps them), then rank 0's writer (the path CheckpointIO.save
+  takes without ``parallel``)
 * upstream-faithful: the per-parameter all_gather, then safetensors'
-  ``save_file`` of the whole state on rank 0
+  ``save_file`` of the whole state on rank 0 (its own processes: slow)
 
-and the extra host memory per rank while saving (peak RSS during the call
-minus RSS before it, sampled every 0.5 ms; the gather paths allocate their
-host buffers in the call, as a first save does and keeps).
+Parallel and gather run in alternating order in OSF_BENCH_CKPT_ROUNDS
+(default 9) rounds, each call started by a barrier; per round the slowest
+rank's time; the median of the rounds and of the per-round ratios. The
+extra host memory per rank (peak RSS minus RSS before, sampled every
+0.5 ms) is taken in a first, untimed call of each path, which for the
+gather path includes making its host buffers.
 
 Load: ``load_sharded_from_consolidated`` (each rank reads its own ranges)
 vs upstream (every rank loads the whole file, ``load_state_dict``, then
@@ -47,7 +51,8 @@ except ImportError:  # before the layouts moved
 
 WORLD = int(os.environ.get("OSF_BENCH_CKPT_WORLD", "4"))
 D = int(os.environ.get("OSF_BENCH_CKPT_D", "160"))
-ROUNDS = int(os.environ.get("OSF_BENCH_CKPT_ROUNDS", "3"))
+ROUNDS = int(os.environ.get("OSF_BENCH_CKPT_ROUNDS", "9"))
+UPSTREAM_ROUNDS = min(ROUNDS, 3)  # seconds each
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
@@ -116,6 +121,31 @@ def _rounds(fn, make_path, rounds):
     return statistics.median(times), extra
 
 
+def _first_call_memory(fn, path) -> int:
+    """Extra RSS bytes of one untimed call of fn(path)."""
+    _trim()
+    dist.barrier()
+    with _PeakRss() as m:
+        fn(path)
+    return m.extra
+
+
+def _interleaved(fns, make_path, rounds):
+    """{name: [seconds per round]} of the calls ``fns`` (name -> fn(path)),
+    their order reversed every other round, each call started by a barrier."""
+    names = list(fns)
+    times = {k: [] for k in names}
+    for r in range(rounds):
+        for k in names if r % 2 == 0 else names[::-1]:
+            path = make_path(k, r)
+            _trim()
+            dist.barrier()
+            t0 = time.perf_counter()
+            fns[k](path)
+            times[k].append(time.perf_counter() - t0)
+    return times
+
+
 def _worker(rank, world, port, tmp, out_path, what):
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -142,15 +172,17 @@ def _worker(rank, world, port, tmp, out_path, what):
     def parallel(path):
         ckpt.save_sharded_as_consolidated(ema, shape_dict, path, progress=False)
 
+    pinned = {}
+
     def ours_gather(path):
-        pinned = None
-        if rank == 0:
-            pinned = ckpt.CheckpointIO._pinned_dict((k, v, torch.bfloat16) for k, v in shape_dict.items())
-        ckpt.model_gathering(ema, shape_dict, pinned, progress=False)
+        if rank == 0 and not pinned:  # made once, kept across saves (CheckpointIO's buffers)
+            pinned.update(ckpt.CheckpointIO._pinned_dict((k, v, torch.bfloat16) for k, v in shape_dict.items()))
+        ckpt.model_gathering(ema, shape_dict, pinned if rank == 0 else None, progress=False)
         if rank == 0:
             tmp_path = path + ".tmp"
-            _ckpt_write.write_safetensors(tmp_path, pinned)
+            _ckpt_write.write_safetensors(tmp_path, pinned)  # fsyncs the file
             os.rename(tmp_path, path)
+            ckpt._ckpt_files.fsync_path(os.path.dirname(path))
         dist.barrier()
 
     def upstream(path):
@@ -159,11 +191,19 @@ def _worker(rank, world, port, tmp, out_path, what):
         if rank == 0:
             save_file(pinned, path)
             ckpt._ckpt_files.fsync_path(path)
+            ckpt._ckpt_files.fsync_path(os.path.dirname(path))
         dist.barrier()
 
-    if what != "load":  # one save path per set of fresh processes: its memory is its own
-        fn = {"parallel": parallel, "gather": ours_gather, "upstream": upstream}[what]
-        res[f"save {what}"], res[f"mem {what}"] = _rounds(fn, path_in(what), ROUNDS)
+    if what == "save":  # parallel and gather side by side in the same processes
+        paths = {"parallel": path_in("parallel"), "gather": path_in("gather")}
+        res["mem parallel"] = _first_call_memory(parallel, paths["parallel"]("first"))
+        res["mem gather"] = _first_call_memory(ours_gather, paths["gather"]("first"))
+        times = _interleaved({"parallel": parallel, "gather": ours_gather}, lambda k, r: paths[k](r), ROUNDS)
+        res["rounds parallel"], res["rounds gather"] = times["parallel"], times["gather"]
+        _done(res, world, rank, out_path)
+        return
+    if what == "upstream":  # its own processes: its memory is its own
+        res["save upstream"], res["mem upstream"] = _rounds(upstream, path_in("upstream"), UPSTREAM_ROUNDS)
         _done(res, world, rank, out_path)
         return
     if rank == 0:
@@ -198,7 +238,7 @@ def _worker(rank, world, port, tmp, out_path, what):
         full.load_state_dict(load_file(p), strict=True, assign=True)
         ref.model_sharding(full)
 
-    res["load upstream"], res["load mem upstream"] = _rounds(upstream_load, lambda r: src, ROUNDS)
+    res["load upstream"], res["load mem upstream"] = _rounds(upstream_load, lambda r: src, UPSTREAM_ROUNDS)
     res["read upstream"] = os.path.getsize(src)
     _done(res, world, rank, out_path)
 
@@ -218,7 +258,7 @@ def run_cpu() -> list[str]:
     out = os.path.join(tmp, "res.json")
     try:
         ranks = None
-        for what in ("parallel", "gather", "upstream", "load"):
+        for what in ("save", "upstream", "load"):
             args = (WORLD, _port(), tmp, out, what)
             mp.start_processes(_worker, args=args, nprocs=WORLD, join=True, start_method="fork")
             got = json.load(open(out))
@@ -230,18 +270,27 @@ def run_cpu() -> list[str]:
     r0 = ranks[0]
     mb = 1e6
     shard = max(r["shard bytes"] for r in ranks)
+    per_round = {k: [max(r[f"rounds {k}"][i] for r in ranks) for i in range(ROUNDS)] for k in ("parallel", "gather")}
+    med = {k: statistics.median(v) for k, v in per_round.items()}
+    med["upstream"] = max(r["save upstream"] for r in ranks)
+    ratios = sorted(g / p for p, g in zip(per_round["parallel"], per_round["gather"]))
     lines = [
         f"gather-free checkpoints on {machine()}",
         f"[gloo, {WORLD} ranks, 1082 tensors of the 11B layout at d={D}: {r0['params'] / 1e6:.1f}M params, "
-        f"bf16 EMA {r0['params'] * 2 / mb:.0f} MB, shard {shard / mb:.1f} MB per rank; median of {ROUNDS}]",
+        f"bf16 EMA {r0['params'] * 2 / mb:.0f} MB, shard {shard / mb:.1f} MB per rank; parallel and gather "
+        f"interleaved, median of {ROUNDS} rounds (upstream: {UPSTREAM_ROUNDS}, own processes)]",
         f"  {'save, until the file is complete':<40} {'s':>8} {'/ parallel':>10} {'extra MB r0':>11} {'max r>0':>8}",
     ]
     for name in ("parallel", "gather", "upstream"):
-        t = max(r[f"save {name}"] for r in ranks)
+        t = med[name]
         lines.append(
-            f"  {name:<40} {t:8.3f} {t / max(r['save parallel'] for r in ranks):9.2f}x "
+            f"  {name:<40} {t:8.3f} {t / med['parallel']:9.2f}x "
             f"{r0[f'mem {name}'] / mb:11.1f} {max(r[f'mem {name}'] for r in ranks[1:]) / mb if WORLD > 1 else 0:8.1f}"
         )
+    lines.append(
+        f"  gather / parallel per round: min {ratios[0]:.2f}x, median {statistics.median(ratios):.2f}x, "
+        f"max {ratios[-1]:.2f}x"
+    )
     lines.append(f"  parallel file == gather file byte for byte, == upstream's tensor for tensor: {r0['files equal']}")
     lo, lu = max(r["load ours"] for r in ranks), max(r["load upstream"] for r in ranks)
     read = max(r["read ours"] for r in ranks)

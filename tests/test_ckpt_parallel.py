@@ -26,7 +26,15 @@ import torch.multiprocessing as mp
 from helpers import assert_bitwise_equal
 from safetensors.torch import load_file
 
-from opensora_fast.utils import _ckpt_files, _ckpt_parallel, _ckpt_parallel_crc, _ckpt_parallel_io, _ckpt_write, ckpt
+from opensora_fast.utils import (
+    _ckpt_agree,
+    _ckpt_files,
+    _ckpt_parallel,
+    _ckpt_parallel_crc,
+    _ckpt_parallel_io,
+    _ckpt_write,
+    ckpt,
+)
 
 SHAPES = [  # smaller than the world, 0-dim, odd, bf16 and fp32
     ("a.w", (5, 3), torch.float32),
@@ -293,47 +301,92 @@ def _cases(rank, world, tmp):
             setattr(_ckpt_parallel, where, saved)
         dist.barrier()  # rank 0 removes the partial file as it raises
         assert _read(ppath) == old
+        assert not [n for n in os.listdir(tmp) if n.startswith(".")], (where, os.listdir(tmp))
+        dist.barrier()  # rank 0 creates the next partial file before the next save's first collective
+
+    # a rank that failed before the save (in an agreement elsewhere) releases
+    # the others at the save's first collective
+    if world > 1:
+        _fails_everywhere(
+            rank,
+            (lambda: _ckpt_agree.agree("elsewhere", "boom"))
+            if rank == last
+            else (lambda: ckpt.save_sharded_as_consolidated(net2, shape_dict, ppath)),
+            ValueError,
+            "boom",
+            failing=last,
+        )
+        dist.barrier()
+        assert _read(ppath) == old
         assert not [n for n in os.listdir(tmp) if n.startswith(".")]
 
-    # ranks that do not share the directory (simulated: one folder per rank)
+    # ranks that do not share the directory (simulated: one folder per rank),
+    # a stale partial file of the same name in the others' folders: nobody
+    # writes into a file that is not rank 0's
     own_dir = os.path.join(tmp, f"r{rank}")
     os.makedirs(own_dir)
     if world > 1:
+        stale = os.path.join(own_dir, ".x.safetensors.partial")
+        if rank:
+            shutil.copy(ppath, stale)
         _fails_everywhere(
             rank,
             lambda: ckpt.save_sharded_as_consolidated(net, shape_dict, os.path.join(own_dir, "x.safetensors")),
             ValueError,
             "do not all see the same directory",
         )
-    # ... where CheckpointIO falls back to the gather path, with one log line
-    logged = []
+        dist.barrier()
+        assert os.listdir(own_dir) == ([".x.safetensors.partial"] if rank else [])
+        if rank:
+            assert _read(stale) == old
+            os.remove(stale)
+    # ... where CheckpointIO falls back to the gather path, with one log line;
+    # it probes a save_dir once (at its first save there), every rank alike
+    logged, probes = [], []
     saved_log, _ckpt_parallel_io.log_message = _ckpt_parallel_io.log_message, lambda *a, **k: logged.append(a)
+    saved_probe = _ckpt_parallel_io.shared_dir
+    _ckpt_parallel_io.shared_dir = lambda *a: probes.append(a[1]) or saved_probe(*a)
     try:
         io = ckpt.CheckpointIO(progress=False)
-        out = io.save(
-            None, own_dir, ema=net, epoch=0, step=1, actual_update_step=1, ema_shape_dict=shape_dict, parallel=True
-        )
-        io.close()
+        for step in (1, 2):
+            out = io.save(
+                None,
+                own_dir,
+                ema=net,
+                epoch=0,
+                step=step,
+                actual_update_step=step,
+                ema_shape_dict=shape_dict,
+                parallel=True,
+            )
+            io.close()
+            if rank == 0:
+                assert _read(os.path.join(out, "ema.safetensors")) == old
     finally:
         _ckpt_parallel_io.log_message = saved_log
     assert len(logged) == (1 if rank == 0 and world > 1 else 0), logged
-    if rank == 0:
-        assert _read(os.path.join(out, "ema.safetensors")) == old
+    assert len(probes) == 1, probes
 
     # CheckpointIO(parallel=True): the same files as the gather path's (EMA and
     # master weights, checksums recorded); loads with parallel=True, from a
     # gather-path checkpoint too; a corrupted file is refused
     zero_w = FakeZero(model, lambda n: dist.group.WORLD, shift=0.5)
     ckdir = os.path.join(tmp, "ck")
-    outs = []
-    for step, par in ((1, False), (2, True)):
-        io = ckpt.CheckpointIO(progress=False)
-        kw = dict(model=model, ema=net, optimizer=zero_w, include_master_weights=True, ema_shape_dict=shape_dict)
-        outs.append(io.save(None, ckdir, epoch=0, step=step, actual_update_step=step, parallel=par, **kw))
-        io.close()
-        dist.barrier()
+    outs, probes[:] = [], []
+    ios = {par: ckpt.CheckpointIO(progress=False) for par in (False, True)}  # parallel: two saves, one probe
+    try:
+        for step, par in ((1, False), (2, True), (3, True)):
+            io = ios[par]
+            kw = dict(model=model, ema=net, optimizer=zero_w, include_master_weights=True, ema_shape_dict=shape_dict)
+            outs.append(io.save(None, ckdir, epoch=0, step=step, actual_update_step=step, parallel=par, **kw))
+            io.close()
+            dist.barrier()
+    finally:
+        _ckpt_parallel_io.shared_dir = saved_probe
+    assert probes == [_ckpt_files.partial_name(outs[1])], probes
     for f in ("ema.safetensors", "master.safetensors"):
-        assert _read(os.path.join(outs[0], f)) == _read(os.path.join(outs[1], f)), f
+        assert _read(os.path.join(outs[0], f)) == _read(os.path.join(outs[1], f)) == _read(os.path.join(outs[2], f)), f
+    outs = outs[:2]
     states = [ckpt.load_json(os.path.join(o, "running_states.json"))["checksums"] for o in outs]
     assert states[0]["ema.safetensors"] == states[1]["ema.safetensors"]
     assert states[0]["master.safetensors"] == states[1]["master.safetensors"]

@@ -35,6 +35,7 @@ class CheckpointIO:
         self.master_writer = None  # kept for upstream's attribute; one job writes both files
         self.pinned_state_dict: Optional[Dict[str, torch.Tensor]] = None
         self.master_pinned_state_dict: Optional[Dict[str, torch.Tensor]] = None
+        self._shared_dirs: Dict[str, bool] = {}  # save(parallel=True): the probe's verdict per save_dir
 
     def _sync_io(self):
         """Waits until the previous save's files are written and renamed;
@@ -121,7 +122,8 @@ class CheckpointIO:
         every rank its own shards' bytes of the one consolidated file
         (:func:`save_sharded_as_consolidated`; same files, no host buffers,
         written before ``save`` returns); when the ranks do not all see
-        ``save_dir`` (probed), one log line and the gather path."""
+        ``save_dir`` (probed at this CheckpointIO's first save into it), one
+        log line and the gather path."""
         fn = "CheckpointIO.save"
         made: List[str] = []  # rank 0: the temporary directory, once made (removed if the save fails)
         failure = final = tmp = states = None
@@ -162,7 +164,7 @@ class CheckpointIO:
         # 2. the collectives: the Booster's parts, the gathers (or each rank's own bytes)
         try:
             if parallel:
-                parallel = _ckpt_parallel_io.use_parallel(fn, tmp)
+                parallel = self._shared_save_dir(fn, save_dir, tmp)
                 if not parallel and _ckpt_dist.rank() == 0:  # the fallback gathers into host buffers
                     self._save_local(None, made, None, None, ema, optimizer, None, None, step, ema_shape_dict, masters)
             if parallel:
@@ -187,6 +189,17 @@ class CheckpointIO:
             failure = e
         self._agree(fn, failure, made if not async_io else [])
         return final
+
+    def _shared_save_dir(self, fn: str, save_dir: str, tmp: str) -> bool:
+        """save(parallel=True): whether every rank sees ``save_dir``, probed in
+        the first save's temporary directory and remembered: every save goes to
+        a fresh subdirectory of it, and each parallel file write proves again
+        that every rank sees the file (a ValueError on every rank if not). Every
+        rank makes the same saves, so every rank probes at the same saves."""
+        key = os.path.abspath(save_dir)
+        if key not in self._shared_dirs:
+            self._shared_dirs[key] = _ckpt_parallel_io.use_parallel(fn, tmp)
+        return self._shared_dirs[key]
 
     @staticmethod
     def _check_save(fn: str, final: str, booster, model, ema, ema_shape_dict, lora: bool) -> None:

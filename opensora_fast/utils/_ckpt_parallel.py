@@ -7,16 +7,23 @@ r) makes a whole parameter the concatenation of its shards minus the tail
 padding, so rank r's elements ``[r*s, min((r+1)*s, n))`` of parameter p lie
 at byte ``data_start + offset(p) + r*s*esize`` of the file. The header
 (names sorted, offsets packed) is a function of the names, shapes and dtypes
-only: every rank computes it and the ranks agree on its CRC before anything
-is written. The file is the gather path's byte for byte.
+only: every rank computes it (cached across saves) and the ranks compare
+its digest before any data is written. The file is the gather path's byte
+for byte.
 
-A save: rank 0 creates ``.<name>.partial`` next to ``path`` and preallocates
-it (a full disk fails here, before any data); every rank ``pwrite``s its
-pieces and fsyncs; rank 0 writes the header last (so a file cut short has a
-zero header length, which no reader accepts), fsyncs and renames it into
-place. Each step ends in an agreement (:func:`._ckpt_agree.agree`): a failure
-on any rank raises on every rank and rank 0 removes the partial file; the
-file's CRC-32 is joined from every rank's share (:mod:`._ckpt_parallel_crc`).
+A save, three collectives in all: rank 0 creates ``.<name>.partial`` next to
+``path``, preallocates it (a full disk fails here, before any data) and
+writes a random token inside the still-zero header; (1) the ranks learn of
+any failure, compare the header digest and receive the token; every rank
+opens the partial file, reads the token back (the shared-filesystem probe:
+a rank that sees another file, or none, writes nothing), ``pwrite``s its
+pieces, computing their CRC while the bytes are in cache, and fsyncs; (2)
+the ranks learn of any failure or unseen token and gather every rank's CRC
+share (:mod:`._ckpt_parallel_crc`); rank 0 writes the header last (so a
+file cut short has a zero header length, which no reader accepts), fsyncs
+and renames it into place; (3) the ranks learn whether that worked. A
+failure on any rank raises on every rank and rank 0 removes the partial
+file.
 A load: every rank reads the header, checks it against its model and reads
 only its pieces (and the small unsharded buffers) with ``preadv`` straight
 into the shards; with ``checksum``, a first pass verifies the whole file
@@ -25,18 +32,20 @@ across the ranks before anything is written into the model."""
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import secrets
 import struct
 import zlib
-from typing import Dict, List, Optional, Sequence, Tuple
+from collections import OrderedDict
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as dist
 
 from . import _ckpt_dist, _ckpt_files
-from ._ckpt_agree import agree, agreement_device, mark_agreed
+from ._ckpt_agree import _LAYOUT, _MSG_BYTES, _VALUE_CAP, _message, agree, agreement_device, mark_agreed
 from ._ckpt_parallel_crc import Pieces, file_crc
 from ._ckpt_plan import numel
 from ._ckpt_write import ST_DTYPES, _safetensors_header, phase
@@ -94,16 +103,33 @@ class Part:
         return lo, max(0, min(s, n - lo))
 
 
+class _Meta:
+    """What the header writer reads of a tensor, without making one."""
+
+    __slots__ = ("shape", "dtype", "_n")
+
+    def __init__(self, shape: tuple, dtype: torch.dtype):
+        self.shape, self.dtype, self._n = shape, dtype, numel(shape)
+
+    def numel(self) -> int:
+        return self._n
+
+    def element_size(self) -> int:
+        return self.dtype.itemsize
+
+
 class Layout:
     """The file's header and where each tensor's bytes lie, from (name, shape,
-    dtype) alone: the same bytes as the gather path's writer."""
+    dtype) alone: the same bytes as the gather path's writer (its own header
+    function). ``digest``: 62 bits of BLAKE2b of the header, which the ranks
+    compare before writing."""
 
     def __init__(self, fn: str, entries: Sequence[Tuple[str, tuple, torch.dtype]]):
         metas = {}
         for name, shape, dtype in entries:
             if dtype not in ST_DTYPES:
                 raise TypeError(f"{fn}: safetensors cannot store {name!r} of dtype {dtype}")
-            metas[name] = torch.empty(shape, dtype=dtype, device="meta")
+            metas[name] = _Meta(shape, dtype)
         names = sorted(metas)
         blob = _safetensors_header(metas, names)
         self.prefix = struct.pack("<Q", len(blob)) + blob
@@ -114,9 +140,26 @@ class Layout:
             self.offset[k] = pos
             pos += metas[k].numel() * metas[k].element_size()
         self.size = self.data_start + pos
+        self.digest = int.from_bytes(hashlib.blake2b(self.prefix, digest_size=8).digest(), "little") >> 2
 
-    def header_crc(self) -> int:
-        return zlib.crc32(self.prefix)
+
+_layouts: "OrderedDict[tuple, Layout]" = OrderedDict()  # the last few, by (name, shape, dtype) entries
+_LAYOUTS_KEPT = 4  # the EMA's and the masters' files, with room to spare
+
+
+def layout_of(fn: str, parts: Sequence["Part"]) -> Layout:
+    """:class:`Layout` of ``parts``, reused across saves of the same entries (a
+    pure function of them; building the header of a thousand tensors costs
+    milliseconds on every rank)."""
+    key = tuple((p.name, p.shape, p.dtype) for p in parts)
+    got = _layouts.get(key)
+    if got is None:
+        got = _layouts[key] = Layout(fn, key)
+        while len(_layouts) > _LAYOUTS_KEPT:
+            _layouts.popitem(last=False)
+    else:
+        _layouts.move_to_end(key)
+    return got
 
 
 def _bytes(t: torch.Tensor) -> torch.Tensor:
@@ -176,6 +219,12 @@ def _direct(t: torch.Tensor) -> bool:
     return t.device.type == "cpu" and t.is_contiguous()
 
 
+def _host_bytes(t: torch.Tensor):
+    """A contiguous CPU tensor's bytes as a uint8 ndarray (no copy; one view
+    for the 1-D shards)."""
+    return (t if t.dim() == 1 else t.reshape(-1)).view(torch.uint8).numpy()
+
+
 def write_pieces(fd: int, pieces, crc: Pieces, staging_bytes: int, show: bool, desc: str) -> None:
     """Every piece's bytes to its place: CPU shards straight from their
     memory; device shards through two staging buffers (the copy of the next
@@ -192,13 +241,18 @@ def write_pieces(fd: int, pieces, crc: Pieces, staging_bytes: int, show: bool, d
         crc.add(pos, data)
 
     for pos, p, first, k in _ckpt_dist.progress(pieces, len(pieces), desc, show):
-        src = _bytes(p.local[first : first + k] if p.world else p.local)
-        if _direct(p.local):
-            data = src.numpy()
-            _write_all(fd, pos, data)
-            crc.add(pos, data)
+        if _direct(p.local):  # the common case, kept lean: a thousand pieces per rank
+            es = p.dtype.itemsize
+            data = _host_bytes(p.local)[first * es : (first + k) * es]
+            n = pwrite(fd, data, pos)
+            if n != data.nbytes:  # a short write: the rest, or ENOSPC
+                if n <= 0:
+                    raise OSError(errno.ENOSPC, "short write")
+                _write_all(fd, pos + n, data[n:])
+            crc.add(pos, data)  # while the bytes are in cache
             phase("par-piece")
             continue
+        src = _bytes(p.local[first : first + k] if p.world else p.local)
         for c in range(0, src.numel(), staging_bytes):
             chunk = src[c : c + staging_bytes]
             host = stage.next()[: chunk.numel()]
@@ -316,6 +370,60 @@ def shared_dir(fn: str, directory: str, group=None) -> bool:
     return bool(flag.item())
 
 
+_TOKEN_AT = 8  # the probe token's place in a partial file: inside the header, whose length (bytes 0-8) stays 0
+_CAP = _VALUE_CAP  # a slot a rank leaves to the others in a MIN reduction
+assert _LAYOUT >= 4, "write_file's first exchange needs three slots after agree's failure slot"
+
+
+def exchange(fn: str, failure: Union[None, str, BaseException], group, tail: Sequence[int]) -> List[int]:
+    """One ``all_reduce(MIN)`` of ``[first failing rank] + tail`` over
+    ``group``: several facts in one collective (a value every rank must share
+    as ``v, -v``; one rank's value with ``_CAP`` on the others). When a rank
+    failed, its message reaches every rank and every rank raises, as
+    :func:`._ckpt_agree.agree` does (same first slot, same broadcast), so a
+    tail of agree's length pairs with an ``agree`` on a rank that failed
+    before this call. Returns the reduced tail."""
+    own = ValueError(failure) if isinstance(failure, str) else failure
+    world = _ckpt_dist.world_size(group)
+    if world == 1:
+        if own is not None:
+            raise own
+        return [int(v) for v in tail]
+    me = dist.get_rank(group)
+    t = torch.tensor([me if own is not None else world, *tail], dtype=torch.int64, device=agreement_device(group))
+    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=group)
+    got = t.tolist()
+    first = int(got[0])
+    if first < world:  # the first failing rank's message, to every rank
+        msg = torch.zeros(_MSG_BYTES, dtype=torch.uint8, device=t.device)
+        if me == first:
+            raw = _message(own).encode("utf-8", "replace")[:_MSG_BYTES]
+            msg[: len(raw)] = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+        dist.broadcast(msg, src=first if group is None else dist.get_global_rank(group, first), group=group)
+        if own is not None:
+            raise mark_agreed(own)
+        text = bytes(msg.cpu().tolist()).rstrip(b"\0").decode("utf-8", "replace")
+        raise mark_agreed(RuntimeError(f"{fn}: stopped on every rank: rank {first} failed: {text}"))
+    return got[1:]
+
+
+def _create(tmp: str, size: int) -> int:
+    """Rank 0: the partial file, preallocated (zeros: the header length reads
+    0 until it is written last), with a random token at ``_TOKEN_AT`` that
+    the other ranks read back to prove they see this very file; closed, so a
+    network filesystem has sent the token before they open it. Returns the
+    token."""
+    token = secrets.randbits(62)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        preallocate(fd, size)
+        phase("par-prealloc")
+        _write_all(fd, _TOKEN_AT, struct.pack("<q", token))
+    finally:
+        os.close(fd)
+    return token
+
+
 def write_file(
     fn: str,
     parts: Optional[List[Part]],
@@ -325,56 +433,71 @@ def write_file(
     *,
     progress: Optional[bool],
     staging_bytes: Optional[int],
-    probe: bool = True,
 ) -> str:
     """Every rank of ``group``: its pieces of ``parts`` into the file at
-    ``path`` (steps in the module docstring). ``failure``: this rank's
-    problem found while making ``parts`` (raised on every rank). Returns the
-    file's checksum (``crc32:...``) on every rank."""
+    ``path`` (steps in the module docstring), in three collectives: (1) every
+    rank's failure, the header digest and rank 0's probe token; (2) after
+    the writes, every rank's failure, which ranks saw the token and every
+    rank's CRC share; (3) rank 0's header and rename. ``failure``: this
+    rank's problem found while making ``parts`` (raised on every rank).
+    Returns the file's checksum (``crc32:...``) on every rank."""
     staging_bytes = DEFAULT_STAGING_BYTES if staging_bytes is None else staging_bytes
-    layout = None
-    if failure is None:
-        try:
-            if isinstance(staging_bytes, bool) or not isinstance(staging_bytes, int) or staging_bytes < 1:
-                raise ValueError(f"{fn}: staging_bytes must be a positive int, got {staging_bytes!r}")
-            layout = Layout(fn, [(p.name, p.shape, p.dtype) for p in parts])
-            d = os.path.dirname(os.path.abspath(path))
-            if not os.path.isdir(d):
-                raise FileNotFoundError(f"{fn}: directory {d} does not exist (on rank {_ckpt_dist.rank()})")
-        except Exception as e:
-            failure = e
-    values = {"header": layout.header_crc(), "size": layout.size} if layout is not None else {}
-    agree(fn, failure, group, values)
+    me, world = group_rank(group), _ckpt_dist.world_size(group)
     d, base = os.path.split(os.path.abspath(path))
-    if probe and not shared_dir(fn, d, group):
-        agree(fn, f"{fn}: the ranks do not all see the same directory {d} (no shared filesystem)", group)
-    me = group_rank(group)
     tmp = os.path.join(d, f".{base}.partial")
-    fd = -1
+    layout, token, fd = None, _CAP, -1
     try:
-        failure = None
-        try:
-            if me == 0:
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-                preallocate(fd, layout.size)  # zeros: the header length reads 0 until written last
-                phase("par-prealloc")
-        except Exception as e:
-            failure = e
-        agree(fn, failure, group)
+        if failure is None:
+            try:
+                if isinstance(staging_bytes, bool) or not isinstance(staging_bytes, int) or staging_bytes < 1:
+                    raise ValueError(f"{fn}: staging_bytes must be a positive int, got {staging_bytes!r}")
+                layout = layout_of(fn, parts)
+                if not os.path.isdir(d):
+                    raise FileNotFoundError(f"{fn}: directory {d} does not exist (on rank {_ckpt_dist.rank()})")
+                if me == 0:  # before the first collective: a full disk or a bad directory is found here
+                    token = _create(tmp, layout.size)
+            except Exception as e:
+                failure = e
+        digest = layout.digest if layout is not None else 0
+        first = [digest, -digest, token]
+        got = exchange(fn, failure, group, first + [0] * (_LAYOUT - 1 - len(first)))  # agree's length
+        if got[0] != -got[1]:
+            raise mark_agreed(
+                ValueError(
+                    f"{fn}: the ranks computed different file headers (their names, shapes or dtypes differ); "
+                    "every rank must pass the same model and shape dict"
+                )
+            )
+        token, failure, seen = got[2], None, True
         crc = Pieces(layout.size)
         try:
-            if me != 0:
-                fd = os.open(tmp, os.O_WRONLY)
-            show = _ckpt_dist.show_progress(progress)
-            write_pieces(fd, _pieces(parts, layout, True), crc, staging_bytes, show, base)
-            os.fsync(fd)  # each rank its own pages (a shared filesystem flushes per client)
-            phase("par-written")
+            try:
+                fd = os.open(tmp, os.O_RDWR)
+                seen = os.pread(fd, 8, _TOKEN_AT) == struct.pack("<q", token)
+            except FileNotFoundError:
+                seen = False
+            if seen:  # never a byte into a file that is not rank 0's
+                show = _ckpt_dist.show_progress(progress)
+                write_pieces(fd, _pieces(parts, layout, True), crc, staging_bytes, show, base)
+                # Each rank flushes its own writes: on a filesystem shared by several hosts (NFS, Lustre) only
+                # the client that wrote a page can flush it, so rank 0's fsync would not cover them.
+                os.fsync(fd)
+                phase("par-written")
         except Exception as e:
             failure = e
-        agree(fn, failure, group)
         if me == 0:
             crc.add(0, layout.prefix)
-        checksum = _ckpt_files.checksum_text(file_crc(layout.size, _shares(crc.value(), group)))
+        share = [_CAP] * world
+        share[me] = crc.value()
+        got = exchange(fn, failure, group, [me if not seen else world, *share])
+        if got[0] < world:
+            raise mark_agreed(
+                ValueError(
+                    f"{fn}: the ranks do not all see the same directory {d} (no shared filesystem): rank "
+                    f"{got[0]} does not see the file rank 0 created"
+                )
+            )
+        checksum = _ckpt_files.checksum_text(file_crc(layout.size, got[1:]))
         try:
             if me == 0:
                 _write_all(fd, 0, layout.prefix)

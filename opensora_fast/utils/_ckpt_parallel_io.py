@@ -212,7 +212,6 @@ def save_files(tmp_dir: str, ema, ema_shape_dict, model, optimizer, masters: boo
             None,
             progress=progress,
             staging_bytes=None,
-            probe=False,
         )
     if ema is not None:
         fn = "CheckpointIO.save"
@@ -225,7 +224,6 @@ def save_files(tmp_dir: str, ema, ema_shape_dict, model, optimizer, masters: boo
             None,
             progress=progress,
             staging_bytes=None,
-            probe=False,
         )
     return sums
 
