@@ -13,7 +13,8 @@ import torch
 import torch.distributed as dist
 
 from . import _ckpt_dist
-from ._ckpt_parallel import Part, group_rank, read_file, shared_dir, write_file
+from ._ckpt_parallel import Part, group_rank, shared_dir, write_file
+from ._ckpt_parallel_load import read_file
 from ._ckpt_plan import numel
 from .logger import log_message
 
