@@ -81,7 +81,7 @@ def _version(local: str) -> str:
     return f"{base}+{local}" if local else base
 
 
-DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"  # the Makefile's default too (tests/test_cuda_review.py)
+DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"  # the Makefile's default too (tests/test_package.py)
 
 
 def _arch_of(code: str) -> str:

@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 from contract import WAYS, Contract, assert_three_way, faked, raw, with_backend
-from helpers import assert_bitwise_equal, rand
+from helpers import FLOATS, assert_bitwise_equal, each_isa, needs_native, rand, with_specials
 
 from opensora_fast import ops
 from opensora_fast._ext import HAS_NATIVE
@@ -527,3 +527,34 @@ def test_non_finite_gradients_propagate_like_the_reference():
     for x in (other, walked):
         for a, b in zip(case.p + case.m + case.v + case.vm + case.ema, x.p + x.m + x.v + x.vm + x.ema):
             torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+
+
+# ---- CPU ISA variants (baseline, AVX2, AVX-512): the same bits in every one ----------------
+
+
+@needs_native
+@pytest.mark.parametrize("edt", FLOATS, ids=str)
+@pytest.mark.parametrize("amsgrad", [0, 1])
+def test_adamw_ema_same_bits_in_every_variant(edt, amsgrad):
+    gen = torch.Generator().manual_seed(5)
+    sizes = [1, 17, 600, 4099]
+    p = [torch.randn(n, generator=gen) for n in sizes]
+    g = [with_specials(n, torch.float32, gen) for n in sizes]
+    m = [torch.randn(n, generator=gen) * 0.1 for n in sizes]
+    v = [torch.randn(n, generator=gen).square() * 0.01 for n in sizes]
+    vm = [x * 1.01 for x in v] if amsgrad else []
+    ema = [torch.randn(n, generator=gen).to(edt) for n in sizes]
+
+    def run():
+        ts = [[x.clone() for x in lst] for lst in (p, m, v, vm, ema)]
+        pp, mm, vv, vvm, ee = ts
+        steps = [torch.tensor(3.0) for _ in sizes]
+        torch.ops.opensora_fast.adamw_ema_(
+            pp, g, mm, vv, vvm, steps, [len(sizes)], [1e-3], [0.9], [0.999], [1e-8], [0.1], [amsgrad], [0], ee, pp, 0.99
+        )
+        return [x for lst in ts for x in lst]
+
+    out = each_isa(run)
+    for isa, got in out.items():
+        for i, (a, b) in enumerate(zip(got, out["baseline"])):
+            assert_bitwise_equal(a, b, f"{isa} [{i}]")

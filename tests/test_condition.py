@@ -8,6 +8,7 @@ import os
 import pytest
 import torch
 from contract import WAYS, Contract, assert_three_way, faked, raw
+from helpers import DEVICES, each_isa, needs_native, skip_without_native, with_specials
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -838,3 +839,70 @@ def test_cuda_graph_capture_and_side_stream():
     graph.replay()
     torch.cuda.synchronize()
     same(cond, torch.cat(reference.condition.condition(z, [src[0].cpu()], plan), 1), "graph replay")
+
+
+# ---- CPU ISA variants (baseline, AVX2, AVX-512): the same bits in every one ----------------
+
+
+@needs_native
+@pytest.mark.parametrize("odt", DTYPES, ids=str)
+@pytest.mark.parametrize("sdt", DTYPES, ids=str)
+def test_condition_same_bits_in_every_variant(odt, sdt):
+    gen = torch.Generator().manual_seed(7)
+    B, C, T, H, W = 2, 3, 5, 9, 11  # dense source frames: the converting loop
+    z = torch.zeros(B, C, T, H, W, dtype=odt)
+    src = [with_specials(C * 6 * H * W, sdt, gen).view(C, 6, H, W)]
+    plan = [0, 0, 4, 0, 1, 1, 2, 3, 0, 0]
+    out = each_isa(lambda: OPS.condition(z, src, plan))
+    for isa, (masks, masked) in out.items():
+        same(masks, out["baseline"][0], isa)
+        same(masked, out["baseline"][1], isa)
+
+
+# ---- many sources and edge shapes, on the CPU and CUDA --------------------------------------
+
+
+def _many_sources_case(B: int = 64, C: int = 4, T: int = 5):
+    """B samples x 3 references: one source per conditioned frame (3B sources)."""
+    g = torch.Generator().manual_seed(12)
+    dts = (torch.float32, torch.bfloat16, torch.float16)
+    srcs = [torch.randn(C, 3, 6, 7, generator=g).to(dts[i % 3]) for i in range(3 * B)]
+    plan = [v for b in range(B) for v in (b, 0, 1, 3 * b, 0, b, 2, 1, 3 * b + 1, 1, b, 4, 1, 3 * b + 2, 2)]
+    z = torch.randn(B, C, T, 6, 7, generator=g)
+    return z, srcs, plan
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_condition_with_192_sources_equals_the_cpu(device):
+    z, srcs, plan = _many_sources_case()
+    want_m, want_z = reference.condition.condition(z, srcs, plan)
+    want_cat = torch.full((64, 5, 5, 6, 7), 3.0)
+    reference.condition.condition_cat_(want_cat, srcs, plan)
+    if device == "cpu":
+        skip_without_native()
+    got_m, got_z = OPS.condition(z.to(device), [s.to(device) for s in srcs], plan)
+    cat = torch.full((64, 5, 5, 6, 7), 3.0, device=device)
+    OPS.condition_cat_(cat, [s.to(device) for s in srcs], plan)
+    same(got_m, want_m, "masks")
+    same(got_z, want_z, "masked z")
+    same(cat, want_cat, "cond")
+    if device == "cuda":  # and the CPU kernel, bit for bit
+        cpu_m, cpu_z = OPS.condition(z, srcs, plan)
+        same(got_z, cpu_z, "masked z vs CPU kernel")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_condition_cat_with_no_latent_channels(device):
+    # C = 0: cond is [B, 1, T, H, W], the masks only
+    skip_without_native()
+    srcs = [torch.randn(0, 2, 4, 5)]
+    plan = [0, 0, 1, 0, 0, 1, 1, 2, 0, 0]
+    want = torch.full((2, 1, 3, 4, 5), -1.0)
+    reference.condition.condition_cat_(want, srcs, plan)
+    got = torch.full((2, 1, 3, 4, 5), -1.0, device=device)
+    OPS.condition_cat_(got, [s.to(device) for s in srcs], plan)
+    same(got, want)
+    assert want[:, 0, :, 0, 0].tolist() == [[1.0, 0.0, 0.0], [0.0, 1.0, 1.0]]
+    m, masked = OPS.condition(torch.randn(2, 0, 3, 4, 5, device=device), [s.to(device) for s in srcs], plan)
+    same(m, want)
+    assert masked.shape == (2, 0, 3, 4, 5)
