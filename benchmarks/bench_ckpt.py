@@ -14,6 +14,11 @@ round started by a barrier:
   CheckpointIO.save: "loop free" is when save returns, "file complete" when
   _sync_io returns (the file fsynced and renamed into place).
 
+Host time (always): model_gathering of the 11B layout at hidden size
+OSF_BENCH_CKPT_HOST_D (default 32: 1082 tensors, few bytes, so the host's
+per-parameter work dominates), world 1 and gloo world 2, into CheckpointIO's
+buffers, with the plan derived afresh at every save vs reused from the last.
+
 GPU (when OSF_BENCH_DEVICE=cuda): 1 rank on NCCL, gather + unpad_ straight into
 pinned host memory vs a plain device-to-host copy of the same bytes.
 
@@ -197,6 +202,77 @@ def run_cpu() -> list[str]:
     return lines
 
 
+HOST_D = int(os.environ.get("OSF_BENCH_CKPT_HOST_D", "32"))
+HOST_ROUNDS = int(os.environ.get("OSF_BENCH_CKPT_HOST_ROUNDS", "30"))
+
+
+class _NoPlans(dict):
+    """A plan cache that keeps nothing: every gather derives its plan."""
+
+    def __setitem__(self, key, value):
+        pass
+
+
+def _host_times(rank: int) -> dict:
+    """Milliseconds per model_gathering on this rank, plan fresh vs cached."""
+    from benchmarks.layouts import flux_mmdit_11b_shapes
+    from opensora_fast.utils import _ckpt_shard, ckpt
+
+    ema = torch.nn.Module()
+    for i, s in enumerate(flux_mmdit_11b_shapes(d=HOST_D)):
+        ema.register_parameter(f"p{i}", torch.nn.Parameter(torch.randn(s).bfloat16()))
+    shape_dict = ckpt.record_model_param_shape(ema)
+    ckpt.model_sharding(ema)
+    pinned = (
+        ckpt.CheckpointIO._pinned_dict((k, v, torch.bfloat16) for k, v in shape_dict.items()) if rank == 0 else None
+    )
+    out = {}
+    kept = _ckpt_shard._model_cache
+    for what, cache in (("fresh", _NoPlans()), ("cached", kept)):
+        _ckpt_shard._model_cache = cache
+        try:
+            gather = lambda: ckpt.model_gathering(ema, shape_dict, pinned, progress=False)  # noqa: E731
+            gather()
+            before = dist.barrier if dist.get_world_size() > 1 else None
+            out[what] = call_us(gather, HOST_ROUNDS, each=True, warmup=1, before=before) / 1e3
+        finally:
+            _ckpt_shard._model_cache = kept
+    return out
+
+
+def _host_worker(rank, world, port, out_path):
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        res = _host_times(rank)
+        if rank == 0:
+            with open(out_path, "w") as f:
+                json.dump(res, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def run_host() -> list[str]:
+    """Host milliseconds per model_gathering (rank 0), world 1 and gloo world 2."""
+    tmp = tempfile.mkdtemp(prefix="osf_bench_ckpt_host_")
+    lines = [
+        f"[model_gathering host time: 1082 tensors of the 11B layout at d={HOST_D}, into CheckpointIO's "
+        f"buffers; median of {HOST_ROUNDS}]",
+        f"  {'world':<44} {'fresh ms':>10} {'cached ms':>9} {'speed-up':>9}",
+    ]
+    try:
+        for world in (1, 2):
+            out = os.path.join(tmp, f"host{world}.json")
+            mp.start_processes(_host_worker, args=(world, _port(), out), nprocs=world, join=True, start_method="fork")
+            res = json.load(open(out))
+            name = "1 (no collective)" if world == 1 else f"{world} (gloo)"
+            lines.append(f"  {name:<44} {res['fresh']:10.3f} {res['cached']:9.3f} {res['fresh'] / res['cached']:8.2f}x")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return lines
+
+
 def run_gpu() -> list[str]:
     """1 rank, NCCL: gather + unpack into pinned host memory vs a plain D2H copy of
     the same bytes; into separate pinned tensors and into CheckpointIO's one
@@ -250,7 +326,7 @@ def run_gpu() -> list[str]:
 
 
 def test_checkpoint_path(request):
-    lines = run_cpu()
+    lines = run_cpu() + run_host()
     from benchmarks.common import bench_device
 
     if bench_device().type == "cuda":
@@ -261,7 +337,7 @@ def test_checkpoint_path(request):
 
 
 if __name__ == "__main__":
-    out = run_cpu()
+    out = run_cpu() + run_host()
     if torch.cuda.is_available() and os.environ.get("OSF_BENCH_DEVICE", "cuda") == "cuda":
         out += run_gpu()
     print("\n".join(out))

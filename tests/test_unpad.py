@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 from contract import Contract, assert_three_way, fake_call, faked, raises, raw
-from helpers import assert_bitwise_equal, z
+from helpers import assert_bitwise_equal, unpad_shards, z
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -662,3 +662,136 @@ def test_model_gathering_nccl_into_pinned(staging, layout):
             assert_bitwise_equal(pinned[k], v, f"{k} staging={staging} {layout} bucket={bucket}")
     finally:
         dist.destroy_process_group()
+
+
+# ---- CUDA: past 2^31 elements ---------------------------------------------------------------
+
+
+@pytest.mark.cuda
+@pytest.mark.slow
+def test_unpad_over_2_pow_31_uint8_elements():
+    shard = 2**30 + 8
+    numel = 2 * shard - 3  # 2^31 + 13; the last 3 columns of row 1 are padding
+    need = 4 * numel + (1 << 30)  # gathered, out, the compare's bool and headroom
+    free, _ = torch.cuda.mem_get_info()
+    if free < need:
+        pytest.skip(
+            f"not enough GPU memory for unpad_ past 2^31: needs {need / 2**30:.1f} GiB, {free / 2**30:.1f} free"
+        )
+    gathered = torch.zeros(2, shard, dtype=torch.uint8, device="cuda")
+    u8 = lambda *v: torch.tensor(v, dtype=torch.uint8, device="cuda")  # noqa: E731
+    gathered[0, :3] = u8(7, 8, 9)
+    gathered[1, shard - 8 : shard - 3] = u8(1, 2, 3, 4, 5)  # the last valid elements
+    gathered[1, shard - 3 :] = 99  # padding: never written
+    c0 = 2**31 - shard  # row 1's column holding element 2^31
+    gathered[1, c0 - 2 : c0 + 4] = u8(11, 12, 13, 14, 15, 16)
+    out = torch.full((numel,), 200, dtype=torch.uint8, device="cuda")
+    OP.unpad_(gathered, [out], [0], [shard], [0], [shard])
+    del gathered
+    assert int((out == 200).sum()) == 0  # every element written
+    assert int((out == 99).sum()) == 0
+    assert int(out.count_nonzero()) == 3 + 5 + 6
+    assert out[:3].tolist() == [7, 8, 9]
+    assert out[-5:].tolist() == [1, 2, 3, 4, 5]
+    assert out[2**31 - 2 : 2**31 + 4].tolist() == [11, 12, 13, 14, 15, 16]
+
+
+# ---- CUDA: pinned and registered destinations ----------------------------------------------
+
+
+@pytest.mark.cuda
+def test_unpad_pinned_destination_is_held_by_the_allocator_until_the_stream_is_done():
+    # As copy_(non_blocking=True): a pinned destination freed before the kernel
+    # ran must not be handed to the next pinned allocation.
+    n = 1 << 20
+    gathered = torch.randn(1, n, device="cuda")
+    out = torch.zeros(n).pin_memory()
+    torch.cuda.synchronize()
+    torch.cuda._sleep(1_000_000_000)  # holds the stream ~0.5 s: the kernel is still queued below
+    OP.unpad_(gathered, [out], [0], [n], [0], [n])
+    ptr = out.data_ptr()
+    del out
+    again = torch.empty(n).pin_memory()
+    assert again.data_ptr() != ptr, "the pinned block was reused while the kernel could still write it"
+    torch.cuda.synchronize()
+
+
+def _register(t: torch.Tensor) -> None:
+    rc = torch.cuda.cudart().cudaHostRegister(t.data_ptr(), t.numel() * t.element_size(), 0)
+    assert int(rc) == 0, rc
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("force", [False, True], ids=["as-the-device-says", "device-pointers-forced"])
+def test_unpad_into_registered_and_allocated_pinned_memory(force):
+    # cudaHostRegister memory (torch's pinned_use_cuda_host_register, or a user's
+    # own) is addressed through its device pointer where the device cannot use
+    # the host one; forcing that lookup exercises the path on any GPU.
+    g = torch.Generator().manual_seed(5)
+    shapes = [(), (1,), (5, 3), (40001,)] + [(17,)] * 40
+    gathered, off, sh, bg, ct = unpad_shards(3, shapes, torch.float32, g)
+    want = [torch.zeros(s) for s in shapes]
+    OP.unpad_(gathered, want, off, sh, bg, ct)
+    numels = [torch.Size(s).numel() for s in shapes]
+    buf = torch.full((sum(numels) + 1,), -1.0)  # plain host memory, then registered
+    _register(buf)
+    prev = OP._force_device_pointers(force)
+    try:
+        assert buf.is_pinned()
+        starts = [1 + sum(numels[:i]) for i in range(len(numels))]  # a 4-byte offset: views inside the range
+        registered = [buf[s : s + n].view(shape) for s, n, shape in zip(starts, numels, shapes)]
+        allocated = [torch.full(s, -1.0).pin_memory() for s in shapes]
+        dev = gathered.cuda()
+        OP.unpad_(dev, registered, off, sh, bg, ct)
+        OP.unpad_(dev, allocated, off, sh, bg, ct)
+        torch.cuda.synchronize()
+        for i, (w, a, b) in enumerate(zip(want, registered, allocated)):
+            assert_bitwise_equal(a, w, f"registered out[{i}]")
+            assert_bitwise_equal(b, w, f"pinned out[{i}]")
+        assert float(buf[0]) == -1.0  # nothing before the first destination
+    finally:
+        OP._force_device_pointers(prev)
+        torch.cuda.synchronize()
+        torch.cuda.cudart().cudaHostUnregister(buf.data_ptr())
+
+
+# ---- CUDA: graph capture and side streams --------------------------------------------------
+
+
+@pytest.mark.cuda
+def test_unpad_graph_capture_replays_and_side_stream_without_sync():
+    g = torch.Generator().manual_seed(8)
+    shapes = [(), (2,), (5, 3), (3 * 32768 + 7,)] + [(9,)] * 300  # several tables
+    gathered, off, sh, bg, ct = unpad_shards(4, shapes, torch.bfloat16, g)
+    dev = gathered.cuda()
+    outs = [torch.zeros(s, dtype=torch.bfloat16, device="cuda") for s in shapes]
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        OP.unpad_(dev, outs, off, sh, bg, ct)
+    for _ in range(2):  # new contents of the captured buffer each replay
+        fresh = (torch.randn(gathered.shape, generator=g) * 50).to(torch.bfloat16)
+        dev.copy_(fresh)
+        graph.replay()
+        want = [torch.zeros(s, dtype=torch.bfloat16) for s in shapes]
+        OP.unpad_(fresh, want, off, sh, bg, ct)
+        torch.cuda.synchronize()
+        for i, (o, w) in enumerate(zip(outs, want)):
+            assert_bitwise_equal(o, w, f"replay out[{i}]")
+    # a side stream, into device and pinned memory, no host sync
+    dev_out = [torch.zeros(s, dtype=torch.bfloat16, device="cuda") for s in shapes]
+    pinned = [torch.zeros(s, dtype=torch.bfloat16).pin_memory() for s in shapes]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with torch.cuda.stream(side):
+            OP.unpad_(dev, dev_out, off, sh, bg, ct)
+            OP.unpad_(dev, pinned, off, sh, bg, ct)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    side.synchronize()
+    want = [torch.zeros(s, dtype=torch.bfloat16) for s in shapes]
+    OP.unpad_(dev.cpu(), want, off, sh, bg, ct)
+    for i, (a, b, w) in enumerate(zip(dev_out, pinned, want)):
+        assert_bitwise_equal(a, w, f"side stream out[{i}]")
+        assert_bitwise_equal(b, w, f"side stream pinned out[{i}]")

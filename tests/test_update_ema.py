@@ -425,3 +425,15 @@ def test_update_ema_sees_a_master_replaced_in_place_in_the_map():
     opt.map[id(w)] = torch.full((3, 4), -9.0)  # same dict, same length, new tensor
     _check_against_reference(model, ema, opt)
     assert bool((ema[0].weight.float() < -3).all())
+
+
+def test_cached_pairing_keeps_no_model_alive():
+    import gc
+    import weakref
+
+    model, ema, opt = _models()
+    update_ema(ema, model, opt, decay=0.5)
+    gone = weakref.ref(ema)
+    del ema
+    gc.collect()
+    assert gone() is None

@@ -16,7 +16,6 @@
 #pragma once
 
 #include <cstdint>
-#include <cstring>
 #include <vector>
 
 #include "../common.h"
@@ -93,6 +92,42 @@ struct alignas(16) Vec16 {
   uint64_t lo, hi;
 };
 
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+#error "unpad.h assembles vectors little-endian"
+#endif
+
+// Sixteen bytes from p, which is aligned for W only: 16 / sizeof(W) loads of
+// W, assembled little-endian (CUDA and every host we build for) into the two
+// halves; never a byte-wise copy, never a byte outside [p, p + 16).
+template <typename W>
+OSF_INLINE Vec16 load16_as(const void* p) {
+  const W* w = static_cast<const W*>(p);
+  constexpr int kPer = 8 / static_cast<int>(sizeof(W));  // W's per half
+  uint64_t lo = 0, hi = 0;
+  OSF_UNROLL
+  for (int k = 0; k < kPer; ++k) {
+    lo |= static_cast<uint64_t>(w[k]) << (8 * sizeof(W) * k);
+    hi |= static_cast<uint64_t>(w[kPer + k]) << (8 * sizeof(W) * k);
+  }
+  return Vec16{lo, hi};
+}
+
+// Sixteen bytes from p (not 16-byte aligned, aligned for U) in the widest
+// loads its alignment allows: the lowest set bit of its address. Every vector
+// of a row has the same alignment, so the choice is uniform across a block;
+// the branches below U's size are compiled out.
+template <typename U>
+OSF_INLINE Vec16 load16_unaligned(const void* p) {
+  const uintptr_t a = reinterpret_cast<uintptr_t>(p);
+  if (sizeof(U) < 2 && (a & 1u))
+    return load16_as<uint8_t>(p);
+  if (sizeof(U) < 4 && (a & 2u))
+    return load16_as<uint16_t>(p);
+  if (sizeof(U) < 8 && (a & 4u))
+    return load16_as<uint32_t>(p);
+  return load16_as<uint64_t>(p);
+}
+
 // What thread `thread` of block `block` does (nthreads = blockDim.x). U is an
 // unsigned integer type of the element's size (the copy moves bits); for
 // 16-byte elements the host passes every geometry value doubled and U = uint64.
@@ -111,7 +146,8 @@ struct Body {
       return;  // padding only: no pointer is formed past the tensors
     U* dst = static_cast<U*>(en.dst) + (r * en.shard + en.begin);
     const U* src = static_cast<const U*>(a.gathered) + (r * a.bucket + en.offset);
-    // 16-byte stores (from 16-byte loads where the source is co-aligned): a warp
+    // 16-byte stores (from 16-byte loads where the source is co-aligned, else
+    // from the widest loads its alignment allows): a warp
     // then writes 512 contiguous bytes per instruction, which both HBM and the
     // PCIe writes into pinned host memory take far better than 2-byte stores.
     // The elements before dst reaches 16-byte alignment and the tail go one by one.
@@ -130,13 +166,8 @@ struct Body {
       for (int64_t v = thread; v < nvec; v += nthreads)
         vdst[v] = vsrc[v];
     } else {
-      for (int64_t v = thread; v < nvec; v += nthreads) {
-        Vec16 w;
-        unsigned char* bytes = reinterpret_cast<unsigned char*>(&w);  // char access: no aliasing issue
-        for (int64_t k = 0; k < kVec; ++k)
-          memcpy(bytes + k * sizeof(U), src + vlo + v * kVec + k, sizeof(U));
-        vdst[v] = w;
-      }
+      for (int64_t v = thread; v < nvec; v += nthreads)
+        vdst[v] = load16_unaligned<U>(src + vlo + v * kVec);
     }
     for (int64_t c = vlo + nvec * kVec + thread; c < hi; c += nthreads)
       dst[c] = src[c];

@@ -10,7 +10,7 @@ nothing to gather: :func:`copy_local` copies each shard's prefix instead."""
 
 from __future__ import annotations
 
-from typing import Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -39,8 +39,9 @@ class GatherPlan:
         # Shards side by side in one buffer (model_sharding's): a bucket is sent
         # as a view of it, nothing packed.
         self.flat_src = side_by_side([it.shard for it in items])
-        self.cols = cols
+        self.cols = self.cols_asked = cols
         self.staging = self.to_host_pageable = False
+        self._buckets: Optional[Tuple[int, List[List[Entry]]]] = None  # (cols, every bucket) of a whole run
         self.n_buckets = self.width = 0
         self.wire: Optional[torch.dtype] = None
 
@@ -61,6 +62,29 @@ class GatherPlan:
         plan._choose_staging(staging)
         plan._size_buckets()
         return plan
+
+    def reuse(self) -> "GatherPlan":
+        """The plan for another gather of the same items (the caller checked
+        that nothing it was derived from changed): only the bucket size is
+        agreed again, so every rank runs the same collectives whether it
+        re-planned or not."""
+        self._size_buckets()
+        return self
+
+    def buckets(self) -> Iterator[List[Entry]]:
+        """The buckets in order: those of the last whole run at this bucket
+        size, or planned lazily (kept once a run took them all)."""
+        if self._buckets is not None and self._buckets[0] == self.cols:
+            return iter(self._buckets[1])
+        return self._plan_and_keep(self.cols)
+
+    def _plan_and_keep(self, cols: int) -> Iterator[List[Entry]]:
+        done: List[List[Entry]] = []
+        for b in plan_buckets(self.items, cols):
+            done.append(b)
+            if len(done) == self.n_buckets:  # the run takes no more than these
+                self._buckets = (cols, done)
+            yield b
 
     def _choose_staging(self, staging: Optional[bool]) -> None:
         dsts = [it.dst for it in self.items] if self.unpack else []
@@ -94,7 +118,7 @@ class GatherPlan:
             dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group)
             three, need_send = (bool(v) for v in flags.tolist())
         units = (3 if three else 2) * world + int(need_send)
-        self.cols = max(1, self.cols * 2 * world // units)
+        self.cols = max(1, self.cols_asked * 2 * world // units)
         self.n_buckets = -(-self.total // self.cols)
         self.width = min(self.cols, self.total)
         # A gather moves bytes: on gloo, bf16/fp16 travel as uint8 (gloo has no
@@ -113,7 +137,7 @@ class BucketGather:
     def __init__(self, plan: GatherPlan):
         self.plan = p = plan
         dtype, device, width, world = p.dtype, p.device, p.width, p.world
-        self.planned = plan_buckets(p.items, p.cols)
+        self.planned = p.buckets()
         self.buckets: List[List[Entry]] = []  # planned as the loop reaches them
         # Two gathered buffers, so the next collective runs while this one is
         # unpacked; one when staging, whose collective runs during the copy out
@@ -270,14 +294,26 @@ def gather_items(
     show: bool,
     fn: str,
     staging: Optional[bool] = None,
+    cache: Optional[Dict[str, object]] = None,
 ) -> None:
     """Gathers every item's shard over ``group`` and writes its unpadded
-    tensor into ``item.dst`` on global rank 0. Items share one dtype and device."""
+    tensor into ``item.dst`` on global rank 0. Items share one dtype and device.
+    ``cache``: where the plan is kept for the next gather of the same items
+    (under "gather"), the caller having checked that they did not change."""
     if not items:
         return
-    plan = GatherPlan.make(items, group, bucket_bytes=bucket_bytes, collective=collective, fn=fn, staging=staging)
+    plan = cache.get("gather", _NOTHING) if cache is not None else _NOTHING
+    if plan is _NOTHING:
+        plan = GatherPlan.make(items, group, bucket_bytes=bucket_bytes, collective=collective, fn=fn, staging=staging)
+        if cache is not None:
+            cache["gather"] = plan
+    elif plan is not None:
+        plan.reuse()
     if plan is not None:
         BucketGather(plan).run(desc, show)
+
+
+_NOTHING = object()  # no plan cached yet (None: nothing to move)
 
 
 class _LocalRun:
@@ -285,10 +321,10 @@ class _LocalRun:
     storage each: copied in one call. A shard longer than its tensor (padding)
     ends the run: the next shard then starts past ``src_end``."""
 
-    __slots__ = ("src", "dst", "n", "src_end", "dst_end", "src_cap", "dst_cap")
+    __slots__ = ("first", "src", "dst", "n", "src_end", "dst_end", "src_cap", "dst_cap")
 
-    def __init__(self, src: torch.Tensor, dst: torch.Tensor):
-        self.src, self.dst, self.n = src, dst, 0
+    def __init__(self, first: int, src: torch.Tensor, dst: torch.Tensor):
+        self.first, self.src, self.dst, self.n = first, src, dst, 0
         self.src_end, self.dst_end = src.data_ptr(), dst.data_ptr()
         s, d = src.untyped_storage(), dst.untyped_storage()
         self.src_cap, self.dst_cap = s.data_ptr() + s.nbytes(), d.data_ptr() + d.nbytes()
@@ -309,38 +345,51 @@ class _LocalRun:
         self.src_end += nbytes
         self.dst_end += nbytes
 
-    def copy(self) -> None:
-        dst = flat_range(self.dst, self.dst.storage_offset(), self.n)
-        dst.copy_(flat_range(self.src, self.src.storage_offset(), self.n), non_blocking=True)
+
+class LocalPlan:
+    """:func:`copy_local`'s runs of one list of items: (index of the run's
+    first item, elements), and the CUDA devices to synchronise. A shard that is
+    not contiguous is a run of its own, copied through a contiguous copy. It
+    holds no tensor, so a cache may keep it."""
+
+    __slots__ = ("runs", "devices")
+
+    def __init__(self, items: Sequence[Item]):
+        runs: List[_LocalRun] = []
+        self.devices = set()
+        open_run = False  # the last run may be continued (not a temporary copy)
+        for i, it in enumerate(items):
+            if it.dst is None or not it.numel:
+                continue
+            src, dst = it.shard.detach(), it.dst
+            alone = not src.is_contiguous()
+            if alone:
+                src = src.contiguous()
+            nbytes = it.numel * src.element_size()
+            if not (open_run and runs[-1].takes(src, dst, nbytes)):
+                runs.append(_LocalRun(i, src, dst))
+            runs[-1].add(it.numel, nbytes)
+            open_run = not alone
+            for t in (src, dst):
+                if t.is_cuda:
+                    self.devices.add(t.device)
+        self.runs = [(r.first, r.n) for r in runs]
 
 
-def _local_runs(items: Iterable[Item]) -> List[_LocalRun]:
-    runs: List[_LocalRun] = []
-    for it in items:
-        if it.dst is None or not it.numel:
-            continue
-        src, dst = it.shard.detach(), it.dst
-        if not src.is_contiguous():
-            src = src.contiguous()
-        nbytes = it.numel * src.element_size()
-        if not (runs and runs[-1].takes(src, dst, nbytes)):
-            runs.append(_LocalRun(src, dst))
-        runs[-1].add(it.numel, nbytes)
-    return runs
-
-
-def copy_local(items: Iterable[Item]) -> None:
+def copy_local(items: Sequence[Item], plan: Optional[LocalPlan] = None) -> None:
     """A group of one: each shard is its whole (padded) tensor, so its first
     ``numel`` elements are copied straight into the destination; no collective,
     no bucket, nothing packed. Shards and destinations that lie side by side
     (model_sharding's, CheckpointIO's buffers) go in one copy per run. Same
-    bits as the gather's unpack."""
-    devices = set()
+    bits as the gather's unpack. ``plan``: the items' runs, when cached."""
+    if plan is None:
+        plan = LocalPlan(items)
     with torch.no_grad():
-        for run in _local_runs(items):
-            run.copy()
-            for t in (run.src, run.dst):
-                if t.is_cuda:
-                    devices.add(t.device)
-    for d in devices:  # the destinations are read as soon as this returns
+        for first, n in plan.runs:
+            it = items[first]
+            src, dst = it.shard.detach(), it.dst
+            if not src.is_contiguous():
+                src = src.contiguous()
+            flat_range(dst, dst.storage_offset(), n).copy_(flat_range(src, src.storage_offset(), n), non_blocking=True)
+    for d in plan.devices:  # the destinations are read as soon as this returns
         torch.cuda.synchronize(d)

@@ -2,11 +2,15 @@
 how shards are packed into buckets (``plan_buckets``, ``bucket_cols``), the
 option checks every rank runs before anything moves, and the memory-layout
 tests (tensors side by side, runs of them) that decide whether a bucket is
-sent as a view and copied out in one transfer. No collective runs here."""
+sent as a view and copied out in one transfer; what a plan cached across
+saves was derived from (``ModuleSlots``, ``tensor_layout``). No collective
+runs here."""
 
 from __future__ import annotations
 
 import math
+import operator
+import weakref
 from typing import Callable, Iterable, Iterator, List, Optional, Sequence
 
 import torch
@@ -179,3 +183,95 @@ def check_dst(fn: str, name: str, shape, dtype, pinned_state_dict) -> Optional[s
     if not t.is_contiguous():
         return f"{fn}: pinned_state_dict[{name!r}] is not contiguous"
     return None
+
+
+_shape = operator.attrgetter("shape")
+_dtype = operator.attrgetter("dtype")
+_device = operator.attrgetter("device")
+_is = operator.is_
+_deref = weakref.ref.__call__
+_slot_names = ("_parameters", "_modules", "_buffers")
+_slots = tuple(map(operator.attrgetter, _slot_names))
+_nonpersistent = operator.attrgetter("_non_persistent_buffers_set")
+_hooks = tuple(map(operator.attrgetter, ("_state_dict_hooks", "_state_dict_pre_hooks")))
+# Methods whose override could make state_dict() differ from the slots' contents.
+_STATE_METHODS = ("state_dict", "_save_to_state_dict", "get_extra_state")
+
+
+def tensor_layout(tensors: Sequence[torch.Tensor]) -> list:
+    """What a gather plan reads of each tensor: shape, dtype, device, address,
+    contiguity. Compared whole (``==``), in C-level passes (~1100 tensors)."""
+    return [
+        list(map(_shape, tensors)),
+        list(map(_dtype, tensors)),
+        list(map(_device, tensors)),
+        list(map(torch.Tensor.data_ptr, tensors)),
+        list(map(torch.Tensor.is_contiguous, tensors)),
+    ]
+
+
+def weak_refs(tensors: Sequence[torch.Tensor]) -> list:
+    """Weak references to ``tensors``: a cache holding them would keep pinned
+    host buffers (or master shards) alive after their owner dropped them."""
+    return list(map(weakref.ref, tensors))
+
+
+def same_objects(now: Sequence, refs: Sequence) -> bool:
+    """Each of ``now`` is the very object its weak reference in ``refs`` names."""
+    return len(now) == len(refs) and all(map(_is, now, map(_deref, refs)))
+
+
+class ModuleSlots:
+    """The parameter, submodule and buffer slots of one module tree, which
+    decide ``named_parameters()`` and ``state_dict(keep_vars=True)``, checked
+    in a few C-level passes: each module still holds the very slot dicts it
+    held, each non-empty dict the same object under each key (so a parameter
+    or buffer added, replaced, renamed or deleted, however it was done, is
+    seen), empty ones stay empty, the non-persistent buffer names are the
+    same, and no state-dict hook was registered. The root is held weakly (a
+    cache keyed by it must not keep it alive). :meth:`usable` is False where
+    ``state_dict`` may hold more than the slots (hooks, overrides)."""
+
+    __slots__ = ("root", "mods", "dicts", "empty", "full", "lens", "owners", "keys", "values", "nonpersist")
+
+    def __init__(self, root: torch.nn.Module) -> None:
+        mods = list(root.modules())
+        self.root = weakref.ref(root)
+        self.mods = mods[1:]  # the root's own slots are checked through self.root
+        every = [d for get in _slots for d in map(get, mods)]
+        self.dicts = [(get(root), list(map(get, self.mods))) for get in _slots]  # (the root's, the others')
+        self.empty = [d for d in every if not d]
+        self.full = [d for d in every if d]
+        self.lens = list(map(len, self.full))
+        self.owners = [d for d in self.full for _ in range(len(d))]
+        self.keys = [k for d in self.full for k in d]
+        self.values = [v for d in self.full for v in d.values()]
+        self.nonpersist = [set(s) for s in map(_nonpersistent, mods)]
+
+    @staticmethod
+    def usable(root: torch.nn.Module) -> bool:
+        """No module of the tree changes what state_dict() returns."""
+        base = torch.nn.Module
+        for m in root.modules():
+            t = type(m)
+            if any(getattr(t, k) is not getattr(base, k) for k in _STATE_METHODS) or any(h(m) for h in _hooks):
+                return False
+        return True
+
+    def unchanged(self, root: torch.nn.Module) -> bool:
+        try:
+            if self.root() is not root:
+                return False
+            for get, (own, others) in zip(_slots, self.dicts):
+                if get(root) is not own or not all(map(_is, map(get, self.mods), others)):
+                    return False
+            mods = [root] + self.mods
+            return (
+                not any(self.empty)
+                and list(map(len, self.full)) == self.lens
+                and all(map(_is, map(dict.get, self.owners, self.keys), self.values))
+                and list(map(_nonpersistent, mods)) == self.nonpersist
+                and not any(any(map(h, mods)) for h in _hooks)
+            )
+        except (TypeError, AttributeError):  # a slot that is not a dict: no cache
+            return False

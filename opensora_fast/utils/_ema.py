@@ -36,18 +36,21 @@ class _Tree:
     replaced, renamed or deleted however it was done (``m.w = P``,
     ``m._parameters["w"] = P``, ``del m.b``, ``ModuleList.insert``, a replaced
     submodule), and each module must still hold the very dicts it held, so a
-    ``_parameters``/``_modules`` attribute rebound to a fresh dict is seen too."""
+    ``_parameters``/``_modules`` attribute rebound to a fresh dict is seen too.
+    The root is held weakly: the plans are kept per EMA model in a weak map,
+    and a strong reference from a plan to its key would keep the EMA alive."""
 
     __slots__ = ("root", "mods", "pdicts", "mdicts", "empty", "full", "lens", "owners", "keys", "values")
 
     def __init__(self, root: torch.nn.Module) -> None:
         dicts = []
-        self.mods = list(root.modules())
-        for m in self.mods:
+        mods = list(root.modules())
+        for m in mods:
             dicts += (m._parameters, m._modules)
-        self.pdicts = list(map(_param_slots, self.mods))
-        self.mdicts = list(map(_module_slots, self.mods))
-        self.root = root
+        self.pdicts = list(map(_param_slots, mods))
+        self.mdicts = list(map(_module_slots, mods))
+        self.mods = mods[1:]  # root.modules() starts with the root
+        self.root = weakref.ref(root)
         self.empty = [d for d in dicts if not d]
         self.full = [d for d in dicts if d]
         self.lens = list(map(len, self.full))
@@ -58,9 +61,11 @@ class _Tree:
     def unchanged(self, root: torch.nn.Module) -> bool:
         try:
             return (
-                root is self.root
-                and all(map(_is, map(_param_slots, self.mods), self.pdicts))
-                and all(map(_is, map(_module_slots, self.mods), self.mdicts))
+                root is self.root()
+                and root._parameters is self.pdicts[0]
+                and root._modules is self.mdicts[0]
+                and all(map(_is, map(_param_slots, self.mods), self.pdicts[1:]))
+                and all(map(_is, map(_module_slots, self.mods), self.mdicts[1:]))
                 and not any(self.empty)
                 and list(map(len, self.full)) == self.lens
                 and all(map(_is, map(dict.get, self.owners, self.keys), self.values))
