@@ -199,3 +199,22 @@ def test_loss_dropin(benchmark, loss_setup):
         role="ours",
         nbytes=nbytes,
     )
+
+
+def test_loss_raw_op_alone(benchmark, loss_setup):
+    # the op with its C++ autograd on the drop-in's inputs: the dispatcher and
+    # engine share of the drop-in's host time
+    group, pred, target, masks, nbytes = loss_setup
+    if not HAS_NATIVE:
+        pytest.skip("no native extension")
+    p3, t3 = pred.reshape(1, -1, 1), target.reshape(1, -1, 1)
+    ranges = torch.tensor([[0, p3.shape[1]]])
+    op = torch.ops.opensora_fast.masked_mse
+    run(
+        benchmark,
+        lambda: torch.autograd.grad(op(p3, t3, ranges), [pred]),
+        group=group,
+        impl="torch.ops masked_mse alone, C++ autograd",
+        role="part",
+        nbytes=nbytes,
+    )

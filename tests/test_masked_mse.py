@@ -4,6 +4,7 @@ over their grids on the CPU; a property-based differential suite; CUDA launch
 paths (marked `cuda`: skipped without a GPU)."""
 
 import os
+import sys
 import zlib
 
 import pytest
@@ -560,6 +561,47 @@ def test_forward_mode_on_the_wrapper_and_on_the_raw_op():
     torch.testing.assert_close(g, want_g)
 
 
+def _python_calls(fn) -> list:
+    """Names of the opensora_fast Python functions that run inside ``fn()``."""
+    seen = []
+
+    def profile(frame, event, arg):
+        if event == "call" and "opensora_fast" in frame.f_code.co_filename:
+            seen.append(frame.f_code.co_name)
+
+    sys.setprofile(profile)
+    try:
+        fn()
+    finally:
+        sys.setprofile(None)
+    return seen
+
+
+def test_eager_loss_runs_its_autograd_in_cpp():
+    # A plain eager call is one dispatcher call: the raw op's autograd Function is
+    # C++ (masked_mse_autograd.cpp), forward and backward, no Python on the way
+    # (it was a Python autograd kernel and Function, ~10 us of host time per call).
+    p, t, r = _mse_inputs(torch.float32)
+    r[2, 1] = 7
+    out = {}
+
+    def raw_step():
+        out["loss"] = OP.masked_mse(p, t, r)
+        out["grads"] = torch.autograd.grad(out["loss"], (p, t))
+
+    assert _python_calls(raw_step) == []
+    gp, gt = out["grads"]
+    assert torch.equal(gp, OP.masked_mse_backward(torch.tensor(1.0), p.detach(), t.detach(), r))
+    assert torch.equal(gt, -gp)
+    assert torch.equal(out["loss"], OP.masked_mse(p.detach(), t.detach(), r))
+    # the drop-in: Python for its argument checks only, nothing in the backward
+    for masks in (None, torch.zeros(3, 7, 2, 2)):
+        loss = get_batch_loss(p, t, masks, patch_size=2) if masks is not None else get_batch_loss(p, t)
+        assert _python_calls(lambda: torch.autograd.grad(loss, (p, t))) == []
+    names = _python_calls(lambda: get_batch_loss(p, t))
+    assert not {"apply", "forward", "setup_context", "save"} & set(names), names
+
+
 def test_reference_backward_is_the_native_backward_bit_for_bit():
     for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
         p, t, r = _mse_inputs(dtype)
@@ -585,6 +627,8 @@ def test_get_batch_loss_edge_inputs_match_upstream():
 WALK_CASES = [  # B, L, D, ranges
     (3, 3000, 7, [[0, 3000], [5, 2999], [1, 1]]),  # odd D: chunks start misaligned; an empty sample
     (2, 700, 64, [[0, 700], [100, 650]]),  # aligned 16-byte path, several chunks
+    (2, 700, 64, [[0, 250], [300, 700]]),  # whole chunks outside the ranges (zero stores only)
+    (2, 1024, 33, [[0, 1024], [600, 601]]),  # whole chunks inside, misaligned; a one-token range
     (1, 5, 3, [[-4, 99]]),  # clamped
 ]
 

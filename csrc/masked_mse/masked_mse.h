@@ -119,20 +119,71 @@ OSF_HOST_DEVICE inline acc_t<T> partial_thread_sum(const T* p, const T* t, const
   return acc;
 }
 
-// GPU gradient kernel, per thread: the block for (chunk c, sample b) covers
-// elements [c*kChunk, (c+1)*kChunk) of the sample, zeros outside the range.
+// GPU gradient kernel, per thread: a block's work item (chunk c, sample b)
+// covers elements [c*kChunk, (c+1)*kChunk) of the sample, zeros outside the
+// range. A chunk wholly outside the range only stores zeros (no loads); one
+// wholly inside computes without a compare; only the (at most two) chunks the
+// range's ends cut compare per element. Groups of V consecutive elements go to
+// thread g % kThreads as 16-byte vectors where all three pointers are aligned,
+// element by element otherwise; each element's value is the same either way.
 // grad is the 0-dim incoming gradient, read on the device (no host sync).
 template <typename T>
 OSF_HOST_DEVICE inline void grad_thread(const acc_t<T>* grad, const T* p, const T* t, const int64_t* ranges, T* gp,
                                         int64_t B, int64_t L, int64_t D, int64_t b, int64_t c, int thread) {
   using A = acc_t<T>;
+  using Vec = VecN<T, 16 / sizeof(T)>;
+  constexpr int V = 16 / sizeof(T);
   const Range r = clamp_range(ranges[2 * b], ranges[2 * b + 1], L);
   const int64_t a0 = c * kChunk, a1 = (a0 + kChunk < L * D) ? a0 + kChunk : L * D;
   const int64_t lo = r.start * D, hi = r.end * D;
+  const int64_t off = b * L * D + a0, n = a1 - a0, full = n / V;
+  T* gc = gp + off;
+  const bool g_aligned = reinterpret_cast<uintptr_t>(gc) % 16 == 0;
+  if (hi <= a0 || a1 <= lo) {  // wholly outside the range
+    Vec z;
+    OSF_UNROLL
+    for (int k = 0; k < V; ++k)
+      z.v[k] = T(0);
+    for (int64_t g = thread; g < full; g += kThreads) {
+      if (g_aligned) {
+        reinterpret_cast<Vec*>(gc)[g] = z;
+      } else {
+        OSF_UNROLL
+        for (int k = 0; k < V; ++k)
+          gc[g * V + k] = T(0);
+      }
+    }
+    for (int64_t i = full * V + thread; i < n; i += kThreads)
+      gc[i] = T(0);
+    return;
+  }
   const A scale = grad_scale(*grad, r, D, B);
-  const int64_t off = b * L * D;
-  for (int64_t i = a0 + thread; i < a1; i += kThreads)
-    gp[off + i] = (i >= lo && i < hi) ? grad_elem(p[off + i], t[off + i], scale) : T(0);
+  const T* pc = p + off;
+  const T* tc = t + off;
+  if (lo <= a0 && a1 <= hi) {  // wholly inside
+    const bool aligned =
+        g_aligned && reinterpret_cast<uintptr_t>(pc) % 16 == 0 && reinterpret_cast<uintptr_t>(tc) % 16 == 0;
+    for (int64_t g = thread; g < full; g += kThreads) {
+      if (aligned) {
+        const Vec pv = reinterpret_cast<const Vec*>(pc)[g];
+        const Vec tv = reinterpret_cast<const Vec*>(tc)[g];
+        Vec out;
+        OSF_UNROLL
+        for (int k = 0; k < V; ++k)
+          out.v[k] = grad_elem(pv.v[k], tv.v[k], scale);
+        reinterpret_cast<Vec*>(gc)[g] = out;
+      } else {
+        OSF_UNROLL
+        for (int k = 0; k < V; ++k)
+          gc[g * V + k] = grad_elem(pc[g * V + k], tc[g * V + k], scale);
+      }
+    }
+    for (int64_t i = full * V + thread; i < n; i += kThreads)
+      gc[i] = grad_elem(pc[i], tc[i], scale);
+    return;
+  }
+  for (int64_t i = thread; i < n; i += kThreads)  // cut by a range end
+    gc[i] = (a0 + i >= lo && a0 + i < hi) ? grad_elem(pc[i], tc[i], scale) : T(0);
 }
 
 // Final step, shared: partials [B, C] -> per-sample means -> their mean over B,

@@ -5,9 +5,11 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/full_like.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <limits>
 #include <vector>
 
 #include "../cpu_isa.h"
@@ -197,7 +199,8 @@ std::tuple<at::Tensor, at::Tensor> grid_walk(const at::Tensor& grad, const at::T
   check_grad(grad, pred);
   const at::Tensor g = grad.to(acc_dtype(pred));
   at::Tensor loss = at::empty({}, pred.options().dtype(acc_dtype(pred)));
-  at::Tensor grad_pred = at::empty_like(pred, at::MemoryFormat::Contiguous);
+  // NaN where no thread stores: an element the grid misses shows in the result
+  at::Tensor grad_pred = at::full_like(pred, std::numeric_limits<double>::quiet_NaN(), at::MemoryFormat::Contiguous);
   const int64_t B = pred.size(0), L = pred.size(1), D = pred.size(2), C = max_chunks(L, D);
   const int64_t* rg = ranges.data_ptr<int64_t>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, pred.scalar_type(), "masked_mse_walk", [&] {

@@ -1,5 +1,6 @@
-// Masked MSE on the GPU: one block per (sample, chunk) for the partial sums and
-// for the gradient, then per-sample means and their fixed-order mean. Nothing
+// Masked MSE on the GPU: one block per (sample, chunk) for the partial sums, a
+// grid striding over the (sample, chunk) items for the gradient, then
+// per-sample means and their fixed-order mean. Nothing
 // here reads device memory on the host, so the ops never sync and can be
 // captured in a CUDA graph.
 #include <ATen/Dispatch.h>
@@ -12,6 +13,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <limits>
 
 #include "masked_mse.h"
@@ -67,12 +69,17 @@ __global__ void batch_mean_kernel(const A* __restrict__ means, A* __restrict__ l
   *loss = batch_mean(means, B);
 }
 
+// A grid of at most kGradBlocksPerSM blocks per SM, each striding over the
+// B * C work items (b * C + c): no launch limit on B * C, no tail wave of
+// short blocks.
+constexpr int kGradBlocksPerSM = 8;
+
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     grad_kernel(const acc_t<T>* __restrict__ grad, const T* __restrict__ p, const T* __restrict__ t,
                 const int64_t* __restrict__ ranges, T* __restrict__ gp, int64_t B, int64_t L, int64_t D, int64_t C) {
-  const int64_t block = blockIdx.x;
-  grad_thread(grad, p, t, ranges, gp, B, L, D, block / C, block % C, threadIdx.x);
+  for (int64_t item = blockIdx.x; item < B * C; item += gridDim.x)
+    grad_thread(grad, p, t, ranges, gp, B, L, D, item / C, item % C, threadIdx.x);
 }
 
 void check_grid(int64_t blocks) {
@@ -117,13 +124,15 @@ at::Tensor backward_cuda(const at::Tensor& grad, const at::Tensor& pred, const a
     return grad_pred;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int64_t B = pred.size(0), L = pred.size(1), D = pred.size(2), C = max_chunks(L, D);
-  check_grid(B * C);
+  int sms = 0;  // of pred's device (the guard made it current)
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, pred.get_device()));
+  const int64_t blocks = std::min<int64_t>(B * C, static_cast<int64_t>(std::max(sms, 1)) * kGradBlocksPerSM);
   const at::Tensor g = grad.to(acc_dtype(pred));  // on the device: no sync
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, pred.scalar_type(), "masked_mse_bwd_cuda", [&] {
     using A = acc_t<scalar_t>;
-    grad_kernel<scalar_t><<<B * C, kThreads, 0, stream>>>(g.data_ptr<A>(), pred.data_ptr<scalar_t>(),
-                                                          target.data_ptr<scalar_t>(), ranges.data_ptr<int64_t>(),
-                                                          grad_pred.data_ptr<scalar_t>(), B, L, D, C);
+    grad_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(g.data_ptr<A>(), pred.data_ptr<scalar_t>(),
+                                                           target.data_ptr<scalar_t>(), ranges.data_ptr<int64_t>(),
+                                                           grad_pred.data_ptr<scalar_t>(), B, L, D, C);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return grad_pred;

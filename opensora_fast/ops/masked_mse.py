@@ -16,7 +16,7 @@ from ._autograd import (
     per_example_vmap,
     save,
 )
-from ._registry import HAS_NATIVE, pick, register_fake
+from ._registry import HAS_NATIVE, has_op, pick, register_fake
 
 
 def masked_mse(pred: torch.Tensor, target: torch.Tensor, ranges: torch.Tensor) -> torch.Tensor:
@@ -43,9 +43,12 @@ def masked_mse(pred: torch.Tensor, target: torch.Tensor, ranges: torch.Tensor) -
         # reference's checks, so the error is the one both backends give
         _ref.check_inputs(pred, target, ranges)
     impl = pick("masked_mse", pred.device, _ref.masked_mse)
-    if impl is _ref.masked_mse or torch.compiler.is_compiling():
-        return impl(pred, target, ranges)  # compiled: the raw op and its autograd
-    return apply(_MaskedMSEFunction, pred, target, ranges)
+    if (functorch_active() or fwAD._current_level >= 0) and impl is not _ref.masked_mse:
+        if not torch.compiler.is_compiling():
+            # torch.func / forward_ad: the Python Function (jvp, setup_context, vmap rule)
+            return apply(_MaskedMSEFunction, pred, target, ranges)
+    # eager and compiled alike: one dispatcher call, the C++ autograd (masked_mse_autograd.cpp)
+    return impl(pred, target, ranges)
 
 
 def loss_ranges(frame_mask: torch.Tensor, hw: int, upstream: bool = True) -> torch.Tensor:
@@ -142,25 +145,15 @@ if HAS_NATIVE:
                 tangent = tangent - d_target.to(acc)
             return (f1 * tangent).sum()
 
-    class _RawMaskedMSEFunction(torch.autograd.Function):
-        """Reverse mode of the raw op (torch.ops.opensora_fast.masked_mse)."""
-
-        forward = _MaskedMSEFunction.forward
-        setup_context = _MaskedMSEFunction.setup_context
-        backward = _MaskedMSEFunction.backward
-
-    def _raw_autograd(pred, target, ranges):
-        # torch.library cannot register a forward-mode formula for a custom op,
-        # and under torch.func this kernel sees the transforms' wrapped tensors,
-        # where an autograd.Function (custom_function_call) has no kernel: in
-        # both cases the raw op runs the reference's differentiable math (its
-        # loss equal up to summation order). Plain reverse mode stays native.
-        if functorch_active() or any(fwAD.unpack_dual(x).tangent is not None for x in (pred, target)):
-            return _ref.masked_mse(pred, target, ranges)
-        return apply(_RawMaskedMSEFunction, pred, target, ranges)
-
-    _lib = torch.library.Library("opensora_fast", "IMPL")  # kept alive: it owns the registration
-    _lib.impl("masked_mse", _raw_autograd, "Autograd")
+    # The raw op's reverse mode is a C++ Function (csrc/masked_mse/masked_mse_autograd.cpp).
+    # A C++ Function has no forward-mode formula, and under torch.func its kernel
+    # sees the transforms' wrapped tensors, where an autograd.Function
+    # (custom_function_call) has no kernel: there (forward-mode tangents, a
+    # torch.func transform) it calls _masked_mse_autograd_py, which runs the
+    # reference's differentiable math (its loss equal up to summation order).
+    _lib = torch.library.Library("opensora_fast", "IMPL")  # kept alive: it owns the registrations
+    if has_op("_masked_mse_autograd_py"):
+        _lib.impl("_masked_mse_autograd_py", _ref.masked_mse, "Autograd")
 
     class _BackwardFunction(torch.autograd.Function):
         """The native backward op with its own derivative (_vjp_of_backward),
@@ -217,6 +210,6 @@ if HAS_NATIVE:
         ):
             torch.library.register_torch_dispatch(f"opensora_fast::{_name}", NestedTensor, njt_refused(_check))
 
-    for _fn in (_MaskedMSEFunction, _RawMaskedMSEFunction, _BackwardFunction):
+    for _fn in (_MaskedMSEFunction, _BackwardFunction):
         _fn._fast = old_style(_fn)
     _lib.impl("masked_mse_backward", lambda *args: apply(_BackwardFunction, *args), "Autograd")
