@@ -120,6 +120,90 @@ inline void walk_grid(const std::vector<Table>& tables, const Args& args, int th
           Body::run(tab, args, b, static_cast<int>(y), t, threads);
 }
 
+// ---------------------------------------------------------------------------
+// Persistent (grid-strided) launches: a table of entries, each owning a number
+// of work units numbered end to end (first_unit: the prefix count), and a grid
+// of a fixed number of blocks, block b taking units b, b + grid, b + 2 grid, ...
+// A whole table is one launch whatever its unit count, so tables split only by
+// entry count. An entry of 0 units rides with the entry before it: the planner
+// keeps the two in one table and the body of that entry's units handles both
+// (the EMA packs small tensors several to a unit so).
+template <typename Entry, int MaxEntries>
+struct StridedTable {
+  static constexpr int kMaxEntries = MaxEntries;
+  using entry_type = Entry;
+  Entry entry[MaxEntries];
+  int32_t first_unit[MaxEntries];  // non-decreasing, first_unit[0] = 0
+  int32_t n_entries;
+  int32_t n_units;
+};
+
+// The entry that owns unit u (0 <= u < n_units): the last entry whose
+// first_unit is <= u, which always has units (a rider shares its first_unit
+// with the next entry that has any). Uniform across a block: no divergence.
+template <typename Table>
+OSF_INLINE int strided_entry(const Table& tab, int32_t u) {
+  int lo = 0, hi = tab.n_entries - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) / 2;
+    if (tab.first_unit[mid] <= u)
+      lo = mid;
+    else
+      hi = mid - 1;
+  }
+  return lo;
+}
+
+// Splits `entries` into strided tables; units(i) >= 0 is entry i's unit count
+// (0: a rider of the entry before; the first entry must have units). Each
+// table holds at most max_entries entries (0: the table's own limit), never
+// splits an entry from its riders, and at most INT32_MAX units.
+template <typename Table, typename Entry, typename UnitsFn>
+inline std::vector<Table> plan_strided(const std::vector<Entry>& entries, UnitsFn&& units, int64_t max_entries = 0) {
+  const int cap =
+      (max_entries > 0 && max_entries < Table::kMaxEntries) ? static_cast<int>(max_entries) : Table::kMaxEntries;
+  std::vector<Table> out;
+  size_t i = 0;
+  while (i < entries.size()) {
+    const int64_t n = units(i);
+    TORCH_CHECK(n > 0 && n <= INT32_MAX, "internal: a strided entry leads with ", n, " units");
+    size_t end = i + 1;  // the entry and its riders
+    while (end < entries.size() && units(end) == 0)
+      ++end;
+    const int group = static_cast<int>(end - i);
+    TORCH_CHECK(group <= cap, "internal: ", group, " riding entries exceed a table of ", cap);
+    if (out.empty() || out.back().n_entries + group > cap || out.back().n_units > INT32_MAX - n)
+      out.emplace_back();  // value-initialised: zero counts
+    Table& tab = out.back();
+    for (size_t k = i; k < end; ++k) {
+      tab.entry[tab.n_entries] = entries[k];
+      tab.first_unit[tab.n_entries] = tab.n_units + (k == i ? 0 : static_cast<int32_t>(n));
+      ++tab.n_entries;
+    }
+    tab.n_units += static_cast<int32_t>(n);
+    i = end;
+  }
+  return out;
+}
+
+// The grid of a strided launch: one block per unit up to max_grid blocks.
+inline int strided_grid(int32_t n_units, int64_t max_grid) {
+  return static_cast<int>(n_units < max_grid ? n_units : (max_grid > 0 ? max_grid : 1));
+}
+
+// Every (block, thread) of every strided launch in turn, as the GPU would run
+// them with a grid of strided_grid(n_units, max_grid) blocks of `threads`
+// threads: Body::run(table, args, block, grid, thread, threads).
+template <typename Body, typename Table, typename Args>
+inline void walk_strided(const std::vector<Table>& tables, const Args& args, int threads, int64_t max_grid) {
+  for (const Table& tab : tables) {
+    const int grid = strided_grid(tab.n_units, max_grid);
+    for (int b = 0; b < grid; ++b)
+      for (int t = 0; t < threads; ++t)
+        Body::run(tab, args, b, grid, t, threads);
+  }
+}
+
 // The private switch that makes every op launch its small (4 KiB) tables even
 // where big kernel arguments work, so the CUDA tests cover the small-table path
 // (registration.cpp: op opensora_fast::_force_small_tables).

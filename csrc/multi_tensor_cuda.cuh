@@ -86,4 +86,43 @@ inline void launch_tables(const std::vector<Table>& tables, const Args& args, cu
   }
 }
 
+// The persistent kernel over one strided table (multi_tensor.h): MinBlocks is
+// the blocks per SM the registers must allow (__launch_bounds__).
+template <typename Body, int Threads, int MinBlocks, typename Table, typename Args>
+__global__ void __launch_bounds__(Threads, MinBlocks)
+    strided_kernel(const OSF_GRID_CONSTANT Table tab, const Args args) {
+  Body::run(tab, args, static_cast<int>(blockIdx.x), static_cast<int>(gridDim.x), static_cast<int>(threadIdx.x),
+            static_cast<int>(blockDim.x));
+}
+
+// Blocks of strided_kernel<...> that fit the current device at once: SMs times
+// the resident blocks per SM (at least one of each).
+template <typename Body, int Threads, int MinBlocks, typename Table, typename Args>
+inline int64_t strided_resident_blocks() {
+  int dev = 0, sms = 0, per_sm = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&dev));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+      &per_sm, strided_kernel<Body, Threads, MinBlocks, Table, Args>, Threads, 0));
+  return static_cast<int64_t>(std::max(sms, 1)) * std::max(per_sm, 1);
+}
+
+// Launches every strided table on `stream` (one launch each) with a grid of
+// strided_grid(n_units, resident blocks) blocks of Threads threads, the grid
+// walk_strided walks on the CPU; checks each launch.
+template <typename Body, int Threads, int MinBlocks, typename Table, typename Args>
+inline void launch_strided(const std::vector<Table>& tables, const Args& args, cudaStream_t stream) {
+  if (tables.empty())
+    return;
+  const int64_t resident = strided_resident_blocks<Body, Threads, MinBlocks, Table, Args>();
+  for (const Table& tab : tables) {
+    const int grid = strided_grid(tab.n_units, resident);
+    if (tab.n_units == 0)
+      continue;
+    strided_kernel<Body, Threads, MinBlocks, Table, Args>
+        <<<static_cast<unsigned>(grid), Threads, 0, stream>>>(tab, args);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
 }  // namespace opensora_fast

@@ -12,15 +12,20 @@ import pytest
 import torch
 from contract import WAYS, Contract, assert_three_way, faked, raises, raw, with_backend
 from helpers import (
+    DEVICES,
     FLOATS,
     PAIRS,
     assert_bitwise_equal,
     assert_ema_matches_reference,
     bits,
+    each_isa,
     free_cuda_bytes,
     inference_zeros,
+    needs_native,
     rand,
     shard_sizes,
+    skip_without_native,
+    with_specials,
     z,
 )
 from hypothesis import event, given
@@ -847,6 +852,88 @@ def test_ema_grid_walk_equals_cpu_kernel(call, limits):
         assert_bitwise_equal(a, b)
 
 
+# ---- the persistent CUDA schedule walked on the CPU -------------------------------
+# (csrc/ema/ema.h: units of 16384 elements, tensors <= 4096 elements packed up to
+# 32 a unit, a grid capped at max_blocks blocks striding over the units)
+
+# (max_tensors, max_blocks, small_table): the H100 grid (528) on big and small
+# tables, tiny tables (packs of 2-4) with a grid of 3 or 5, one block or two
+# striding over everything
+SCHEDULES = [(0, 0, False), (0, 0, True), (4, 3, False), (2, 5, True), (0, 1, False), (0, 2, True)]
+
+
+def _schedule_case(edt, sdt, seed, ema_fill=None, src_fill=None):
+    """Odd sizes around the unit and pack limits, a tensor of many units, 100
+    tiny tensors (packed), and views: equally misaligned ema and src (vectors
+    after a peeled head) and unequally misaligned ones (single elements)."""
+    g = torch.Generator().manual_seed(seed)
+    sizes = [1, 2, 3, 5, 7, 8, 15, 17, 4095, 4096, 4097, 16383, 16384, 16385, 3 * 16384 + 5, 70_001]
+    sizes += [1 + i % 9 for i in range(100)] + [33, 4099]
+    offsets = [(0, 0)] * 16 + [(0, 0)] * 100 + [(1, 1), (2, 3)]
+    offsets[14], offsets[15], offsets[4] = (3, 3), (1, 1), (5, 2)
+    ema, src = [], []
+    for n, (eo, so) in zip(sizes, offsets):
+        e = rand(n + eo, edt, g) if ema_fill is None else torch.full((n + eo,), ema_fill, dtype=edt)
+        s = rand(n + so, sdt, g, scale=3.0) if src_fill is None else torch.full((n + so,), src_fill, dtype=sdt)
+        ema.append(e[eo:])
+        src.append(s[so:])
+    return ema, src
+
+
+@pytest.mark.parametrize(
+    "schedule", [SCHEDULES[0], SCHEDULES[3]], ids=lambda s: "t{}-g{}-{}".format(s[0], s[1], "small" if s[2] else "big")
+)
+@pytest.mark.parametrize("stochastic", [False, True], ids=["compat", "stochastic"])
+@pytest.mark.parametrize("edt,sdt", PAIRS, ids=[tag(e, s).replace("/", "-") for e, s in PAIRS])
+def test_grid_walk_persistent_schedule_equals_cpu_kernel(edt, sdt, stochastic, schedule):
+    # Every block of the persistent grid, every stride step, the packs and the
+    # peeled heads: bit for bit the CPU kernel (itself checked against upstream),
+    # and the stochastic stream a function of (seed, element) only.
+    ema, src = _schedule_case(edt, sdt, FLOATS.index(edt) * 3 + FLOATS.index(sdt))
+    want = [e.clone() for e in ema]
+    OP.ema_update_(want, src, 0.999, stochastic, 1234567)
+    OP._ema_update_grid_walk_(ema, src, 0.999, stochastic, 1234567, *schedule)
+    if not torch.equal(bits(torch.cat(ema)), bits(torch.cat(want))):  # one compare; name the pair on failure
+        for i, (a, b) in enumerate(zip(ema, want)):
+            assert_bitwise_equal(a, b, f"{tag(edt, sdt)} pair {i} (numel {a.numel()})")
+        raise AssertionError("the concatenations differ but no pair does")
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES + [(3, 7, False), (0, 528, True)], ids=str)
+@pytest.mark.parametrize("stochastic", [False, True])
+def test_grid_walk_updates_every_element_exactly_once(stochastic, schedule):
+    # ema 1, src 0, decay 0.5: exactly 0.5 after one update in every dtype and
+    # rounding mode; 1 if an element is missed, 0.25 if updated twice. The
+    # padding before a misaligned view stays 1.
+    for edt, sdt in [(torch.float32, torch.float32), (torch.bfloat16, torch.float32), (torch.float16, torch.bfloat16)]:
+        ema, src = _schedule_case(edt, sdt, 0, ema_fill=1.0, src_fill=0.0)
+        OP._ema_update_grid_walk_(ema, src, 0.5, stochastic, 5, *schedule)
+        pads = [torch.as_strided(e, (e.storage_offset(),), (1,), 0) for e in ema]
+        if bool((torch.cat(ema) == 0.5).all()) and bool((torch.cat(pads) == 1.0).all()):
+            continue
+        for i, e in enumerate(ema):  # name the first bad pair
+            assert bool((e == 0.5).all()), f"{tag(edt, sdt)} pair {i} (numel {e.numel()}): {e.unique().tolist()}"
+            whole = torch.as_strided(e, (e.storage_offset(),), (1,), 0)
+            assert bool((whole == 1.0).all()), f"pair {i}: written before its view"
+
+
+@pytest.mark.parametrize("stochastic", [False, True])
+def test_grid_walk_11b_shard_list_equals_cpu_kernel(stochastic):
+    # The 1082-tensor layout (world 4096: every shard small, most packed) with
+    # every dtype pair, on the big tables (one launch) and the small ones.
+    g = torch.Generator().manual_seed(3)
+    sizes = shard_sizes(4096)
+    ema = [rand(n, FLOATS[i % 3], g) for i, n in enumerate(sizes)]
+    src = [rand(n, FLOATS[(i // 3) % 3], g) for i, n in enumerate(sizes)]
+    want = [e.clone() for e in ema]
+    OP.ema_update_(want, src, 0.9999, stochastic, 42)
+    for small in (False, True):
+        walked = [e.clone() for e in ema]
+        OP._ema_update_grid_walk_(walked, src, 0.9999, stochastic, 42, 0, 0, small)
+        for i, (a, b) in enumerate(zip(walked, want)):
+            assert_bitwise_equal(a, b, f"pair {i} small={small}")
+
+
 # ---- CUDA (marked `cuda`: skipped without a GPU; benchmarks/gpu_check.sh runs them) ----
 
 
@@ -1004,3 +1091,53 @@ def test_ema_over_2_pow_31_elements():
     OP.ema_update_([e], [s], 0.5)
     assert float(e[-1]) == 0.5 and float(e[2**31 + 1]) == 0.5 and float(e[0]) == 0.5
     del e, s
+
+
+# ---- CPU ISA variants (baseline, AVX2, AVX-512): the same bits in every one ----------------
+
+ISA_SIZES = [0, 1, 15, 33, 4099, 70001]
+
+
+@needs_native
+@pytest.mark.parametrize("edt", FLOATS, ids=str)
+@pytest.mark.parametrize("sdt", FLOATS, ids=str)
+@pytest.mark.parametrize("stochastic", [False, True])
+def test_ema_same_bits_in_every_variant(edt, sdt, stochastic):
+    gen = torch.Generator().manual_seed(3)
+    ema = [with_specials(n, edt, gen) for n in ISA_SIZES]
+    src = [with_specials(n, sdt, gen) for n in ISA_SIZES]
+    ema.append(torch.randn(1001, generator=gen).to(edt)[1:])  # storage offset: unaligned
+    src.append(torch.randn(1003, generator=gen).to(sdt)[3:])
+
+    def run():
+        e = [x.clone() for x in ema]
+        OP.ema_update_(e, src, 0.9, stochastic, 17)
+        return e
+
+    out = each_isa(run)
+    for isa, got in out.items():
+        for i, (a, b) in enumerate(zip(got, out["baseline"])):
+            assert_bitwise_equal(a, b, f"{isa} {edt}<-{sdt} [{i}]")
+
+
+# ---- edge shapes, on the CPU and CUDA -------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("stochastic", [False, True])
+def test_ema_lists_of_only_empty_tensors(device, stochastic):
+    skip_without_native()
+    ema = [torch.zeros(0, device=device), torch.zeros(0, 3, dtype=torch.bfloat16, device=device)]
+    src = [torch.zeros(0, device=device), torch.zeros(0, 3, device=device)]
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+    try:
+        OP.ema_update_(ema, src, 0.9, stochastic, 1)
+        ops.ema_update_(ema, src, 0.9)
+        OP.ema_update_([], [], 0.9, stochastic, 1)
+    finally:
+        if device == "cuda":
+            torch.cuda.set_sync_debug_mode(0)
+    reference.ema.ema_update_([e.cpu() for e in ema], [s.cpu() for s in src], 0.9)
+    assert [tuple(e.shape) for e in ema] == [(0,), (0, 3)]

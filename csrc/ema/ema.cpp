@@ -106,9 +106,9 @@ void check_inputs(at::TensorList ema, at::TensorList src, double decay) {
 
 TORCH_LIBRARY_FRAGMENT(opensora_fast, m) {
   m.def("ema_update_(Tensor(a!)[] ema, Tensor[] src, float decay, bool stochastic=False, int seed=0) -> ()");
-  // The CUDA kernel's per-thread body over its whole launch grid, on the CPU
-  // (tests): max_tensors/max_blocks shrink the tables, small_table picks the
-  // 4 KiB table used with older CUDA.
+  // The CUDA kernel's per-thread body over its whole persistent grid, on the
+  // CPU (tests): max_tensors shrinks the tables, max_blocks the grid (0: an
+  // H100's), small_table picks the 4 KiB table used with older CUDA.
   m.def(
       "_ema_update_grid_walk_(Tensor(a!)[] ema, Tensor[] src, float decay, bool stochastic=False, "
       "int seed=0, int max_tensors=0, int max_blocks=0, bool small_table=False) -> ()");

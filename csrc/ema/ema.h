@@ -136,14 +136,31 @@ OSF_INLINE E ema_one(E e, S s, const Params& p, uint64_t index) {
   return p.stochastic ? ema_stochastic(e, s, p.decay, p.alpha, p.seed, index) : ema_compat(e, s, p.decay, p.alpha);
 }
 
+// The scalar update with the rounding mode fixed at compile time (the CUDA
+// kernel is instantiated per mode: no per-element branch).
+template <typename E, typename S, bool Stochastic>
+OSF_INLINE E ema_step(E e, S s, const Params& p, uint64_t index) {
+  if constexpr (Stochastic)
+    return ema_stochastic(e, s, p.decay, p.alpha, p.seed, index);
+  else
+    return ema_compat(e, s, p.decay, p.alpha);
+}
+
 // ---------------------------------------------------------------------------
-// GPU launch geometry over the shared launch core (multi_tensor.h): each block
-// owns one chunk of kChunk elements of one tensor. The big table (CUDA runtime
-// and driver >= 12.1) takes the 1082-tensor shard list of the 11B model in two
-// or three launches; the small one fits the classic 4 KiB.
-constexpr int64_t kChunk = 32768;  // a multiple of every vector width
+// GPU schedule over the launch core's strided tables (multi_tensor.h): a
+// persistent grid (SMs x resident blocks) whose blocks stride over work units
+// of kUnit elements. A tensor of more than kPackMax elements takes
+// ceil(numel / kUnit) units; the smaller ones are packed, up to kMaxPack
+// tensors and kUnit elements together, into one unit that a block walks tensor
+// after tensor. A table is one launch: the 1082-tensor shard list of the 11B
+// model takes two big tables (or 13 small ones) at any world size.
+constexpr int64_t kUnit = 16384;  // a multiple of every vector width
+constexpr int64_t kPackMax = 4096;
+constexpr int kMaxPack = 32;
 constexpr int kThreads = 512;
+constexpr int kMinBlocks = 4;  // __launch_bounds__: 4 x 512 threads (32 registers) fill an SM
 static_assert(kThreads % 32 == 0 && kThreads <= 1024, "kThreads: whole warps, at most 1024");
+static_assert(kPackMax <= kUnit && kUnit <= INT32_MAX, "a packed tensor fits one unit; 32-bit unit offsets");
 
 // One (ema, src) pair of a launch.
 struct Entry {
@@ -151,57 +168,153 @@ struct Entry {
   const void* src;
   int64_t numel;
   int64_t index_base;  // global element index of element 0
+  int32_t pack;        // entries a unit of this one covers: 1 (itself), k > 1 (it and k - 1 riders), 0 (a rider)
 };
 
 using Args = Params;
-using BigTable = LaunchTable<Entry, 256, 2048>;
-using SmallTable = LaunchTable<Entry, 36, 320>;
+using BigTable = StridedTable<Entry, 720>;
+using SmallTable = StridedTable<Entry, 88>;
 static_assert(kernel_arg_bytes<BigTable, Args>() <= kBigArgBytes, "kernel arguments over 32 KiB");
 static_assert(kernel_arg_bytes<SmallTable, Args>() <= kSmallArgBytes, "kernel arguments over 4 KiB");
 
-inline int64_t blocks_of(const Entry& e) {
-  return ceil_div<int64_t>(e.numel, kChunk);
+// Units of a scheduled entry: 0 for a rider, 1 for a pack.
+inline int64_t units_of(const Entry& e) {
+  return e.pack == 0 ? 0 : e.pack > 1 ? 1 : ceil_div<int64_t>(e.numel, kUnit);
 }
 
-// Vector width: 16-byte accesses for the wider of the two element types.
+// The strided tables of one dtype group: the large tensors first, in call
+// order, then the small ones (numel <= kPackMax) packed in call order. Order
+// changes no result (index_base travels with each entry). max_entries: 0 or a
+// smaller table limit (tests), which also caps the pack length.
+template <typename Table>
+inline std::vector<Table> plan(const std::vector<Entry>& entries, int64_t max_entries = 0) {
+  const int64_t cap = (max_entries > 0 && max_entries < Table::kMaxEntries) ? max_entries : Table::kMaxEntries;
+  const int64_t max_pack = cap < kMaxPack ? cap : kMaxPack;
+  std::vector<Entry> order;
+  order.reserve(entries.size());
+  for (const Entry& e : entries)
+    if (e.numel > kPackMax) {
+      order.push_back(e);
+      order.back().pack = 1;
+    }
+  size_t lead = 0;  // the open pack's first entry
+  int64_t filled = kUnit;
+  for (const Entry& e : entries) {
+    if (e.numel > kPackMax)
+      continue;
+    order.push_back(e);
+    if (filled + e.numel <= kUnit && order[lead].pack < max_pack) {
+      ++order[lead].pack;
+      order.back().pack = 0;
+      filled += e.numel;
+    } else {
+      lead = order.size() - 1;
+      order.back().pack = 1;
+      filled = e.numel;
+    }
+  }
+  return plan_strided<Table>(order, [&](size_t i) { return units_of(order[i]); }, cap);
+}
+
+// Vector width: 16-byte accesses for the wider of the two element types (a
+// bf16 ema with an fp32 src loads 8 bytes of ema, 16 of src).
 template <typename E, typename S>
 constexpr int vec_width() {
   return 16 / (sizeof(E) > sizeof(S) ? sizeof(E) : sizeof(S));
 }
 
-// What thread `thread` of block `block` does (nthreads = blockDim.x). The math
-// is elementwise, so the access width (16-byte vectors when both pointers are
-// aligned, single elements otherwise) never changes a result.
-template <typename E, typename S>
-struct Body {
-  template <typename Table>
-  static OSF_HOST_DEVICE void run(const Table& tab, const Params& p, int block, int /*y*/, int thread, int nthreads) {
-    constexpr int V = vec_width<E, S>();
-    const Entry& en = tab.entry[tab.block_entry[block]];
-    const int64_t lo = static_cast<int64_t>(tab.block_chunk[block]) * kChunk;
-    const int64_t n = (en.numel - lo < kChunk) ? en.numel - lo : kChunk;
-    E* e = static_cast<E*>(en.ema) + lo;
-    const S* s = static_cast<const S*>(en.src) + lo;
-    const uint64_t base = static_cast<uint64_t>(en.index_base + lo);
+// Vectors per thread loaded before the first store.
+constexpr int kInFlight = 2;
 
-    // lo is a multiple of V, so the chunk is aligned exactly when the tensor is.
-    const bool aligned =
-        reinterpret_cast<uintptr_t>(e) % (sizeof(E) * V) == 0 && reinterpret_cast<uintptr_t>(s) % (sizeof(S) * V) == 0;
-    int64_t done = 0;
-    if (aligned) {
-      const int64_t nvec = n / V;
-      for (int64_t v = thread; v < nvec; v += nthreads) {
-        VecN<E, V> ev = reinterpret_cast<const VecN<E, V>*>(e)[v];
-        const VecN<S, V> sv = reinterpret_cast<const VecN<S, V>*>(s)[v];
+// Resident blocks per SM the kernel's registers must allow (its
+// __launch_bounds__): the most of 4 (32 registers), 3 (40) and 2 (64) at which
+// nvcc 13 -Xptxas -v reports no spills on sm_80 and sm_90 (docs/ops/ema.md).
+template <typename E, typename S, bool Stochastic>
+constexpr int min_blocks() {
+  if constexpr (!is_reduced<E>::value)
+    return kMinBlocks;
+  else if constexpr (Stochastic)
+    return 2;
+  else if constexpr (std::is_same<E, c10::BFloat16>::value && !std::is_same<S, c10::Half>::value)
+    return kMinBlocks;
+  else if constexpr (std::is_same<E, c10::Half>::value && std::is_same<S, float>::value)
+    return 2;
+  else
+    return 3;
+}
+
+// What thread `thread` of block `block` of a grid of `grid` blocks does
+// (nthreads = blockDim.x). The math is elementwise, so the access width
+// (vectors where both pointers can be aligned, single elements otherwise) and
+// the order never change a result, and the random stream of the stochastic
+// mode is a function of (seed, global element index) only.
+template <typename E, typename S, bool Stochastic>
+struct Body {
+  // Elements [lo, lo + n) of one pair; 32-bit offsets within the unit.
+  static OSF_INLINE void unit(const Entry& en, int64_t lo, int32_t n, const Params& p, int thread, int nthreads) {
+    constexpr int V = vec_width<E, S>();
+    using EV = VecN<E, V>;
+    using SV = VecN<S, V>;
+    E* __restrict__ e = static_cast<E*>(en.ema) + lo;
+    const S* __restrict__ s = static_cast<const S*>(en.src) + lo;
+    const uint64_t base = static_cast<uint64_t>(en.index_base + lo);
+    // Vectors start where both pointers are aligned: after `head` single
+    // elements when both sit equally far (in elements) past a vector boundary
+    // (lo is a multiple of V, so every unit of a tensor agrees); else none.
+    const uintptr_t ea = reinterpret_cast<uintptr_t>(e), sa = reinterpret_cast<uintptr_t>(s);
+    const int32_t eo = static_cast<int32_t>((ea / sizeof(E)) % V);
+    const bool vec = ea % sizeof(E) == 0 && sa % sizeof(S) == 0 && eo == static_cast<int32_t>((sa / sizeof(S)) % V);
+    const int32_t head = vec ? ((V - eo) % V < n ? (V - eo) % V : n) : n;
+    const int32_t nvec = (n - head) / V;
+    EV* __restrict__ ev = reinterpret_cast<EV*>(e + head);
+    const SV* __restrict__ sv = reinterpret_cast<const SV*>(s + head);
+    int32_t v = thread;
+    for (; v + (kInFlight - 1) * nthreads < nvec; v += kInFlight * nthreads) {
+      EV a[kInFlight];
+      SV b[kInFlight];
+      OSF_UNROLL
+      for (int j = 0; j < kInFlight; ++j) {
+        a[j] = ev[v + j * nthreads];
+        b[j] = sv[v + j * nthreads];
+      }
+      OSF_UNROLL
+      for (int j = 0; j < kInFlight; ++j) {
+        const int32_t at = head + (v + j * nthreads) * V;
         OSF_UNROLL
         for (int k = 0; k < V; ++k)
-          ev.v[k] = ema_one(ev.v[k], sv.v[k], p, base + v * V + k);
-        reinterpret_cast<VecN<E, V>*>(e)[v] = ev;
+          a[j].v[k] = ema_step<E, S, Stochastic>(a[j].v[k], b[j].v[k], p, base + static_cast<uint32_t>(at + k));
+        ev[v + j * nthreads] = a[j];
       }
-      done = nvec * V;
     }
-    for (int64_t i = done + thread; i < n; i += nthreads)
-      e[i] = ema_one(e[i], s[i], p, base + i);
+    for (; v < nvec; v += nthreads) {
+      EV a = ev[v];
+      const SV b = sv[v];
+      const int32_t at = head + v * V;
+      OSF_UNROLL
+      for (int k = 0; k < V; ++k)
+        a.v[k] = ema_step<E, S, Stochastic>(a.v[k], b.v[k], p, base + static_cast<uint32_t>(at + k));
+      ev[v] = a;
+    }
+    // The single elements: the head, then the tail after the last vector.
+    const int32_t tail = head + nvec * V;
+    for (int32_t i = thread; i < head + (n - tail); i += nthreads) {
+      const int32_t at = i < head ? i : tail + (i - head);
+      e[at] = ema_step<E, S, Stochastic>(e[at], s[at], p, base + static_cast<uint32_t>(at));
+    }
+  }
+
+  template <typename Table>
+  static OSF_HOST_DEVICE void run(const Table& tab, const Params& p, int block, int grid, int thread, int nthreads) {
+    for (int64_t u = block; u < tab.n_units; u += grid) {
+      const int i = strided_entry(tab, static_cast<int32_t>(u));
+      const int64_t lo = (u - tab.first_unit[i]) * kUnit;  // 0 for a pack
+      const int pack = tab.entry[i].pack;
+      for (int k = 0; k < pack; ++k) {
+        const Entry& en = tab.entry[i + k];
+        const int64_t left = en.numel - lo;
+        unit(en, lo, static_cast<int32_t>(left < kUnit ? left : kUnit), p, thread, nthreads);
+      }
+    }
   }
 };
 

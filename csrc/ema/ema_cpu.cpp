@@ -68,27 +68,37 @@ void forward_cpu(at::TensorList ema, at::TensorList src, double decay, bool stoc
   });
 }
 
+// The persistent grid a walk emulates when the test names none: an H100's 132
+// SMs x kMinBlocks resident blocks.
+constexpr int64_t kWalkGrid = 132 * kMinBlocks;
+
 template <typename Table>
-void walk_group(const DtypeGroup& g, double decay, bool stochastic, int64_t seed, TableLimits lim) {
+void walk_group(const DtypeGroup& g, double decay, bool stochastic, int64_t seed, int64_t max_tensors, int64_t grid) {
   dispatch_pair(g.ema_dtype, g.src_dtype, [&](auto et, auto st) {
     using E = typename decltype(et)::type;
     using S = typename decltype(st)::type;
-    const auto tables = plan_launches<Table>(g.entries, [&](size_t i) { return blocks_of(g.entries[i]); }, lim);
-    walk_grid<Body<E, S>>(tables, make_params<E, S>(decay, stochastic, seed), kThreads);
+    const auto tables = plan<Table>(g.entries, max_tensors);
+    const Params p = make_params<E, S>(decay, stochastic, seed);
+    if (p.stochastic)
+      walk_strided<Body<E, S, true>>(tables, p, kThreads, grid);
+    else
+      walk_strided<Body<E, S, false>>(tables, p, kThreads, grid);
   });
 }
 
 // Same grouping and planning as forward_cuda, then every (block, thread) of
-// every launch in turn, with the real block size.
+// every launch's persistent grid in turn, with the real block size.
+// max_tensors: entries per table (0: the table's own); max_blocks: the
+// resident blocks the grid is capped at (0: kWalkGrid).
 void grid_walk(at::TensorList ema, at::TensorList src, double decay, bool stochastic, int64_t seed, int64_t max_tensors,
                int64_t max_blocks, bool small_table) {
   check_inputs(ema, src, decay);
-  const TableLimits lim{max_tensors, max_blocks};
+  const int64_t grid = max_blocks > 0 ? max_blocks : kWalkGrid;
   for (const DtypeGroup& g : group_by_dtype(ema, src)) {
     if (small_table)
-      walk_group<SmallTable>(g, decay, stochastic, seed, lim);
+      walk_group<SmallTable>(g, decay, stochastic, seed, max_tensors, grid);
     else
-      walk_group<BigTable>(g, decay, stochastic, seed, lim);
+      walk_group<BigTable>(g, decay, stochastic, seed, max_tensors, grid);
   }
 }
 

@@ -1,5 +1,5 @@
-// EMA on the GPU: the shared launch core's tables of pairs, walked by Body
-// (ema.h) on the current stream, no host sync.
+// EMA on the GPU: the shared launch core's strided tables of pairs, walked by
+// a persistent grid running Body (ema.h) on the current stream, no host sync.
 #include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -30,16 +30,22 @@ void forward_cuda(at::TensorList ema, at::TensorList src, double decay, bool sto
                 "ema_update_: stochastic rounding cannot be captured in a CUDA graph (each replay would reuse "
                 "the same seed); capture the compat mode, or run the stochastic update outside the graph");
   }
-  // Planning reads only pointers and sizes: no host sync.
+  // Planning reads only pointers and sizes: no host sync. One launch per
+  // table of a persistent grid; the small tables where one suffices (the
+  // driver copies the whole argument block at every launch).
   for (const DtypeGroup& g : group_by_dtype(ema, src)) {
     dispatch_pair(g.ema_dtype, g.src_dtype, [&](auto et, auto st) {
       using E = typename decltype(et)::type;
       using S = typename decltype(st)::type;
       const Args p = make_params<E, S>(decay, stochastic, seed);
-      with_table<BigTable, SmallTable>(false, [&](auto tt) {
+      const bool one_small = g.entries.size() <= static_cast<size_t>(SmallTable::kMaxEntries);
+      with_table<BigTable, SmallTable>(one_small, [&](auto tt) {
         using Table = typename decltype(tt)::type;
-        launch_tables<Body<E, S>, kThreads>(
-            plan_launches<Table>(g.entries, [&](size_t i) { return blocks_of(g.entries[i]); }), p, stream);
+        const std::vector<Table> tables = plan<Table>(g.entries);
+        if (p.stochastic)
+          launch_strided<Body<E, S, true>, kThreads, min_blocks<E, S, true>()>(tables, p, stream);
+        else
+          launch_strided<Body<E, S, false>, kThreads, min_blocks<E, S, false>()>(tables, p, stream);
       });
     });
   }
