@@ -19,7 +19,10 @@
 #else
 #define OSF_UNROLL
 #define OSF_HOST_DEVICE
-#define OSF_INLINE inline
+// forced as __forceinline__ is on the device: the CPU kernels' loops vectorise only
+// with the scalar core inlined, and GCC's heuristics outline it once a file also
+// instantiates the CUDA bodies for the grid walks
+#define OSF_INLINE inline __attribute__((always_inline))
 #endif
 
 namespace opensora_fast {

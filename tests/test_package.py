@@ -270,3 +270,40 @@ def test_the_build_has_a_cuda_kernel_for_every_op():
     for name in _ext.registered_ops():
         op = name.split("::", 1)[1]
         assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "CUDA"), op
+
+
+def _defined_functions(path: str) -> list:
+    """Names of the functions an ELF64 little-endian shared object defines in its
+    dynamic symbol table (no binutils needed)."""
+    import struct
+
+    data = open(path, "rb").read()
+    assert data[:4] == b"\x7fELF" and data[4] == 2 and data[5] == 1, "not an ELF64 little-endian file"
+    shoff, shentsize, shnum = struct.unpack_from("<Q", data, 0x28)[0], *struct.unpack_from("<HH", data, 0x3A)
+    sections = [struct.unpack_from("<IIQQQQIIQQ", data, shoff + i * shentsize) for i in range(shnum)]
+    names = []
+    for _name, kind, _fl, _addr, off, size, link, _info, _al, entsize in sections:
+        if kind != 11:  # SHT_DYNSYM
+            continue
+        str_off = sections[link][4]
+        for at in range(off, off + size, entsize):
+            st_name, st_info, _other, st_shndx = struct.unpack_from("<IBBH", data, at)
+            if st_info & 0xF == 2 and st_shndx != 0:  # STT_FUNC, defined
+                end = data.index(b"\0", str_off + st_name)
+                names.append(data[str_off + st_name : end].decode())
+    return names
+
+
+@needs_native
+def test_cpu_scalar_cores_are_inlined_into_the_kernels():
+    # An out-of-line copy of a scalar core means a CPU loop calls it per element
+    # and does not vectorise (the bf16 EMA once ran 10x slower that way). The CUDA
+    # bodies and the grid walks instantiate the same cores, which is what tempts
+    # the compiler to outline them.
+    import opensora_fast._C as ext
+
+    names = _defined_functions(ext.__file__)
+    assert any("opensora_fast" in n for n in names)  # the reader sees our symbols
+    cores = ("3ema10ema_compat", "3ema14ema_stochastic", "3ema12nearest_bits", "3ema10widen_bits")
+    outlined = [n for n in names if n.startswith("_ZN13opensora_fast") and any(c in n for c in cores)]
+    assert not outlined, f"scalar cores compiled out of line: {outlined[:4]}"
