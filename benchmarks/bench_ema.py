@@ -104,7 +104,7 @@ def test_fused_isa(benchmark, shard, isa):
             lambda: ops.ema_update_(ema, src, DECAY),
             group=group,
             impl=f"opensora_fast (compat, CPU {isa})",
-            role="alternative",
+            role="ours+",
             nbytes=nbytes,
             isa=isa,
         )
