@@ -201,7 +201,7 @@ def test_train_ours_whole_batch(benchmark, train_case):
 
 @pytest.mark.parametrize("chunk", [1, 2, 4])
 def test_train_ours_chunks(benchmark, train_case, chunk):
-    """The chunk-size sweep behind CPU_ENCODE_CHUNK_BYTES (8 MiB: 3 samples here)."""
+    """The chunk-size sweep behind CPU_ENCODE_CHUNK_BYTES (6 MiB: 2 samples here)."""
     group, x, vae, nbytes = train_case
     run(
         benchmark,
@@ -240,7 +240,17 @@ class CheapVAE(torch.nn.Module):
         return self.proj(torch.nn.functional.avg_pool3d(y, (1, self.s, self.s)))
 
 
-@pytest.fixture(scope="module", params=["mixed modes", "v2v_tail only"])
+CHEAP_CONFIGS = {
+    "mixed modes": TRAIN_CONFIG,
+    "v2v_tail only": {"v2v_tail": 1},
+    # scattered v2v samples: the groups upstream encodes from views, run by run
+    "v2v_head/v2v_tail/t2v": {"v2v_head": 1, "v2v_tail": 1, "t2v": 1},
+    "i2v_head only": {"i2v_head": 1},
+    "t2v only": {"t2v": 1},
+}
+
+
+@pytest.fixture(scope="module", params=list(CHEAP_CONFIGS))
 def cheap_case(request):
     dev = bench_device()
     g = torch.Generator(device=dev).manual_seed(0)
@@ -248,7 +258,7 @@ def cheap_case(request):
     vae = CheapVAE().to(dev)
     lt = (TF - 1) // 4 + 1
     nbytes = x.numel() * 2 + TB * (2 * 16 + 1) * lt * (TH // 8) * (TW // 8) * 2
-    config = TRAIN_CONFIG if request.param == "mixed modes" else {"v2v_tail": 1}
+    config = CHEAP_CONFIGS[request.param]
     group = (
         f"prepare_visual_condition_causal, cheap encoder, {request.param}, x [{TB},3,{TF},{TH},{TW}] bf16, {dev.type}"
     )

@@ -560,3 +560,64 @@ def test_consecutive_samples_are_encoded_from_views(mode):
     x0_r, cond_r = reference.upstream.condition.prepare_visual_condition_causal(x, {mode: 1}, ToyVAE())
     assert_bitwise_equal(x0, x0_r, "x_0")
     assert_bitwise_equal(cond, cond_r, "cond")
+
+
+def _runs_of(idx):
+    runs = []
+    for i in idx:
+        if runs and i == runs[-1][-1] + 1:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    return runs
+
+
+@pytest.mark.parametrize("mode", ["v2v_head", "v2v_tail"])
+def test_cpu_scattered_groups_encode_runs_from_views(monkeypatch, mode):
+    """A non-consecutive group on the CPU (default chunks): runs of consecutive
+    samples from views when a sample's input exceeds CPU_GATHER_MAX_BYTES, one
+    gathered batch at or below it (and with an explicit max_encode_batch).
+    Results the same every way, and upstream's."""
+    from opensora_fast.utils import _condition
+
+    B, F = 8, 69
+    x = videos(B, F, 4, 4)
+    config = {mode: 1, "t2v": 1}
+    seed = next(s for s in range(100) if len(_runs_of(_drawn(config, B, s, mode))) >= 3)
+    idx = _drawn(config, B, seed, mode)
+    per_sample = 3 * 33 * 4 * 4 * x.element_size()  # the 33-frame reference input of one sample
+    random.seed(seed)
+    want = reference.upstream.condition.prepare_visual_condition_causal(x, dict(config), ToyVAE())
+    for limit, kw, expect in (
+        (per_sample - 1, {}, [(len(r), True) for r in _runs_of(idx)]),
+        (per_sample, {}, [(len(idx), False)]),
+        (per_sample - 1, {"max_encode_batch": 0}, [(len(idx), False)]),
+    ):
+        monkeypatch.setattr(_condition, "CPU_GATHER_MAX_BYTES", limit)
+        vae = _ViewSpy(x)
+        random.seed(seed)
+        got = dropin.prepare_visual_condition_causal(x, dict(config), vae, **kw)
+        refs = [(c[0], v) for c, v in zip(vae.calls, vae.views) if c[2] == 33]
+        assert refs == expect, (limit, kw, idx, vae.calls)
+        assert_bitwise_equal(got[0], want[0], "x_0")
+        assert_bitwise_equal(got[1], want[1], "cond")
+
+
+def _drawn(config, B, seed, mode):
+    random.seed(seed)
+    return [i for i, m in enumerate(random.choices(list(config), weights=list(config.values()), k=B)) if m == mode]
+
+
+def test_run_splitting_respects_chunks(monkeypatch):
+    """Runs longer than a chunk are chunked; chunk and run boundaries both cut."""
+    from opensora_fast.utils import _condition
+
+    x = videos(8, 9, 4, 4)
+    per_sample = x[0].numel() * x.element_size()
+    monkeypatch.setattr(_condition, "CPU_GATHER_MAX_BYTES", 0)
+    monkeypatch.setattr(_condition, "CPU_ENCODE_CHUNK_BYTES", 2 * per_sample)
+    calls = _condition._calls([0, 1, 2, 4, 6, 7], lambda sel: x[sel], None)
+    assert calls == [([0, 1], slice(0, 2)), ([2], slice(2, 3)), ([4], slice(4, 5)), ([6, 7], slice(6, 8))]
+    monkeypatch.setattr(_condition, "CPU_GATHER_MAX_BYTES", per_sample)
+    calls = _condition._calls([0, 1, 2, 4, 6, 7], lambda sel: x[sel], None)
+    assert calls == [([0, 1], slice(0, 2)), ([2, 4], [2, 4]), ([6, 7], slice(6, 8))]  # gathered only where needed

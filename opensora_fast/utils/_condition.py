@@ -208,19 +208,28 @@ def prepare_inference_condition(
 # On the CPU, encodes go in chunks of about this much input (max_encode_batch=None).
 # A batch adds no parallelism there (the encoder's ops already spread over the
 # cores within one sample), while a whole batch's activations fall out of the
-# caches: measured with the tests' toy VAE at B=8, 65x64x96 bf16 (2.4 MB a
-# sample), whole batch 0.83x upstream, chunks of 1/2/3/4 samples 1.03/1.54/
-# 1.47/1.39x (benchmarks/RESULTS.md). On a GPU the whole batch wins.
-CPU_ENCODE_CHUNK_BYTES = 8 << 20
+# caches: at B=8, 65x64x96 bf16 (2.4 MB a sample), 2 cores, chunks of 2 samples
+# were the fastest both for the tests' toy VAE (whole batch 0.83x upstream,
+# chunks of 1/2/3/4 samples 1.03/1.54/1.47/1.39x) and for a cheap encoder
+# (avg-pool + 1x1 conv: chunks of 3 lost to upstream's per-sample calls in
+# mixed modes). benchmarks/bench_condition.py. On a GPU the whole batch wins.
+CPU_ENCODE_CHUNK_BYTES = 6 << 20
+
+# On the CPU by default, a non-consecutive group of samples whose inputs are
+# larger than this each is encoded run by run from views of x rather than
+# gathered: copying a sample of this size costs about what a cheap encoder's
+# fixed per-call cost is (benchmarks/bench_condition.py's cheap-encoder rows),
+# and a copy reads every frame where an encoder may read few.
+CPU_GATHER_MAX_BYTES = 256 << 10
 
 
-def _chunk(n: int, sample: torch.Tensor, max_batch: Optional[int]) -> int:
-    """Samples per encode for n inputs like ``sample``: ``max_batch`` (0: all);
-    None: all off the CPU, about ``CPU_ENCODE_CHUNK_BYTES`` of input on it."""
+def _chunk(n: int, sample_bytes: int, on_cpu: bool, max_batch: Optional[int]) -> int:
+    """Samples per encode for n inputs of ``sample_bytes`` each: ``max_batch``
+    (0: all); None: all off the CPU, about ``CPU_ENCODE_CHUNK_BYTES`` of input on it."""
     if max_batch is None:
-        if sample.device.type != "cpu":
+        if not on_cpu:
             return max(n, 1)
-        return max(1, CPU_ENCODE_CHUNK_BYTES // max(sample.numel() * sample.element_size(), 1))
+        return max(1, CPU_ENCODE_CHUNK_BYTES // max(sample_bytes, 1))
     return max(n, 1) if max_batch <= 0 else int(max_batch)
 
 
@@ -230,7 +239,7 @@ def _encode_batched(model_ae, inputs: torch.Tensor, max_batch: Optional[int]) ->
     n = inputs.shape[0]
     if n == 0:
         return [model_ae.encode(inputs)]
-    step = _chunk(n, inputs[0], max_batch)
+    step = _chunk(n, inputs[0].numel() * inputs.element_size(), inputs.device.type == "cpu", max_batch)
     return [model_ae.encode(inputs[lo : lo + step]) for lo in range(0, n, max(step, 1))]
 
 
@@ -277,26 +286,56 @@ def _selector(idx: list):
     """How to take samples ``idx`` (ascending) of a batch for one encode: a
     slice when they are consecutive, so the input is a view of ``x`` as
     upstream's per-sample inputs are, not a gathered copy; otherwise the index
-    list (one gathered batch: one encode per group, which gains the encoder
-    more than the copy costs)."""
+    list (a gathered batch)."""
     if idx == list(range(idx[0], idx[0] + len(idx))):
         return slice(idx[0], idx[0] + len(idx))
     return list(idx)
 
 
-def _group_encode(model_ae, x: torch.Tensor, groups: dict, max_batch, srcs: _Sources, who: str, frames=None):
-    """For each group key -> (sample indices, input builder): one batched encode
-    (chunked); returns {key: {sample: source index}}."""
+def _runs(idx: list) -> list[list]:
+    """``idx`` (ascending) split into maximal runs of consecutive samples."""
+    runs = [[idx[0]]]
+    for i in idx[1:]:
+        if i == runs[-1][-1] + 1:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    return runs
+
+
+def _calls(idx: list, build, max_batch: Optional[int]) -> list[tuple[list, object]]:
+    """The encoder calls for a group: (samples, selector for ``build``) each, in
+    sample order, at most :func:`_chunk` samples a call. Consecutive samples are
+    slices (views). A non-consecutive group is one gathered batch, except on the
+    CPU by default (``max_batch`` None) when a sample's input exceeds
+    ``CPU_GATHER_MAX_BYTES``: then each run of consecutive samples is its own
+    view, so no call copies more than upstream's per-sample views do and the
+    encoder is called at most as often as upstream calls it."""
+    probe = build(slice(idx[0], idx[0]))  # zero samples: the input's shape, nothing copied
+    nbytes = probe.element_size()
+    for d in probe.shape[1:]:
+        nbytes *= d
+    on_cpu = probe.device.type == "cpu"
+    step = _chunk(len(idx), nbytes, on_cpu, max_batch)
+    runs = _runs(idx)
+    if len(runs) > 1 and not (max_batch is None and on_cpu and nbytes > CPU_GATHER_MAX_BYTES):
+        runs = [idx]
+    return [(run[c : c + step], _selector(run[c : c + step])) for run in runs for c in range(0, len(run), step)]
+
+
+def _group_encode(model_ae, groups: dict, max_batch, srcs: _Sources):
+    """For each group key -> (sample indices, input builder): its encoder calls
+    (:func:`_calls`); returns {key: {sample: (source index, latent frames)}}.
+    Each sample's latent is a row of its call's output (no concatenation)."""
     out = {}
     for key, (idx, build) in groups.items():
         if not idx:
             continue
-        inp = build(_selector(idx))
-        chunks = _encode_batched(model_ae, inp, max_batch) if inp.shape[0] else [inp]
-        lat = chunks[0] if len(chunks) == 1 else torch.cat(chunks)  # one chunk: no copy
         out[key] = {}
-        for j, i in enumerate(idx):
-            out[key][i] = (srcs.add(lat[j]), lat.shape[2])
+        for part, sel in _calls(idx, build, max_batch):
+            lat = model_ae.encode(build(sel))
+            for j, i in enumerate(part):
+                out[key][i] = (srcs.add(lat[j]), lat.shape[2])
     return out
 
 
@@ -307,10 +346,8 @@ def _assemble(x, model_ae, B, C, T, H, W, x0_groups, ref_groups, segments, max_b
     for idx, build in x0_groups:
         if not idx:
             continue
-        step = _chunk(len(idx), x[0], max_batch)
-        for c in range(0, len(idx), step):
-            part = idx[c : c + step]
-            enc = model_ae.encode(build(_selector(part)))
+        for part, sel in _calls(idx, build, max_batch):
+            enc = model_ae.encode(build(sel))
             if enc.shape[1:] != (C, T, H, W):
                 raise ValueError(
                     f"{who}: model_ae.encode returned shape {list(enc.shape)}; expected [n, {C}, {T}, {H}, {W}]"
@@ -321,7 +358,7 @@ def _assemble(x, model_ae, B, C, T, H, W, x0_groups, ref_groups, segments, max_b
                 x_0[torch.tensor(part, device=x.device)] = enc.to(x.dtype)
     # upstream assigns encodes into x.dtype buffers (copy_): the op's cast is that cast
     srcs = _Sources(x.device, odd_dtype=x.dtype if x.dtype in SRC_DTYPES else torch.float32)
-    encoded = _group_encode(model_ae, x, ref_groups, max_batch, srcs, who)
+    encoded = _group_encode(model_ae, ref_groups, max_batch, srcs)
     plan: list[int] = []
     x0_src = {}
     for i, t0, n, key, f0 in segments:
@@ -369,7 +406,7 @@ def prepare_visual_condition_causal(
     modes from the caller's dict for short videos, for every later step), the
     encoder runs once for the whole batch's ``x_0`` (chunks of at most
     ``max_encode_batch`` samples; 0: the whole batch; None, the default: the
-    whole batch on a GPU, chunks of about ``CPU_ENCODE_CHUNK_BYTES`` = 8 MiB of
+    whole batch on a GPU, chunks of about ``CPU_ENCODE_CHUNK_BYTES`` = 6 MiB of
     input on the CPU, where that is faster) and once per kind of reference (first frame, last
     frame, first/last 33 or 65 frames) for all samples that need it, and no
     intermediate ``latent`` tensor is made. Results equal upstream's where the
