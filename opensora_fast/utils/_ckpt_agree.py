@@ -10,7 +10,7 @@ every rank still runs the same sequence of collectives."""
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Union
+from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
@@ -51,6 +51,38 @@ def _message(failure: Union[str, BaseException]) -> str:
     return f"{type(failure).__name__}: {failure}"
 
 
+def exchange(fn: str, failure: Union[None, str, BaseException], group, tail: Sequence[int]) -> List[int]:
+    """One ``all_reduce(MIN)`` of ``[first failing rank] + tail`` over
+    ``group``: several facts in one collective (a value every rank must share
+    as ``v, -v``; one rank's value with ``_VALUE_CAP`` on the others). When a
+    rank failed, its message reaches every rank and every rank raises.
+    :func:`agree` is this call with its values as the tail, so a tail of
+    agree's length pairs with an ``agree`` on a rank that failed before this
+    call. Returns the reduced tail."""
+    own = ValueError(failure) if isinstance(failure, str) else failure
+    world = dist.get_world_size(group) if dist_on() else 1
+    if world == 1:
+        if own is not None:
+            raise own
+        return [int(v) for v in tail]
+    me = dist.get_rank(group)
+    t = torch.tensor([me if own is not None else world, *tail], dtype=torch.int64, device=agreement_device(group))
+    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=group)
+    got = t.tolist()
+    first = int(got[0])
+    if first < world:  # the first failing rank's message, to every rank
+        msg = torch.zeros(_MSG_BYTES, dtype=torch.uint8, device=t.device)
+        if me == first:
+            raw = _message(own).encode("utf-8", "replace")[:_MSG_BYTES]
+            msg[: len(raw)] = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+        dist.broadcast(msg, src=first if group is None else dist.get_global_rank(group, first), group=group)
+        if own is not None:
+            raise mark_agreed(own)
+        text = bytes(msg.cpu().tolist()).rstrip(b"\0").decode("utf-8", "replace")
+        raise mark_agreed(RuntimeError(f"{fn}: stopped on every rank: rank {first} failed: {text}"))
+    return got[1:]
+
+
 def agree(
     fn: str,
     failure: Union[None, str, BaseException],
@@ -68,32 +100,12 @@ def agree(
     if len(values) > _N_VALUES:
         raise ValueError(f"agree: at most {_N_VALUES} values, got {len(values)}")
     own = ValueError(failure) if isinstance(failure, str) else failure
-    world = dist.get_world_size(group) if dist_on() else 1
-    if world == 1:  # nobody to agree with: no collective
-        if own is not None:
-            raise own
-        return
-    me = dist.get_rank(group)
-    flat = [me if own is not None else world]
+    flat: List[int] = []
     for v in values.values():
         v = max(-_VALUE_CAP, min(int(v), _VALUE_CAP))
         flat += [v, -v]
-    flat += [0] * (_LAYOUT - len(flat))
-    t = torch.tensor(flat, dtype=torch.int64, device=agreement_device(group))
-    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=group)
-    got = t.tolist()
-    first = int(got[0])
-    if first < world:  # some rank failed: its message reaches every rank
-        msg = torch.zeros(_MSG_BYTES, dtype=torch.uint8, device=t.device)
-        if me == first:
-            raw = _message(own).encode("utf-8", "replace")[:_MSG_BYTES]
-            msg[: len(raw)] = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
-        src = first if group is None else dist.get_global_rank(group, first)
-        dist.broadcast(msg, src=src, group=group)
-        if own is not None:
-            raise mark_agreed(own)
-        text = bytes(msg.cpu().tolist()).rstrip(b"\0").decode("utf-8", "replace")
-        raise mark_agreed(RuntimeError(f"{fn}: stopped on every rank: rank {first} failed: {text}"))
+    flat += [0] * (_LAYOUT - 1 - len(flat))
+    got = [0] + exchange(fn, own, group, flat)
     for j, (name, _) in enumerate(values.items()):
         lo, hi = int(got[1 + 2 * j]), -int(got[2 + 2 * j])
         if lo != hi:

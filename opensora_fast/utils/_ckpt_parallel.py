@@ -37,13 +37,13 @@ import os
 import secrets
 import struct
 from collections import OrderedDict
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
 
 from . import _ckpt_dist, _ckpt_files
-from ._ckpt_agree import _LAYOUT, _MSG_BYTES, _VALUE_CAP, _message, agree, agreement_device, mark_agreed
+from ._ckpt_agree import _LAYOUT, _VALUE_CAP, agree, agreement_device, exchange, mark_agreed
 from ._ckpt_parallel_crc import Pieces, file_crc
 from ._ckpt_plan import numel
 from ._ckpt_write import ST_DTYPES, _safetensors_header, phase
@@ -371,38 +371,6 @@ def shared_dir(fn: str, directory: str, group=None) -> bool:
 _TOKEN_AT = 8  # the probe token's place in a partial file: inside the header, whose length (bytes 0-8) stays 0
 _CAP = _VALUE_CAP  # a slot a rank leaves to the others in a MIN reduction
 assert _LAYOUT >= 4, "write_file's first exchange needs three slots after agree's failure slot"
-
-
-def exchange(fn: str, failure: Union[None, str, BaseException], group, tail: Sequence[int]) -> List[int]:
-    """One ``all_reduce(MIN)`` of ``[first failing rank] + tail`` over
-    ``group``: several facts in one collective (a value every rank must share
-    as ``v, -v``; one rank's value with ``_CAP`` on the others). When a rank
-    failed, its message reaches every rank and every rank raises, as
-    :func:`._ckpt_agree.agree` does (same first slot, same broadcast), so a
-    tail of agree's length pairs with an ``agree`` on a rank that failed
-    before this call. Returns the reduced tail."""
-    own = ValueError(failure) if isinstance(failure, str) else failure
-    world = _ckpt_dist.world_size(group)
-    if world == 1:
-        if own is not None:
-            raise own
-        return [int(v) for v in tail]
-    me = dist.get_rank(group)
-    t = torch.tensor([me if own is not None else world, *tail], dtype=torch.int64, device=agreement_device(group))
-    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=group)
-    got = t.tolist()
-    first = int(got[0])
-    if first < world:  # the first failing rank's message, to every rank
-        msg = torch.zeros(_MSG_BYTES, dtype=torch.uint8, device=t.device)
-        if me == first:
-            raw = _message(own).encode("utf-8", "replace")[:_MSG_BYTES]
-            msg[: len(raw)] = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
-        dist.broadcast(msg, src=first if group is None else dist.get_global_rank(group, first), group=group)
-        if own is not None:
-            raise mark_agreed(own)
-        text = bytes(msg.cpu().tolist()).rstrip(b"\0").decode("utf-8", "replace")
-        raise mark_agreed(RuntimeError(f"{fn}: stopped on every rank: rank {first} failed: {text}"))
-    return got[1:]
 
 
 def _create(tmp: str, size: int) -> int:
