@@ -6,13 +6,18 @@ they are not what the demo compares."""
 
 from __future__ import annotations
 
+import json
 import os
+import struct
+import threading
 import time
 from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+
+from ..utils import _ckpt_write
 
 
 def _world(group) -> tuple[int, int]:
@@ -96,13 +101,99 @@ class ShardedMasterOptimizer:
         self.inner.load_state_dict(sd)
 
 
+def _stream_safetensors(path: str, tensors: Dict[str, torch.Tensor], metadata: Optional[dict] = None) -> None:
+    """A safetensors file written tensor by tensor from the host buffers, the
+    GIL released in each write, as tensornvme's C++ writer (no fsync, as upstream)."""
+    names = sorted(tensors)
+    header, pos = {}, 0
+    for k in names:
+        t = tensors[k]
+        n = t.numel() * t.element_size()
+        header[k] = {"dtype": _ckpt_write.ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [pos, pos + n]}
+        pos += n
+    header["__metadata__"] = {"format": "pt", **(metadata or {})}
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * ((-len(blob)) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)) + blob)
+        for k in names:
+            if tensors[k].numel():
+                f.write(memoryview(tensors[k].reshape(-1).view(torch.uint8).numpy()))
+
+
+class _ThreadWriter:
+    """One background file write; ``synchronize()`` waits and raises its failure."""
+
+    def __init__(self, write: Callable[[], None], path: str):
+        self.path, self.error = path, None
+        self._thread = threading.Thread(target=self._run, args=(write,), daemon=True)
+        self._thread.start()
+
+    def _run(self, write: Callable[[], None]) -> None:
+        try:
+            write()
+        except BaseException as e:  # raised by synchronize()
+            self.error = e
+
+    def sync_before_step(self) -> None:
+        """The host copies were made before the write started: nothing to wait for."""
+
+    def synchronize(self) -> None:
+        self._thread.join()
+        if self.error is not None:
+            e, self.error = self.error, None
+            raise RuntimeError(f"writing {self.path} failed: {e}") from e
+
+
+class DemoCheckpointIO:
+    """The part of ColossalAI's Booster CheckpointIO that the async saves use:
+    ``async_writers``, ``_sync_io`` (wait for the writes), ``synchronize``
+    (wait for the host copies, before the next optimizer step)."""
+
+    def __init__(self):
+        self.async_writers: List[_ThreadWriter] = []
+        self.pinned_state_dicts: Dict[int, dict] = {}
+
+    def _sync_io(self) -> None:
+        for w in self.async_writers:
+            w.synchronize()
+        self.async_writers.clear()
+
+    def _sync_d2h(self) -> None:
+        for w in self.async_writers:
+            w.sync_before_step()
+
+    def synchronize(self) -> None:
+        self._sync_d2h()
+
+    def stage(self, key: int, tensors: dict) -> dict:
+        """Host copies of ``tensors`` in buffers kept per ``key`` (pinned when CUDA
+        is there), made once and reused, as ColossalAI's ``pinned_state_dicts``."""
+        bufs = self.pinned_state_dicts.get(key)
+        if (
+            bufs is None
+            or bufs.keys() != tensors.keys()
+            or any(bufs[k].shape != v.shape or bufs[k].dtype != v.dtype for k, v in tensors.items())
+        ):
+            pin = torch.cuda.is_available()
+            bufs = {k: torch.empty(v.shape, dtype=v.dtype, pin_memory=pin) for k, v in tensors.items()}
+            self.pinned_state_dicts[key] = bufs
+        for k, v in tensors.items():
+            bufs[k].copy_(v.detach())
+        return bufs
+
+
 class DemoBooster:
-    """The two Booster calls CheckpointIO.save makes: the model's state dict as
+    """The Booster calls CheckpointIO.save makes: the model's state dict as
     safetensors, the optimizer state with torch.save, each into the directory it
-    is given. ``seconds`` adds up the time spent in them."""
+    is given. With ``use_async`` it behaves as ColossalAI's: the save waits for
+    the previous background writes, copies the state into host buffers kept
+    across saves and writes them on a thread (``checkpoint_io`` holds the
+    writers). ``seconds`` adds up the time spent in the calls."""
 
     def __init__(self):
         self.seconds = 0.0
+        self.checkpoint_io = DemoCheckpointIO()
 
     def save_model(
         self,
@@ -116,9 +207,15 @@ class DemoBooster:
         from safetensors.torch import save_file
 
         t0 = time.perf_counter()
+        self.checkpoint_io._sync_io()
         os.makedirs(path, exist_ok=True)
-        sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        save_file(sd, os.path.join(path, "model.safetensors"))
+        file = os.path.join(path, "model.safetensors")
+        sd = {k: v.detach() for k, v in model.state_dict().items()}
+        if use_async:
+            staged = self.checkpoint_io.stage(id(model), sd)
+            self.checkpoint_io.async_writers.append(_ThreadWriter(lambda: _stream_safetensors(file, staged), file))
+        else:
+            save_file({k: v.cpu().contiguous() for k, v in sd.items()}, file)
         self.seconds += time.perf_counter() - t0
 
     def save_optimizer(
@@ -126,7 +223,19 @@ class DemoBooster:
     ) -> None:
         t0 = time.perf_counter()
         os.makedirs(path, exist_ok=True)
-        torch.save(optimizer.state_dict(), os.path.join(path, "optimizer.pt"))
+        file = os.path.join(path, "optimizer.pt")
+        sd = optimizer.state_dict()
+        if use_async:
+            flat = {(i, k): v for i, st in sd["state"].items() for k, v in st.items() if torch.is_tensor(v)}
+            staged = self.checkpoint_io.stage(id(optimizer), flat)
+            groups = json.dumps(sd["param_groups"])
+            file = os.path.join(path, "optimizer.safetensors")  # as ColossalAI's async optimizer save
+            named = {f"state.{i}.{k}": t for (i, k), t in staged.items()}
+            self.checkpoint_io.async_writers.append(
+                _ThreadWriter(lambda: _stream_safetensors(file, named, {"param_groups": groups}), file)
+            )
+        else:
+            torch.save(sd, file)
         self.seconds += time.perf_counter() - t0
 
     def save_lr_scheduler(self, lr_scheduler, path: str) -> None:

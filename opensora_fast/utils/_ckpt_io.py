@@ -11,7 +11,16 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from . import _ckpt_dist, _ckpt_exit, _ckpt_files, _ckpt_load, _ckpt_parallel_io, _ckpt_state, _ckpt_write
+from . import (
+    _ckpt_booster,
+    _ckpt_dist,
+    _ckpt_exit,
+    _ckpt_files,
+    _ckpt_load,
+    _ckpt_parallel_io,
+    _ckpt_state,
+    _ckpt_write,
+)
 from ._ckpt_plan import numel, side_by_side_views
 from ._ckpt_shard import master_weights_gathering, model_gathering
 
@@ -123,12 +132,17 @@ class CheckpointIO:
         (:func:`save_sharded_as_consolidated`; same files, no host buffers,
         written before ``save`` returns); when the ranks do not all see
         ``save_dir`` (probed at this CheckpointIO's first save into it), one
-        log line and the gather path."""
+        log line and the gather path. In one process with ``async_io`` there is
+        no gather to avoid: the EMA and master weights are copied to host
+        buffers and written in the background, as without ``parallel`` (the
+        same files; ``save`` returns sooner)."""
         fn = "CheckpointIO.save"
         made: List[str] = []  # rank 0: the temporary directory, once made (removed if the save fails)
         failure = final = tmp = states = None
         sums: Dict[str, str] = {}
         masters = optimizer is not None and include_master_weights
+        if parallel and async_io and _ckpt_dist.world_size() == 1:
+            parallel = False  # nothing to gather: host copies written in the background, the same files
         # 1. local work: checks, rank 0's plain files and host buffers
         try:
             self._sync_io()
@@ -162,29 +176,39 @@ class CheckpointIO:
             failure = e
         self._agree(fn, failure, made)
         # 2. the collectives: the Booster's parts, the gathers (or each rank's own bytes)
+        writers: list = []  # the Booster's background writers of this save
+        use_async = False  # whether the Booster writes in the background
         try:
             if parallel:
                 parallel = self._shared_save_dir(fn, save_dir, tmp)
                 if not parallel and _ckpt_dist.rank() == 0:  # the fallback gathers into host buffers
                     self._save_local(None, made, None, None, ema, optimizer, None, None, step, ema_shape_dict, masters)
             if parallel:
-                if booster is not None:
-                    _ckpt_write.save_booster_parts(booster, tmp, model, optimizer, lr_scheduler, lora)
                 sums.update(
                     _ckpt_parallel_io.save_files(tmp, ema, ema_shape_dict, model, optimizer, masters, self.progress)
                 )
             else:
-                self._save_gathered(
-                    fn, booster, tmp, model, ema, optimizer, lr_scheduler, lora, ema_shape_dict, masters
-                )
+                self._save_gathered(fn, tmp, model, ema, optimizer, ema_shape_dict, masters)
+            if booster is not None:  # after our copies, which its background writes would slow
+                use_async = async_io and self._booster_in_background(fn, booster, save_dir, tmp)
+                writers = _ckpt_booster.save_parts(booster, tmp, model, optimizer, lr_scheduler, lora, use_async)
         except Exception as e:
             failure = e
-        self._agree(fn, failure, made)
-        # 3. rank 0 writes the rest (in the background with async_io) and renames
+        self._agree(fn, failure, made, writers)
+        # 3. rank 0 writes the rest (in the background with async_io) and renames, once
+        # every rank's Booster writes are done; the others wait for theirs in the background
         try:
-            if _ckpt_dist.rank() == 0:
+            rank = _ckpt_dist.rank()
+            if rank == 0:
                 with_ema, with_masters = (ema is not None, masters) if not parallel else (False, False)
-                self._save_files(tmp, final, states, sums, with_ema, with_masters, async_io)
+                before = None
+                if use_async:
+                    world = _ckpt_dist.world_size()
+                    before = lambda: _ckpt_booster.wait_ranks(tmp, writers, world)  # noqa: E731
+                self._save_files(tmp, final, states, sums, with_ema, with_masters, async_io, before)
+            elif use_async:
+                self.writer = _ckpt_write.RankJob(tmp, final, rank, writers)
+                self.writer.start()
         except Exception as e:
             failure = e
         self._agree(fn, failure, made if not async_io else [])
@@ -248,12 +272,8 @@ class CheckpointIO:
             self._prepare_master_pinned_state_dict(model, optimizer)
         return sums
 
-    def _save_gathered(
-        self, fn: str, booster, tmp: str, model, ema, optimizer, lr_scheduler, lora: bool, ema_shape_dict, masters: bool
-    ) -> None:
-        """Every rank: the Booster's parts and the gathers into the host buffers."""
-        if booster is not None:
-            _ckpt_write.save_booster_parts(booster, tmp, model, optimizer, lr_scheduler, lora)
+    def _save_gathered(self, fn: str, tmp: str, model, ema, optimizer, ema_shape_dict, masters: bool) -> None:
+        """Every rank: the gathers into the host buffers."""
         if masters:
             master_weights_gathering(
                 model, optimizer, self.master_pinned_state_dict, bucket_bytes=self.bucket_bytes, progress=self.progress
@@ -267,15 +287,24 @@ class CheckpointIO:
                 _ckpt_state.copy_whole_ema(fn, ema, self.pinned_state_dict)
 
     def _save_files(
-        self, tmp: str, final: str, states: dict, sums: Dict[str, str], with_ema: bool, masters: bool, async_io: bool
+        self,
+        tmp: str,
+        final: str,
+        states: dict,
+        sums: Dict[str, str],
+        with_ema: bool,
+        masters: bool,
+        async_io: bool,
+        before=None,
     ) -> None:
-        """Rank 0: the EMA and master files, running_states.json, the rename."""
+        """Rank 0: the EMA and master files, running_states.json, the rename
+        (after ``before``: the wait for the Booster's background writes)."""
         files: List[Tuple[str, Dict[str, torch.Tensor]]] = []
         if with_ema:
             files.append(("ema.safetensors", self.pinned_state_dict))
         if masters:
             files.append(("master.safetensors", self.master_pinned_state_dict))
-        job = _ckpt_write.Job(tmp, final, files, states, _ckpt_dist.show_progress(self.progress), sums)
+        job = _ckpt_write.Job(tmp, final, files, states, _ckpt_dist.show_progress(self.progress), sums, before)
         self.writer = job
         if async_io:
             job.start()
@@ -283,13 +312,23 @@ class CheckpointIO:
             job.run()
             self._sync_io()
 
+    def _booster_in_background(self, fn: str, booster, save_dir: str, tmp: str) -> bool:
+        """Whether the Booster's parts go to its background writers: it has them,
+        and one process or a directory every rank sees (probed once per
+        ``save_dir``, as for ``parallel``; the same verdict on every rank)."""
+        if _ckpt_booster.background_io(booster) is None:
+            return False
+        return _ckpt_dist.world_size() == 1 or self._shared_save_dir(fn, save_dir, tmp)
+
     @staticmethod
-    def _agree(fn: str, failure: Optional[BaseException], made: List[str]) -> None:
+    def _agree(fn: str, failure: Optional[BaseException], made: List[str], writers: Optional[list] = None) -> None:
         """Raises on every rank when any rank failed; rank 0 then removes the
-        temporary directory it made."""
+        temporary directory it made (once this rank's Booster writers into it
+        are done)."""
         try:
             _ckpt_dist.agree_exception(fn, failure)
         except BaseException:
+            _ckpt_booster.quiet_wait(writers or [])
             for d in made:
                 shutil.rmtree(d, ignore_errors=True)
             raise

@@ -14,7 +14,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from . import _ckpt_exit, _ckpt_files
+from . import _ckpt_booster, _ckpt_exit, _ckpt_files
 from ._ckpt_dist import progress as _progress
 
 # Test hook: called with a phase name at every step of a checkpoint write
@@ -121,14 +121,18 @@ class Job:
         running_states: dict,
         show: bool,
         sums: Optional[Dict[str, str]] = None,
+        before: Optional[Callable[[], None]] = None,
     ):
-        self.tmp_dir, self.final_dir = tmp_dir, final_dir
+        self.tmp_dir, self.final_dir, self.before = tmp_dir, final_dir, before
         self.files, self.running_states, self.show = files, running_states, show
         self.sums: Dict[str, str] = dict(sums or {})
         self.error: Optional[BaseException] = None
         self.thread: Optional[threading.Thread] = None
 
     def _commit(self) -> None:
+        if self.before is not None:  # the Booster's background writes, on every rank
+            self.before()
+            phase("booster")
         save = tensornvme_save()  # looked up once per checkpoint
         for path, tensors in self.files:
             self.sums[path] = write_file(os.path.join(self.tmp_dir, path), tensors, self.show, save)
@@ -148,10 +152,13 @@ class Job:
             self._commit()
         except BaseException as e:  # reported by wait(), or at exit
             self.error = e
-            if os.path.isdir(self.tmp_dir):  # not renamed: free the space (a full disk, most likely)
-                shutil.rmtree(self.tmp_dir, ignore_errors=True)
+            self._failed()
         else:
             _ckpt_exit.untrack(self)
+
+    def _failed(self) -> None:
+        if os.path.isdir(self.tmp_dir):  # not renamed: free the space (a full disk, most likely)
+            shutil.rmtree(self.tmp_dir, ignore_errors=True)
 
     def start(self) -> None:
         _ckpt_exit.track(self)
@@ -175,6 +182,22 @@ class Job:
             raise RuntimeError(f"{msg} (the checkpoint was not written; the previous ones are intact)") from e
 
 
+class RankJob(Job):
+    """A rank other than 0: waits for its Booster writes and marks itself done
+    in the temporary directory (:func:`._ckpt_booster.finish_rank`); the
+    directory is rank 0's to remove."""
+
+    def __init__(self, tmp_dir: str, final_dir: str, rank: int, writers: list):
+        super().__init__(tmp_dir, final_dir, [], {}, False)
+        self.rank, self.writers = rank, writers
+
+    def _commit(self) -> None:
+        _ckpt_booster.finish_rank(self.tmp_dir, self.rank, self.writers)
+
+    def _failed(self) -> None:
+        pass
+
+
 def save_plain_parts(tmp: str, model, optimizer, lr_scheduler) -> Dict[str, str]:
     """Rank 0 without a Booster: the model as safetensors, the optimizer and
     lr scheduler states with torch.save; each fsynced. Returns their checksums."""
@@ -189,20 +212,3 @@ def save_plain_parts(tmp: str, model, optimizer, lr_scheduler) -> Dict[str, str]
             lr_scheduler.state_dict(), os.path.join(tmp, "lr_scheduler.pt")
         )
     return sums
-
-
-def save_booster_parts(booster, tmp: str, model, optimizer, lr_scheduler, lora: bool) -> None:
-    """Every rank: the Booster's (sharded) model, LoRA, optimizer and lr
-    scheduler, written synchronously inside the temporary directory (fsynced
-    and checksummed by the writer job before the rename)."""
-    if model is not None:
-        sub = os.path.join(tmp, "lora" if lora else "model")
-        os.makedirs(sub, exist_ok=True)
-        if lora:
-            booster.save_lora_as_pretrained(model, sub)
-        else:
-            booster.save_model(model, sub, shard=True, use_safetensors=True, size_per_shard=4096)
-    if optimizer is not None:
-        booster.save_optimizer(optimizer, os.path.join(tmp, "optimizer"), shard=True, size_per_shard=4096)
-    if lr_scheduler is not None:
-        booster.save_lr_scheduler(lr_scheduler, os.path.join(tmp, "lr_scheduler"))
