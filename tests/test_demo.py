@@ -51,7 +51,7 @@ def test_tiny_demo_runs_and_both_sides_agree(tiny_run):
     assert doc["machine"] and doc["torch"] == torch.__version__ and "native" in json.dumps(doc["build"])
     assert list(doc["runs"])[:2] == ["upstream", "fast"]
     for run in doc["runs"].values():
-        for phase in PHASES + ("drain", "sample_condition", "sample_denoise"):
+        for phase in PHASES + ("background", "drain", "sample_condition", "sample_denoise"):
             assert phase in run["phases"], phase
         for phase in ("condition", "forward", "loss", "backward", "optimizer", "ema"):
             assert run["phases"][phase]["calls"] >= 1 and run["phases"][phase]["median_ms"] > 0

@@ -108,6 +108,7 @@ def build_document(
         sp = {p: _ratio(bp[p]["median_ms"], op[p]["median_ms"]) for p in PHASES}
         sp["checkpoint"] = _ratio(bp["checkpoint"]["mean_ms"], op["checkpoint"]["mean_ms"])
         sp["sample_condition"] = _ratio(bp["sample_condition"]["median_ms"], op["sample_condition"]["median_ms"])
+        sp["background"] = _ratio(bp["background"]["mean_ms"], op["background"]["mean_ms"])
         for p in ("sample_denoise", "drain"):
             sp[p] = _ratio(bp[p]["total_s"], op[p]["total_s"])
         sp["forward+loss"] = _ratio(
@@ -175,7 +176,9 @@ def table(doc: dict) -> str:
         f"machine: {doc['machine']}",
         f"(the sides run in lockstep, one step of each in turn; ms: median per step after "
         f"{runs[0]['warmup_steps']} warm-up steps, checkpoint: mean per save, utility: a save counted as "
-        f"1/{doc['size']['ckpt_every']} step; ratios of those; one process, world size 1)",
+        f"1/{doc['size']['ckpt_every']} step; ratios of those; one process, world size 1; "
+        "checkpoint: the time the loop waits in save; background writes: waited for after each save, "
+        "untimed in the step, so one side's writes never run inside another side's phases)",
     ]
     head = (
         f"{'phase':<26}" + "".join(f"{r['label'][:22]:>24}" for r in runs) + "".join(f"{'x ' + k:>16}" for k in others)
@@ -208,6 +211,11 @@ def table(doc: dict) -> str:
         [doc["speedups"][k]["checkpoint"] for k in others],
     )
     row("  of it Booster (same code)", [r["booster_ms_per_save"] for r in runs], [None for _ in others])
+    row(
+        "background writes (per save)",
+        [r["phases"]["background"]["mean_ms"] for r in runs],
+        [doc["speedups"][k]["background"] for k in others],
+    )
     row("step (median)", [r["step_median_ms"] for r in runs], [doc["speedups"][k]["step"] for k in others])
     row(
         "sampling: condition (median)",
