@@ -49,6 +49,7 @@ if [[ ${STATUS[build]} == pass* ]]; then
 fi
 if [[ ${STATUS[cuda]:-} == pass* ]]; then
   export OPENSORA_FAST_BACKEND=native  # the native kernel or an error, never the reference
+  export OPENSORA_FAST_TEST_BACKEND=native  # the tests start from it too (tests/conftest.py)
   par=(); $PY -c "import xdist" 2> /dev/null && par=(-n 8)  # a crash then fails one test, not the run
   tests() {  # tests LOG PYTEST-ARGS...
     local log=$1; shift

@@ -188,7 +188,9 @@ def fused_side():
     FusedAdamW steps the master shards and, attached to the EMA, the EMA too in
     the same pass, so its EMA work is timed inside "optimizer" and its "ema"
     phase only finds the step taken; checkpoints are gather-free
-    (``CheckpointIO.save(parallel=True)``: each rank writes its own bytes)."""
+    (``CheckpointIO.save(parallel=True)``: each rank writes its own bytes; in
+    one process, the demo's case, there is no gather to avoid and the save
+    writes from host buffers in the background, as the fast side's)."""
     cls = fused_optimizer_class()
     if cls is None:
         return None
