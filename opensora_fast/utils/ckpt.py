@@ -57,8 +57,11 @@ What differs from upstream (each on purpose):
   ``*.pt`` files loaded back with ``weights_only=True``. Booster-sharded models
   and optimizers (ZeRO, hybrid parallel), LoRA saving and sharded-directory
   loading need colossalai's Booster (``pip install opensora_fast[colossalai]``);
-  with a booster those parts are written synchronously inside the temporary
-  directory so the rename covers them.
+  with a booster those parts are written inside the temporary directory so the
+  rename covers them: under ``async_io``, by the Booster's background writers
+  when it has them (ColossalAI's ``use_async``, as upstream), the rename
+  waiting for every rank's writes (:mod:`._ckpt_booster`); else before
+  ``save`` goes on.
 * ``CheckpointIO.save`` also writes the EMA as ``ema.safetensors`` when
   ``async_io=False`` (upstream then ``torch.save``s the still-sharded EMA).
 * **Gather-free checkpoints** (not upstream's; ``save/load(parallel=True)``,
@@ -74,9 +77,9 @@ What differs from upstream (each on purpose):
 Layout (private modules, no import circle): :mod:`._ckpt_plan` (bucket
 planning, layout tests), :mod:`._ckpt_gather` (the bucketed gather),
 :mod:`._ckpt_shard` (sharding and the gathers), :mod:`._ckpt_write` (the
-writer and its background job), :mod:`._ckpt_files` (checksums, fsync,
-JSON, the directory layout), :mod:`._ckpt_load` (loaders), :mod:`._ckpt_io`
-(CheckpointIO), :mod:`._ckpt_dist` / :mod:`._ckpt_agree` (process groups),
+writer and its background job), :mod:`._ckpt_booster` (the Booster's part),
+:mod:`._ckpt_files` (checksums, fsync, JSON, the directory layout),
+:mod:`._ckpt_load` (loaders), :mod:`._ckpt_io` (CheckpointIO), :mod:`._ckpt_dist` / :mod:`._ckpt_agree` (process groups),
 :mod:`._ckpt_parallel` / :mod:`._ckpt_parallel_io` / :mod:`._ckpt_parallel_crc`
 (the gather-free files).
 """
