@@ -19,7 +19,11 @@ PY := .venv/bin/python
 ENV_STAMP := .venv/.stamp-env
 endif
 EXT_STAMP := build/.stamp-ext-$(subst /,_,$(PY))
-SOURCES := $(shell find csrc -name '*.h' -o -name '*.cpp' -o -name '*.cu') setup.py pyproject.toml
+SOURCES := $(shell find csrc -name '*.h' -o -name '*.cpp' -o -name '*.cu' -o -name '*.cuh' | sort) setup.py pyproject.toml
+# The sources' content hash, rewritten only when it changes: the extension is rebuilt
+# on content, so an edit made while a build runs (older than that build's stamp) is
+# still seen by the next make, and a touch alone rebuilds nothing.
+SRC_HASH := build/.src-hash
 
 .PHONY: test lint format bench build wheel wheels test-wheel sdist info clean
 
@@ -101,7 +105,11 @@ build/.stamp-env-%:
 	$(PY) -c "import pytest, pytest_benchmark, numpy, hypothesis, einops, av, PIL, safetensors, huggingface_hub, tqdm, matplotlib" 2>/dev/null || $(PY) -m pip install -q pytest pytest-benchmark numpy hypothesis einops av Pillow safetensors huggingface_hub tqdm matplotlib
 	mkdir -p build && touch $@
 
-$(EXT_STAMP): $(ENV_STAMP) $(SOURCES)
+$(SRC_HASH): FORCE
+	@mkdir -p build; cat $(SOURCES) | sha256sum > $@.new; if cmp -s $@.new $@; then rm $@.new; else mv $@.new $@; fi
+FORCE:
+
+$(EXT_STAMP): $(ENV_STAMP) $(SRC_HASH)
 	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
 	$(PY) -m opensora_fast info
 	mkdir -p build && touch $@
