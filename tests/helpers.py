@@ -134,3 +134,12 @@ def unpad_shards(world: int, shapes: list, dtype: torch.dtype, g: torch.Generato
     offset = [sum(shard[:i]) for i in range(len(shard))]
     gathered = (torch.randn(world, sum(shard), generator=g) * 50).to(dtype)
     return gathered, offset, shard, [0] * len(shard), list(shard)
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 for a gloo rendezvous."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -5,13 +5,13 @@ once every rank's writes are done; synchronous otherwise. World 1 in process,
 world 2 on gloo."""
 
 import os
-import socket
 import threading
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from helpers import free_port
 
 from opensora_fast.utils import _ckpt_booster, _ckpt_files, ckpt
 
@@ -187,13 +187,7 @@ def _worker(rank, world, port, tmp, case):
         dist.destroy_process_group()
 
 
-def _port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("case", ["ok", "fail"])
 def test_every_rank_writes_in_the_background_and_rank_0_renames_after_all(tmp_path, case):
     method = "spawn" if torch.cuda.is_available() else "fork"
-    mp.start_processes(_worker, args=(2, _port(), str(tmp_path), case), nprocs=2, join=True, start_method=method)
+    mp.start_processes(_worker, args=(2, free_port(), str(tmp_path), case), nprocs=2, join=True, start_method=method)

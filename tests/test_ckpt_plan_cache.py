@@ -7,14 +7,13 @@ upstream-faithful reference either way. World 1 in process, world 2 on gloo
 
 import gc
 import os
-import socket
 import weakref
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from helpers import assert_bitwise_equal
+from helpers import assert_bitwise_equal, free_port
 
 from opensora_fast.reference.upstream import ckpt as ref
 from opensora_fast.utils import _ckpt_gather, _ckpt_shard, ckpt
@@ -308,12 +307,6 @@ def _worker(rank, world, port):
         dist.destroy_process_group()
 
 
-def _port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_reuse_on_gloo_world_two():
     method = "spawn" if torch.cuda.is_available() else "fork"
-    mp.start_processes(_worker, args=(2, _port()), nprocs=2, join=True, start_method=method)
+    mp.start_processes(_worker, args=(2, free_port()), nprocs=2, join=True, start_method=method)

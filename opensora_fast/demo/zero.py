@@ -105,15 +105,7 @@ def _stream_safetensors(path: str, tensors: Dict[str, torch.Tensor], metadata: O
     """A safetensors file written tensor by tensor from the host buffers, the
     GIL released in each write, as tensornvme's C++ writer (no fsync, as upstream)."""
     names = sorted(tensors)
-    header, pos = {}, 0
-    for k in names:
-        t = tensors[k]
-        n = t.numel() * t.element_size()
-        header[k] = {"dtype": _ckpt_write.ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [pos, pos + n]}
-        pos += n
-    header["__metadata__"] = {"format": "pt", **(metadata or {})}
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * ((-len(blob)) % 8)
+    blob = _ckpt_write._safetensors_header(tensors, names, metadata)
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(blob)) + blob)
         for k in names:

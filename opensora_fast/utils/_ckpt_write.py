@@ -43,7 +43,7 @@ ST_DTYPES = {
 }
 
 
-def _safetensors_header(tensors: Dict[str, torch.Tensor], names: List[str]) -> bytes:
+def _safetensors_header(tensors: Dict[str, torch.Tensor], names: List[str], metadata: Optional[dict] = None) -> bytes:
     header, pos = {}, 0
     for k in names:
         t = tensors[k]
@@ -52,7 +52,7 @@ def _safetensors_header(tensors: Dict[str, torch.Tensor], names: List[str]) -> b
         nbytes = t.numel() * t.element_size()
         header[k] = {"dtype": ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [pos, pos + nbytes]}
         pos += nbytes
-    header["__metadata__"] = {"format": "pt"}
+    header["__metadata__"] = {"format": "pt", **(metadata or {})}
     blob = json.dumps(header, separators=(",", ":")).encode()
     return blob + b" " * ((-len(blob)) % 8)
 
