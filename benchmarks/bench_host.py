@@ -4,8 +4,8 @@ Python (and dispatcher) cost that a GPU step pays before its kernels run.
 update_ema over a module tree shaped like the 11B model (1,082 parameters in
 ~1,100 modules, every tensor 4 elements, bf16 working model with fp32 masters,
 sharded=True as in Open-Sora's train loop): the upstream-faithful loop, the
-drop-in on the native op and on the reference backend, the drop-in's Python
-alone (op stubbed) and the op alone on the same lists. get_batch_loss on tiny
+drop-in on its native fast path (csrc/ema/ema_plan.cpp), on its validating path
+and on the reference backend, and the op alone on the same lists. get_batch_loss on tiny
 inputs next to upstream's. One thread."""
 
 import copy
@@ -119,18 +119,19 @@ def test_update_ema_native(benchmark, ema_setup):
     )
 
 
-def test_update_ema_python_alone(benchmark, ema_setup, monkeypatch):
+def test_update_ema_validating_path(benchmark, ema_setup, monkeypatch):
     group, model, ema, opt, nbytes = ema_setup
-    update_ema(ema, model, opt, DECAY)  # the plan exists
-    monkeypatch.setattr(_ema, "_run", lambda *a: None)
+    monkeypatch.setattr(_ema, "_arm", lambda *a: None)  # never armed: every step validates
+    _ema._plans.pop(ema, None)
     run(
         benchmark,
         lambda: update_ema(ema, model, opt, DECAY),
         group=group,
-        impl="drop-in's Python alone (op stubbed)",
+        impl="drop-in, validating path (native fast path off)",
         role="part",
         nbytes=nbytes,
     )
+    _ema._plans.pop(ema, None)
 
 
 def test_update_ema_op_alone(benchmark, ema_setup):

@@ -67,6 +67,12 @@ TORCH_LIBRARY(opensora_fast, m) {
   m.def("_cpu_isa(str? isa=None) -> str", &opensora_fast::set_cpu_isa);
 }
 
+namespace opensora_fast {
+namespace ema {
+void bind_plan(pybind11::module_& m);  // ema/ema_plan.cpp: update_ema's per-step fast path
+}
+}  // namespace opensora_fast
+
 namespace {
 std::string replace_all(std::string s, char from, char to) {
   std::replace(s.begin(), s.end(), from, to);
@@ -75,6 +81,7 @@ std::string replace_all(std::string s, char from, char to) {
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
+  opensora_fast::ema::bind_plan(m);
   m.def("build_info", []() {
     pybind11::dict info;
     info["torch"] = OSF_STR(OSF_TORCH_VERSION);

@@ -53,6 +53,16 @@ void walk_lazy_view(at::TensorList ema, at::TensorList src, double decay, bool s
 
 }  // namespace
 
+Runner& runner(c10::DeviceType type) {
+  static Runner cpu = nullptr, cuda = nullptr, none = nullptr;
+  if (type == c10::DeviceType::CPU)
+    return cpu;
+  if (type == c10::DeviceType::CUDA)
+    return cuda;
+  none = nullptr;  // any other device: no kernel (a write here changes nothing)
+  return none;
+}
+
 void check_inputs(at::TensorList ema, at::TensorList src, double decay) {
   TORCH_CHECK_VALUE(ema.size() == src.size(),
                     "ema_update_: ema and src must have the same length, got len(ema)=", ema.size(),

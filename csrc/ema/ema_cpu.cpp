@@ -49,8 +49,7 @@ struct Job {
 
 constexpr int64_t kGrain = 32768;
 
-void forward_cpu(at::TensorList ema, at::TensorList src, double decay, bool stochastic, int64_t seed) {
-  check_inputs(ema, src, decay);
+void run_cpu(at::TensorList ema, at::TensorList src, double decay, bool stochastic, int64_t seed) {
   const size_t n = ema.size();
   std::vector<int64_t> start(n + 1, 0);  // pairs laid end to end
   std::vector<Job> jobs(n);
@@ -67,6 +66,13 @@ void forward_cpu(at::TensorList ema, at::TensorList src, double decay, bool stoc
     jobs[i].fn(jobs[i].e, jobs[i].s, lo, hi - lo, jobs[i].p, start[i]);
   });
 }
+
+void forward_cpu(at::TensorList ema, at::TensorList src, double decay, bool stochastic, int64_t seed) {
+  check_inputs(ema, src, decay);
+  run_cpu(ema, src, decay, stochastic, seed);
+}
+
+[[maybe_unused]] const bool registered = (runner(c10::DeviceType::CPU) = &run_cpu, true);
 
 // The persistent grid a walk emulates when the test names none: an H100's 132
 // SMs x kMinBlocks resident blocks.

@@ -15,8 +15,7 @@ namespace ema {
 
 namespace {
 
-void forward_cuda(at::TensorList ema, at::TensorList src, double decay, bool stochastic, int64_t seed) {
-  check_inputs(ema, src, decay);
+void run_cuda(at::TensorList ema, at::TensorList src, double decay, bool stochastic, int64_t seed) {
   if (ema.empty())
     return;
   const c10::cuda::CUDAGuard guard(ema[0].device());
@@ -50,6 +49,13 @@ void forward_cuda(at::TensorList ema, at::TensorList src, double decay, bool sto
     });
   }
 }
+
+void forward_cuda(at::TensorList ema, at::TensorList src, double decay, bool stochastic, int64_t seed) {
+  check_inputs(ema, src, decay);
+  run_cuda(ema, src, decay, stochastic, seed);
+}
+
+[[maybe_unused]] const bool registered = (runner(c10::DeviceType::CUDA) = &run_cuda, true);
 
 }  // namespace
 

@@ -18,6 +18,12 @@ namespace ema {
 // text as opensora_fast/reference/ema.py check_inputs).
 void check_inputs(at::TensorList ema, at::TensorList src, double decay);
 
+// A device's kernel without check_inputs, for a caller that has validated these
+// very tensors before (ema_plan.cpp). Each device file registers its own;
+// nullptr for a device without a kernel built.
+using Runner = void (*)(at::TensorList ema, at::TensorList src, double decay, bool stochastic, int64_t seed);
+Runner& runner(c10::DeviceType type);
+
 // The pairs of one (ema dtype, src dtype) combination, in call order, as the
 // GPU launch planner wants them. Entry::index_base: position of each pair's
 // first element in the whole call (pairs laid end to end), for stochastic

@@ -1,6 +1,7 @@
 """``update_ema`` (the drop-in of upstream's ``opensora.utils.train.update_ema``)
 and its pairing cache: which EMA tensor pairs with which source, derived once
-per (model, optimizer) and checked cheaply on every call. Re-exported by
+per (model, optimizer) and checked on every call, by the native plan of
+csrc/ema/ema_plan.cpp while nothing changed and here otherwise. Re-exported by
 :mod:`opensora_fast.utils.train`."""
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from typing import Optional
 
 import torch
 
+from .._ext import _C
 from ..ops import ema_update_
 from ..ops._registry import pick
 from ..ops.ema import draw_seed
@@ -84,7 +86,20 @@ class _Plan:
     reused while it lives, and ``p.data = x`` (a new shape or storage) needs
     no re-derivation: the op reads each tensor afresh."""
 
-    __slots__ = ("sharded", "model_tree", "ema_tree", "params", "grads", "dtypes", "ema", "src", "m_ids", "m_srcs")
+    __slots__ = (
+        "sharded",
+        "model_tree",
+        "ema_tree",
+        "params",
+        "grads",
+        "dtypes",
+        "ema",
+        "src",
+        "m_ids",
+        "m_srcs",
+        "fast",
+        "device",
+    )
 
     def still_valid(self, ema_model, model, masters, sharded) -> bool:
         if sharded != self.sharded:
@@ -126,6 +141,7 @@ def _derive(ema_model, model, optimizer, sharded, masters) -> _Plan:
     plan.grads = list(map(_requires_grad, plan.params))
     plan.dtypes = list(map(_dtype, plan.params))
     plan.ema, plan.src, plan.m_ids, plan.m_srcs = [], [], [], []
+    plan.fast = None
     for name, param in model.named_parameters():
         if name == "pos_embed" or not param.requires_grad:
             continue
@@ -146,7 +162,34 @@ def _derive(ema_model, model, optimizer, sharded, masters) -> _Plan:
             src = param
         plan.ema.append(ema_named[name])
         plan.src.append(src)
+    plan.device = plan.ema[0].device if plan.ema else None
     return plan
+
+
+def _arm(plan: _Plan, ema_model, model, masters):
+    """The native fast path for the next steps (csrc/ema/ema_plan.cpp), armed
+    right after a call that validated this plan and ran the native op on its
+    lists; None where it cannot be built (no extension, CPython 3.13+, a
+    module without a plain ``__dict__``, a master map that is not a dict)."""
+    make = getattr(_C, "EmaPlan", None)
+    if make is None:
+        return None
+    try:
+        return make(
+            model,
+            ema_model,
+            plan.model_tree.mods,
+            plan.ema_tree.mods,
+            plan.params,
+            plan.ema,
+            plan.src,
+            masters,
+            plan.m_ids,
+            plan.m_srcs,
+            plan.sharded,
+        )
+    except (TypeError, ValueError):
+        return None
 
 
 def _f32(x: float) -> float:
@@ -223,8 +266,14 @@ def update_ema(
     parameter objects in both models (none replaced, added or deleted, even
     behind ``module._parameters``), the same ``requires_grad`` and dtypes, and
     each master shard still the one in ``get_working_to_master_map()``, the
-    same ``sharded``; any change re-derives it. As upstream, parameters of any
-    strides (channels_last, transposed, views) and a 0-dim tensor ``decay`` work.
+    same ``sharded``; any change re-derives it. After a validated call on the
+    native op, the next steps run through a native plan that compares what
+    that call read (dict version tags of both module trees, ``requires_grad``
+    and dtypes, the master map, each tensor's pointer, shape, dtype and
+    device) and runs the kernel on held lists: the host cost of a step no
+    longer grows with Python work per parameter (docs/ops/ema.md). As
+    upstream, parameters of any strides (channels_last, transposed, views)
+    and a 0-dim tensor ``decay`` work.
 
     Args beyond upstream (keyword-only):
         rounding: ``"compat"`` (default) rounds like upstream, bit for bit on CPU
@@ -240,7 +289,14 @@ def update_ema(
     # fetched only where it exists: an fp32 model needs no master map (upstream never asks)
     has_map = sharded and hasattr(optimizer, "get_working_to_master_map")
     masters = optimizer.get_working_to_master_map() if has_map else None
+    stochastic = rounding == "stochastic"
+    seed = None
     plan = _plans.get(ema_model)
+    if plan is not None and plan.fast is not None and type(decay) is float:
+        seed = draw_seed(generator) if stochastic else 0  # one draw per step, whichever path runs
+        native = pick("ema_update_", plan.device, None) is not None
+        if native and plan.fast.step(model, ema_model, masters, bool(sharded), decay, stochastic, seed):
+            return  # nothing the last validated call depended on changed: the op ran on its lists
     if plan is None or not plan.still_valid(ema_model, model, masters, bool(sharded)):
         plan = _derive(ema_model, model, optimizer, bool(sharded), masters)
         _plans[ema_model] = plan
@@ -250,10 +306,11 @@ def update_ema(
             e.mul_(decay).add_(s, alpha=1 - decay)
         return
     decay = value
-    stochastic = rounding == "stochastic"
-    seed = draw_seed(generator) if stochastic else 0  # one draw per step, whichever path runs
+    if seed is None:
+        seed = draw_seed(generator) if stochastic else 0
     try:
-        _run(plan, decay, stochastic, seed)
+        if _run(plan, decay, stochastic, seed):
+            plan.fast = _arm(plan, ema_model, model, masters)
     except ValueError:
         # Checked before any write, so nothing was written. Non-contiguous
         # parameters run as upstream runs them; anything else re-raises.
@@ -265,17 +322,20 @@ def update_ema(
             dst.copy_(tmp)
 
 
-def _run(plan: _Plan, decay, stochastic: bool, seed: int) -> None:
-    """The op over the plan's lists. Its elements were tensors when the plan
-    was derived and are the same objects now (the plan checks them), so the
-    native op takes them directly, without the wrapper's per-item checks;
-    if it refuses them, the wrapper runs instead and raises in its words
-    (the op checks everything before it writes)."""
+def _run(plan: _Plan, decay, stochastic: bool, seed: int) -> bool:
+    """The op over the plan's lists; True when the native op ran (and
+    validated them). Its elements were tensors when the plan was derived and
+    are the same objects now (the plan checks them), so the native op takes
+    them directly, without the wrapper's per-item checks; if it refuses them,
+    the wrapper runs instead and raises in its words (the op checks everything
+    before it writes)."""
     if plan.ema and type(decay) is float:
-        native = pick("ema_update_", plan.ema[0].device, None)
+        native = pick("ema_update_", plan.device, None)
         if native is not None:
             try:
-                return native(plan.ema, plan.src, decay, stochastic, seed)
+                native(plan.ema, plan.src, decay, stochastic, seed)
+                return True
             except Exception:
                 pass
     ema_update_(plan.ema, plan.src, decay, stochastic=stochastic, seed=seed)
+    return False
