@@ -81,13 +81,17 @@ def test_an_attribute_set_each_step_keeps_the_fast_path(monkeypatch):
 def test_requires_grad_flipped_after_arming():
     model, ema, opt = zero_setup()
     ema_ref = copy.deepcopy(ema)
+    g = torch.Generator().manual_seed(3)
     _both(ema, ema_ref, model, opt)
     model.a.weight.requires_grad_(False)
     frozen = ema.a.weight.detach().clone()
+    opt.step(g)  # the masters move: an EMA that is stepped moves with them
     _both(ema, ema_ref, model, opt)
     assert_bitwise_equal(ema.a.weight.detach(), frozen, "a.weight frozen: skipped")
     model.a.weight.requires_grad_(True)
+    opt.step(g)
     _both(ema, ema_ref, model, opt)
+    assert not torch.equal(ema.a.weight.detach(), frozen)
 
 
 def test_master_storage_swapped_with_data():
@@ -123,6 +127,20 @@ def test_an_overlap_made_after_arming_is_refused():
     before = copy.deepcopy(ema)
     with pytest.raises(ValueError, match="overlap in memory"):
         update_ema(ema, model, opt, decay=0.9)
+    assert_models_equal(ema, before)
+
+
+def test_a_shape_or_dtype_made_wrong_after_arming_is_refused():
+    model, ema, opt = zero_setup()
+    update_ema(ema, model, opt, decay=0.9)
+    before = copy.deepcopy(ema)
+    ema.a.bias.data = torch.zeros(2).bfloat16()  # its master stays at 5 elements
+    with pytest.raises(ValueError, match=r"has shape \[2\] but src\[\d+\] has shape \[5\]"):
+        update_ema(ema, model, opt, decay=0.9)
+    ema.a.bias.data = before.a.bias.data.double()
+    with pytest.raises(TypeError, match="has dtype torch.float64"):
+        update_ema(ema, model, opt, decay=0.9)
+    ema.a.bias.data = before.a.bias.data.clone()
     assert_models_equal(ema, before)
 
 
