@@ -275,6 +275,27 @@ def test_pairing_survives_parameter_changes():
     step(3)
 
 
+def test_pairing_sees_a_rename_in_place_and_a_rebound_slot_dict():
+    # the same parameter objects in the same order: only the slots' keys or
+    # dicts tell these apart from the derived pairing
+    model, ema = Net(), Net(seed=1).requires_grad_(False)
+    opt = FusedAdamW(model.parameters(), lr=1e-3)
+    opt.attach_ema(ema, model, decay=0.9)
+    set_grads(model.parameters(), 0)
+    opt.step()
+    model.b._parameters["b2"] = model.b._parameters.pop("bias")
+    set_grads(model.parameters(), 1)
+    with pytest.raises(KeyError, match="'b.b2'"):
+        opt.step()
+    model.b._parameters["bias"] = model.b._parameters.pop("b2")
+    opt.step()
+    ema.b._parameters = {k: nn.Parameter(v.detach() * 0, requires_grad=False) for k, v in ema.b._parameters.items()}
+    set_grads(model.parameters(), 2)
+    opt.step()
+    for name, e in ema.b.named_parameters():
+        assert bool((e != 0).any()), name  # the new dict's parameters were stepped
+
+
 def test_update_ema_protocol_not_stepping_twice():
     model = Net()
     ema = copy.deepcopy(model)

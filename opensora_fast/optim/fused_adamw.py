@@ -11,6 +11,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
+from .._module_tree import ModuleTree
 from ..ops.adamw_ema import adamw_ema_
 from ..ops.ema import draw_seed
 
@@ -19,15 +20,6 @@ __all__ = ["FusedAdamW", "attach_ema", "attached_optimizer", "fused_ema_step_tak
 _ROUNDING = ("compat", "stochastic")
 _EMA_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 _grad_and_dtype = operator.attrgetter("requires_grad", "dtype")
-
-
-def _snapshot(module: torch.nn.Module) -> list:
-    """Every parameter slot of every submodule, in order: changes whenever a
-    parameter is replaced, added or deleted, however it was done."""
-    out = []
-    for m in module.modules():
-        out.extend(m._parameters.values())
-    return out
 
 
 def _same_objects(a: list, b: list) -> bool:
@@ -64,49 +56,46 @@ class _Attachment:
         self.pending = 0
         self.ema: List[torch.Tensor] = []
         self.src: List[torch.Tensor] = []
-        self._key: Optional[tuple] = None
+        self._basis: Optional[tuple] = None
         self.refresh()
 
     def _masters(self) -> Optional[dict]:
         return self.zero.get_working_to_master_map() if self.zero is not None else None
 
-    def _fingerprint(self, masters) -> tuple:
-        ema_model = self.ema_model()
-        opt = self.optimizer()
-        params = list(self.model.parameters())
-        owned = [p for g in opt.param_groups for p in g["params"]]
-        mastered = [masters.get(id(p)) for p in params] if masters is not None else None
-        return (
-            _snapshot(self.model),
-            _snapshot(ema_model),
-            params,
-            list(map(_grad_and_dtype, params)),
-            owned,
-            mastered,
-        )
+    def _owned(self) -> list:
+        return [p for g in self.optimizer().param_groups for p in g["params"]]
 
-    def _still_valid(self, key: tuple) -> bool:
-        old = self._key
-        if old is None:
+    def _derived_from(self, masters) -> tuple:
+        """What the pairing reads: both module trees' slots, the model's
+        parameters with their requires_grad and dtype, the parameters the
+        optimizer owns, and the master found for each parameter."""
+        params = list(self.model.parameters())
+        ids = list(map(id, params))
+        mastered = list(map(masters.get, ids)) if masters is not None else None
+        trees = (ModuleTree(self.model), ModuleTree(self.ema_model()))
+        return trees, params, ids, list(map(_grad_and_dtype, params)), self._owned(), mastered
+
+    def _still_valid(self, masters) -> bool:
+        if self._basis is None:
             return False
-        for a, b in zip(old[:3] + old[4:5], key[:3] + key[4:5]):
-            if not _same_objects(a, b):
-                return False
-        if old[3] != key[3]:
+        (model_tree, ema_tree), params, ids, flags, owned, mastered = self._basis
+        if not (model_tree.unchanged(self.model) and ema_tree.unchanged(self.ema_model())):
             return False
-        if (old[5] is None) != (key[5] is None) or (old[5] is not None and not _same_objects(old[5], key[5])):
+        if list(map(_grad_and_dtype, params)) != flags or not _same_objects(self._owned(), owned):
             return False
-        return True
+        if (masters is None) != (mastered is None):
+            return False
+        return masters is None or _same_objects(list(map(masters.get, ids)), mastered)
 
     def refresh(self) -> None:
         """Re-derives the pairing when anything it was derived from changed;
         raises (before any write) when the new pairing is invalid."""
         masters = self._masters()
-        key = self._fingerprint(masters)
-        if self._still_valid(key):
+        if self._still_valid(masters):
             return
+        basis = self._derived_from(masters)
         self.ema, self.src = _pair(self.optimizer(), self.ema_model(), self.model, self.zero, masters)
-        self._key = key
+        self._basis = basis
 
 
 def _pair(opt, ema_model, model, zero, masters) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
