@@ -6,7 +6,8 @@ update_ema over a module tree shaped like the 11B model (1,082 parameters in
 sharded=True as in Open-Sora's train loop): the upstream-faithful loop, the
 drop-in on its native fast path (csrc/ema/ema_plan.cpp), on its validating path
 and on the reference backend, and the op alone on the same lists. get_batch_loss on tiny
-inputs next to upstream's. One thread."""
+inputs next to upstream's; an optimizer step with its EMA (torch's fused AdamW
+then update_ema, FusedAdamW with the EMA attached) over the same tree. One thread."""
 
 import copy
 import logging
@@ -20,6 +21,7 @@ from benchmarks.common import run
 from benchmarks.layouts import flux_mmdit_11b_shapes
 from opensora_fast import reference
 from opensora_fast._ext import HAS_NATIVE
+from opensora_fast.optim import FusedAdamW
 from opensora_fast.utils import _ema
 from opensora_fast.utils.train import get_batch_loss, update_ema
 
@@ -219,3 +221,35 @@ def test_loss_raw_op_alone(benchmark, loss_setup):
         role="part",
         nbytes=nbytes,
     )
+
+
+@pytest.fixture(scope="module")
+def adamw_setup():
+    torch.manual_seed(0)
+    model = tiny_11b()
+    ema = copy.deepcopy(model).requires_grad_(False)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    n = sum(1 for _ in model.parameters())
+    group = f"optimizer step + EMA host cost, {n} tensors of 4 elements (11B layout, fp32), cpu, 1 thread"
+    nbytes = sum(p.numel() * 4 * 8 for p in model.parameters())
+    return group, model, ema, nbytes
+
+
+def test_adamw_torch_fused_then_update_ema(benchmark, adamw_setup):
+    group, model, ema, nbytes = adamw_setup
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+
+    def step():
+        opt.step()
+        update_ema(ema, model, opt, DECAY, sharded=False)
+
+    run(benchmark, step, group=group, impl="torch AdamW(fused) + update_ema", role="baseline", nbytes=nbytes)
+
+
+def test_adamw_fused_ema_attached(benchmark, adamw_setup):
+    group, model, ema, nbytes = adamw_setup
+    opt = FusedAdamW(model.parameters(), lr=1e-4)
+    own_ema = copy.deepcopy(ema)  # held here: an attachment holds its EMA weakly
+    opt.attach_ema(own_ema, model, decay=DECAY)
+    run(benchmark, opt.step, group=group, impl="FusedAdamW, EMA attached", role="ours", nbytes=nbytes)

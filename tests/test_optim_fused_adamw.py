@@ -296,6 +296,20 @@ def test_pairing_sees_a_rename_in_place_and_a_rebound_slot_dict():
         assert bool((e != 0).any()), name  # the new dict's parameters were stepped
 
 
+def test_an_attached_ema_that_is_gone_is_dropped():
+    import gc
+
+    model = Net()
+    opt = FusedAdamW(model.parameters(), lr=1e-3)
+    opt.attach_ema(Net(seed=1).requires_grad_(False), model, decay=0.9)  # nothing else holds it
+    gc.collect()
+    set_grads(model.parameters(), 0)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.step()  # the AdamW step alone
+    assert not opt._attachments()
+    assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
+
+
 def test_update_ema_protocol_not_stepping_twice():
     model = Net()
     ema = copy.deepcopy(model)

@@ -305,6 +305,8 @@ class FusedAdamW(torch.optim.Optimizer):
         d = self.__dict__.get("_ema_attachments")
         if d is None:
             d = self.__dict__["_ema_attachments"] = {}
+        for key in [k for k, att in d.items() if att.ema_model() is None]:
+            del d[key]  # its EMA model is gone (held weakly): nothing left to step, and its id may be reused
         return d
 
     @torch.no_grad()
