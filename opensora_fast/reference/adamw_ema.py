@@ -12,6 +12,7 @@ masters. The native kernels reproduce both bit for bit.
 from __future__ import annotations
 
 import math
+from itertools import repeat
 from typing import Sequence
 
 import torch
@@ -28,7 +29,7 @@ def check_tensor_lists(**lists: Sequence) -> None:
     """Every item of every list is a tensor: TypeError naming the first that is not."""
     for name in _LISTS:
         items = lists[name]
-        if not all(map(torch.is_tensor, items)):
+        if not all(map(isinstance, items, repeat(torch.Tensor))):  # C-level: no Python call per item
             i, bad = next((i, x) for i, x in enumerate(items) if not isinstance(x, torch.Tensor))
             raise TypeError(f"adamw_ema_: {name}[{i}] must be a tensor, got {type(bad).__name__}")
 

@@ -8,6 +8,7 @@ random numbers, so the fallback and the kernels agree exactly.
 
 from __future__ import annotations
 
+from itertools import repeat
 from typing import Sequence
 
 import torch
@@ -21,7 +22,7 @@ _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 def check_tensor_lists(ema: Sequence, src: Sequence) -> None:
     """Every item of both lists is a tensor (ema first, then src): TypeError naming the first that is not."""
     for name, items in (("ema", ema), ("src", src)):
-        if not all(map(torch.is_tensor, items)):
+        if not all(map(isinstance, items, repeat(torch.Tensor))):  # C-level: no Python call per item
             i, bad = next((i, x) for i, x in enumerate(items) if not isinstance(x, torch.Tensor))
             raise TypeError(f"ema_update_: {name}[{i}] must be a tensor, got {type(bad).__name__}")
 
