@@ -1,62 +1,63 @@
-"""The parameter and submodule slots of a module tree, held so that a later
-check sees any change to them cheaply: the pairing caches of ``update_ema``
-(opensora_fast/utils/_ema.py) and of FusedAdamW's attached EMA
-(opensora_fast/optim/fused_adamw.py)."""
+"""The slots of a module tree, held so that a later check sees any change to
+them cheaply: the pairing caches of ``update_ema`` (opensora_fast/utils/_ema.py)
+and of FusedAdamW's attached EMA (opensora_fast/optim/fused_adamw.py), and the
+checkpoint plans' ``ModuleSlots`` (opensora_fast/utils/_ckpt_plan.py)."""
 
 from __future__ import annotations
 
 import operator
 import weakref
+from typing import Tuple
 
 import torch
 
 __all__ = ["ModuleTree"]
 
 _is = operator.is_
-_param_slots = operator.attrgetter("_parameters")
-_module_slots = operator.attrgetter("_modules")
 
 
 class ModuleTree:
-    """The parameter and submodule slots of one module tree, checked in a few
-    C-level passes (no Python code per slot): every ``_parameters`` and
-    ``_modules`` dict of every submodule, held with its contents. Empty dicts
-    must stay empty; each other dict must keep its length and hold the same
-    object under each of its keys. That sees a parameter or submodule added,
-    replaced, renamed or deleted however it was done (``m.w = P``,
-    ``m._parameters["w"] = P``, ``del m.b``, ``ModuleList.insert``, a replaced
-    submodule), and each module must still hold the very dicts it held, so a
-    ``_parameters``/``_modules`` attribute rebound to a fresh dict is seen too.
-    The root is held weakly: the plans are kept per EMA model in a weak map,
-    and a strong reference from a plan to its key would keep the EMA alive."""
+    """The slots (``_parameters`` and ``_modules`` by default; a subclass may
+    name more) of every module of one tree, checked in a few C-level passes
+    (no Python code per slot): each module must still hold the very slot
+    dicts it held, empty dicts must stay empty, each other dict must keep its
+    length and hold the same object under each of its keys. That sees a
+    parameter or submodule added, replaced, renamed or deleted however it was
+    done (``m.w = P``, ``m._parameters["w"] = P``, ``del m.b``,
+    ``ModuleList.insert``, a replaced submodule, a slot attribute rebound to a
+    fresh dict). The root is held weakly: a cache keyed by a model must not
+    keep it alive through its own entry."""
 
-    __slots__ = ("root", "mods", "pdicts", "mdicts", "empty", "full", "lens", "owners", "keys", "values")
+    __slots__ = ("root", "mods", "dicts", "empty", "full", "lens", "owners", "keys", "values")
+    SLOTS: Tuple[str, ...] = ("_parameters", "_modules")
 
     def __init__(self, root: torch.nn.Module) -> None:
-        dicts = []
         mods = list(root.modules())
-        for m in mods:
-            dicts += (m._parameters, m._modules)
-        self.pdicts = list(map(_param_slots, mods))
-        self.mdicts = list(map(_module_slots, mods))
-        self.mods = mods[1:]  # root.modules() starts with the root
+        getters = self._getters()
         self.root = weakref.ref(root)
-        self.empty = [d for d in dicts if not d]
-        self.full = [d for d in dicts if d]
+        self.mods = mods[1:]  # root.modules() starts with the root; its slots are checked through the root
+        every = [d for get in getters for d in map(get, mods)]
+        self.dicts = [(get(root), list(map(get, self.mods))) for get in getters]  # (the root's, the others')
+        self.empty = [d for d in every if not d]
+        self.full = [d for d in every if d]
         self.lens = list(map(len, self.full))
         self.owners = [d for d in self.full for _ in range(len(d))]
         self.keys = [k for d in self.full for k in d]
         self.values = [v for d in self.full for v in d.values()]
 
+    @classmethod
+    def _getters(cls) -> tuple:
+        return tuple(map(operator.attrgetter, cls.SLOTS))
+
     def unchanged(self, root: torch.nn.Module) -> bool:
         try:
+            if self.root() is not root:
+                return False
+            for get, (own, others) in zip(self._getters(), self.dicts):
+                if get(root) is not own or not all(map(_is, map(get, self.mods), others)):
+                    return False
             return (
-                root is self.root()
-                and root._parameters is self.pdicts[0]
-                and root._modules is self.mdicts[0]
-                and all(map(_is, map(_param_slots, self.mods), self.pdicts[1:]))
-                and all(map(_is, map(_module_slots, self.mods), self.mdicts[1:]))
-                and not any(self.empty)
+                not any(self.empty)
                 and list(map(len, self.full)) == self.lens
                 and all(map(_is, map(dict.get, self.owners, self.keys), self.values))
             )

@@ -16,6 +16,8 @@ from typing import Callable, Iterable, Iterator, List, Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from .._module_tree import ModuleTree
+
 DEFAULT_BUCKET_BYTES = 256 << 20
 COLLECTIVES = ("auto", "gather", "all_gather")
 
@@ -191,7 +193,6 @@ _device = operator.attrgetter("device")
 _is = operator.is_
 _deref = weakref.ref.__call__
 _slot_names = ("_parameters", "_modules", "_buffers")
-_slots = tuple(map(operator.attrgetter, _slot_names))
 _nonpersistent = operator.attrgetter("_non_persistent_buffers_set")
 _hooks = tuple(map(operator.attrgetter, ("_state_dict_hooks", "_state_dict_pre_hooks")))
 # Methods whose override could make state_dict() differ from the slots' contents.
@@ -221,32 +222,20 @@ def same_objects(now: Sequence, refs: Sequence) -> bool:
     return len(now) == len(refs) and all(map(_is, now, map(_deref, refs)))
 
 
-class ModuleSlots:
+class ModuleSlots(ModuleTree):
     """The parameter, submodule and buffer slots of one module tree, which
-    decide ``named_parameters()`` and ``state_dict(keep_vars=True)``, checked
-    in a few C-level passes: each module still holds the very slot dicts it
-    held, each non-empty dict the same object under each key (so a parameter
-    or buffer added, replaced, renamed or deleted, however it was done, is
-    seen), empty ones stay empty, the non-persistent buffer names are the
-    same, and no state-dict hook was registered. The root is held weakly (a
-    cache keyed by it must not keep it alive). :meth:`usable` is False where
-    ``state_dict`` may hold more than the slots (hooks, overrides)."""
+    decide ``named_parameters()`` and ``state_dict(keep_vars=True)``: the
+    checks of :class:`ModuleTree` over the buffers too, and the same
+    non-persistent buffer names, and no state-dict hook registered.
+    :meth:`usable` is False where ``state_dict`` may hold more than the slots
+    (hooks, overrides)."""
 
-    __slots__ = ("root", "mods", "dicts", "empty", "full", "lens", "owners", "keys", "values", "nonpersist")
+    __slots__ = ("nonpersist",)
+    SLOTS = _slot_names
 
     def __init__(self, root: torch.nn.Module) -> None:
-        mods = list(root.modules())
-        self.root = weakref.ref(root)
-        self.mods = mods[1:]  # the root's own slots are checked through self.root
-        every = [d for get in _slots for d in map(get, mods)]
-        self.dicts = [(get(root), list(map(get, self.mods))) for get in _slots]  # (the root's, the others')
-        self.empty = [d for d in every if not d]
-        self.full = [d for d in every if d]
-        self.lens = list(map(len, self.full))
-        self.owners = [d for d in self.full for _ in range(len(d))]
-        self.keys = [k for d in self.full for k in d]
-        self.values = [v for d in self.full for v in d.values()]
-        self.nonpersist = [set(s) for s in map(_nonpersistent, mods)]
+        super().__init__(root)
+        self.nonpersist = [set(s) for s in map(_nonpersistent, [root] + self.mods)]
 
     @staticmethod
     def usable(root: torch.nn.Module) -> bool:
@@ -259,19 +248,10 @@ class ModuleSlots:
         return True
 
     def unchanged(self, root: torch.nn.Module) -> bool:
+        if not super().unchanged(root):
+            return False
+        mods = [root] + self.mods
         try:
-            if self.root() is not root:
-                return False
-            for get, (own, others) in zip(_slots, self.dicts):
-                if get(root) is not own or not all(map(_is, map(get, self.mods), others)):
-                    return False
-            mods = [root] + self.mods
-            return (
-                not any(self.empty)
-                and list(map(len, self.full)) == self.lens
-                and all(map(_is, map(dict.get, self.owners, self.keys), self.values))
-                and list(map(_nonpersistent, mods)) == self.nonpersist
-                and not any(any(map(h, mods)) for h in _hooks)
-            )
-        except (TypeError, AttributeError):  # a slot that is not a dict: no cache
+            return list(map(_nonpersistent, mods)) == self.nonpersist and not any(any(map(h, mods)) for h in _hooks)
+        except (TypeError, AttributeError):
             return False
