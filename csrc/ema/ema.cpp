@@ -53,14 +53,21 @@ void walk_lazy_view(at::TensorList ema, at::TensorList src, double decay, bool s
 
 }  // namespace
 
-Runner& runner(c10::DeviceType type) {
-  static Runner cpu = nullptr, cuda = nullptr, none = nullptr;
-  if (type == c10::DeviceType::CPU)
-    return cpu;
-  if (type == c10::DeviceType::CUDA)
-    return cuda;
-  none = nullptr;  // any other device: no kernel (a write here changes nothing)
-  return none;
+namespace {
+Runner* runner_slot(c10::DeviceType type) {
+  static Runner cpu = nullptr, cuda = nullptr;
+  return type == c10::DeviceType::CPU ? &cpu : type == c10::DeviceType::CUDA ? &cuda : nullptr;
+}
+}  // namespace
+
+Runner runner(c10::DeviceType type) {
+  Runner* slot = runner_slot(type);
+  return slot ? *slot : nullptr;
+}
+
+bool set_runner(c10::DeviceType type, Runner run) {
+  *runner_slot(type) = run;
+  return true;
 }
 
 void check_inputs(at::TensorList ema, at::TensorList src, double decay) {

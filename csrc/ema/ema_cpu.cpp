@@ -72,7 +72,7 @@ void forward_cpu(at::TensorList ema, at::TensorList src, double decay, bool stoc
   run_cpu(ema, src, decay, stochastic, seed);
 }
 
-[[maybe_unused]] const bool registered = (runner(c10::DeviceType::CPU) = &run_cpu, true);
+[[maybe_unused]] const bool registered = set_runner(c10::DeviceType::CPU, &run_cpu);
 
 // The persistent grid a walk emulates when the test names none: an H100's 132
 // SMs x kMinBlocks resident blocks.

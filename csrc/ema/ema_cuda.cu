@@ -55,7 +55,7 @@ void forward_cuda(at::TensorList ema, at::TensorList src, double decay, bool sto
   run_cuda(ema, src, decay, stochastic, seed);
 }
 
-[[maybe_unused]] const bool registered = (runner(c10::DeviceType::CUDA) = &run_cuda, true);
+[[maybe_unused]] const bool registered = set_runner(c10::DeviceType::CUDA, &run_cuda);
 
 }  // namespace
 

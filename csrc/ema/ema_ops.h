@@ -22,7 +22,8 @@ void check_inputs(at::TensorList ema, at::TensorList src, double decay);
 // very tensors before (ema_plan.cpp). Each device file registers its own;
 // nullptr for a device without a kernel built.
 using Runner = void (*)(at::TensorList ema, at::TensorList src, double decay, bool stochastic, int64_t seed);
-Runner& runner(c10::DeviceType type);
+Runner runner(c10::DeviceType type);
+bool set_runner(c10::DeviceType type, Runner run);
 
 // The pairs of one (ema dtype, src dtype) combination, in call order, as the
 // GPU launch planner wants them. Entry::index_base: position of each pair's
