@@ -18,8 +18,9 @@ import torch.distributed as dist
 # [first failing rank (or the group size)] + [min, -max] per agreed value
 _N_VALUES = 2
 _LAYOUT = 1 + 2 * _N_VALUES
+TAIL_LEN = _LAYOUT - 1  # the tail an exchange must carry to pair with an agree on another rank
 _MSG_BYTES = 4096
-_VALUE_CAP = 1 << 62  # values travel as int64
+VALUE_CAP = 1 << 62  # values travel as int64; a rank leaves this in a MIN slot that another rank fills
 
 
 def dist_on() -> bool:
@@ -54,7 +55,7 @@ def _message(failure: Union[str, BaseException]) -> str:
 def exchange(fn: str, failure: Union[None, str, BaseException], group, tail: Sequence[int]) -> List[int]:
     """One ``all_reduce(MIN)`` of ``[first failing rank] + tail`` over
     ``group``: several facts in one collective (a value every rank must share
-    as ``v, -v``; one rank's value with ``_VALUE_CAP`` on the others). When a
+    as ``v, -v``; one rank's value with ``VALUE_CAP`` on the others). When a
     rank failed, its message reaches every rank and every rank raises.
     :func:`agree` is this call with its values as the tail, so a tail of
     agree's length pairs with an ``agree`` on a rank that failed before this
@@ -102,9 +103,9 @@ def agree(
     own = ValueError(failure) if isinstance(failure, str) else failure
     flat: List[int] = []
     for v in values.values():
-        v = max(-_VALUE_CAP, min(int(v), _VALUE_CAP))
+        v = max(-VALUE_CAP, min(int(v), VALUE_CAP))
         flat += [v, -v]
-    flat += [0] * (_LAYOUT - 1 - len(flat))
+    flat += [0] * (TAIL_LEN - len(flat))
     got = [0] + exchange(fn, own, group, flat)
     for j, (name, _) in enumerate(values.items()):
         lo, hi = int(got[1 + 2 * j]), -int(got[2 + 2 * j])

@@ -43,7 +43,7 @@ import torch
 import torch.distributed as dist
 
 from . import _ckpt_dist, _ckpt_files
-from ._ckpt_agree import _LAYOUT, _VALUE_CAP, agree, agreement_device, exchange, mark_agreed
+from ._ckpt_agree import TAIL_LEN, VALUE_CAP, agree, agreement_device, exchange, mark_agreed
 from ._ckpt_parallel_crc import Pieces, file_crc
 from ._ckpt_plan import numel
 from ._ckpt_write import ST_DTYPES, _safetensors_header, phase
@@ -369,8 +369,8 @@ def shared_dir(fn: str, directory: str, group=None) -> bool:
 
 
 _TOKEN_AT = 8  # the probe token's place in a partial file: inside the header, whose length (bytes 0-8) stays 0
-_CAP = _VALUE_CAP  # a slot a rank leaves to the others in a MIN reduction
-assert _LAYOUT >= 4, "write_file's first exchange needs three slots after agree's failure slot"
+_CAP = VALUE_CAP  # a slot a rank leaves to the others in a MIN reduction
+assert TAIL_LEN >= 3, "write_file's first exchange needs three slots after agree's failure slot"
 
 
 def _create(tmp: str, size: int) -> int:
@@ -426,7 +426,7 @@ def write_file(
                 failure = e
         digest = layout.digest if layout is not None else 0
         first = [digest, -digest, token]
-        got = exchange(fn, failure, group, first + [0] * (_LAYOUT - 1 - len(first)))  # agree's length
+        got = exchange(fn, failure, group, first + [0] * (TAIL_LEN - len(first)))  # agree's length
         if got[0] != -got[1]:
             raise mark_agreed(
                 ValueError(
