@@ -446,7 +446,9 @@ def write_file(
                 show = _ckpt_dist.show_progress(progress)
                 write_pieces(fd, _pieces(parts, layout, True), crc, staging_bytes, show, base)
                 # Each rank flushes its own writes: on a filesystem shared by several hosts (NFS, Lustre) only
-                # the client that wrote a page can flush it, so rank 0's fsync would not cover them.
+                # the client that wrote a page can flush it, so rank 0's fsync would not cover them. On one
+                # host too: each flush puts the disk to work while other ranks still write, which beats one
+                # flush at the end (benchmarks/diagnostics/fsync_placement.py).
                 os.fsync(fd)
                 phase("par-written")
         except Exception as e:
