@@ -335,22 +335,23 @@ using Kernels = inplace::Kernels<AdamwEmaOp, inplace::Written<0, 2, 3, 4, 5, 14>
 // group (group_sizes); per-group hyper-parameters; max_exp_avg_sqs: one per
 // param of the amsgrad groups; ema[j] steps towards ema_src[j] after the AdamW
 // update (an ema_src that is one of the params gives its fresh value).
+// The two schemas' shared arguments, one literal for both.
+#define OSF_ADAMW_EMA_SCHEMA_ARGS                                                                       \
+  "Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "              \
+  "Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] steps, int[] group_sizes, float[] lr, float[] beta1, "    \
+  "float[] beta2, float[] eps, float[] weight_decay, int[] amsgrad, int[] maximize, Tensor(f!)[] ema, " \
+  "Tensor[] ema_src, float decay, bool stochastic=False, int seed=0"
+
 TORCH_LIBRARY_FRAGMENT(opensora_fast, m) {
-  m.def(
-      "adamw_ema_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
-      "Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] steps, int[] group_sizes, float[] lr, float[] beta1, "
-      "float[] beta2, float[] eps, float[] weight_decay, int[] amsgrad, int[] maximize, Tensor(f!)[] ema, "
-      "Tensor[] ema_src, float decay, bool stochastic=False, int seed=0) -> ()");
+  m.def("adamw_ema_(" OSF_ADAMW_EMA_SCHEMA_ARGS ") -> ()");
   // The CUDA kernel's per-thread body over its whole launch grid, on the CPU
   // (tests): max_entries/max_blocks shrink the tables, small_table picks the
   // 4 KiB table.
-  m.def(
-      "_adamw_ema_grid_walk_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
-      "Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] steps, int[] group_sizes, float[] lr, float[] beta1, "
-      "float[] beta2, float[] eps, float[] weight_decay, int[] amsgrad, int[] maximize, Tensor(f!)[] ema, "
-      "Tensor[] ema_src, float decay, bool stochastic=False, int seed=0, int max_entries=0, int max_blocks=0, "
-      "bool small_table=False) -> ()");
+  m.def("_adamw_ema_grid_walk_(" OSF_ADAMW_EMA_SCHEMA_ARGS
+        ", int max_entries=0, int max_blocks=0, bool small_table=False) -> ()");
 }
+
+#undef OSF_ADAMW_EMA_SCHEMA_ARGS
 
 namespace osf_aw = opensora_fast::adamw_ema;
 

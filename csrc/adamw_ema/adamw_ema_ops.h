@@ -24,28 +24,30 @@ struct Call {
   int64_t seed;
 };
 
-// The op's C++ signature, written once: as_op<F> unpacks it into a Call.
+// The op's C++ parameters in schema order and the Call made of them, written
+// once for as_op and as_walk_op.
+#define OSF_ADAMW_EMA_PARAMS                                                                                      \
+  at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,               \
+      at::TensorList max_exp_avg_sqs, at::TensorList steps, at::IntArrayRef group_sizes, at::ArrayRef<double> lr, \
+      at::ArrayRef<double> beta1, at::ArrayRef<double> beta2, at::ArrayRef<double> eps,                           \
+      at::ArrayRef<double> weight_decay, at::IntArrayRef amsgrad, at::IntArrayRef maximize, at::TensorList ema,   \
+      at::TensorList ema_src, double decay, bool stochastic, int64_t seed
+#define OSF_ADAMW_EMA_CALL                                                                                          \
+  Call {                                                                                                            \
+    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, group_sizes, lr, beta1, beta2, eps, weight_decay, \
+        amsgrad, maximize, ema, ema_src, decay, stochastic, seed                                                    \
+  }
+
+// The op's C++ signature: as_op<F> unpacks it into a Call.
 template <void (*F)(const Call&)>
-void as_op(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
-           at::TensorList max_exp_avg_sqs, at::TensorList steps, at::IntArrayRef group_sizes, at::ArrayRef<double> lr,
-           at::ArrayRef<double> beta1, at::ArrayRef<double> beta2, at::ArrayRef<double> eps,
-           at::ArrayRef<double> weight_decay, at::IntArrayRef amsgrad, at::IntArrayRef maximize, at::TensorList ema,
-           at::TensorList ema_src, double decay, bool stochastic, int64_t seed) {
-  F(Call{params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, group_sizes, lr, beta1, beta2, eps, weight_decay,
-         amsgrad, maximize, ema, ema_src, decay, stochastic, seed});
+void as_op(OSF_ADAMW_EMA_PARAMS) {
+  F(OSF_ADAMW_EMA_CALL);
 }
 
 // The grid-walk test op: the same arguments plus the table limits.
 template <void (*F)(const Call&, int64_t, int64_t, bool)>
-void as_walk_op(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
-                at::TensorList max_exp_avg_sqs, at::TensorList steps, at::IntArrayRef group_sizes,
-                at::ArrayRef<double> lr, at::ArrayRef<double> beta1, at::ArrayRef<double> beta2,
-                at::ArrayRef<double> eps, at::ArrayRef<double> weight_decay, at::IntArrayRef amsgrad,
-                at::IntArrayRef maximize, at::TensorList ema, at::TensorList ema_src, double decay, bool stochastic,
-                int64_t seed, int64_t max_entries, int64_t max_blocks, bool small_table) {
-  F(Call{params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, group_sizes, lr, beta1, beta2, eps, weight_decay,
-         amsgrad, maximize, ema, ema_src, decay, stochastic, seed},
-    max_entries, max_blocks, small_table);
+void as_walk_op(OSF_ADAMW_EMA_PARAMS, int64_t max_entries, int64_t max_blocks, bool small_table) {
+  F(OSF_ADAMW_EMA_CALL, max_entries, max_blocks, small_table);
 }
 
 // Validates everything before anything is written; errors name the argument
