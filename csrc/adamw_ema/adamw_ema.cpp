@@ -334,8 +334,8 @@ using Kernels = inplace::Kernels<AdamwEmaOp, inplace::Written<0, 2, 3, 4, 5, 14>
 // params/grads/exp_avgs/exp_avg_sqs/steps: one per param, params ordered by
 // group (group_sizes); per-group hyper-parameters; max_exp_avg_sqs: one per
 // param of the amsgrad groups; ema[j] steps towards ema_src[j] after the AdamW
-// update (an ema_src that is one of the params gives its fresh value).
-// The two schemas' shared arguments, one literal for both.
+// update (an ema_src that is one of the params gives its fresh value). One
+// literal for both schemas.
 #define OSF_ADAMW_EMA_SCHEMA_ARGS                                                                       \
   "Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "              \
   "Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] steps, int[] group_sizes, float[] lr, float[] beta1, "    \

@@ -369,7 +369,6 @@ def shared_dir(fn: str, directory: str, group=None) -> bool:
 
 
 _TOKEN_AT = 8  # the probe token's place in a partial file: inside the header, whose length (bytes 0-8) stays 0
-_CAP = VALUE_CAP  # a slot a rank leaves to the others in a MIN reduction
 assert TAIL_LEN >= 3, "write_file's first exchange needs three slots after agree's failure slot"
 
 
@@ -411,7 +410,7 @@ def write_file(
     me, world = group_rank(group), _ckpt_dist.world_size(group)
     d, base = os.path.split(os.path.abspath(path))
     tmp = os.path.join(d, f".{base}.partial")
-    layout, token, fd = None, _CAP, -1
+    layout, token, fd = None, VALUE_CAP, -1
     try:
         if failure is None:
             try:
@@ -455,7 +454,7 @@ def write_file(
             failure = e
         if me == 0:
             crc.add(0, layout.prefix)
-        share = [_CAP] * world
+        share = [VALUE_CAP] * world
         share[me] = crc.value()
         got = exchange(fn, failure, group, [me if not seen else world, *share])
         if got[0] < world:
