@@ -28,12 +28,12 @@ class ModuleTree:
     fresh dict). The root is held weakly: a cache keyed by a model must not
     keep it alive through its own entry."""
 
-    __slots__ = ("root", "mods", "dicts", "empty", "full", "lens", "owners", "keys", "values")
+    __slots__ = ("getters", "root", "mods", "dicts", "empty", "full", "lens", "owners", "keys", "values")
     SLOTS: Tuple[str, ...] = ("_parameters", "_modules")
 
     def __init__(self, root: torch.nn.Module) -> None:
         mods = list(root.modules())
-        getters = self._getters()
+        self.getters = getters = tuple(map(operator.attrgetter, self.SLOTS))  # made once: unchanged() runs per step
         self.root = weakref.ref(root)
         self.mods = mods[1:]  # root.modules() starts with the root; its slots are checked through the root
         every = [d for get in getters for d in map(get, mods)]
@@ -45,15 +45,11 @@ class ModuleTree:
         self.keys = [k for d in self.full for k in d]
         self.values = [v for d in self.full for v in d.values()]
 
-    @classmethod
-    def _getters(cls) -> tuple:
-        return tuple(map(operator.attrgetter, cls.SLOTS))
-
     def unchanged(self, root: torch.nn.Module) -> bool:
         try:
             if self.root() is not root:
                 return False
-            for get, (own, others) in zip(self._getters(), self.dicts):
+            for get, (own, others) in zip(self.getters, self.dicts):
                 if get(root) is not own or not all(map(_is, map(get, self.mods), others)):
                     return False
             return (
