@@ -57,10 +57,12 @@ def _round(directory: str, mode: str, r: int):
     procs = [ctx.Process(target=_writer, args=(k, path, mode, barrier, out)) for k in range(WORLD)]
     for p in procs:
         p.start()
-    got = [out.get() for _ in procs]
     for p in procs:
-        p.join()
+        p.join(timeout=120)
     os.remove(path)
+    if any(p.exitcode != 0 for p in procs):  # e.g. a filesystem without O_DIRECT: say so, never wait on the queue
+        raise RuntimeError(f"direct_io: a {mode} writer failed (exit codes {[p.exitcode for p in procs]})")
+    got = [out.get() for _ in procs]
     return max(g[0] for g in got), max(g[1] for g in got)
 
 
